@@ -1,0 +1,131 @@
+"""Wiring: settings -> store, token verifier, replicator, endpoints -> one aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from fieldsync.auth import ClaimMapping, Principal, TokenVerifier
+from fieldsync.config import Settings
+from fieldsync.replication import Endpoints, Limits, Replicator
+from fieldsync.storage import SQLiteStore, Store
+
+STORE = web.AppKey("store", Store)
+REPLICATOR = web.AppKey("replicator", Replicator)
+ENDPOINTS = web.AppKey("endpoints", Endpoints)
+SETTINGS = web.AppKey("settings", Settings)
+
+Verify = Callable[[str], Awaitable[Principal]]
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Logs the path without its query string: a browser's y-websocket token travels there and
+    must never reach a log."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.1fms',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time * 1000,
+        )
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_frame=settings.max_frame,
+        max_body=settings.max_body,
+        max_doc_bytes=settings.max_doc_bytes,
+        rate=settings.rate,
+        burst=settings.burst,
+    )
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+    """The server. It verifies tokens against `settings.oidc_issuer` (started with the app)."""
+    app = web.Application(client_max_size=settings.max_frame)
+    app[SETTINGS] = settings
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    the_store: Store = store or SQLiteStore(
+        settings.data_path / "fieldsync.db", compact_after_updates=settings.compact_after
+    )
+    app[STORE] = the_store
+    replicator = Replicator(
+        the_store,
+        max_doc_bytes=settings.max_doc_bytes,
+        idle_seconds=settings.idle_seconds,
+        max_rooms=settings.max_rooms,
+    )
+    app[REPLICATOR] = replicator
+    verifier = TokenVerifier(
+        settings.oidc_issuer,
+        settings.oidc_audience,
+        ClaimMapping(
+            roles=settings.roles_claim,
+            team=settings.team_claim,
+            region=settings.region_claim,
+            name=settings.name_claim,
+        ),
+        leeway=settings.token_leeway,
+    )
+    endpoints = Endpoints(
+        replicator, verifier.verify, limits_from(settings), settings.min_client_versions
+    )
+    app[ENDPOINTS] = endpoints
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await the_store.open()
+        await verifier.start()
+        await replicator.start()
+        yield
+        await endpoints.drain()
+        await replicator.stop()
+        await verifier.close()
+        await the_store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(lambda _app: endpoints.drain())
+    app.router.add_get("/v1/sync", endpoints.sync)
+    app.router.add_get("/v1/yws/{doc_id}", endpoints.yws)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/ready", ready)
+    app.router.add_get("/v1/metrics", metrics)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    if app[ENDPOINTS].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    head = await app[STORE].head()
+    return web.json_response({"status": "ready", "seq": head})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    stats = await app[STORE].stats()
+    return web.json_response(
+        {
+            "store": stats,
+            "rooms_loaded": app[REPLICATOR].loaded,
+            "connections": len(app[ENDPOINTS].connections),
+        }
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

@@ -1,0 +1,405 @@
+"""A device: pycrdt documents kept offline in a local SQLite file, synced with a fieldsync server
+over one `fieldsync.v1` WebSocket whenever there is a network."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import zstandard
+from pycrdt import Doc, TransactionEvent, get_state
+
+from fieldsync import __version__
+from fieldsync.client._local import LocalStore
+from fieldsync.errors import CloseCode
+from fieldsync.replication import (
+    Control,
+    DocMessage,
+    SyncStep,
+    YSync,
+    decode_frame,
+    decode_state_vector,
+    decode_y,
+    encode_body,
+    encode_frame,
+    encode_sync,
+)
+
+log = logging.getLogger(__name__)
+
+TokenSource = str | Callable[[], Awaitable[str]]
+
+# Close codes after which reconnecting cannot help: the user or the app must act.
+_FATAL = {
+    CloseCode.FORBIDDEN,
+    CloseCode.UPGRADE_REQUIRED,
+}
+
+
+class Fatal(Exception):
+    """The server refused this device for good (e.g. sign in again, upgrade the app)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Traffic:
+    """Bytes on the wire, and what they would have been without zstd."""
+
+    sent: int = 0
+    received: int = 0
+    received_uncompressed: int = 0
+    frames_received: int = 0
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet coming back after an outage spreads out."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Client:
+    """Documents by id (`doc(id)`); edits are queued locally until the server acknowledges
+    them durably, and sync whenever the device is online."""
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        *,
+        path: Path | None = None,
+        device_id: str | None = None,
+        platform: str = "python",
+        version: str = __version__,
+        compress: bool = True,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.local = LocalStore(path)
+        self.device_id = device_id or self.local.get_meta("device_id") or uuid.uuid4().hex
+        self.local.set_meta("device_id", self.device_id)
+        self.platform = platform
+        self.version = version
+        self.compress = compress
+        self.backoff = backoff or Backoff()
+        self.traffic = Traffic()
+        self.docs: dict[str, Doc] = {}
+        self.synced: dict[str, asyncio.Event] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.resets: list[dict[str, Any]] = []
+        self.scope_changes: list[dict[str, Any]] = []
+        self.fatal: Fatal | None = None
+        self.last_close: tuple[int, str] | None = None
+        self.since = int(self.local.get_meta("since") or 0)
+        self.caught_up = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._acked = asyncio.Condition()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._online = False
+        self._remote = False
+        self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
+        # Documents listed by `changes` and not yet synced; `since` waits for them.
+        self._catching_up: dict[str, None] | None = None
+        self._catch_up_to = self.since
+        self._changed: list[tuple[str, bytes, bool]] = []
+        self._more_changes = False
+        for doc_id, state in self.local.docs().items():
+            self._open(doc_id, state)
+
+    # --- documents ----------------------------------------------------------------------
+
+    def doc(self, doc_id: str) -> Doc:
+        """The local replica of `doc_id`, created empty if the device has none; it syncs
+        whenever the device is online."""
+        if doc_id not in self.docs:
+            self._open(doc_id, None)
+            self._send([self._step1(doc_id)])
+        return self.docs[doc_id]
+
+    def _open(self, doc_id: str, state: bytes | None) -> Doc:
+        doc: Doc = Doc()
+        if state:
+            doc.apply_update(state)
+        doc.observe(lambda event: self._on_change(doc_id, event))
+        self.docs[doc_id] = doc
+        self.synced.setdefault(doc_id, asyncio.Event())
+        return doc
+
+    def _on_change(self, doc_id: str, event: TransactionEvent) -> None:
+        # The transaction still holds the document: persist and send right after it.
+        if not self._changed:
+            asyncio.get_running_loop().call_soon(self._flush_changes)
+        self._changed.append((doc_id, event.update, self._remote))
+
+    def _flush_changes(self) -> None:
+        changed, self._changed = self._changed, []
+        bodies = []
+        for doc_id, update, remote in changed:
+            doc = self.docs.get(doc_id)
+            if doc is None:
+                continue
+            if remote:
+                self.local.save(doc_id, doc.get_update(), None, {})
+                continue
+            sv = decode_state_vector(get_state(update))
+            self.local.save(doc_id, doc.get_update(), update, sv)
+            bodies.append(encode_body(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, update))))
+        if bodies:
+            self._send(bodies)
+
+    def pending(self, doc_id: str | None = None) -> int:
+        """Local edits the server has not yet acknowledged as durable."""
+        return self.local.pending(doc_id)
+
+    async def wait_acked(self, doc_id: str | None = None, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout), self._acked:
+            await self._acked.wait_for(lambda: self.pending(doc_id) == 0)
+
+    async def wait_synced(self, doc_id: str, timeout: float = 30.0) -> None:
+        self.doc(doc_id)
+        async with asyncio.timeout(timeout):
+            await self.synced[doc_id].wait()
+
+    # --- connection ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Go online: connect, and reconnect with jittered backoff whenever the link drops."""
+        self._online = True
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name=f"client-{self.device_id}")
+
+    async def go_offline(self) -> None:
+        """Drop the connection and stay offline (edits keep queuing locally)."""
+        self._online = False
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        self.connected.clear()
+
+    async def close(self) -> None:
+        await self.go_offline()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self.local.close()
+
+    async def _token_value(self) -> str:
+        return self._token if isinstance(self._token, str) else await self._token()
+
+    async def _run(self) -> None:
+        assert self._http is not None
+        while self._online:
+            try:
+                await self._session(self._http)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                log.debug("device %s: connection failed: %r", self.device_id, exc)
+            except Fatal as exc:
+                self.fatal = exc
+                self._online = False
+                break
+            self.connected.clear()
+            code = self.last_close[0] if self.last_close else None
+            if code == CloseCode.DRAINING:
+                self.backoff.reset()
+            await asyncio.sleep(self.backoff.next())
+
+    async def _session(self, http: aiohttp.ClientSession) -> None:
+        headers = {"Authorization": f"Bearer {await self._token_value()}"}
+        async with http.ws_connect(self.url, headers=headers, max_msg_size=0) as ws:
+            self._ws = ws
+            self.caught_up.clear()
+            hello = {
+                "type": "hello",
+                "client": {
+                    "platform": self.platform,
+                    "version": self.version,
+                    "device_id": self.device_id,
+                },
+                "since": self.since,
+                "caps": ["zstd", "batch"] if self.compress else ["batch"],
+            }
+            # Offer every local document at once: the server answers with what we lack and
+            # asks for what it lacks, so offline edits flow up in the same exchange.
+            bodies = [encode_body(Control(hello))]
+            bodies += [self._step1(doc_id) for doc_id in self.docs]
+            await self._send_now(bodies)
+            reason = ""
+            while True:
+                message = await ws.receive()
+                if message.type is aiohttp.WSMsgType.BINARY:
+                    await self._receive(message.data)
+                elif message.type is aiohttp.WSMsgType.CLOSE:
+                    reason = str(message.extra or "")
+                    break
+                elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+            self._ws = None
+            self.last_close = (ws.close_code or 0, reason)
+            self._closed(ws.close_code or 0)
+
+    def _closed(self, code: int) -> None:
+        reason = self.last_close[1] if self.last_close else ""
+        if code in _FATAL or (code == CloseCode.UNAUTHORIZED and reason == "reauthenticate"):
+            raise Fatal(code, reason)
+
+    def _step1(self, doc_id: str) -> bytes:
+        sv = self.docs[doc_id].get_state()
+        return encode_body(DocMessage(doc_id, encode_sync(SyncStep.STEP1, sv)))
+
+    def _send(self, bodies: list[bytes]) -> None:
+        if self._ws is not None and not self._ws.closed:
+            task = asyncio.ensure_future(self._send_now(bodies))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _send_now(self, bodies: list[bytes]) -> None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        frame = encode_frame(bodies, compressor=self._compressor)
+        self.traffic.sent += len(frame)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_bytes(frame)
+
+    # --- incoming -----------------------------------------------------------------------
+
+    async def _receive(self, frame: bytes) -> None:
+        self.traffic.received += len(frame)
+        self.traffic.frames_received += 1
+        messages = decode_frame(frame, max_frame=1 << 30, max_body=1 << 30)
+        self.traffic.received_uncompressed += sum(len(encode_body(m)) for m in messages) + 1
+        replies: list[bytes] = []
+        for message in messages:
+            if isinstance(message, Control):
+                replies += await self._control(message.body)
+            else:
+                replies += self._doc_message(message)
+        if replies:
+            await self._send_now(replies)
+
+    async def _control(self, body: dict[str, Any]) -> list[bytes]:
+        kind = body.get("type")
+        if kind == "welcome":
+            self.connected.set()
+            self.backoff.reset()
+        elif kind == "changes":
+            return self._changes(body)
+        elif kind == "ack":
+            await self._ack(body["doc"], body.get("clock") or {})
+        elif kind == "scope":
+            self.scope_changes.append(body)
+            for doc_id in body.get("removed", []):
+                self._forget(doc_id)
+            added = [d for d in body.get("added", []) if d not in self.docs]
+            for doc_id in added:
+                self._open(doc_id, None)
+            return [self._step1(doc_id) for doc_id in added]
+        elif kind == "reset":
+            self.resets.append(body)
+            self._forget(body["doc"])
+        elif kind == "error":
+            self.errors.append(body)
+        elif kind == "auth_expiring" and not isinstance(self._token, str):
+            return [encode_body(Control({"type": "auth", "token": await self._token()}))]
+        return []
+
+    def _changes(self, body: dict[str, Any]) -> list[bytes]:
+        """Sync every listed document; `since` moves to `upto` only once all of them are
+        synced, so a crash in between never skips a change."""
+        for doc_id in body.get("removed", []):
+            self._forget(doc_id)
+        wanted = [d["id"] for d in body.get("docs", [])]
+        if self._catching_up is None:
+            self._catching_up = {}
+        for doc_id in wanted:
+            self._catching_up[doc_id] = None
+            if doc_id in self.docs:
+                self.synced[doc_id].clear()
+            else:
+                self._open(doc_id, None)
+        self._catch_up_to = body["upto"]
+        self._more_changes = bool(body.get("more", False))
+        self._advance()
+        return [self._step1(doc_id) for doc_id in wanted]
+
+    def _advance(self) -> None:
+        if self._catching_up is None or self._catching_up or self._more_changes:
+            return
+        self._catching_up = None
+        self.since = self._catch_up_to
+        self.local.set_meta("since", str(self.since))
+        self.caught_up.set()
+
+    def _doc_message(self, message: DocMessage) -> list[bytes]:
+        doc_id = message.doc
+        doc = self.docs.get(doc_id)
+        if doc is None:
+            return []
+        y = decode_y(message.message)
+        if not isinstance(y, YSync):
+            return []
+        if y.step is SyncStep.STEP1:
+            # The server's state vector is durable (see `Replicator.durable_state_vector`).
+            clock = {str(k): v for k, v in decode_state_vector(y.payload).items()}
+            self._notify_acked(doc_id, clock)
+            diff = doc.get_update(y.payload)
+            return [encode_body(DocMessage(doc_id, encode_sync(SyncStep.STEP2, diff)))]
+        self._remote = True
+        try:
+            doc.apply_update(y.payload)
+        finally:
+            self._remote = False
+        if y.step is SyncStep.STEP2:
+            self.synced[doc_id].set()
+            if self._catching_up is not None and self._catching_up.pop(doc_id, None) is not None:
+                self._advance()
+        return []
+
+    async def _ack(self, doc_id: str, clock: dict[str, int]) -> None:
+        self._notify_acked(doc_id, clock)
+
+    def _notify_acked(self, doc_id: str, clock: dict[str, int]) -> None:
+        self.local.acknowledge(doc_id, clock)
+        asyncio.ensure_future(self._wake_ack_waiters())
+
+    async def _wake_ack_waiters(self) -> None:
+        async with self._acked:
+            self._acked.notify_all()
+
+    def _forget(self, doc_id: str) -> None:
+        self.docs.pop(doc_id, None)
+        self.synced.pop(doc_id, None)
+        self.local.forget(doc_id)
+        if self._catching_up is not None and self._catching_up.pop(doc_id, None) is not None:
+            self._advance()

@@ -1,0 +1,93 @@
+"""A device's offline state: the documents, the updates the server has not acknowledged, and
+the change sequence it has caught up to. One SQLite file (or memory, for simulations)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import orjson
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (id TEXT PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (
+    n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL, sv TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_doc ON pending (doc, n);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class LocalStore:
+    """Small synchronous writes; the client calls it from a worker thread."""
+
+    def __init__(self, path: Path | None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            str(path) if path else ":memory:", check_same_thread=False, isolation_level=None
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def docs(self) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._db.execute("SELECT id, state FROM docs").fetchall())
+
+    def save(self, doc: str, state: bytes, pending: bytes | None, sv: dict[int, int]) -> None:
+        """Persist a document's state and, for a local edit, queue the edit until acked."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO docs (id, state) VALUES (?, ?)", (doc, state))
+            if pending is not None:
+                self._db.execute(
+                    "INSERT INTO pending (doc, data, sv) VALUES (?, ?, ?)",
+                    (doc, pending, orjson.dumps({str(k): v for k, v in sv.items()}).decode()),
+                )
+            self._db.execute("COMMIT")
+
+    def forget(self, doc: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM docs WHERE id = ?", (doc,))
+            self._db.execute("DELETE FROM pending WHERE doc = ?", (doc,))
+            self._db.execute("COMMIT")
+
+    def acknowledge(self, doc: str, clock: dict[str, int]) -> int:
+        """Drop the pending edits of `doc` that the server's clock covers; returns how many are
+        still pending."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT n, sv FROM pending WHERE doc = ? ORDER BY n", (doc,)
+            ).fetchall()
+            done = [
+                n
+                for n, sv in rows
+                if all(clock.get(client, -1) >= end for client, end in orjson.loads(sv).items())
+            ]
+            self._db.executemany("DELETE FROM pending WHERE n = ?", [(n,) for n in done])
+            return len(rows) - len(done)
+
+    def pending(self, doc: str | None = None) -> int:
+        with self._lock:
+            if doc is None:
+                return int(self._db.execute("SELECT count(*) FROM pending").fetchone()[0])
+            query = "SELECT count(*) FROM pending WHERE doc = ?"
+            return int(self._db.execute(query, (doc,)).fetchone()[0])
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,164 @@
+"""Settings: defaults, overridden by a TOML file, overridden by `FIELDSYNC_*` environment variables.
+
+Every setting is declared once in `SETTINGS`; the README's configuration reference is checked
+against that list by the tests. A bad value stops the server at start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(Exception):
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"configuration: {setting}: {message}")
+        self.setting = setting
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # TOML key; the environment variable is FIELDSYNC_<NAME>
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return f"FIELDSYNC_{self.name.upper()}"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0-65535")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text:
+        return ""
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("must be an http(s) URL")
+    return text.rstrip("/")
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _versions(text: str) -> dict[str, str]:
+    """'ios=2.4.0,android=2.3.1' -> {'ios': '2.4.0', 'android': '2.3.1'}"""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        platform, sep, version = item.partition("=")
+        if not sep or not platform.strip() or not version.strip():
+            raise ValueError("expected platform=version pairs separated by commas")
+        result[platform.strip()] = version.strip()
+    return result
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", _name, "address to listen on"),
+    Setting("port", 8080, _port, "port to listen on (0: any free port)"),
+    Setting("data_dir", "data", _name, "folder for the SQLite database and attachments"),
+    Setting("oidc_issuer", "", _url, "OpenID issuer URL; its discovery document and JWKS are used"),
+    Setting("oidc_audience", "fieldsync", _name, "required `aud` of access tokens"),
+    Setting("roles_claim", "roles", _name, "claim path of the roles (e.g. realm_access.roles)"),
+    Setting("team_claim", "team", _name, "claim path of the team"),
+    Setting("region_claim", "region", _name, "claim path of the region"),
+    Setting("name_claim", "name", _name, "claim path of the display name"),
+    Setting("token_leeway", 60, int, "seconds of clock skew allowed on exp/nbf/iat"),
+    Setting("min_client_versions", {}, _versions, "e.g. ios=2.4.0,android=2.3.1,web=1.0.0"),
+    Setting("max_frame", 1 << 20, _positive_int, "largest WebSocket message accepted (bytes)"),
+    Setting("max_body", 8 << 20, _positive_int, "largest frame body after zstd (bytes)"),
+    Setting("max_doc_bytes", 16 << 20, _positive_int, "largest stored document (bytes)"),
+    Setting("rate", 5000.0, _positive_float, "messages per second per connection"),
+    Setting("burst", 20000.0, _positive_float, "message burst allowed per connection"),
+    Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),
+    Setting("max_rooms", 10000, _positive_int, "documents kept in memory at most"),
+    Setting("compact_after", 500, _positive_int, "log rows per document before compaction"),
+    Setting("log_level", "INFO", _name, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.values["data_dir"])
+
+    @classmethod
+    def load(
+        cls,
+        toml_path: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        environ = os.environ if environ is None else environ
+        from_file: dict[str, Any] = {}
+        if toml_path is not None:
+            try:
+                from_file = tomllib.loads(toml_path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(str(toml_path), str(exc)) from None
+        known = {s.name for s in SETTINGS}
+        for key in from_file:
+            if key not in known:
+                raise ConfigError(key, f"unknown setting in {toml_path}")
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            if setting.name in overrides:
+                values[setting.name] = overrides[setting.name]
+                continue
+            raw: Any = setting.default
+            source = None
+            if setting.env in environ:
+                raw, source = environ[setting.env], setting.env
+            elif setting.name in from_file:
+                raw, source = from_file[setting.name], setting.name
+            if source is not None:
+                try:
+                    raw = setting.parse(raw if isinstance(raw, str) else _toml_text(raw))
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(source, f"{exc} (got {raw!r})") from None
+            values[setting.name] = raw
+        if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        return cls(values)
+
+
+def _toml_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)

@@ -1,0 +1,29 @@
+"""The form document: `meta` (template, version, work order) and `answers` (field id -> value)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from fieldsync.storage import DocIndex
+
+
+def index(doc_id: str, doc: Doc) -> DocIndex:
+    wo = doc.get("meta", type=Map).get("wo")
+    return DocIndex(doc=doc_id, type="form", wo=wo if isinstance(wo, str) else None)
+
+
+def to_json(doc: Doc) -> dict[str, Any]:
+    return {
+        "meta": doc.get("meta", type=Map).to_py() or {},
+        "answers": doc.get("answers", type=Map).to_py() or {},
+    }
+
+
+def write(doc: Doc, wo: str, template: str, version: int, answers: Mapping[str, Any]) -> None:
+    """Fill a new form in one transaction (seeding, adapters, tests)."""
+    with doc.transaction():
+        doc.get("meta", type=Map).update({"wo": wo, "template": template, "version": version})
+        doc.get("answers", type=Map).update(dict(answers))

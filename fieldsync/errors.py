@@ -1,0 +1,68 @@
+"""The error vocabulary: every code a client can act on, defined once for HTTP and WebSocket.
+
+HTTP answers carry the code in an RFC 9457 problem document; WebSocket sessions send it in an
+`error` control message (per document) or as the close reason (per connection).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class ErrorCode(StrEnum):
+    # Per-connection (close reason and HTTP problem code).
+    TOKEN_EXPIRED = "token_expired"  # refresh the access token and retry
+    REAUTHENTICATE = "reauthenticate"  # token invalid or refresh rejected: sign in again
+    FORBIDDEN = "forbidden"  # not allowed, or absent (the two look alike so ids cannot be probed)
+    CLIENT_UPGRADE_REQUIRED = "client_upgrade_required"
+    PROTOCOL_ERROR = "protocol_error"
+    FRAME_TOO_LARGE = "frame_too_large"
+    RATE_LIMITED = "rate_limited"
+    AUTH_TIMEOUT = "auth_timeout"
+    DRAINING = "draining"
+    # Per-document (the `error` control message).
+    INVALID_UPDATE = "invalid_update"
+    INVALID_DOC_ID = "invalid_doc_id"
+    DOC_TOO_LARGE = "doc_too_large"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of `fieldsync.v1` (DESIGN.md §3)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    AUTH_TIMEOUT = 4408
+    FRAME_TOO_LARGE = 4413
+    UPGRADE_REQUIRED = 4426
+    RATE_LIMITED = 4429
+    DRAINING = 4503
+
+
+class FieldsyncError(Exception):
+    """An error with a stable code; `message` is safe to show to the client."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(FieldsyncError):
+    """The peer broke the wire protocol; the connection closes with 4400."""
+
+    def __init__(self, message: str, close: CloseCode = CloseCode.PROTOCOL_ERROR) -> None:
+        code = (
+            ErrorCode.FRAME_TOO_LARGE
+            if close is CloseCode.FRAME_TOO_LARGE
+            else ErrorCode.PROTOCOL_ERROR
+        )
+        super().__init__(code, message)
+        self.close = close
+
+
+class AuthError(FieldsyncError):
+    """A token was refused: `token_expired` or `reauthenticate` (HTTP 401, close 4401)."""

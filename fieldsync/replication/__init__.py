@@ -1,0 +1,46 @@
+"""Replication: the `fieldsync.v1` wire protocol, y-websocket compatibility, rooms and the one
+write path for documents."""
+
+from fieldsync.replication._codec import (
+    Control,
+    DocMessage,
+    SyncStep,
+    YAwareness,
+    YSync,
+    decode_body,
+    decode_frame,
+    decode_state_vector,
+    decode_y,
+    encode_body,
+    encode_frame,
+    encode_sync,
+)
+from fieldsync.replication._connection import Limits, SessionClosed
+from fieldsync.replication._replicator import DocTooLarge, Forbidden, InvalidUpdate, Replicator
+from fieldsync.replication._session import V1Session
+from fieldsync.replication._websocket import Endpoints
+from fieldsync.replication._yws import YwsSession
+
+__all__ = [
+    "Control",
+    "DocMessage",
+    "DocTooLarge",
+    "Endpoints",
+    "Forbidden",
+    "InvalidUpdate",
+    "Limits",
+    "Replicator",
+    "SessionClosed",
+    "SyncStep",
+    "V1Session",
+    "YAwareness",
+    "YSync",
+    "YwsSession",
+    "decode_body",
+    "decode_frame",
+    "decode_state_vector",
+    "decode_y",
+    "encode_body",
+    "encode_frame",
+    "encode_sync",
+]

@@ -1,0 +1,204 @@
+"""What every replica connection shares, whatever its protocol: an outgoing queue the transport
+drains, a close reason, a rate limit, and the token's expiry on a long-lived socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fieldsync.auth import Principal, scope_of
+from fieldsync.errors import CloseCode, ErrorCode
+from fieldsync.replication._replicator import Replicator, Submitted
+from fieldsync.replication._room import Room
+from fieldsync.storage import Committed
+
+Verify = Callable[[str], Awaitable[Principal]]
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int = 1 << 20  # bytes of one WebSocket message as received
+    max_body: int = 8 << 20  # bytes of a body after decompression
+    max_doc_bytes: int = 16 << 20
+    rate: float = 5_000.0  # messages per second, sustained
+    burst: float = 20_000.0
+    auth_timeout: float = 10.0
+    changes_page: int = 500
+    max_in_flight: int = 1_000  # updates applied but not yet committed, per connection
+    compress_above: int = 256
+    expiry_notice: float = 120.0  # seconds before token expiry that `auth_expiring` is sent
+
+
+class SessionClosed(Exception):
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class Connection:
+    """Base of the protocol cores. Subclasses implement `receive` and the `Peer` callbacks."""
+
+    def __init__(self, replicator: Replicator, principal: Principal | None, limits: Limits) -> None:
+        self.replicator = replicator
+        self.limits = limits
+        self.id = f"c{next(_ids)}-{uuid.uuid4().hex[:8]}"
+        self.principal: Principal = principal or Principal("", frozenset())
+        self.authenticated = principal is not None
+        self.scope = scope_of(self.principal)
+        self.origin = f"session:{self.id}"
+        self.rooms: dict[str, Room] = {}
+        self._out: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._closed: SessionClosed | None = None
+        self._rate = TokenBucket(limits.rate, limits.burst)
+        self._in_flight: deque[asyncio.Future[Committed]] = deque()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- transport side -----------------------------------------------------------------
+
+    async def outgoing(self) -> list[bytes]:
+        """The next WebSocket messages to send; [] once the connection is closed."""
+        bodies = await self._drain()
+        return bodies
+
+    async def _drain(self) -> list[bytes]:
+        while not self._out:
+            if self._closed is not None:
+                return []
+            self._wake.clear()
+            await self._wake.wait()
+        bodies = list(self._out)
+        self._out.clear()
+        return bodies
+
+    @property
+    def closed(self) -> SessionClosed | None:
+        return self._closed
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Mark the connection closed and raise `SessionClosed` for the transport to act on."""
+        if self._closed is None:
+            self._closed = SessionClosed(code, reason)
+            self._wake.set()
+        raise self._closed
+
+    def close_soon(self, code: CloseCode, reason: str) -> None:
+        """Close from a callback, where there is no transport call to raise into."""
+        with contextlib.suppress(SessionClosed):
+            self.close(code, reason)
+
+    def admit(self) -> None:
+        """Checks every incoming message passes before it is looked at."""
+        if self._closed is not None:
+            raise self._closed
+        if not self._rate.take():
+            self.close(CloseCode.RATE_LIMITED, ErrorCode.RATE_LIMITED)
+        if self.authenticated and self._expired():
+            self.close(CloseCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
+
+    def shutdown(self) -> None:
+        """The connection is gone: leave every room, stop timers and tasks."""
+        if self._closed is None:
+            self._closed = SessionClosed(CloseCode.GOING_AWAY, "closed")
+        self._wake.set()
+        self.replicator.leave(self, list(self.rooms.values()))
+        self.rooms.clear()
+        for timer in self._timers:
+            timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    def _queue(self, message: bytes) -> None:
+        if self._closed is None:
+            self._out.append(message)
+            self._wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- rooms and writes ---------------------------------------------------------------
+
+    async def _subscribe(self, doc_id: str) -> Room:
+        room = self.rooms.get(doc_id)
+        if room is None:
+            room = await self.replicator.subscribe(self, doc_id)  # type: ignore[arg-type]
+            self.rooms[doc_id] = room
+        return room
+
+    async def _write(self, room: Room, update: bytes) -> Submitted:
+        submitted = await self.replicator.submit(self, room, update)  # type: ignore[arg-type]
+        committed = submitted.committed
+        if committed is not None and not committed.done():
+            self._in_flight.append(committed)
+            committed.add_done_callback(self._settled)
+            # Backpressure: a device that outruns the disk waits here instead of filling memory.
+            if len(self._in_flight) > self.limits.max_in_flight:
+                await asyncio.wait([self._in_flight[0]])
+        return submitted
+
+    def _settled(self, done: asyncio.Future[Committed]) -> None:
+        if self._in_flight and self._in_flight[0] is done:
+            self._in_flight.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                self._in_flight.remove(done)
+
+    # --- token lifetime -----------------------------------------------------------------
+
+    def _expired(self) -> bool:
+        expires = self.principal.expires_at
+        return expires is not None and time.time() >= expires
+
+    def _schedule_expiry(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        expires = self.principal.expires_at
+        if expires is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        notice_in = max(0.0, expires - self.limits.expiry_notice - now)
+        self._timers.append(loop.call_later(notice_in, self._expiring))
+        self._timers.append(
+            loop.call_later(
+                max(0.0, expires - now),
+                self.close_soon,
+                CloseCode.UNAUTHORIZED,
+                ErrorCode.TOKEN_EXPIRED,
+            )
+        )
+
+    def _expiring(self) -> None:
+        """Subclasses that can tell the client (v1) do so; plain y-websocket cannot."""

@@ -1,0 +1,304 @@
+"""The one write path for documents, and the rooms it keeps in memory.
+
+authorise -> apply -> commit -> ack -> fan-out (DESIGN.md §1): every writer, a device over v1, a
+Yjs client over y-websocket, or later a REST call or an adapter, goes through `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fieldsync.auth import in_scope, may_create
+from fieldsync.documents import DocType
+from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.replication._codec import SyncStep, encode_sync
+from fieldsync.replication._peer import Peer
+from fieldsync.replication._room import InvalidUpdate, Room, preview_index
+from fieldsync.storage import Committed, DocIndex, ScopeChange, Store, Write
+
+log = logging.getLogger(__name__)
+
+
+class Forbidden(FieldsyncError):
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(ErrorCode.FORBIDDEN, f"{doc_id}: not in your scope")
+
+
+class DocTooLarge(FieldsyncError):
+    def __init__(self, doc_id: str, limit: int) -> None:
+        super().__init__(ErrorCode.DOC_TOO_LARGE, f"{doc_id}: the document would exceed {limit} B")
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """An accepted update: `committed` resolves once it is durable (None: it added nothing and
+    nothing is in flight); `state_vector` is the room's right after it was applied."""
+
+    committed: asyncio.Future[Committed] | None
+    state_vector: bytes
+
+
+class Replicator:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_doc_bytes: int = 16 << 20,
+        idle_seconds: float = 30.0,
+        max_rooms: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.max_doc_bytes = max_doc_bytes
+        self.idle_seconds = idle_seconds
+        self.max_rooms = max_rooms
+        self.peers: dict[Peer, None] = {}
+        self._rooms: dict[str, Room] = {}
+        self._loading: dict[str, asyncio.Future[Room]] = {}
+        self._evictor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._evictor = asyncio.create_task(self._evict_forever(), name="room-evictor")
+
+    async def stop(self) -> None:
+        if self._evictor:
+            self._evictor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._evictor
+        # Wait for what is applied but not yet committed, so that stopping loses nothing acked.
+        while any(room.in_flight for room in self._rooms.values()):
+            await asyncio.sleep(0.01)
+
+    @property
+    def loaded(self) -> int:
+        return len(self._rooms)
+
+    # --- rooms --------------------------------------------------------------------------
+
+    async def room(self, doc_id: str) -> Room:
+        room = self._rooms.get(doc_id)
+        if room is not None and not room.poisoned:
+            room.last_used = time.monotonic()
+            return room
+        loading = self._loading.get(doc_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        loading = asyncio.get_running_loop().create_future()
+        self._loading[doc_id] = loading
+        try:
+            stored = await self.store.load(doc_id)
+            # Replaying a long log is CPU work: keep it off the event loop.
+            room = await asyncio.to_thread(Room, doc_id, stored)
+            self._rooms[doc_id] = room
+            loading.set_result(room)
+            return room
+        except BaseException as exc:
+            loading.set_exception(exc)
+            loading.exception()  # retrieved: a loader nobody else waits on must not warn
+            raise
+        finally:
+            del self._loading[doc_id]
+
+    async def _scope_index(self, room: Room) -> DocIndex | None:
+        if room.type is DocType.WORK_ORDER:
+            return room.index
+        return await self.store.scope_index(room.doc_id)
+
+    async def subscribe(self, peer: Peer, doc_id: str) -> Room:
+        """Authorise `peer` to replicate `doc_id` and add it to the room. Raises `Forbidden`: a
+        document outside the scope and one that does not exist look alike."""
+        room = await self.room(doc_id)
+        if room.exists:
+            if not in_scope(peer.scope, await self._scope_index(room)):
+                raise Forbidden(doc_id)
+            room.subscribers[peer] = None
+        elif self._may_create_some(peer, room.type):
+            room.pending[peer] = None
+        else:
+            raise Forbidden(doc_id)
+        return room
+
+    def unsubscribe(self, peer: Peer, room: Room) -> None:
+        room.subscribers.pop(peer, None)
+        room.pending.pop(peer, None)
+        room.last_used = time.monotonic()
+
+    @staticmethod
+    def _may_create_some(peer: Peer, doc_type: DocType) -> bool:
+        # Whether this principal could create a document of this type for any scope index: the
+        # real check, against the content, happens on the first update.
+        everywhere = DocIndex(
+            doc="",
+            type=doc_type.value,
+            wo="",
+            assignee=peer.principal.subject,
+            team=peer.principal.team,
+            region=peer.principal.region,
+        )
+        return may_create(peer.principal, doc_type.value, everywhere)
+
+    # --- the write path -----------------------------------------------------------------
+
+    async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
+        """Apply a peer's update and queue it for commit. Raises `Forbidden`, `InvalidUpdate` or
+        `DocTooLarge`; nothing of a refused update is kept."""
+        if peer not in room.subscribers and peer not in room.pending:
+            raise Forbidden(room.doc_id)
+        if room.size + len(update) > self.max_doc_bytes:
+            raise DocTooLarge(room.doc_id, self.max_doc_bytes)
+        if not room.exists:
+            await self._authorise_creation(peer, room, update)
+        effective = room.apply(update)
+        if room.poisoned:
+            self._drop(room, "the document failed to apply an update")
+        # Commits happen in apply order, so once this update's commit (or, when it added
+        # nothing, the last one in flight) is done, all of this state vector is durable.
+        state_vector = room.state_vector()
+        if effective is None:
+            return Submitted(room.tail if room.in_flight else None, state_vector)
+        return Submitted(self._commit(room, effective, peer), state_vector)
+
+    async def durable_state_vector(self, room: Room) -> bytes:
+        """The room's state vector, returned once all it covers is committed: a device may
+        forget its queued edits that this state vector covers."""
+        state_vector = room.state_vector()
+        tail = room.tail
+        if room.in_flight and tail is not None and not tail.done():
+            await asyncio.wait([tail])
+        return state_vector
+
+    async def _authorise_creation(self, peer: Peer, room: Room, update: bytes) -> None:
+        index = preview_index(room.doc_id, update)
+        if room.type is DocType.WORK_ORDER:
+            scope_index: DocIndex | None = index
+        else:
+            scope_index = await self.store.scope_index(index.wo) if index.wo else None
+        if not may_create(peer.principal, room.type.value, scope_index):
+            room.pending.pop(peer, None)
+            raise Forbidden(room.doc_id)
+
+    def write_local(
+        self, room: Room, update: bytes, actor: str, origin: str
+    ) -> asyncio.Future[Committed] | None:
+        """Apply and commit an update made by the server or an adapter (already authorised)."""
+        effective = room.apply(update)
+        return None if effective is None else self._commit(room, effective, None, actor, origin)
+
+    def _commit(
+        self,
+        room: Room,
+        effective: bytes,
+        author: Peer | None,
+        actor: str | None = None,
+        origin: str | None = None,
+    ) -> asyncio.Future[Committed]:
+        write = Write(
+            doc=room.doc_id,
+            data=effective,
+            origin=origin or (author.origin if author else "server"),
+            actor=actor or (author.principal.subject if author else "server"),
+            index=room.reindex(),
+        )
+        room.in_flight += 1
+        committed = asyncio.ensure_future(self.store.append(write))
+        room.tail = committed
+        committed.add_done_callback(lambda f: self._on_commit(room, effective, author, f))
+        return committed
+
+    def _on_commit(
+        self, room: Room, effective: bytes, author: Peer | None, done: asyncio.Future[Committed]
+    ) -> None:
+        room.in_flight -= 1
+        if done.cancelled() or done.exception() is not None:
+            log.error("commit of %s failed: %r", room.doc_id, done.exception())
+            self._drop(room, "storage failure: the last update was not stored")
+            return
+        committed = done.result()
+        room.seq = committed.seq
+        if committed.scope_change is not None:
+            self._rescope(committed.scope_change)
+        if room.pending:
+            asyncio.create_task(self._settle_pending(room, author))
+        message = encode_sync(SyncStep.UPDATE, effective)
+        for peer in room.subscribers:
+            if peer is not author:
+                peer.send_doc(room.doc_id, message)
+
+    async def _settle_pending(self, room: Room, author: Peer | None) -> None:
+        """The document now exists: admit the peers that asked for it if it is in their scope."""
+        scope_index = await self._scope_index(room)
+        for peer in list(room.pending):
+            del room.pending[peer]
+            if in_scope(peer.scope, scope_index):
+                room.subscribers[peer] = None
+                peer.confirmed(room.doc_id, None if peer is author else room.ydoc.get_update())
+            else:
+                peer.refused(room.doc_id)
+
+    def _rescope(self, change: ScopeChange) -> None:
+        docs = (change.doc, *change.forms)
+        for peer in list(self.peers):
+            was = in_scope(peer.scope, change.before)
+            now = in_scope(peer.scope, change.after)
+            if was and not now:
+                for doc_id in docs:
+                    room = self._rooms.get(doc_id)
+                    if room is not None:
+                        self.unsubscribe(peer, room)
+                peer.scope_removed(docs)
+            elif now and not was:
+                peer.scope_added(docs)
+
+    def _drop(self, room: Room, reason: str) -> None:
+        """Forget a room whose memory can no longer be trusted; its peers resync from storage."""
+        if self._rooms.get(room.doc_id) is room:
+            del self._rooms[room.doc_id]
+        for peer in list(room.subscribers) + list(room.pending):
+            peer.reset(room.doc_id, reason)
+        room.subscribers.clear()
+        room.pending.clear()
+
+    # --- awareness ----------------------------------------------------------------------
+
+    def relay_awareness(self, peer: Peer, room: Room, message: bytes) -> None:
+        """Awareness (cursors, presence) goes to the other replicas and is never stored."""
+        if peer not in room.subscribers:
+            raise Forbidden(room.doc_id)
+        for other in room.subscribers:
+            if other is not peer:
+                other.send_doc(room.doc_id, message)
+
+    def leave(self, peer: Peer, rooms: Iterable[Room]) -> None:
+        for room in rooms:
+            self.unsubscribe(peer, room)
+        self.peers.pop(peer, None)
+
+    # --- memory -------------------------------------------------------------------------
+
+    async def _evict_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.idle_seconds / 4, 0.05))
+            self.evict()
+
+    def evict(self) -> int:
+        """Drop rooms nobody replicates that have been idle long enough, and the least recently
+        used idle rooms beyond `max_rooms`. Returns how many were dropped."""
+        now = time.monotonic()
+        idle = sorted(
+            (room for room in self._rooms.values() if room.idle), key=lambda r: r.last_used
+        )
+        excess = len(self._rooms) - self.max_rooms
+        dropped = 0
+        for room in idle:
+            if excess > 0 or now - room.last_used >= self.idle_seconds:
+                del self._rooms[room.doc_id]
+                excess -= 1
+                dropped += 1
+        return dropped
+
+
+__all__ = ["DocTooLarge", "Forbidden", "InvalidUpdate", "Replicator", "Submitted"]

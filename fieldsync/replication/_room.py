@@ -1,0 +1,119 @@
+"""A room: one document loaded in memory, with the peers that replicate it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from pycrdt import Doc, TransactionEvent, merge_updates
+
+from fieldsync import documents
+from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.storage import DocIndex, StoredDoc
+
+if TYPE_CHECKING:
+    from fieldsync.replication._peer import Peer
+
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+class InvalidUpdate(FieldsyncError):
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INVALID_UPDATE, message)
+
+
+class Room:
+    """A document in memory. `subscribers` receive its updates; `pending` asked for a document
+    that does not exist yet and hear nothing until it exists and proves to be in their scope."""
+
+    def __init__(self, doc_id: str, stored: StoredDoc | None) -> None:
+        self.doc_id = doc_id
+        self.type = documents.doc_type(doc_id)
+        self.ydoc: Doc = Doc()
+        self.subscribers: dict[Peer, None] = {}  # an ordered set
+        self.pending: dict[Peer, None] = {}
+        self.in_flight = 0  # updates applied in memory, not yet committed
+        self.tail: asyncio.Future[Any] | None = None  # the commit of the last applied update
+        self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted
+        self.last_used = time.monotonic()
+        self._emitted: list[bytes] = []
+        self.ydoc.observe(self._on_transaction)
+        self.seq = 0
+        self.size = 0  # stored bytes: what `max_doc_bytes` limits
+        self.index: DocIndex | None = None
+        if stored is not None:
+            for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
+                self.ydoc.apply_update(data)
+                self.size += len(data)
+            self.seq = stored.seq
+            self.index = stored.index
+        self._emitted.clear()
+
+    @property
+    def exists(self) -> bool:
+        return self.seq > 0 or self.in_flight > 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.subscribers and not self.pending and not self.in_flight
+
+    def _on_transaction(self, event: TransactionEvent) -> None:
+        self._emitted.append(event.update)
+
+    def apply(self, update: bytes) -> bytes | None:
+        """Merge `update`; return what it added (the effective update to store and broadcast), or
+        None when it added nothing (already known, or waiting on updates not received yet)."""
+        self.last_used = time.monotonic()
+        try:
+            self.ydoc.apply_update(update)
+        except BaseException as exc:
+            # pyo3 panics derive from BaseException (DESIGN.md §9); only true exits pass through.
+            if isinstance(exc, _FATAL):
+                raise
+            if not isinstance(exc, Exception):
+                self.poisoned = True
+            self._emitted.clear()
+            raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
+        if not self._emitted:
+            return None
+        emitted = self._emitted
+        effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
+        self._emitted.clear()
+        self.size += len(effective)
+        return effective
+
+    def reindex(self) -> DocIndex | None:
+        """The document's index if the last updates changed it, else None."""
+        current = documents.index(self.doc_id, self.ydoc)
+        if current == self.index:
+            return None
+        self.index = current
+        return current
+
+    def diff(self, state_vector: bytes) -> bytes:
+        try:
+            return self.ydoc.get_update(state_vector)
+        except BaseException as exc:
+            if isinstance(exc, _FATAL):
+                raise
+            raise InvalidUpdate("the state vector could not be decoded") from None
+
+    def state_vector(self) -> bytes:
+        return self.ydoc.get_state()
+
+    def to_json(self) -> dict[str, Any]:
+        return documents.to_json(self.doc_id, self.ydoc)
+
+
+def preview_index(doc_id: str, update: bytes) -> DocIndex:
+    """The index a new document would have after `update`, computed on a scratch copy so that
+    nothing of a refused creation reaches the room."""
+    scratch = Doc()
+    try:
+        scratch.apply_update(update)
+    except BaseException as exc:
+        if isinstance(exc, _FATAL):
+            raise
+        raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
+    return documents.index(doc_id, scratch)

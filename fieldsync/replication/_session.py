@@ -1,0 +1,324 @@
+"""One device's `fieldsync.v1` session (DESIGN.md §3): the protocol core, with no transport.
+
+The transport feeds it frames (`receive`) and sends what `outgoing` returns; a `SessionClosed`
+raised from `receive` tells it which close code to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import zstandard
+from pycrdt import get_state
+
+from fieldsync.auth import Principal, scope_of
+from fieldsync.documents import MAX_DOC_ID, doc_type
+from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
+from fieldsync.replication._codec import (
+    Control,
+    DocMessage,
+    SyncStep,
+    YAwareness,
+    YSync,
+    decode_frame,
+    decode_state_vector,
+    decode_y,
+    encode_body,
+    encode_frame,
+    encode_sync,
+)
+from fieldsync.replication._connection import Connection, Limits, Verify
+from fieldsync.replication._replicator import Forbidden, Replicator
+from fieldsync.replication._room import Room
+from fieldsync.storage import Committed, DeviceSeen
+
+log = logging.getLogger(__name__)
+
+# Errors after which the device's copy may hold what the server refused: it must resync.
+_RESET_ON = frozenset({ErrorCode.FORBIDDEN, ErrorCode.INVALID_UPDATE, ErrorCode.DOC_TOO_LARGE})
+
+
+class State(Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    LIVE = "live"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'2.10.1-beta' -> (2, 10, 1): compare versions numerically, not as strings."""
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+class V1Session(Connection):
+    """A device replicating many documents over one WebSocket."""
+
+    def __init__(
+        self,
+        replicator: Replicator,
+        verify: Verify,
+        *,
+        principal: Principal | None,
+        limits: Limits = Limits(),
+        min_versions: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(replicator, principal, limits)
+        self.verify = verify
+        self.min_versions = min_versions or {}
+        self.state = State.AWAITING_HELLO
+        self.device_id = ""
+        self._compressor: zstandard.ZstdCompressor | None = None
+
+    async def outgoing(self) -> list[bytes]:
+        """Everything queued, as BATCH frames of at most half the frame limit, zstd when it
+        pays: a device coming back from days offline gets its catch-up in few, small frames."""
+        bodies = await self._drain()
+        if not bodies:
+            return []
+        frames = []
+        chunk: list[bytes] = []
+        size = 0
+        for body in bodies:
+            if chunk and size + len(body) > self.limits.max_frame // 2:
+                frames.append(self._frame(chunk))
+                chunk, size = [], 0
+            chunk.append(body)
+            size += len(body)
+        frames.append(self._frame(chunk))
+        return frames
+
+    def _frame(self, bodies: list[bytes]) -> bytes:
+        return encode_frame(
+            bodies, compressor=self._compressor, compress_above=self.limits.compress_above
+        )
+
+    async def receive(self, frame: bytes) -> None:
+        """Handle one WebSocket message. Raises `SessionClosed` when the connection must close."""
+        self.admit()
+        try:
+            messages = decode_frame(
+                frame, max_frame=self.limits.max_frame, max_body=self.limits.max_body
+            )
+        except ProtocolError as exc:
+            self.close(exc.close, exc.message)
+        for message in messages:
+            if isinstance(message, Control):
+                await self._control(message)
+            else:
+                await self._doc(message)
+            if self._closed is not None:
+                raise self._closed
+
+    # --- Peer ---------------------------------------------------------------------------
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        self._queue(encode_body(DocMessage(doc_id, message)))
+
+    def send_control(self, body: dict[str, Any]) -> None:
+        self._queue(encode_body(Control(body)))
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        if update is not None:
+            self.send_doc(doc_id, encode_sync(SyncStep.UPDATE, update))
+
+    def refused(self, doc_id: str) -> None:
+        self.rooms.pop(doc_id, None)
+        self._error(ErrorCode.FORBIDDEN, f"{doc_id}: not in your scope", doc_id)
+        self.reset(doc_id, ErrorCode.FORBIDDEN)
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        self.send_control({"type": "scope", "added": list(doc_ids), "removed": []})
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        for doc_id in doc_ids:
+            self.rooms.pop(doc_id, None)
+        self.send_control({"type": "scope", "added": [], "removed": list(doc_ids)})
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        room = self.rooms.pop(doc_id, None)
+        if room is not None:
+            self.replicator.unsubscribe(self, room)
+        self.send_control({"type": "reset", "doc": doc_id[:MAX_DOC_ID], "reason": reason})
+
+    def _expiring(self) -> None:
+        self.send_control({"type": "auth_expiring", "at": self.principal.expires_at})
+
+    def _error(self, code: ErrorCode, message: str, doc_id: str | None = None) -> None:
+        body: dict[str, Any] = {"type": "error", "code": code.value, "message": message}
+        if doc_id is not None:
+            body["doc"] = doc_id[:MAX_DOC_ID]
+        self.send_control(body)
+
+    # --- control messages ---------------------------------------------------------------
+
+    async def _control(self, message: Control) -> None:
+        match message.type:
+            case "hello":
+                await self._hello(message.body)
+            case "auth":
+                await self._auth(message.body)
+            case _ if self.state is State.AWAITING_HELLO:
+                self.close(CloseCode.PROTOCOL_ERROR, "expected hello")
+            case other:
+                # Unknown types are ignored so that both sides can evolve (DESIGN.md §3).
+                log.debug("session %s: ignoring control message %r", self.id, other[:40])
+
+    async def _authenticate(self, token: object) -> Principal:
+        if not isinstance(token, str) or not token:
+            self.close(CloseCode.UNAUTHORIZED, ErrorCode.REAUTHENTICATE)
+        try:
+            return await self.verify(str(token))
+        except AuthError as exc:
+            self.close(CloseCode.UNAUTHORIZED, exc.code)
+            raise  # unreachable: close raises
+
+    async def _auth(self, body: dict[str, Any]) -> None:
+        principal = await self._authenticate(body.get("token"))
+        if self.authenticated:
+            # Renewal on a live socket: the same person with the same view of the documents.
+            if principal.subject != self.principal.subject or scope_of(principal) != self.scope:
+                self.close(CloseCode.UNAUTHORIZED, ErrorCode.REAUTHENTICATE)
+            self.principal = principal
+            if self.state is State.LIVE:
+                self._schedule_expiry()
+            return
+        self.principal = principal
+        self.scope = scope_of(principal)
+        self.authenticated = True
+
+    async def _hello(self, body: dict[str, Any]) -> None:
+        if self.state is not State.AWAITING_HELLO:
+            self.close(CloseCode.PROTOCOL_ERROR, "hello sent twice")
+        if not self.authenticated:
+            await self._auth(body)
+        client = body.get("client")
+        client = client if isinstance(client, dict) else {}
+        platform = str(client.get("platform", ""))[:32]
+        version = str(client.get("version", ""))[:32]
+        self.device_id = str(client.get("device_id", ""))[:128] or self.id
+        self.origin = f"device:{self.device_id}"
+        minimum = self.min_versions.get(platform)
+        if minimum and version_tuple(version) < version_tuple(minimum):
+            self.close(CloseCode.UPGRADE_REQUIRED, ErrorCode.CLIENT_UPGRADE_REQUIRED)
+        caps = body.get("caps")
+        if isinstance(caps, list) and "zstd" in caps:
+            self._compressor = zstandard.ZstdCompressor(level=3)
+        since = body.get("since")
+        since = since if isinstance(since, int) and since >= 0 else 0
+        store = self.replicator.store
+        head = await store.head()
+        self.state = State.LIVE
+        self.replicator.peers[self] = None
+        limits = self.limits
+        self.send_control(
+            {
+                "type": "welcome",
+                "server_seq": head,
+                "session": self.id,
+                "min_client_version": minimum,
+                "limits": {
+                    "max_frame": limits.max_frame,
+                    "max_body": limits.max_body,
+                    "max_doc_bytes": limits.max_doc_bytes,
+                    "rate": limits.rate,
+                },
+                "token_expires_at": self.principal.expires_at,
+            }
+        )
+        self._schedule_expiry()
+        seen = DeviceSeen(self.device_id, self.principal.subject, platform, version, since)
+        store.touch_device(seen)
+        self._spawn(self._send_changes(seen))
+
+    async def _send_changes(self, seen: DeviceSeen) -> None:
+        store = self.replicator.store
+        since = seen.last_seq
+        while True:
+            page = await store.changes(self.scope, since, self.limits.changes_page)
+            self.send_control(
+                {
+                    "type": "changes",
+                    "since": page.since,
+                    "upto": page.upto,
+                    "docs": [{"id": d.id, "type": d.type, "seq": d.seq} for d in page.docs],
+                    "removed": page.removed,
+                    "more": page.more,
+                }
+            )
+            since = page.upto
+            if not page.more:
+                break
+        store.touch_device(
+            DeviceSeen(seen.device_id, seen.subject, seen.platform, seen.version, since)
+        )
+
+    # --- document messages --------------------------------------------------------------
+
+    async def _doc(self, message: DocMessage) -> None:
+        if self.state is not State.LIVE:
+            self.close(CloseCode.PROTOCOL_ERROR, "expected hello")
+        doc_id = message.doc
+        try:
+            doc_type(doc_id)
+            y = decode_y(message.message)
+            if isinstance(y, YSync) and y.step is SyncStep.STEP1:
+                room = await self._subscribe(doc_id)
+                self.send_doc(doc_id, encode_sync(SyncStep.STEP2, room.diff(y.payload)))
+                state_vector = await self.replicator.durable_state_vector(room)
+                self.send_doc(doc_id, encode_sync(SyncStep.STEP1, state_vector))
+            elif isinstance(y, YSync):
+                await self._update(doc_id, y.payload)
+            elif isinstance(y, YAwareness):
+                room = self.rooms.get(doc_id)
+                if room is None:
+                    raise Forbidden(doc_id)
+                self.replicator.relay_awareness(self, room, message.message)
+        except ProtocolError as exc:
+            # A malformed y-protocols message concerns one document: the device is told, the
+            # connection and its other documents go on.
+            self._error(ErrorCode.INVALID_UPDATE, exc.message, doc_id)
+        except FieldsyncError as exc:
+            self._error(exc.code, exc.message, doc_id)
+            if exc.code in _RESET_ON:
+                self.reset(doc_id, exc.code.value)
+
+    async def _update(self, doc_id: str, update: bytes) -> None:
+        room = await self._subscribe(doc_id)
+        submitted = await self._write(room, update)
+        committed = submitted.committed
+        if committed is None:
+            self._ack(doc_id, room.seq, update, submitted.state_vector)
+        else:
+            committed.add_done_callback(
+                lambda done: self._acked(doc_id, room, update, submitted.state_vector, done)
+            )
+
+    def _acked(
+        self,
+        doc_id: str,
+        room: Room,
+        update: bytes,
+        state_vector: bytes,
+        done: asyncio.Future[Committed],
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._error(
+                ErrorCode.STORAGE_UNAVAILABLE, "the update was not stored; resend it", doc_id
+            )
+            return
+        self._ack(doc_id, done.result().seq, update, state_vector)
+
+    def _ack(self, doc_id: str, seq: int, update: bytes, state_vector: bytes) -> None:
+        """`clock` gives, for each Yjs client id in the update, the clock the server holds
+        durably, so a device knows exactly which of its edits it may forget."""
+        ours = decode_state_vector(state_vector)
+        theirs = decode_state_vector(get_state(update))
+        clock = {str(client): ours.get(client, 0) for client in theirs}
+        self.send_control({"type": "ack", "doc": doc_id, "seq": seq, "clock": clock})

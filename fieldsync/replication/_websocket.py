@@ -1,0 +1,146 @@
+"""The aiohttp side of the replica connections: WebSocket in, protocol core, WebSocket out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+
+from fieldsync.auth import Principal, bearer_token
+from fieldsync.documents import InvalidDocId, doc_type
+from fieldsync.errors import AuthError, CloseCode, ErrorCode
+from fieldsync.replication._connection import Connection, Limits, SessionClosed
+from fieldsync.replication._replicator import Replicator
+from fieldsync.replication._session import V1Session
+from fieldsync.replication._yws import YwsSession
+
+log = logging.getLogger(__name__)
+
+Verify = Callable[[str], Awaitable[Principal]]
+HEARTBEAT = 30.0
+
+
+class Endpoints:
+    """The `/v1/sync` and `/v1/yws/{doc_id}` handlers and the connections they hold."""
+
+    def __init__(
+        self,
+        replicator: Replicator,
+        verify: Verify,
+        limits: Limits,
+        min_versions: dict[str, str],
+    ) -> None:
+        self.replicator = replicator
+        self.verify = verify
+        self.limits = limits
+        self.min_versions = min_versions
+        self.connections: dict[Connection, web.WebSocketResponse] = {}
+        self.draining = False
+
+    def _socket(self) -> web.WebSocketResponse:
+        # aiohttp's own limit is a backstop (close 1009); frames between the protocol limit and
+        # it are refused by the session with 4413, which clients understand.
+        return web.WebSocketResponse(
+            max_msg_size=self.limits.max_frame * 2, heartbeat=HEARTBEAT, compress=False
+        )
+
+    async def sync(self, request: web.Request) -> web.WebSocketResponse:
+        ws = self._socket()
+        await ws.prepare(request)
+        if self.draining:
+            await ws.close(code=CloseCode.DRAINING, message=ErrorCode.DRAINING.encode())
+            return ws
+        principal = None
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is not None:
+            try:
+                principal = await self.verify(token)
+            except AuthError as exc:
+                await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
+                return ws
+        session = V1Session(
+            self.replicator,
+            self.verify,
+            principal=principal,
+            limits=self.limits,
+            min_versions=self.min_versions,
+        )
+        session._spawn(self._hello_deadline(session))
+        await self._serve(ws, session)
+        return ws
+
+    async def _hello_deadline(self, session: V1Session) -> None:
+        await asyncio.sleep(self.limits.auth_timeout)
+        if not session.authenticated or session.device_id == "":
+            session.close_soon(CloseCode.AUTH_TIMEOUT, ErrorCode.AUTH_TIMEOUT)
+
+    async def yws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = self._socket()
+        await ws.prepare(request)
+        doc_id = request.match_info["doc_id"]
+        # Browsers cannot set headers on a WebSocket: y-websocket passes the token as a query
+        # parameter, which the access log never writes (see `fieldsync.app`).
+        token = bearer_token(request.headers.get("Authorization")) or request.query.get("token")
+        try:
+            doc_type(doc_id)
+            if not token:
+                raise AuthError(ErrorCode.REAUTHENTICATE, "no token")
+            principal = await self.verify(token)
+        except InvalidDocId:
+            await ws.close(code=CloseCode.PROTOCOL_ERROR, message=b"invalid_doc_id")
+            return ws
+        except AuthError as exc:
+            await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
+            return ws
+        session = YwsSession(self.replicator, principal, doc_id, self.limits)
+        try:
+            await session.open()
+        except SessionClosed as closed:
+            session.shutdown()
+            await ws.close(code=closed.code, message=closed.reason.encode())
+            return ws
+        await self._serve(ws, session)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        self.connections[conn] = ws
+        sender = asyncio.create_task(self._send(ws, conn))
+        try:
+            async for message in ws:
+                if message.type is WSMsgType.BINARY:
+                    await conn.receive(message.data)
+                elif message.type is WSMsgType.TEXT:
+                    conn.close(CloseCode.PROTOCOL_ERROR, "binary frames only")
+        except SessionClosed:
+            pass  # the sender flushes what is queued, then closes with the code
+        except Exception:
+            log.exception("connection %s failed", conn.id)
+            conn.close_soon(CloseCode.PROTOCOL_ERROR, "internal error")
+        finally:
+            if conn.closed is None:
+                conn.close_soon(CloseCode.GOING_AWAY, "closed")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sender, timeout=5)
+            conn.shutdown()
+            self.connections.pop(conn, None)
+
+    @staticmethod
+    async def _send(ws: web.WebSocketResponse, conn: Connection) -> None:
+        try:
+            while frames := await conn.outgoing():
+                for frame in frames:
+                    await ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError):
+            pass  # the peer went away; the receive loop sees it too
+        closed = conn.closed
+        if closed is not None and not ws.closed:
+            await ws.close(code=closed.code, message=closed.reason.encode()[:120])
+
+    async def drain(self) -> None:
+        """Shutting down: tell every device to reconnect elsewhere (4503)."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_soon(CloseCode.DRAINING, ErrorCode.DRAINING)

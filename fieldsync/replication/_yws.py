@@ -1,0 +1,86 @@
+"""Plain y-websocket: one document per socket, sync and awareness, for stock Yjs providers.
+
+The same replicator, scopes and write path as v1; what y-websocket cannot express (acks, per-doc
+errors, resets) becomes a close code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fieldsync.auth import Principal
+from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
+from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
+from fieldsync.replication._connection import Connection, Limits
+from fieldsync.replication._replicator import Replicator
+from fieldsync.replication._room import Room
+
+
+class YwsSession(Connection):
+    def __init__(
+        self, replicator: Replicator, principal: Principal, doc_id: str, limits: Limits = Limits()
+    ) -> None:
+        super().__init__(replicator, principal, limits)
+        self.doc_id = doc_id
+        self.origin = f"yws:{self.id}"
+        self._room: Room | None = None
+
+    async def open(self) -> None:
+        """Authorise the document and greet the client with the server's state vector, as the
+        y-websocket server does. Raises `SessionClosed` when the document is not in scope."""
+        try:
+            self._room = await self._subscribe(self.doc_id)
+        except FieldsyncError:
+            self.close(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
+        self.replicator.peers[self] = None
+        self._schedule_expiry()
+        self.send_doc(self.doc_id, encode_sync(SyncStep.STEP1, self._room.state_vector()))
+
+    async def receive(self, frame: bytes) -> None:
+        self.admit()
+        room = self._room
+        if room is None or self.doc_id not in self.rooms:
+            self.close(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
+            return
+        if len(frame) > self.limits.max_frame:
+            self.close(CloseCode.FRAME_TOO_LARGE, ErrorCode.FRAME_TOO_LARGE)
+        try:
+            y = decode_y(frame)
+            if isinstance(y, YSync) and y.step is SyncStep.STEP1:
+                self.send_doc(self.doc_id, encode_sync(SyncStep.STEP2, room.diff(y.payload)))
+            elif isinstance(y, YSync):
+                await self._write(room, y.payload)
+            elif isinstance(y, YAwareness):
+                self.replicator.relay_awareness(self, room, frame)
+        except ProtocolError as exc:
+            self.close(CloseCode.PROTOCOL_ERROR, exc.message)
+        except FieldsyncError as exc:
+            code = (
+                CloseCode.FORBIDDEN if exc.code is ErrorCode.FORBIDDEN else CloseCode.PROTOCOL_ERROR
+            )
+            self.close(code, exc.code)
+
+    # --- Peer ---------------------------------------------------------------------------
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        self._queue(message)
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        if update is not None:
+            self.send_doc(doc_id, encode_sync(SyncStep.UPDATE, update))
+
+    def refused(self, doc_id: str) -> None:
+        self.close_soon(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        pass  # one document per socket: nothing else to offer
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        if self.doc_id in doc_ids:
+            self.rooms.pop(self.doc_id, None)
+            self.close_soon(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        # The client must resync from scratch: reconnecting does exactly that.
+        self.rooms.pop(doc_id, None)
+        self.close_soon(CloseCode.PROTOCOL_ERROR, reason[:100])

@@ -1,0 +1,141 @@
+"""The SQLite schema as numbered migrations, applied in order at open and recorded once each.
+
+A migration is frozen once released: a schema change is a new entry at the end of `MIGRATIONS`,
+never an edit of an old one, so every database reaches the same schema by the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """`steps` are SQL statements run one by one, or a function for changes SQL cannot express.
+
+    Statements rather than one script: `sqlite3.executescript` commits the open transaction
+    first, so a migration failing halfway would leave half a schema recorded as nothing."""
+
+    version: int
+    description: str
+    steps: tuple[str, ...] | Callable[[Database], None]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "change sequence, update log, snapshots, document index, scope history, devices",
+        (
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
+            "INSERT INTO meta (key, value) VALUES ('seq', 0)",
+            # seq is given by the writer from meta, never by rowid reuse: compaction deletes
+            # rows, and a reused seq would hide an update from readers that already passed it.
+            """CREATE TABLE updates (
+                seq INTEGER PRIMARY KEY,
+                doc TEXT NOT NULL,
+                data BLOB NOT NULL,
+                origin TEXT,
+                actor TEXT,
+                at REAL
+            )""",
+            "CREATE INDEX updates_doc_seq ON updates (doc, seq)",
+            """CREATE TABLE snapshots (
+                doc TEXT PRIMARY KEY,
+                data BLOB NOT NULL,
+                upto_seq INTEGER NOT NULL
+            )""",
+            # seq is the feed position `changes` pages on; it moves past last_seq when the
+            # document's work order changes scope, so new readers of that scope get the forms.
+            """CREATE TABLE doc_index (
+                doc TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                wo TEXT,
+                assignee TEXT,
+                team TEXT,
+                region TEXT,
+                status TEXT,
+                number TEXT,
+                title TEXT,
+                priority TEXT,
+                due_at TEXT,
+                seq INTEGER NOT NULL,
+                last_seq INTEGER NOT NULL,
+                created_seq INTEGER NOT NULL,
+                log_count INTEGER NOT NULL DEFAULT 0,
+                log_bytes INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX doc_index_seq ON doc_index (seq)",
+            "CREATE INDEX doc_index_assignee ON doc_index (assignee, seq)",
+            "CREATE INDEX doc_index_team ON doc_index (team, seq)",
+            "CREATE INDEX doc_index_region ON doc_index (region, seq)",
+            "CREATE INDEX doc_index_wo ON doc_index (wo)",
+            # A work order's scope values before each change, so a reader of the old scope can
+            # be told the document (and its forms) left it.
+            """CREATE TABLE scope_history (
+                seq INTEGER NOT NULL,
+                doc TEXT NOT NULL,
+                assignee TEXT,
+                team TEXT,
+                region TEXT
+            )""",
+            "CREATE INDEX scope_history_seq ON scope_history (seq)",
+            """CREATE TABLE devices (
+                device_id TEXT PRIMARY KEY,
+                subject TEXT NOT NULL,
+                platform TEXT,
+                version TEXT,
+                last_seen REAL NOT NULL,
+                last_seq INTEGER NOT NULL
+            )""",
+        ),
+    ),
+)
+
+
+def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
+    """Apply the migrations `db` has not recorded, each with its record in one transaction;
+    return the versions applied.
+
+    `db` must be in driver autocommit mode (`isolation_level=None`). Raises ValueError when the
+    database records a version this code does not know: it was written by a newer fieldsync."""
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            description TEXT NOT NULL,
+            applied_at REAL NOT NULL
+        )"""
+    )
+    known = {m.version for m in migrations}
+    applied: list[int] = []
+    for migration in sorted(migrations, key=lambda m: m.version):
+        # The check runs under the write lock so two processes opening one file at the same
+        # time cannot both apply a migration.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            recorded = {v for (v,) in db.execute("SELECT version FROM schema_migrations")}
+            if unknown := recorded - known:
+                raise ValueError(f"database has schema versions {sorted(unknown)} unknown here")
+            if migration.version not in recorded:
+                _apply(db, migration)
+                applied.append(migration.version)
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
+    return applied
+
+
+def _apply(db: Database, migration: Migration) -> None:
+    if callable(migration.steps):
+        migration.steps(db)
+    else:
+        for statement in migration.steps:
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+        (migration.version, migration.description, time.time()),
+    )

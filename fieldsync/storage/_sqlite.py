@@ -1,0 +1,535 @@
+"""The embedded SQLite backend.
+
+One writer thread owns the only write connection and group-commits whatever is queued: many
+writes, one `BEGIN IMMEDIATE … COMMIT`, one fsync. Reads run on a small thread pool, one
+read-only connection per thread, each read inside one transaction so it sees one snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TypeVar
+
+import pycrdt
+from sqlite_utils import Database
+
+from fieldsync.storage._migrations import migrate
+from fieldsync.storage._types import (
+    ChangedDoc,
+    ChangesPage,
+    Committed,
+    DeviceSeen,
+    DocIndex,
+    ScopeChange,
+    ScopeFilter,
+    ScopeKind,
+    StoredDoc,
+    Write,
+)
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_READERS = 3
+_BUSY_TIMEOUT_MS = 5000
+
+# The index columns follow `DocIndex`, so a field added there fails loudly here until a migration
+# adds its column.
+_INDEX_COLUMNS = tuple(f.name for f in fields(DocIndex))
+_SELECT_INDEX = f"SELECT {', '.join(_INDEX_COLUMNS)} FROM doc_index WHERE doc = ?"
+_UPSERT_INDEX = f"""
+    INSERT INTO doc_index ({", ".join(_INDEX_COLUMNS)},
+                           seq, last_seq, created_seq, log_count, log_bytes)
+    VALUES ({", ".join(f":{c}" for c in _INDEX_COLUMNS)}, :seq, :seq, :seq, 1, :bytes)
+    ON CONFLICT (doc) DO UPDATE SET
+        {", ".join(f"{c} = excluded.{c}" for c in _INDEX_COLUMNS[1:])},
+        seq = excluded.seq,
+        last_seq = excluded.last_seq,
+        log_count = log_count + 1,
+        log_bytes = log_bytes + excluded.log_bytes
+    RETURNING log_count, log_bytes
+"""
+
+_SCOPE_COLUMNS = {
+    ScopeKind.ASSIGNEE: "assignee",
+    ScopeKind.TEAM: "team",
+    ScopeKind.REGION: "region",
+}
+
+# A document is in a scope through the row its `wo` names: its own for a work order, its work
+# order's for a form. A form whose work order does not exist joins nothing.
+_CHANGED_ALL = """
+    SELECT doc, type, seq FROM doc_index
+    WHERE seq > :since AND seq <= :upto
+    ORDER BY seq, doc LIMIT :limit
+"""
+_CHANGED_IN_SCOPE = {
+    kind: f"""
+    SELECT d.doc, d.type, d.seq FROM doc_index w JOIN doc_index d ON d.wo = w.doc
+    WHERE w.{column} = :value AND d.seq > :since AND d.seq <= :upto
+    ORDER BY d.seq, d.doc LIMIT :limit
+    """
+    for kind, column in _SCOPE_COLUMNS.items()
+}
+_REMOVED_FROM_SCOPE = {
+    kind: f"""
+    WITH gone AS (
+        SELECT DISTINCT h.doc FROM scope_history h
+        WHERE h.seq > :since AND h.seq <= :upto AND h.{column} = :value
+          AND NOT EXISTS (
+              SELECT 1 FROM doc_index d JOIN doc_index w ON w.doc = d.wo
+              WHERE d.doc = h.doc AND w.{column} = :value))
+    SELECT doc FROM gone
+    UNION
+    SELECT f.doc FROM doc_index f JOIN gone ON f.wo = gone.doc
+    ORDER BY doc
+    """
+    for kind, column in _SCOPE_COLUMNS.items()
+}
+
+
+class StorageError(Exception):
+    """The store could not do what was asked; `__cause__` holds the database's own error."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    write: Write
+    future: asyncio.Future[Committed]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Touch:
+    seen: DeviceSeen
+    at: float
+
+
+class _Stop:
+    """Queued by `close()`: the writer finishes every job queued before it, then exits."""
+
+
+_Job = _Append | _Touch | _Stop
+
+
+class SQLiteStore:
+    """A `Store` in one SQLite file (WAL, `synchronous=FULL`: an acknowledged write survives
+    power loss).
+
+    A document whose update log reaches `compact_after_updates` rows or `compact_after_bytes`
+    bytes is compacted into its snapshot after the batch that crossed the line is acknowledged.
+    At most `batch_max` queued writes share one transaction."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        compact_after_updates: int = 500,
+        compact_after_bytes: int = 1 << 20,
+        batch_max: int = 1000,
+    ) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self._path = path
+        self._compact_after_updates = compact_after_updates
+        self._compact_after_bytes = compact_after_bytes
+        self._batch_max = batch_max
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_dbs: list[Database] = []
+        self._reader_dbs_lock = threading.Lock()
+        self._commits = 0
+
+    # Lifecycle
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            raise StorageError(f"{self._path} is already open")
+        self._loop = asyncio.get_running_loop()
+        self._queue = queue.SimpleQueue()
+        self._reader_local = threading.local()
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # A daemon thread: a process that exits without close() loses only unacknowledged writes.
+        writer = threading.Thread(
+            target=self._run_writer, args=(started,), name="fieldsync-sqlite-writer", daemon=True
+        )
+        writer.start()
+        try:
+            await asyncio.wrap_future(started)
+        except Exception as exc:
+            await asyncio.to_thread(writer.join)
+            raise StorageError(f"cannot open {self._path}") from exc
+        self._writer = writer
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            _READERS, thread_name_prefix="fieldsync-sqlite-read"
+        )
+
+    async def close(self) -> None:
+        """Commit everything already queued, then stop the threads and close the connections."""
+        writer, readers = self._writer, self._readers
+        if writer is None or readers is None:
+            return
+        self._writer = self._readers = None
+        self._queue.put(_Stop())
+        await asyncio.to_thread(writer.join)
+        await asyncio.to_thread(readers.shutdown)
+        with self._reader_dbs_lock:
+            dbs, self._reader_dbs = self._reader_dbs, []
+        for db in dbs:
+            db.close()
+
+    # Writes
+
+    def append(self, write: Write) -> asyncio.Future[Committed]:
+        if self._writer is None or self._loop is None:
+            raise StorageError("the store is not open")
+        if write.index is not None and write.index.doc != write.doc:
+            raise ValueError(f"index of {write.index.doc!r} given for {write.doc!r}")
+        future: asyncio.Future[Committed] = self._loop.create_future()
+        self._queue.put(_Append(write, future, time.time()))
+        return future
+
+    def touch_device(self, seen: DeviceSeen) -> None:
+        if self._writer is None:
+            raise StorageError("the store is not open")
+        self._queue.put(_Touch(seen, time.time()))
+
+    # Reads
+
+    async def load(self, doc: str) -> StoredDoc | None:
+        return await self._read(lambda db: _load(db, doc))
+
+    async def index(self, doc: str) -> DocIndex | None:
+        return await self._read(lambda db: _index(db, doc))
+
+    async def scope_index(self, doc: str) -> DocIndex | None:
+        return await self._read(lambda db: _scope_index(db, doc))
+
+    async def changes(self, scope: ScopeFilter, since: int, limit: int) -> ChangesPage:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._read(lambda db: _changes(db, scope, since, limit))
+
+    async def head(self) -> int:
+        return await self._read(_head)
+
+    async def stats(self) -> dict[str, int]:
+        counts = await self._read(_counts)
+        return {**counts, "commits": self._commits}
+
+    async def _read(self, query: Callable[[Database], _T]) -> _T:
+        if self._readers is None:
+            raise StorageError("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._in_snapshot, query)
+
+    def _in_snapshot(self, query: Callable[[Database], _T]) -> _T:
+        db = self._reader_db()
+        # One transaction, so every SELECT of `query` sees the same committed state.
+        with db.atomic():
+            return query(db)
+
+    def _reader_db(self) -> Database:
+        db: Database | None = getattr(self._reader_local, "db", None)
+        if db is None:
+            uri = f"{self._path.resolve().as_uri()}?mode=ro"
+            # check_same_thread=False only so close() can close it once the pool has stopped.
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            db = Database(conn)
+            self._reader_local.db = db
+            with self._reader_dbs_lock:
+                self._reader_dbs.append(db)
+        return db
+
+    # The writer thread
+
+    def _run_writer(self, started: concurrent.futures.Future[None]) -> None:
+        try:
+            db = self._open_writer()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        try:
+            while True:
+                batch, stop = self._take_batch()
+                if batch:
+                    self._commit_batch(db, batch)
+                if stop:
+                    return
+        finally:
+            db.close()
+
+    def _open_writer(self) -> Database:
+        conn = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            db = Database(conn)
+            db.enable_wal()
+            # FULL: in WAL mode NORMAL may lose the last commits on power loss, and an
+            # acknowledged write must not be lost.
+            conn.execute("PRAGMA synchronous = FULL")
+            migrate(db)
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def _take_batch(self) -> tuple[list[_Append | _Touch], bool]:
+        """Block for one job, then take whatever else is already queued, up to `batch_max`."""
+        job = self._queue.get()
+        batch: list[_Append | _Touch] = []
+        while not isinstance(job, _Stop):
+            batch.append(job)
+            if len(batch) >= self._batch_max:
+                return batch, False
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _commit_batch(self, db: Database, batch: list[_Append | _Touch]) -> None:
+        appends = [job for job in batch if isinstance(job, _Append)]
+        results: list[Committed] = []
+        to_compact: set[str] = set()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            # Read under the write lock rather than cached: another process may have written.
+            ((seq,),) = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchall()
+            for job in batch:
+                if isinstance(job, _Touch):
+                    _write_device(db, job)
+                    continue
+                seq += 1
+                committed, log_count, log_bytes = _write_update(db, job, seq)
+                results.append(committed)
+                if (
+                    log_count >= self._compact_after_updates
+                    or log_bytes >= self._compact_after_bytes
+                ):
+                    to_compact.add(job.write.doc)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (seq,))
+            db.execute("COMMIT")
+        except Exception as exc:
+            db.rollback()
+            _log.warning("rolled back a batch of %d writes", len(appends), exc_info=exc)
+            self._to_loop(_fail, [job.future for job in appends], exc)
+            return
+        self._commits += 1
+        self._to_loop(_resolve, [job.future for job in appends], results)
+        for doc in sorted(to_compact):
+            self._compact(db, doc)
+
+    def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        """One hop to the event loop per batch, however many futures it settles."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            _log.warning("event loop closed; %s not delivered", callback.__name__)
+
+    def _compact(self, db: Database, doc: str) -> None:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            snapshot = db.execute("SELECT data FROM snapshots WHERE doc = ?", (doc,)).fetchone()
+            rows = db.execute(
+                "SELECT seq, data FROM updates WHERE doc = ? ORDER BY seq", (doc,)
+            ).fetchall()
+            if rows:
+                upto = rows[-1][0]
+                parts = ([snapshot[0]] if snapshot else []) + [data for _, data in rows]
+                db.execute(
+                    """INSERT INTO snapshots (doc, data, upto_seq) VALUES (?, ?, ?)
+                    ON CONFLICT (doc) DO UPDATE SET
+                        data = excluded.data, upto_seq = excluded.upto_seq""",
+                    (doc, _merge(parts), upto),
+                )
+                db.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (doc, upto))
+            db.execute("UPDATE doc_index SET log_count = 0, log_bytes = 0 WHERE doc = ?", (doc,))
+            db.execute("COMMIT")
+        except Exception:
+            db.rollback()
+            # Nothing is lost: the log stays, and the next write to the document tries again.
+            _log.exception("compacting %s failed", doc)
+            return
+        self._commits += 1
+
+
+# Run in the writer thread, inside its transaction.
+
+
+def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int, int]:
+    """Log the update and project it into `doc_index`; return the commit and the log's size."""
+    write = job.write
+    before = _index(db, write.doc)
+    after = write.index or before or _new_index(write.doc)
+    db.execute(
+        "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, write.doc, write.data, write.origin, write.actor, job.at),
+    )
+    ((log_count, log_bytes),) = db.execute(
+        _UPSERT_INDEX,
+        {**{c: getattr(after, c) for c in _INDEX_COLUMNS}, "seq": seq, "bytes": len(write.data)},
+    ).fetchall()
+    return Committed(seq, _move_scope(db, seq, before, after)), log_count, log_bytes
+
+
+def _new_index(doc: str) -> DocIndex:
+    """The index of a document first written without one: its type is its id's prefix."""
+    kind = doc.partition(":")[0]
+    return DocIndex(doc, kind, doc if kind == "wo" else None)
+
+
+def _move_scope(
+    db: Database, seq: int, before: DocIndex | None, after: DocIndex
+) -> ScopeChange | None:
+    if after.type != "wo":
+        return None
+    if before is not None:
+        if _scope(before) == _scope(after):
+            return None
+        db.execute(
+            "INSERT INTO scope_history (seq, doc, assignee, team, region) VALUES (?, ?, ?, ?, ?)",
+            (seq, before.doc, *_scope(before)),
+        )
+    # The forms move with their work order: their feed position jumps to this seq, so a reader
+    # whose scope now includes the work order receives forms that did not change themselves.
+    forms = db.execute(
+        "UPDATE doc_index SET seq = ? WHERE wo = ? AND doc <> wo RETURNING doc", (seq, after.doc)
+    ).fetchall()
+    return ScopeChange(after.doc, before, after, tuple(sorted(form for (form,) in forms)))
+
+
+def _scope(index: DocIndex) -> tuple[str | None, str | None, str | None]:
+    return index.assignee, index.team, index.region
+
+
+def _write_device(db: Database, job: _Touch) -> None:
+    seen = job.seen
+    db.execute(
+        """INSERT INTO devices (device_id, subject, platform, version, last_seen, last_seq)
+        VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (device_id) DO UPDATE SET
+            subject = excluded.subject, platform = excluded.platform,
+            version = excluded.version, last_seen = excluded.last_seen,
+            last_seq = excluded.last_seq""",
+        (seen.device_id, seen.subject, seen.platform, seen.version, job.at, seen.last_seq),
+    )
+
+
+def _merge(parts: list[bytes]) -> bytes:
+    """The snapshot holding `parts`: the state of a document built from them, plus any structs
+    still waiting for an update that has not arrived.
+
+    Yrs leaves such structs out of `get_update()`; dropping them would lose those edits for good
+    when the missing update arrives later, so they are kept beside the state."""
+    ydoc: pycrdt.Doc = pycrdt.Doc()
+    for part in parts:
+        ydoc.apply_update(part)
+    state = ydoc.get_update()
+    pending = pycrdt.get_update(pycrdt.merge_updates(*parts), ydoc.get_state())
+    # A v1 update starts with its count of clients with structs: 0 means only a delete set.
+    return pycrdt.merge_updates(state, pending) if pending[0] else state
+
+
+# Run in a reader thread, inside one read transaction.
+
+
+def _index(db: Database, doc: str) -> DocIndex | None:
+    row = db.execute(_SELECT_INDEX, (doc,)).fetchone()
+    return DocIndex(*row) if row else None
+
+
+def _scope_index(db: Database, doc: str) -> DocIndex | None:
+    index = _index(db, doc)
+    if index is None or index.wo is None:
+        return None
+    return index if index.wo == doc else _index(db, index.wo)
+
+
+def _load(db: Database, doc: str) -> StoredDoc | None:
+    index = _index(db, doc)
+    if index is None:
+        return None
+    ((last_seq,),) = db.execute("SELECT last_seq FROM doc_index WHERE doc = ?", (doc,)).fetchall()
+    snapshot = db.execute("SELECT data, upto_seq FROM snapshots WHERE doc = ?", (doc,)).fetchone()
+    data, upto = snapshot if snapshot else (None, 0)
+    updates = db.execute(
+        "SELECT data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (doc, upto)
+    )
+    return StoredDoc(data, [update for (update,) in updates], last_seq, index)
+
+
+def _head(db: Database) -> int:
+    ((seq,),) = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchall()
+    return int(seq)
+
+
+def _counts(db: Database) -> dict[str, int]:
+    return {
+        "docs": db["doc_index"].count,
+        "updates": db["updates"].count,
+        "snapshots": db["snapshots"].count,
+        "devices": db["devices"].count,
+        "head": _head(db),
+    }
+
+
+def _changes(db: Database, scope: ScopeFilter, since: int, limit: int) -> ChangesPage:
+    head = max(_head(db), since)
+    if scope.kind is ScopeKind.NONE:
+        return ChangesPage(since, head, [])
+
+    def changed(after: int, upto: int, limit: int) -> list[ChangedDoc]:
+        sql = _CHANGED_ALL if scope.kind is ScopeKind.ALL else _CHANGED_IN_SCOPE[scope.kind]
+        params = {"value": scope.value, "since": after, "upto": upto, "limit": limit}
+        return [ChangedDoc(*row) for row in db.execute(sql, params)]
+
+    docs = changed(since, head, limit + 1)
+    more = len(docs) > limit
+    if more:
+        # A work order's forms share the seq of its scope change, and `upto` is a bare seq: a
+        # page must not end inside such a group, or the next page would skip the rest of it.
+        cut = docs[limit].seq
+        docs = [doc for doc in docs[:limit] if doc.seq < cut]
+        if not docs:
+            docs = changed(cut - 1, cut, -1)
+            more = bool(changed(cut, head, 1))
+    upto = docs[-1].seq if more else head
+    return ChangesPage(since, upto, docs, _removed(db, scope, since, upto), more)
+
+
+def _removed(db: Database, scope: ScopeFilter, since: int, upto: int) -> list[str]:
+    if scope.kind is ScopeKind.ALL or scope.kind is ScopeKind.NONE:
+        return []
+    params = {"value": scope.value, "since": since, "upto": upto}
+    return [doc for (doc,) in db.execute(_REMOVED_FROM_SCOPE[scope.kind], params)]
+
+
+def _resolve(futures: Iterable[asyncio.Future[Committed]], results: list[Committed]) -> None:
+    for future, result in zip(futures, results, strict=True):
+        if not future.done():  # the caller may have cancelled it; the write stands anyway
+            future.set_result(result)
+
+
+def _fail(futures: Iterable[asyncio.Future[Committed]], cause: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            error = StorageError("the transaction holding this write was rolled back")
+            error.__cause__ = cause
+            future.set_exception(error)

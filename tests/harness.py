@@ -1,0 +1,118 @@
+"""A real fieldsync server on loopback with a development OpenID issuer, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pycrdt import Doc
+
+from fieldsync import documents
+from fieldsync.app import AccessLogger, create_app
+from fieldsync.auth import DevIssuer, DevUser
+from fieldsync.client import Client
+from fieldsync.config import Settings
+
+USERS = {
+    u.subject: u
+    for u in (
+        DevUser("ada", ("admin",), None, None, "Ada Admin"),
+        DevUser("mia", ("manager",), None, "east", "Mia Manager"),
+        DevUser("sam", ("supervisor",), "north", "east", "Sam Supervisor"),
+        DevUser("sue", ("supervisor",), "south", "west", "Sue Supervisor"),
+        DevUser("tina", ("technician",), "north", "east", "Tina Tech"),
+        DevUser("tom", ("technician",), "north", "east", "Tom Tech"),
+        DevUser("ulla", ("technician",), "south", "west", "Ulla Tech"),
+        DevUser("nobody", (), None, None, "No Roles"),
+    )
+}
+
+
+@dataclass
+class Server:
+    url: str
+    app: web.Application
+    issuer: DevIssuer
+    data_dir: Path
+
+    @property
+    def sync_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/v1/sync"
+
+    def yws_url(self, doc_id: str) -> str:
+        return self.url.replace("http", "ws", 1) + f"/v1/yws/{doc_id}"
+
+    def token(self, subject: str, **kwargs: Any) -> str:
+        return self.issuer.issue(subject, **kwargs)
+
+    def client(self, subject: str, path: Path | None = None, **kwargs: Any) -> Client:
+        return Client(self.sync_url, self.token(subject), path=path, **kwargs)
+
+
+@asynccontextmanager
+async def running_issuer() -> AsyncIterator[DevIssuer]:
+    issuer = DevIssuer(USERS)
+    await issuer.start()
+    try:
+        yield issuer
+    finally:
+        await issuer.stop()
+
+
+@asynccontextmanager
+async def running_server(
+    data_dir: Path, issuer: DevIssuer, **settings: Any
+) -> AsyncIterator[Server]:
+    config = Settings.load(
+        environ={}, data_dir=str(data_dir), oidc_issuer=issuer.issuer, port=0, **settings
+    )
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app, issuer, data_dir)
+    finally:
+        await runner.cleanup()
+
+
+def work_order(
+    doc_id: str,
+    *,
+    assignee: str | None = "tina",
+    team: str = "north",
+    region: str = "east",
+    status: str = "assigned",
+    **fields: Any,
+) -> Doc:
+    doc: Doc = Doc()
+    documents.work_order.write(
+        doc,
+        {
+            "number": doc_id.split(":", 1)[1],
+            "title": f"Inspect pump {doc_id}",
+            "assignee": assignee,
+            "team": team,
+            "region": region,
+            "status": status,
+            **fields,
+        },
+        [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
+        "",
+    )
+    return doc
+
+
+async def eventually(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds, checking on every loop turn (an event-driven wait for
+    state that has no event of its own)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
