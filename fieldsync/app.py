@@ -46,6 +46,8 @@ def limits_from(settings: Settings) -> Limits:
         max_doc_bytes=settings.max_doc_bytes,
         rate=settings.rate,
         burst=settings.burst,
+        auth_timeout=settings.auth_timeout,
+        changes_page=settings.changes_page,
     )
 
 

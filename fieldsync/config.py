@@ -97,6 +97,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_doc_bytes", 16 << 20, _positive_int, "largest stored document (bytes)"),
     Setting("rate", 5000.0, _positive_float, "messages per second per connection"),
     Setting("burst", 20000.0, _positive_float, "message burst allowed per connection"),
+    Setting("auth_timeout", 10.0, _positive_float, "seconds a socket may take to authenticate"),
+    Setting("changes_page", 500, _positive_int, "documents per `changes` page"),
     Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),
     Setting("max_rooms", 10000, _positive_int, "documents kept in memory at most"),
     Setting("compact_after", 500, _positive_int, "log rows per document before compaction"),

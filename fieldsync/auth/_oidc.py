@@ -346,6 +346,8 @@ class TokenVerifier:
             key, known = self._find(kid, alg)
         if not known:
             _reauthenticate("token signing key unknown")
+        if key is None and kid is None:
+            _reauthenticate("token names no key and several fit its algorithm")
         if key is None:
             _reauthenticate("token signing key does not fit its algorithm")
         return key

@@ -63,5 +63,6 @@ def may_create(principal: Principal, doc_type: str, scope_index: DocIndex | None
         creators = {Role.SUPERVISOR, Role.MANAGER, Role.ADMIN}
         return bool(principal.roles & creators) and in_scope(scope, scope_index)
     if doc_type == "form":
-        return in_scope(scope, scope_index)
+        # A form belongs to a work order that exists, whoever creates it.
+        return scope_index is not None and in_scope(scope, scope_index)
     return False

@@ -1,0 +1,342 @@
+"""The `fieldsync.v1` protocol as a device sees it: acks after commit, the changes feed, scopes,
+awareness, and the close codes of DESIGN.md §3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Map, Text, get_state
+
+from fieldsync.app import STORE
+from fieldsync.auth import DevIssuer
+from fieldsync.errors import CloseCode
+from fieldsync.replication import Control, DocMessage, SyncStep, decode_state_vector
+from fieldsync.replication._codec import YMessage, write_varbytes
+from tests.harness import Server, eventually, running_server, work_order
+from tests.wire import Wire, connect
+
+
+async def create(server: Server, subject: str, doc: Doc, doc_id: str) -> dict:
+    async with connect(server.sync_url, server.token(subject)) as wire:
+        await wire.hello()
+        await wire.update(doc_id, doc.get_update())
+        return await wire.control("ack", doc=doc_id)
+
+
+# --- acks --------------------------------------------------------------------------------
+
+
+async def test_ack_comes_after_commit_with_the_durable_clock(server: Server) -> None:
+    doc = work_order("wo:1")
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:1", doc.get_update())
+        ack = await wire.control("ack", doc="wo:1")
+        # The ack is only sent once the update is committed: a fresh read of the store sees it.
+        stored = await server.app[STORE].load("wo:1")
+        assert stored is not None and stored.seq == ack["seq"]
+        expected = decode_state_vector(doc.get_state())
+        assert ack["clock"] == {str(k): v for k, v in expected.items()}
+
+
+async def test_a_resent_update_is_acked_and_not_stored_twice(server: Server) -> None:
+    doc = work_order("wo:2")
+    update = doc.get_update()
+    store = server.app[STORE]
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:2", update)
+        first = await wire.control("ack", doc="wo:2")
+        before = await store.stats()
+        await wire.update("wo:2", update)
+        again = await wire.control("ack", doc="wo:2")
+    assert again["seq"] == first["seq"]
+    assert again["clock"] == first["clock"]
+    assert (await store.stats())["updates"] == before["updates"]
+
+
+async def test_ack_clock_covers_only_what_is_durable_when_updates_pipeline(server: Server) -> None:
+    doc = work_order("wo:3")
+    fields = doc.get("fields", type=Map)
+    updates = [doc.get_update()]
+    for i in range(50):
+        state = doc.get_state()
+        fields[f"k{i}"] = i
+        updates.append(doc.get_update(state))
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        for update in updates:
+            await wire.update("wo:3", update)
+        acks = [await wire.control("ack", doc="wo:3") for _ in updates]
+    seqs = [ack["seq"] for ack in acks]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    for update, ack in zip(updates, acks, strict=True):
+        for client, clock in decode_state_vector(get_state(update)).items():
+            assert ack["clock"][str(client)] >= clock
+
+
+# --- the changes feed --------------------------------------------------------------------
+
+
+async def test_changes_pages_list_every_document_in_scope_once(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    async with running_server(tmp_path, issuer, changes_page=4) as server:
+        for n in range(11):
+            await create(server, "sam", work_order(f"wo:{n}"), f"wo:{n}")
+        await create(server, "sue", work_order("wo:s1", team="south", region="west"), "wo:s1")
+        async with connect(server.sync_url, server.token("sam")) as wire:
+            welcome = await wire.hello()
+            pages = []
+            while not pages or pages[-1]["more"]:
+                pages.append(await wire.control("changes"))
+    assert [len(p["docs"]) for p in pages] == [4, 4, 3]
+    ids = [d["id"] for p in pages for d in p["docs"]]
+    assert sorted(ids) == sorted(f"wo:{n}" for n in range(11))
+    for earlier, later in zip(pages, pages[1:], strict=False):
+        assert later["since"] == earlier["upto"]
+    assert pages[-1]["upto"] == welcome["server_seq"]
+
+
+async def test_changes_since_lists_only_what_changed_after(server: Server) -> None:
+    first = await create(server, "sam", work_order("wo:a"), "wo:a")
+    await create(server, "sam", work_order("wo:b"), "wo:b")
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello(since=first["seq"])
+        page = await wire.control("changes")
+    assert [d["id"] for d in page["docs"]] == ["wo:b"]
+
+
+@pytest.mark.parametrize(
+    ("subject", "visible"),
+    [
+        ("tina", {"wo:t1"}),
+        ("tom", {"wo:t2"}),
+        ("ulla", {"wo:u1"}),
+        ("sam", {"wo:t1", "wo:t2"}),
+        ("mia", {"wo:t1", "wo:t2"}),
+        ("ada", {"wo:t1", "wo:t2", "wo:u1"}),
+        ("nobody", set()),
+    ],
+)
+async def test_scope_decides_what_a_principal_sees(
+    server: Server, subject: str, visible: set[str]
+) -> None:
+    await create(server, "sam", work_order("wo:t1", assignee="tina"), "wo:t1")
+    await create(server, "sam", work_order("wo:t2", assignee="tom"), "wo:t2")
+    await create(
+        server, "sue", work_order("wo:u1", assignee="ulla", team="south", region="west"), "wo:u1"
+    )
+    async with connect(server.sync_url, server.token(subject)) as wire:
+        await wire.hello()
+        page = await wire.control("changes")
+        assert {d["id"] for d in page["docs"]} == visible
+        for doc_id in ("wo:t1", "wo:t2", "wo:u1"):
+            await wire.step1(doc_id)
+            if doc_id in visible:
+                assert await wire.doc_message(doc_id, SyncStep.STEP2)
+            else:
+                error = await wire.control("error", doc=doc_id)
+                assert error["code"] == "forbidden"
+        # Not one byte of a document outside the scope.
+        assert {doc for doc, _ in wire.docs} <= visible
+
+
+async def test_forms_follow_their_work_order(server: Server) -> None:
+    await create(server, "sam", work_order("wo:f1", assignee="tina"), "wo:f1")
+    form = Doc()
+    from fieldsync import documents
+
+    documents.form.write(form, "wo:f1", "safety-check", 1, {"gloves": True})
+    ack = await create(server, "tina", form, "form:f1")
+    assert ack["seq"] > 0
+    other = Doc()
+    documents.form.write(other, "wo:f1", "safety-check", 1, {"gloves": True})
+    async with connect(server.sync_url, server.token("ulla")) as wire:
+        await wire.hello()
+        await wire.update("form:f2", other.get_update())
+        error = await wire.control("error", doc="form:f2")
+        assert error["code"] == "forbidden"
+        await wire.control("reset", doc="form:f2")
+    assert await server.app[STORE].index("form:f2") is None
+
+
+async def test_technicians_cannot_create_work_orders(server: Server) -> None:
+    async with connect(server.sync_url, server.token("tina")) as wire:
+        await wire.hello()
+        await wire.update("wo:x", work_order("wo:x").get_update())
+        assert (await wire.control("error", doc="wo:x"))["code"] == "forbidden"
+    assert await server.app[STORE].index("wo:x") is None
+
+
+async def test_reassignment_moves_the_work_order_between_devices(server: Server) -> None:
+    await create(server, "sam", work_order("wo:r", assignee="tina"), "wo:r")
+    async with (
+        connect(server.sync_url, server.token("tina")) as tina,
+        connect(server.sync_url, server.token("tom")) as tom,
+        connect(server.sync_url, server.token("sam")) as sam,
+    ):
+        for wire in (tina, tom, sam):
+            await wire.hello()
+        await tina.step1("wo:r")
+        state = await tina.doc_message("wo:r", SyncStep.STEP2)
+        await sam.step1("wo:r")
+        sam_doc = Doc()
+        sam_doc.apply_update(await sam.doc_message("wo:r", SyncStep.STEP2))
+        before = sam_doc.get_state()
+        sam_doc.get("fields", type=Map)["assignee"] = "tom"
+        await sam.update("wo:r", sam_doc.get_update(before))
+        assert (await tina.control("scope"))["removed"] == ["wo:r"]
+        assert (await tom.control("scope"))["added"] == ["wo:r"]
+        # The old assignee's later edits are refused and never stored.
+        tina_doc = Doc()
+        tina_doc.apply_update(state)
+        before = tina_doc.get_state()
+        tina_doc.get("notes", type=Text).insert(0, "late edit")
+        await tina.update("wo:r", tina_doc.get_update(before))
+        assert (await tina.control("error", doc="wo:r"))["code"] == "forbidden"
+    server_doc = Doc()
+    stored = await server.app[STORE].load("wo:r")
+    assert stored is not None
+    for update in stored.updates:
+        server_doc.apply_update(update)
+    assert str(server_doc.get("notes", type=Text)) == ""
+
+
+async def test_awareness_is_relayed_and_never_stored(server: Server) -> None:
+    await create(server, "sam", work_order("wo:aw", assignee="tina"), "wo:aw")
+    store = server.app[STORE]
+    before = (await store.stats())["updates"]
+    awareness = bytes([YMessage.AWARENESS]) + write_varbytes(b"\x01\x07\x01\x02{}")
+    async with (
+        connect(server.sync_url, server.token("tina")) as tina,
+        connect(server.sync_url, server.token("sam")) as sam,
+    ):
+        for wire in (tina, sam):
+            await wire.hello()
+            await wire.step1("wo:aw")
+            await wire.doc_message("wo:aw", SyncStep.STEP2)
+        await tina.send(DocMessage("wo:aw", awareness))
+        await eventually(lambda: any(doc == "wo:aw" and y for doc, y in sam.docs))
+    assert (await store.stats())["updates"] == before
+
+
+# --- close codes -------------------------------------------------------------------------
+
+
+async def test_invalid_token_closes_4401_reauthenticate(server: Server) -> None:
+    async with connect(server.sync_url, "not-a-token") as wire:
+        assert await wire.closed_with() == (CloseCode.UNAUTHORIZED, "reauthenticate")
+
+
+async def test_expired_token_closes_4401_token_expired(server: Server) -> None:
+    token = server.token("tina", ttl=-300)
+    async with connect(server.sync_url, token) as wire:
+        assert await wire.closed_with() == (CloseCode.UNAUTHORIZED, "token_expired")
+
+
+async def test_token_expiring_on_an_open_socket(server: Server) -> None:
+    async with connect(server.sync_url, server.token("tina", ttl=2)) as wire:
+        welcome = await wire.hello()
+        notice = await wire.control("auth_expiring")
+        assert notice["at"] == welcome["token_expires_at"]
+        assert await wire.closed_with(timeout=5) == (CloseCode.UNAUTHORIZED, "token_expired")
+
+
+async def test_in_band_renewal_keeps_the_socket_and_another_subject_is_refused(
+    server: Server,
+) -> None:
+    async with connect(server.sync_url, server.token("tina", ttl=2)) as wire:
+        await wire.hello()
+        await wire.send(Control({"type": "auth", "token": server.token("tina")}))
+        await wire.control("changes")
+        await wire.send(Control({"type": "auth", "token": server.token("tom")}))
+        assert await wire.closed_with() == (CloseCode.UNAUTHORIZED, "reauthenticate")
+
+
+async def test_browser_token_in_first_message(server: Server) -> None:
+    async with connect(server.sync_url, None) as wire:
+        await wire.send(
+            Control({"type": "hello", "client": {}, "since": 0, "token": server.token("tina")})
+        )
+        assert (await wire.control("welcome"))["server_seq"] == 0
+
+
+async def test_no_authentication_in_time_closes_4408(tmp_path: Path, issuer: DevIssuer) -> None:
+    async with (
+        running_server(tmp_path, issuer, auth_timeout=0.3) as server,
+        connect(server.sync_url, None) as wire,
+    ):
+        assert await wire.closed_with() == (CloseCode.AUTH_TIMEOUT, "auth_timeout")
+
+
+async def test_old_client_closes_4426(tmp_path: Path, issuer: DevIssuer) -> None:
+    async with (
+        running_server(tmp_path, issuer, min_client_versions={"ios": "2.4.0"}) as server,
+        connect(server.sync_url, server.token("tina")) as wire,
+    ):
+        await wire.send(
+            Control({"type": "hello", "client": {"platform": "ios", "version": "2.3.9"}})
+        )
+        assert await wire.closed_with() == (CloseCode.UPGRADE_REQUIRED, "client_upgrade_required")
+
+
+async def test_frame_over_the_limit_closes_4413(tmp_path: Path, issuer: DevIssuer) -> None:
+    async with (
+        running_server(tmp_path, issuer, max_frame=1024) as server,
+        connect(server.sync_url, server.token("tina")) as wire,
+    ):
+        await wire.hello()
+        await wire.send_raw(b"\x00" + b"\x01" * 1100)
+        code, _ = await wire.closed_with()
+        assert code == CloseCode.FRAME_TOO_LARGE
+
+
+async def test_flooding_closes_4429(tmp_path: Path, issuer: DevIssuer) -> None:
+    async with (
+        running_server(tmp_path, issuer, rate=10.0, burst=20.0) as server,
+        connect(server.sync_url, server.token("tina")) as wire,
+    ):
+        await wire.hello()
+        for _ in range(40):
+            if wire.closed:
+                break
+            await wire.send(Control({"type": "ping"}))
+        assert await wire.closed_with() == (CloseCode.RATE_LIMITED, "rate_limited")
+
+
+async def test_garbage_closes_4400_and_others_keep_syncing(server: Server) -> None:
+    await create(server, "sam", work_order("wo:g", assignee="tina"), "wo:g")
+    async with (
+        connect(server.sync_url, server.token("tina")) as bad,
+        connect(server.sync_url, server.token("sam")) as good,
+    ):
+        await bad.hello()
+        await good.hello()
+        await bad.send_raw(b"\x00\x07garbage")
+        assert (await bad.closed_with())[0] == CloseCode.PROTOCOL_ERROR
+        doc = work_order("wo:g2")
+        await good.update("wo:g2", doc.get_update())
+        assert (await good.control("ack", doc="wo:g2"))["seq"] > 0
+
+
+async def test_a_bad_update_gets_an_error_and_the_connection_lives(server: Server) -> None:
+    await create(server, "sam", work_order("wo:bad", assignee="tina"), "wo:bad")
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:bad", b"\x01\x02\x03garbage")
+        assert (await wire.control("error", doc="wo:bad"))["code"] == "invalid_update"
+        await wire.send(DocMessage("not a doc id", b"\x00\x00\x01\x00"))
+        assert (await wire.control("error"))["code"] == "invalid_doc_id"
+        await wire.step1("wo:bad")
+        assert await wire.doc_message("wo:bad", SyncStep.STEP2)
+
+
+async def test_draining_closes_4503(tmp_path: Path, issuer: DevIssuer) -> None:
+    async with running_server(tmp_path, issuer) as server:
+        wire_cm = connect(server.sync_url, server.token("tina"))
+        wire: Wire = await wire_cm.__aenter__()
+        await wire.hello()
+    assert await wire.closed_with() == (CloseCode.DRAINING, "draining")
+    await wire_cm.__aexit__(None, None, None)

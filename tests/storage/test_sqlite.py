@@ -1,0 +1,139 @@
+"""What only the SQLite backend promises: its file, its schema migrations, its group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import pycrdt
+import pytest
+from sqlite_utils import Database
+
+from fieldsync.storage import DeviceSeen, DocIndex, SQLiteStore, StorageError, Write
+from fieldsync.storage._migrations import MIGRATIONS, Migration, migrate
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "fieldsync.db"
+
+
+@pytest.fixture
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection to the store's file, opened lazily by the test."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    yield conn
+    conn.close()
+
+
+def update(text: str) -> bytes:
+    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc.get("body", type=pycrdt.Text).insert(0, text)
+    return ydoc.get_update()
+
+
+async def test_migrations_are_applied_once_and_recorded(
+    path: Path, raw: sqlite3.Connection
+) -> None:
+    for _ in range(2):
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    recorded = raw.execute("SELECT version, description FROM schema_migrations").fetchall()
+    assert recorded == [(m.version, m.description) for m in MIGRATIONS]
+    assert migrate(Database(raw)) == []
+
+
+def test_migrations_are_numbered_from_one_without_gaps() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_a_failing_migration_leaves_nothing_behind(raw: sqlite3.Connection) -> None:
+    def add_column(db: Database) -> None:
+        db["things"].add_column("colour", str)
+
+    migrations = [
+        Migration(1, "things", ("CREATE TABLE things (id INTEGER PRIMARY KEY)",)),
+        Migration(2, "things have a colour", add_column),
+        Migration(3, "broken", ("CREATE TABLE half (id)", "NOT SQL")),
+    ]
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(Database(raw), migrations)
+    assert raw.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
+    tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
+    assert "things" in tables and "half" not in tables
+    assert "colour" in {row[1] for row in raw.execute("PRAGMA table_info(things)")}
+    assert migrate(Database(raw), migrations[:2]) == []
+
+
+async def test_a_database_from_a_newer_version_is_refused(
+    path: Path, raw: sqlite3.Connection
+) -> None:
+    migrate(Database(raw))
+    raw.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
+    store = SQLiteStore(path)
+    with pytest.raises(StorageError) as failure:
+        await store.open()
+    assert isinstance(failure.value.__cause__, ValueError)
+
+
+async def test_an_unusable_path_fails_open(tmp_path: Path) -> None:
+    with pytest.raises(StorageError):
+        await SQLiteStore(tmp_path).open()
+
+
+def test_the_index_table_has_a_column_for_every_index_field(raw: sqlite3.Connection) -> None:
+    migrate(Database(raw))
+    columns = {row[1] for row in raw.execute("PRAGMA table_info(doc_index)")}
+    assert {f.name for f in fields(DocIndex)} <= columns
+
+
+async def test_the_file_is_sound_after_compaction_and_reassignment(
+    path: Path, raw: sqlite3.Connection
+) -> None:
+    store = SQLiteStore(path, compact_after_updates=5)
+    await store.open()
+    for i in range(40):
+        who = ("u-tom", "u-sue")[i % 2]
+        store.append(Write("wo:1", update(str(i)), "server", "rules", DocIndex("wo:1", "wo", "wo:1", who)))
+        store.append(Write(f"form:{i % 3}", update(str(i)), "server", "rules", DocIndex(f"form:{i % 3}", "form", "wo:1")))
+    await store.append(Write("wo:2", update("x"), "server", "rules"))
+    await store.close()
+
+    assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert raw.execute("SELECT count(*) FROM snapshots").fetchone() == (4,)
+    assert raw.execute("SELECT count(*) FROM scope_history").fetchone() == (39,)
+
+
+async def test_batch_max_bounds_a_transaction(path: Path) -> None:
+    store = SQLiteStore(path, batch_max=4)
+    await store.open()
+    writes = [Write(f"wo:{i}", update("x"), "server", "rules") for i in range(40)]
+    await asyncio.gather(*map(store.append, writes))
+    assert (await store.stats())["commits"] >= 10
+    await store.close()
+
+
+async def test_a_device_row_holds_its_last_contact(path: Path, raw: sqlite3.Connection) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    store.touch_device(DeviceSeen("d-1", "u-tom", "android", "1.4.0", 3))
+    store.touch_device(DeviceSeen("d-1", "u-tom", "android", "1.5.0", 9))
+    await store.close()  # queued touches are written before close returns
+    row = raw.execute("SELECT subject, platform, version, last_seq, last_seen FROM devices")
+    subject, platform, version, last_seq, last_seen = row.fetchone()
+    assert (subject, platform, version, last_seq) == ("u-tom", "android", "1.5.0", 9)
+    assert last_seen > 0
+
+
+async def test_an_update_row_keeps_its_origin_and_actor(path: Path, raw: sqlite3.Connection) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    committed = await store.append(Write("wo:1", update("x"), "device:d-1", "u-tom"))
+    await store.close()
+    row = raw.execute("SELECT seq, doc, origin, actor FROM updates").fetchone()
+    assert row == (committed.seq, "wo:1", "device:d-1", "u-tom")

@@ -1,0 +1,140 @@
+"""A bare `fieldsync.v1` connection for tests that speak the protocol message by message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import zstandard
+
+from fieldsync.replication import (
+    Control,
+    DocMessage,
+    SyncStep,
+    YSync,
+    decode_frame,
+    decode_y,
+    encode_body,
+    encode_frame,
+    encode_sync,
+)
+
+
+class Wire:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.controls: list[dict[str, Any]] = []
+        self.docs: list[tuple[str, Any]] = []
+        self._arrived = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message.type is aiohttp.WSMsgType.BINARY:
+                for item in decode_frame(message.data, max_frame=1 << 30, max_body=1 << 30):
+                    if isinstance(item, Control):
+                        self.controls.append(item.body)
+                    else:
+                        self.docs.append((item.doc, decode_y(item.message)))
+            elif message.type is aiohttp.WSMsgType.CLOSE:
+                self.close_code = message.data
+                self.close_reason = str(message.extra or "")
+            if message.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                if self.close_code is None:
+                    self.close_code = self.ws.close_code
+                async with self._arrived:
+                    self._arrived.notify_all()
+                return
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    async def send(self, *messages: Control | DocMessage, compress: bool = False) -> None:
+        bodies = [encode_body(m) for m in messages]
+        compressor = zstandard.ZstdCompressor() if compress else None
+        await self.ws.send_bytes(encode_frame(bodies, compressor=compressor, compress_above=0))
+
+    async def send_raw(self, frame: bytes) -> None:
+        await self.ws.send_bytes(frame)
+
+    async def hello(self, since: int = 0, **client: Any) -> dict[str, Any]:
+        info = {"platform": "test", "version": "1.0.0", "device_id": "wire", **client}
+        await self.send(Control({"type": "hello", "client": info, "since": since, "caps": []}))
+        return await self.control("welcome")
+
+    async def step1(self, doc_id: str, state_vector: bytes = b"\x00") -> None:
+        await self.send(DocMessage(doc_id, encode_sync(SyncStep.STEP1, state_vector)))
+
+    async def update(self, doc_id: str, update: bytes) -> None:
+        await self.send(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, update)))
+
+    async def _take(self, pool: list[Any], matches: Any, what: str, timeout: float) -> Any:
+        """Remove and return the first item of `pool` that `matches`, waiting for it."""
+        taken: list[Any] = []
+
+        def ready() -> bool:
+            for i, item in enumerate(pool):
+                if matches(item):
+                    taken.append(pool.pop(i))
+                    return True
+            return self.closed
+
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(ready)
+        if not taken:
+            raise AssertionError(f"closed ({self.close_code} {self.close_reason}) before {what}")
+        return taken[0]
+
+    async def control(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The first control message of `kind` (with fields equal to `match`) not yet taken."""
+        return await self._take(
+            self.controls,
+            lambda body: (
+                body.get("type") == kind and all(body.get(k) == v for k, v in match.items())
+            ),
+            kind,
+            timeout,
+        )
+
+    async def doc_message(self, doc_id: str, step: SyncStep, timeout: float = 10.0) -> bytes:
+        """The payload of the first y-protocols sync message of `step` about `doc_id`."""
+        item = await self._take(
+            self.docs,
+            lambda item: item[0] == doc_id and isinstance(item[1], YSync) and item[1].step is step,
+            f"{step.name} of {doc_id}",
+            timeout,
+        )
+        return item[1].payload
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    async def closed_with(self, timeout: float = 10.0) -> tuple[int | None, str]:
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: self.closed)
+        return self.close_code, self.close_reason
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None) -> AsyncIterator[Wire]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+        wire = Wire(ws)
+        try:
+            yield wire
+        finally:
+            await wire.close()
