@@ -313,7 +313,7 @@ class TokenVerifier:
             claims = self._jwt.decode(token, key.key, claims_options=self._claims_options)
         except BadSignatureError:
             _reauthenticate("token signature invalid")
-        except (JoseError, ValueError, TypeError):
+        except (JoseError, ValueError, TypeError, RecursionError):
             _reauthenticate("token malformed")
         if dict(claims.header) != header:
             # The key was chosen from our own reading of the header; authlib must have read the
@@ -434,7 +434,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
     segment = token.partition(".")[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested too deep
         _reauthenticate("token header malformed")
     if not isinstance(header, dict):
         _reauthenticate("token header malformed")

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import zstandard
-from pycrdt import Doc, TransactionEvent, get_state
+from pycrdt import Doc, TransactionEvent
 
 from fieldsync import __version__
 from fieldsync.client._local import LocalStore
@@ -128,6 +128,8 @@ class Client:
         self._catching_up: dict[str, None] | None = None
         self._catch_up_to = self.since
         self._changed: list[tuple[str, bytes, bool]] = []
+        self._seen: dict[str, dict[int, int]] = {}  # state vector at the last flush, per doc
+        self._durable: dict[str, dict[int, int]] = {}  # what the server holds durably, per doc
         self._more_changes = False
         for doc_id, state in self.local.docs().items():
             self._open(doc_id, state)
@@ -148,6 +150,7 @@ class Client:
             doc.apply_update(state)
         doc.observe(lambda event: self._on_change(doc_id, event))
         self.docs[doc_id] = doc
+        self._seen[doc_id] = decode_state_vector(doc.get_state())
         self.synced.setdefault(doc_id, asyncio.Event())
         return doc
 
@@ -164,17 +167,28 @@ class Client:
             doc = self.docs.get(doc_id)
             if doc is None:
                 continue
+            state = decode_state_vector(doc.get_state())
+            seen = self._seen.get(doc_id, {})
+            self._seen[doc_id] = state
             if remote:
                 self.local.save(doc_id, doc.get_update(), None, {})
                 continue
-            sv = decode_state_vector(get_state(update))
-            self.local.save(doc_id, doc.get_update(), update, sv)
+            # What this edit added, by client id (`get_state(update)` would name only clients
+            # whose structs start at clock 0). A delete-only edit adds no clock: the next ack of
+            # the document clears it. Either way the local document keeps the edit, and every
+            # reconnect sends the server all it lacks, delete set included.
+            added = {
+                client: clock for client, clock in state.items() if clock > seen.get(client, 0)
+            }
+            self.local.save(doc_id, doc.get_update(), update, added)
             bodies.append(encode_body(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, update))))
         if bodies:
             self._send(bodies)
 
     def pending(self, doc_id: str | None = None) -> int:
         """Local edits the server has not yet acknowledged as durable."""
+        if self._changed:
+            self._flush_changes()  # edits of this loop turn are queued on the next otherwise
         return self.local.pending(doc_id)
 
     async def wait_acked(self, doc_id: str | None = None, timeout: float = 30.0) -> None:
@@ -375,14 +389,18 @@ class Client:
             self._notify_acked(doc_id, clock)
             diff = doc.get_update(y.payload)
             return [encode_body(DocMessage(doc_id, encode_sync(SyncStep.STEP2, diff)))]
+        if self._changed:
+            self._flush_changes()  # local edits first: they must not be taken for remote ones
         self._remote = True
         try:
             doc.apply_update(y.payload)
         finally:
             self._remote = False
+        self._flush_changes()
         if y.step is SyncStep.STEP2:
             self.synced[doc_id].set()
-            if self._catching_up is not None and self._catching_up.pop(doc_id, None) is not None:
+            if self._catching_up is not None and doc_id in self._catching_up:
+                del self._catching_up[doc_id]
                 self._advance()
         return []
 
@@ -390,7 +408,11 @@ class Client:
         self._notify_acked(doc_id, clock)
 
     def _notify_acked(self, doc_id: str, clock: dict[str, int]) -> None:
-        self.local.acknowledge(doc_id, clock)
+        durable = self._durable.setdefault(doc_id, {})
+        for client, value in clock.items():
+            if value > durable.get(int(client), 0):
+                durable[int(client)] = value
+        self.local.acknowledge(doc_id, durable)
         asyncio.ensure_future(self._wake_ack_waiters())
 
     async def _wake_ack_waiters(self) -> None:
@@ -400,6 +422,9 @@ class Client:
     def _forget(self, doc_id: str) -> None:
         self.docs.pop(doc_id, None)
         self.synced.pop(doc_id, None)
+        self._seen.pop(doc_id, None)
+        self._durable.pop(doc_id, None)
         self.local.forget(doc_id)
-        if self._catching_up is not None and self._catching_up.pop(doc_id, None) is not None:
+        if self._catching_up is not None and doc_id in self._catching_up:
+            del self._catching_up[doc_id]
             self._advance()

@@ -61,9 +61,9 @@ class LocalStore:
             self._db.execute("DELETE FROM pending WHERE doc = ?", (doc,))
             self._db.execute("COMMIT")
 
-    def acknowledge(self, doc: str, clock: dict[str, int]) -> int:
-        """Drop the pending edits of `doc` that the server's clock covers; returns how many are
-        still pending."""
+    def acknowledge(self, doc: str, clock: dict[int, int]) -> int:
+        """Drop the pending edits of `doc` that the server's durable clock covers; returns how
+        many are still pending."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT n, sv FROM pending WHERE doc = ? ORDER BY n", (doc,)
@@ -71,7 +71,7 @@ class LocalStore:
             done = [
                 n
                 for n, sv in rows
-                if all(clock.get(client, -1) >= end for client, end in orjson.loads(sv).items())
+                if all(clock.get(int(client), 0) >= end for client, end in orjson.loads(sv).items())
             ]
             self._db.executemany("DELETE FROM pending WHERE n = ?", [(n,) for n in done])
             return len(rows) - len(done)

@@ -146,13 +146,22 @@ def decompress(data: bytes, limit: int) -> bytes:
     if declared > limit:
         raise ProtocolError("zstd frame declares more than the limit", CloseCode.FRAME_TOO_LARGE)
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(limit + 1)
+        # One-shot decompression refuses a truncated frame (a stream reader would return the
+        # prefix it holds) and bytes after the frame; its output buffer is at most `limit`.
+        return zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=limit, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
-        raise ProtocolError(f"bad zstd frame: {exc}") from None
-    if len(out) > limit:
+        error = exc
+    # Refused: corrupt or truncated, or it expands past `limit`; a bounded read tells which.
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            expands = len(reader.read(limit + 1)) > limit
+    except zstandard.ZstdError:
+        expands = False
+    if expands:
         raise ProtocolError("zstd frame expands past the limit", CloseCode.FRAME_TOO_LARGE)
-    return out
+    raise ProtocolError(f"bad zstd frame: {error}")
 
 
 def decode_frame(frame: bytes, *, max_frame: int, max_body: int) -> list[Message]:

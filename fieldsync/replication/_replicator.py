@@ -152,9 +152,13 @@ class Replicator:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         if not room.exists:
             await self._authorise_creation(peer, room, update)
-        effective = room.apply(update)
-        if room.poisoned:
-            self._drop(room, "the document failed to apply an update")
+        try:
+            effective = room.apply(update)
+        finally:
+            # `apply` raises when it poisons the room: drop it here, or its subscribers would
+            # go on with a document in memory that storage does not hold (or that panics).
+            if room.poisoned:
+                self._drop(room, "the document failed to apply an update")
         # Commits happen in apply order, so once this update's commit (or, when it added
         # nothing, the last one in flight) is done, all of this state vector is durable.
         state_vector = room.state_vector()
@@ -176,10 +180,18 @@ class Replicator:
         if room.type is DocType.WORK_ORDER:
             scope_index: DocIndex | None = index
         else:
-            scope_index = await self.store.scope_index(index.wo) if index.wo else None
+            scope_index = await self._work_order_index(index.wo) if index.wo else None
         if not may_create(peer.principal, room.type.value, scope_index):
             room.pending.pop(peer, None)
             raise Forbidden(room.doc_id)
+
+    async def _work_order_index(self, wo_id: str) -> DocIndex | None:
+        # A work order applied but not yet committed is only in memory: a device back from
+        # offline sends a new work order and its new form in the same batch.
+        room = self._rooms.get(wo_id)
+        if room is not None and room.exists and not room.poisoned:
+            return room.index
+        return await self.store.scope_index(wo_id)
 
     def write_local(
         self, room: Room, update: bytes, actor: str, origin: str

@@ -71,7 +71,11 @@ class Room:
             # pyo3 panics derive from BaseException (DESIGN.md §9); only true exits pass through.
             if isinstance(exc, _FATAL):
                 raise
-            if not isinstance(exc, Exception):
+            # Decoding fails with ValueError before anything is integrated. A panic, or an error
+            # raised after yrs integrated part of the update (pycrdt 0.14: RuntimeError "block
+            # parent must be deleted or shared ref type"), leaves memory changed in a way the
+            # emitted update does not always reproduce: it can no longer be trusted.
+            if not isinstance(exc, ValueError) or self._emitted:
                 self.poisoned = True
             self._emitted.clear()
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None

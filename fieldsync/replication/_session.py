@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 _RESET_ON = frozenset({ErrorCode.FORBIDDEN, ErrorCode.INVALID_UPDATE, ErrorCode.DOC_TOO_LARGE})
 
 
+_MAX_SEQ = (1 << 53) - 1
+
+
+def _text(value: object, limit: int) -> str:
+    """A client-info field as text. Only scalars: `str()` of a JSON value nested a thousand
+    deep raises RecursionError."""
+    if isinstance(value, str):
+        return value[:limit]
+    return str(value)[:limit] if isinstance(value, int | float) else ""
+
+
 class State(Enum):
     AWAITING_HELLO = "awaiting_hello"
     LIVE = "live"
@@ -200,9 +211,9 @@ class V1Session(Connection):
             await self._auth(body)
         client = body.get("client")
         client = client if isinstance(client, dict) else {}
-        platform = str(client.get("platform", ""))[:32]
-        version = str(client.get("version", ""))[:32]
-        self.device_id = str(client.get("device_id", ""))[:128] or self.id
+        platform = _text(client.get("platform"), 32)
+        version = _text(client.get("version"), 32)
+        self.device_id = _text(client.get("device_id"), 128) or self.id
         self.origin = f"device:{self.device_id}"
         minimum = self.min_versions.get(platform)
         if minimum and version_tuple(version) < version_tuple(minimum):
@@ -211,7 +222,9 @@ class V1Session(Connection):
         if isinstance(caps, list) and "zstd" in caps:
             self._compressor = zstandard.ZstdCompressor(level=3)
         since = body.get("since")
-        since = since if isinstance(since, int) and since >= 0 else 0
+        # A change seq is a SQLite INTEGER (and a JavaScript safe integer): a larger one would
+        # fail the device's row in the writer's batch, and with it the other devices' updates.
+        since = since if isinstance(since, int) and 0 <= since <= _MAX_SEQ else 0
         store = self.replicator.store
         head = await store.head()
         self.state = State.LIVE
@@ -291,13 +304,15 @@ class V1Session(Connection):
 
     async def _update(self, doc_id: str, update: bytes) -> None:
         room = await self._subscribe(doc_id)
+        before = room.state_vector()
         submitted = await self._write(room, update)
+        after = submitted.state_vector
         committed = submitted.committed
         if committed is None:
-            self._ack(doc_id, room.seq, update, submitted.state_vector)
+            self._ack(doc_id, room.seq, update, before, after)
         else:
             committed.add_done_callback(
-                lambda done: self._acked(doc_id, room, update, submitted.state_vector, done)
+                lambda done: self._acked(doc_id, room, update, before, after, done)
             )
 
     def _acked(
@@ -305,7 +320,8 @@ class V1Session(Connection):
         doc_id: str,
         room: Room,
         update: bytes,
-        state_vector: bytes,
+        before: bytes,
+        after: bytes,
         done: asyncio.Future[Committed],
     ) -> None:
         if done.cancelled() or done.exception() is not None:
@@ -313,12 +329,19 @@ class V1Session(Connection):
                 ErrorCode.STORAGE_UNAVAILABLE, "the update was not stored; resend it", doc_id
             )
             return
-        self._ack(doc_id, done.result().seq, update, state_vector)
+        self._ack(doc_id, done.result().seq, update, before, after)
 
-    def _ack(self, doc_id: str, seq: int, update: bytes, state_vector: bytes) -> None:
+    def _ack(self, doc_id: str, seq: int, update: bytes, before: bytes, after: bytes) -> None:
         """`clock` gives, for each Yjs client id in the update, the clock the server holds
-        durably, so a device knows exactly which of its edits it may forget."""
-        ours = decode_state_vector(state_vector)
-        theirs = decode_state_vector(get_state(update))
-        clock = {str(client): ours.get(client, 0) for client in theirs}
+        durably, so a device knows exactly which of its edits it may forget.
+
+        `get_state(update)` names only the clients whose structs in the update start at clock 0
+        (as Yjs' `encodeStateVectorFromUpdate` does): every incremental edit would get an empty
+        clock. So the clients the update advanced in the room (`before` -> `after`) are named
+        too."""
+        ours = decode_state_vector(after)
+        had = decode_state_vector(before)
+        theirs = set(decode_state_vector(get_state(update)))
+        theirs.update(client for client, clock in ours.items() if clock > had.get(client, 0))
+        clock = {str(client): ours.get(client, 0) for client in sorted(theirs)}
         self.send_control({"type": "ack", "doc": doc_id, "seq": seq, "clock": clock})

@@ -91,7 +91,9 @@ _REMOVED_FROM_SCOPE = {
               WHERE d.doc = h.doc AND w.{column} = :value))
     SELECT doc FROM gone
     UNION
-    SELECT f.doc FROM doc_index f JOIN gone ON f.wo = gone.doc
+    -- CROSS JOIN keeps this order: from the few gone work orders to their forms by index,
+    -- where the planner would otherwise scan every document.
+    SELECT f.doc FROM gone CROSS JOIN doc_index f ON f.wo = gone.doc
     ORDER BY doc
     """
     for kind, column in _SCOPE_COLUMNS.items()
@@ -194,6 +196,9 @@ class SQLiteStore:
     # Writes
 
     def append(self, write: Write) -> asyncio.Future[Committed]:
+        """See `Store.append`. Call it on the event loop `open()` ran on: the future belongs to
+        that loop. An index for another document is a caller's bug, raised as ValueError here
+        rather than failing a whole batch later."""
         if self._writer is None or self._loop is None:
             raise StorageError("the store is not open")
         if write.index is not None and write.index.doc != write.doc:

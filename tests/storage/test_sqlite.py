@@ -53,7 +53,7 @@ def test_migrations_are_numbered_from_one_without_gaps() -> None:
 
 def test_a_failing_migration_leaves_nothing_behind(raw: sqlite3.Connection) -> None:
     def add_column(db: Database) -> None:
-        db["things"].add_column("colour", str)
+        db.table("things").add_column("colour", str)
 
     migrations = [
         Migration(1, "things", ("CREATE TABLE things (id INTEGER PRIMARY KEY)",)),
@@ -98,8 +98,18 @@ async def test_the_file_is_sound_after_compaction_and_reassignment(
     await store.open()
     for i in range(40):
         who = ("u-tom", "u-sue")[i % 2]
-        store.append(Write("wo:1", update(str(i)), "server", "rules", DocIndex("wo:1", "wo", "wo:1", who)))
-        store.append(Write(f"form:{i % 3}", update(str(i)), "server", "rules", DocIndex(f"form:{i % 3}", "form", "wo:1")))
+        store.append(
+            Write("wo:1", update(str(i)), "server", "rules", DocIndex("wo:1", "wo", "wo:1", who))
+        )
+        store.append(
+            Write(
+                f"form:{i % 3}",
+                update(str(i)),
+                "server",
+                "rules",
+                DocIndex(f"form:{i % 3}", "form", "wo:1"),
+            )
+        )
     await store.append(Write("wo:2", update("x"), "server", "rules"))
     await store.close()
 
@@ -130,7 +140,9 @@ async def test_a_device_row_holds_its_last_contact(path: Path, raw: sqlite3.Conn
     assert last_seen > 0
 
 
-async def test_an_update_row_keeps_its_origin_and_actor(path: Path, raw: sqlite3.Connection) -> None:
+async def test_an_update_row_keeps_its_origin_and_actor(
+    path: Path, raw: sqlite3.Connection
+) -> None:
     store = SQLiteStore(path)
     await store.open()
     committed = await store.append(Write("wo:1", update("x"), "device:d-1", "u-tom"))

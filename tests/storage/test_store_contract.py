@@ -370,7 +370,9 @@ async def test_readers_following_upto_never_miss_a_concurrent_commit(store: Stor
                 return seen
 
     readers = [
-        asyncio.create_task(follow(scope, limit)) for scope in scopes.values() for limit in (1, 2, 3, 5)
+        asyncio.create_task(follow(scope, limit))
+        for scope in scopes.values()
+        for limit in (1, 2, 3, 5)
     ]
     await asyncio.gather(*(write(k) for k in range(8)))
     writing = False
@@ -479,16 +481,14 @@ class Model:
 
         docs = {d: s for d, s in self.feed.items() if s > since and visible(d)}
         gone = {
-            wo
-            for seq, wo, old in self.history
-            if since < seq and old == person and not visible(wo)
+            wo for seq, wo, old in self.history if since < seq and old == person and not visible(wo)
         }
         forms = {f for f, wo in FORM_OF.items() if wo in gone and f in self.feed}
         return docs, gone | forms
 
 
 @settings(
-    max_examples=40,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

@@ -1,0 +1,122 @@
+"""What the demo prints: a line per phase while it works, then a summary a person can check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Print = Callable[[str], None]
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+class Progress:
+    """`[  12.3s] phase       what happened (took 1.2s)` lines on stdout."""
+
+    def __init__(self, out: Print = _print) -> None:
+        self.out = out
+        self.started = time.perf_counter()
+        self._phase_started = self.started
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def begin(self) -> None:
+        """Start timing a phase (the next `line` reports how long it took)."""
+        self._phase_started = time.perf_counter()
+
+    def line(self, phase: str, text: str, *, timed: bool = True) -> None:
+        now = time.perf_counter()
+        took = f"  ({now - self._phase_started:.1f}s)" if timed else ""
+        self.out(f"[{now - self.started:6.1f}s] {phase:<12} {text}{took}")
+        self._phase_started = now
+
+
+def size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Summary:
+    docs_converged: int
+    docs_checked: int
+    replicas: int
+    devices: int
+    mismatches: list[str]
+    stored: dict[str, int]
+    received: int
+    received_uncompressed: int
+    sent: int
+    edits: int
+    concurrent_docs: int
+    conflicts: int
+    text_merges: int
+    notes_kept: int
+    notes_written: int
+    refused: int
+    resets: int
+    elapsed: float
+
+    @property
+    def converged(self) -> bool:
+        return (
+            self.docs_converged == self.docs_checked
+            and not self.mismatches
+            and self.notes_kept == self.notes_written
+        )
+
+    def lines(self) -> list[str]:
+        ratio = self.received_uncompressed / self.received if self.received else 1.0
+        verdict = "yes" if self.converged else "NO"
+        out = [
+            "",
+            "fieldsync demo: summary",
+            f"  converged             {verdict}: {self.docs_converged}/{self.docs_checked} "
+            f"documents identical on every device that holds them and in the server's store "
+            f"({self.replicas} replicas on {self.devices} devices)",
+            f"  offline edits         {self.edits} edits; {self.concurrent_docs} documents edited "
+            f"on 2+ devices in the same round, merged",
+            f"  conflicts             {self.conflicts} fields written concurrently by 2+ devices, "
+            f"settled to one value everywhere; {self.text_merges} notes merged from 2+ authors, "
+            f"{self.notes_kept}/{self.notes_written} note lines kept",
+            f"  updates stored        {self.stored.get('updates', 0)} log rows, "
+            f"{self.stored.get('snapshots', 0)} snapshots, {self.stored.get('docs', 0)} documents, "
+            f"change seq {self.stored.get('head', 0)}, "
+            f"{self.stored.get('commits', 0)} group commits",
+            f"  bytes on the wire     received {size(self.received)} with zstd, "
+            f"{size(self.received_uncompressed)} without ({ratio:.1f}x smaller); "
+            f"sent {size(self.sent)}",
+            f"  refused / resets      {self.refused} / {self.resets}",
+            f"  time                  {self.elapsed:.1f}s",
+        ]
+        out += [f"  MISMATCH              {m}" for m in self.mismatches[:10]]
+        if len(self.mismatches) > 10:
+            out.append(f"  …                     and {len(self.mismatches) - 10} more")
+        return out
+
+
+def serving(
+    server_url: str, issuer_url: str, data_dir: str, example_doc: str, users: str
+) -> list[str]:
+    ws = server_url.replace("http", "ws", 1)
+    return [
+        "",
+        f"fieldsync keeps serving at {server_url}  (Ctrl-C to stop)",
+        f"  device sync (v1)      {ws}/v1/sync",
+        f"  y-websocket           {ws}/v1/yws/{{doc}}   e.g. {ws}/v1/yws/{example_doc}",
+        f"  health                {server_url}/v1/health",
+        f"  metrics               {server_url}/v1/metrics",
+        f"  OpenID discovery      {issuer_url}/.well-known/openid-configuration",
+        f"  get a token           curl -d grant_type=password -d username=<user> "
+        f"-d password=demo {issuer_url}/token",
+        f"  users                 {users}",
+        f"  data                  {data_dir}  (run again to reuse it; delete it to start over)",
+    ]

@@ -1,0 +1,82 @@
+"""The demo's two servers in this process: a development OpenID issuer and fieldsync itself, both
+on loopback, fieldsync on SQLite in the demo's data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from fieldsync.app import REPLICATOR, STORE, AccessLogger, create_app
+from fieldsync.auth import DevIssuer, DevUser
+from fieldsync.config import Settings
+from fieldsync.replication import Replicator
+from fieldsync.storage import Store
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str
+    issuer: DevIssuer
+    app: web.Application
+    runner: web.AppRunner
+
+    async def idle(self, timeout: float = 5.0) -> None:
+        """Wait (at most `timeout`) until no HTTP connection is open: each has been logged."""
+        server = self.runner.server
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while server is not None and server.connections:  # noqa: ASYNC110 (no event)
+                    await asyncio.sleep(0.01)
+
+    @property
+    def sync_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/v1/sync"
+
+    @property
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    @property
+    def replicator(self) -> Replicator:
+        return self.app[REPLICATOR]
+
+
+@asynccontextmanager
+async def running(
+    data_dir: Path, port: int, users: Mapping[str, DevUser]
+) -> AsyncIterator[Running]:
+    """The issuer, then the server (which fetches the issuer's keys as it starts)."""
+    async with DevIssuer(users, host=HOST) as issuer:
+        settings = Settings.load(
+            environ={}, data_dir=str(data_dir), oidc_issuer=issuer.issuer, host=HOST, port=port
+        )
+        app = create_app(settings)
+        runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=2)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, HOST, port).start()
+            bound = runner.addresses[0][1]
+            yield Running(f"http://{HOST}:{bound}", issuer, app, runner)
+        finally:
+            await runner.cleanup()
+
+
+@asynccontextmanager
+async def quiet_access_log() -> AsyncIterator[None]:
+    """Hide the access log while the simulated devices connect and reconnect."""
+    logger = logging.getLogger("aiohttp.access")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,148 @@
+"""Convergence: devices edit the same work orders at random, go offline and come back in random
+orders; every replica and the server end with the same state."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pycrdt import Array, Doc, Map, Text
+
+from fieldsync import documents
+from fieldsync.app import STORE
+from fieldsync.client import Client
+from fieldsync.replication import decode_state_vector
+from tests.harness import eventually, running_issuer, running_server, work_order
+
+DOCS = ("wo:c1", "wo:c2")
+# Principals that all see tina's work orders; tina twice: one person, two devices.
+DEVICES = ("tina", "tina", "sam", "mia", "ada")
+
+
+@dataclass(frozen=True)
+class Edit:
+    device: int
+    doc: str
+    kind: str
+    key: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Toggle:
+    device: int  # goes offline if online, online if offline
+
+
+edits = st.builds(
+    Edit,
+    device=st.integers(0, len(DEVICES) - 1),
+    doc=st.sampled_from(DOCS),
+    kind=st.sampled_from(["field", "text", "delete", "check", "part"]),
+    key=st.sampled_from(["status", "priority", "due_at", "site"]),
+    value=st.integers(0, 1000),
+)
+toggles = st.builds(Toggle, device=st.integers(0, len(DEVICES) - 1))
+scenarios = st.lists(st.one_of(edits, edits, toggles), min_size=5, max_size=40)
+
+
+def apply_edit(doc: Doc, edit: Edit) -> None:
+    with doc.transaction():
+        if edit.kind == "field":
+            doc.get("fields", type=Map)[edit.key] = f"{edit.key}-{edit.value}"
+        elif edit.kind == "text":
+            notes = doc.get("notes", type=Text)
+            notes.insert(edit.value % (len(notes) + 1), f"<{edit.value}>")
+        elif edit.kind == "delete":
+            notes = doc.get("notes", type=Text)
+            if len(notes):
+                start = edit.value % len(notes)
+                del notes[start : min(len(notes), start + 3)]
+        elif edit.kind == "check":
+            checklist = doc.get("checklist", type=Array)
+            if len(checklist):
+                item = checklist[edit.value % len(checklist)]
+                item["done"] = not item.get("done")
+        else:
+            doc.get("parts", type=Array).append(Map({"sku": f"P-{edit.value}", "qty": 1}))
+
+
+def content(doc_id: str, doc: Doc) -> bytes:
+    # yrs does not keep key order in nested maps: compare content with sorted keys.
+    return orjson.dumps(documents.to_json(doc_id, doc), option=orjson.OPT_SORT_KEYS)
+
+
+async def server_doc(store: Any, doc_id: str) -> Doc:
+    stored = await store.load(doc_id)
+    doc: Doc = Doc()
+    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
+        doc.apply_update(data)
+    return doc
+
+
+async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
+    async with running_issuer() as issuer, running_server(data_dir, issuer) as server:
+        supervisor = server.client("sam")
+        await supervisor.start()
+        await supervisor.connected.wait()
+        for doc_id in DOCS:
+            supervisor.doc(doc_id).apply_update(work_order(doc_id).get_update())
+        await supervisor.wait_acked()
+        await supervisor.close()
+
+        devices = [
+            Client(server.sync_url, server.token(subject), path=data_dir / f"device{i}.db")
+            for i, subject in enumerate(DEVICES)
+        ]
+        online = [True] * len(devices)
+        for device in devices:
+            await device.start()
+        for device in devices:
+            async with asyncio.timeout(10):
+                await device.caught_up.wait()
+        for step in scenario:
+            device = devices[step.device]
+            if isinstance(step, Toggle):
+                online[step.device] = not online[step.device]
+                await (device.start() if online[step.device] else device.go_offline())
+            else:
+                apply_edit(device.doc(step.doc), step)
+            await asyncio.sleep(0)  # let the loop interleave sends, receipts and commits
+
+        for i, device in enumerate(devices):
+            if not online[i]:
+                await device.start()
+        for device in devices:
+            await device.wait_acked(timeout=20)
+        store = server.app[STORE]
+        expected = {doc_id: await server_doc(store, doc_id) for doc_id in DOCS}
+        for doc_id, doc in expected.items():
+            # State vectors are maps: their encoding's order differs between replicas.
+            state = decode_state_vector(doc.get_state())
+            await eventually(
+                lambda doc_id=doc_id, state=state: all(
+                    decode_state_vector(d.docs[doc_id].get_state()) == state for d in devices
+                ),
+                timeout=20,
+            )
+            for device in devices:
+                assert content(doc_id, device.docs[doc_id]) == content(doc_id, doc)
+        for device in devices:
+            assert device.errors == []
+            await device.close()
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(scenario=scenarios)
+def test_replicas_converge_after_random_offline_edits(scenario: list[Edit | Toggle]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(play(scenario, Path(tmp)))
