@@ -114,5 +114,5 @@ async def eventually(predicate: Any, timeout: float = 10.0) -> None:
     """Wait until `predicate()` holds, checking on every loop turn (an event-driven wait for
     state that has no event of its own)."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - the state polled here has no event
             await asyncio.sleep(0.005)

@@ -35,7 +35,7 @@ async def test_small_demo_converges_and_a_restart_does_not_seed_twice(
     assert "30 work orders and 30 safety-check forms created" in first
     converged = summary_value(first, "converged")
     assert re.match(r"yes: (\d+)/\1 documents", converged), converged
-    assert re.match(r"\d+ fields written concurrently", summary_value(first, "conflicts"))
+    assert re.match(r"\d+ fields set on 2\+ devices at once", summary_value(first, "conflicts"))
     kept = re.search(r"(\d+)/(\d+) note lines kept", summary_value(first, "conflicts"))
     assert kept and kept.group(1) == kept.group(2) and int(kept.group(1)) > 0
     assert summary_value(first, "refused / resets") == "0 / 0"

@@ -117,7 +117,7 @@ class Client:
         self.since = int(self.local.get_meta("since") or 0)
         self.caught_up = asyncio.Event()
         self.connected = asyncio.Event()
-        self._acked = asyncio.Condition()
+        self._ack_arrived = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._http: aiohttp.ClientSession | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -192,8 +192,10 @@ class Client:
         return self.local.pending(doc_id)
 
     async def wait_acked(self, doc_id: str | None = None, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout), self._acked:
-            await self._acked.wait_for(lambda: self.pending(doc_id) == 0)
+        async with asyncio.timeout(timeout):
+            while self.pending(doc_id):
+                self._ack_arrived.clear()
+                await self._ack_arrived.wait()
 
     async def wait_synced(self, doc_id: str, timeout: float = 30.0) -> None:
         self.doc(doc_id)
@@ -413,11 +415,7 @@ class Client:
             if value > durable.get(int(client), 0):
                 durable[int(client)] = value
         self.local.acknowledge(doc_id, durable)
-        asyncio.ensure_future(self._wake_ack_waiters())
-
-    async def _wake_ack_waiters(self) -> None:
-        async with self._acked:
-            self._acked.notify_all()
+        self._ack_arrived.set()
 
     def _forget(self, doc_id: str) -> None:
         self.docs.pop(doc_id, None)

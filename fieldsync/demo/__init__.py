@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -110,7 +110,11 @@ async def _run(
             progress.line("server", f"{server.url} on SQLite {data_dir / 'fieldsync.db'}")
             fleet = _Fleet(server, data_dir / "devices")
             stack.push_async_callback(fleet.close)
-            summary = await _simulate(server, fleet, progress, work_orders, devices, rounds)
+            try:
+                summary = await _simulate(server, fleet, progress, work_orders, devices, rounds)
+            except _Stalled as exc:
+                print(f"fieldsync demo: {exc}", file=sys.stderr)
+                return 1
             await fleet.close()
             for line in summary.lines():
                 progress.out(line)
@@ -181,7 +185,7 @@ async def _simulate(
     for device in sim:
         device.client.caught_up.clear()
         await device.client.start()
-    await asyncio.gather(*(_caught_up(d) for d in sim))
+    await _all(sim, "catch up with the server", _caught_up)
     held = sum(len(d.client.docs) for d in sim)
     progress.line(
         "devices",
@@ -197,12 +201,11 @@ async def _simulate(
         plan = _devices.plan_round(sim, rng)
         _devices.edit_offline(plan, rng, stamp, tally)
         edits, concurrent = tally.end_round()
-        await _queued()
         queued = sum(d.client.pending() for d in sim)
         back = time.perf_counter()
         for device in sim:
             await device.client.start()
-        await asyncio.gather(*(d.client.wait_acked(timeout=_ACK_TIMEOUT) for d in sim))
+        await _all(sim, "acknowledge the offline edits", _acked)
         touched = len({doc for _, docs in plan for doc in docs})
         progress.line(
             f"round {n}/{rounds}",
@@ -215,15 +218,29 @@ async def _simulate(
     return summary
 
 
-async def _queued() -> None:
-    """Let the clients queue the edits just made: `Client` persists and sends a change on the
-    loop turn after it (see the report on `Client.wait_acked`)."""
-    await asyncio.sleep(0)
+class _Stalled(Exception):
+    """A phase did not finish in time; the demo says which devices and stops."""
 
 
 async def _caught_up(device: Device) -> None:
     async with asyncio.timeout(_ACK_TIMEOUT):
         await device.client.caught_up.wait()
+
+
+async def _acked(device: Device) -> None:
+    await device.client.wait_acked(timeout=_ACK_TIMEOUT)
+
+
+async def _all(devices: list[Device], what: str, wait: Callable[[Device], Awaitable[None]]) -> None:
+    """`wait` for every device at once; raises `_Stalled` naming the devices that timed out."""
+    results = await asyncio.gather(*(wait(d) for d in devices), return_exceptions=True)
+    late = [d for d, r in zip(devices, results, strict=True) if isinstance(r, TimeoutError)]
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+            raise result
+    if late:
+        names = ", ".join(f"{d.name} ({d.client.pending()} edits pending)" for d in late)
+        raise _Stalled(f"within {_ACK_TIMEOUT:.0f}s, these devices did not {what}: {names}")
 
 
 async def _existing(server: Running) -> set[str]:
@@ -244,11 +261,10 @@ async def _seed(
     progress: _report.Progress,
     dataset: list[_dataset.SeedWorkOrder],
 ) -> None:
-    """Each team's supervisor creates the team's work orders offline on their device and syncs
-    them; then the safety-check forms (a form may only be created for a work order the server
-    already has). Documents the server holds already are not created again."""
+    """Each team's supervisor creates the team's work orders and their safety-check forms offline
+    on their device, then syncs them. Documents the server holds already are not created again."""
     existing = await _existing(server)
-    teams = {wo.team for wo in dataset}
+    teams = [team for team in _dataset.TEAMS if any(wo.team == team for wo in dataset)]
     missing = [wo for wo in dataset if wo.doc_id not in existing or wo.form_id not in existing]
     if not missing:
         progress.line(
@@ -258,52 +274,38 @@ async def _seed(
         )
         return
 
-    async def create(device: Device, docs: list[tuple[str, _dataset.SeedWorkOrder]]) -> None:
+    async def create(device: Device, wos: list[_dataset.SeedWorkOrder]) -> None:
         client = device.client
-        await client.go_offline()
-        for doc_id, wo in docs:
-            if doc_id in existing or doc_id in client.docs:
-                continue  # stored, or created on this device before and still to sync
-            doc = client.doc(doc_id)
-            if doc_id == wo.doc_id:
-                documents.work_order.write(doc, wo.fields, wo.checklist, wo.notes)
-            else:
+        for wo in wos:
+            # Skip what is stored, or was created on this device before and is still to sync.
+            if wo.doc_id not in existing and wo.doc_id not in client.docs:
+                documents.work_order.write(client.doc(wo.doc_id), wo.fields, wo.checklist, wo.notes)
+            if wo.form_id not in existing and wo.form_id not in client.docs:
                 documents.form.write(
-                    doc,
+                    client.doc(wo.form_id),
                     wo.doc_id,
                     _dataset.SAFETY_TEMPLATE,
                     _dataset.SAFETY_VERSION,
                     wo.form_answers,
                 )
-        await _queued()
         await client.start()
-        await client.wait_acked(timeout=_ACK_TIMEOUT)
-        await client.go_offline()
 
     seeders = {team: fleet.get(s.subject, s) for team in teams for s in [_dataset.supervisor(team)]}
-    for step in ("wo", "form"):
-        await asyncio.gather(
-            *(
-                create(
-                    device,
-                    [
-                        (wo.doc_id if step == "wo" else wo.form_id, wo)
-                        for wo in missing
-                        if wo.team == team
-                    ],
-                )
-                for team, device in seeders.items()
-            )
-        )
-    stored = await _existing(server)
-    wos = sum(1 for wo in dataset if wo.doc_id in stored)
-    forms = sum(1 for wo in dataset if wo.form_id in stored)
+    for team, device in seeders.items():
+        await create(device, [wo for wo in missing if wo.team == team])
+    await _all(list(seeders.values()), "acknowledge the new documents", _acked)
+    for device in seeders.values():
+        await device.client.go_offline()
+    new = await _existing(server) - existing
+    wos = sum(1 for wo in dataset if wo.doc_id in new)
+    forms = sum(1 for wo in dataset if wo.form_id in new)
     refused = sum(len(d.client.errors) for d in seeders.values())
     names = ", ".join(d.name for d in seeders.values())
     progress.line(
         "seed",
         f"{wos} work orders and {forms} safety-check forms created offline on the supervisors' "
         f"devices ({names}) and acknowledged by the server"
+        + (f" ({len(existing)} documents were stored already)" if existing else "")
         + (f"; {refused} REFUSED" if refused else ""),
     )
 

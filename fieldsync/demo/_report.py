@@ -82,14 +82,14 @@ class Summary:
             f"  converged             {verdict}: {self.docs_converged}/{self.docs_checked} "
             f"documents identical on every device that holds them and in the server's store "
             f"({self.replicas} replicas on {self.devices} devices)",
-            f"  offline edits         {self.edits} edits; {self.concurrent_docs} documents edited "
-            f"on 2+ devices in the same round, merged",
-            f"  conflicts             {self.conflicts} fields written concurrently by 2+ devices, "
-            f"settled to one value everywhere; {self.text_merges} notes merged from 2+ authors, "
+            f"  concurrent edits      {self.edits} edits made offline; {self.concurrent_docs} "
+            f"times a document was edited on 2+ devices in the same round: merged",
+            f"  conflicts             {self.conflicts} fields set on 2+ devices at once: one value "
+            f"kept everywhere; {self.text_merges} notes appended to by 2+ authors at once: "
             f"{self.notes_kept}/{self.notes_written} note lines kept",
-            f"  updates stored        {self.stored.get('updates', 0)} log rows, "
+            f"  updates stored        {self.stored.get('updates', 0)} in the log "
+            f"(a device's offline edits to a document arrive as one), "
             f"{self.stored.get('snapshots', 0)} snapshots, {self.stored.get('docs', 0)} documents, "
-            f"change seq {self.stored.get('head', 0)}, "
             f"{self.stored.get('commits', 0)} group commits",
             f"  bytes on the wire     received {size(self.received)} with zstd, "
             f"{size(self.received_uncompressed)} without ({ratio:.1f}x smaller); "

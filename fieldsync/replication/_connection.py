@@ -9,9 +9,9 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from fieldsync.auth import Principal, scope_of
 from fieldsync.errors import CloseCode, ErrorCode
@@ -35,6 +35,9 @@ class Limits:
     max_in_flight: int = 1_000  # updates applied but not yet committed, per connection
     compress_above: int = 256
     expiry_notice: float = 120.0  # seconds before token expiry that `auth_expiring` is sent
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class SessionClosed(Exception):
@@ -83,6 +86,29 @@ class Connection:
         self._timers: list[asyncio.TimerHandle] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    # --- what each protocol implements (`receive`, and the `Peer` callbacks) --------------
+
+    async def receive(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        raise NotImplementedError
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        raise NotImplementedError
+
+    def refused(self, doc_id: str) -> None:
+        raise NotImplementedError
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        raise NotImplementedError
+
     # --- transport side -----------------------------------------------------------------
 
     async def outgoing(self) -> list[bytes]:
@@ -104,7 +130,7 @@ class Connection:
     def closed(self) -> SessionClosed | None:
         return self._closed
 
-    def close(self, code: CloseCode, reason: str) -> None:
+    def close(self, code: CloseCode, reason: str) -> NoReturn:
         """Mark the connection closed and raise `SessionClosed` for the transport to act on."""
         if self._closed is None:
             self._closed = SessionClosed(code, reason)
@@ -152,12 +178,12 @@ class Connection:
     async def _subscribe(self, doc_id: str) -> Room:
         room = self.rooms.get(doc_id)
         if room is None:
-            room = await self.replicator.subscribe(self, doc_id)  # type: ignore[arg-type]
+            room = await self.replicator.subscribe(self, doc_id)
             self.rooms[doc_id] = room
         return room
 
     async def _write(self, room: Room, update: bytes) -> Submitted:
-        submitted = await self.replicator.submit(self, room, update)  # type: ignore[arg-type]
+        submitted = await self.replicator.submit(self, room, update)
         committed = submitted.committed
         if committed is not None and not committed.done():
             self._in_flight.append(committed)

@@ -60,6 +60,7 @@ class Replicator:
         self._rooms: dict[str, Room] = {}
         self._loading: dict[str, asyncio.Future[Room]] = {}
         self._evictor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._evictor = asyncio.create_task(self._evict_forever(), name="room-evictor")
@@ -69,9 +70,11 @@ class Replicator:
             self._evictor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._evictor
-        # Wait for what is applied but not yet committed, so that stopping loses nothing acked.
-        while any(room.in_flight for room in self._rooms.values()):
-            await asyncio.sleep(0.01)
+        # Wait for what is applied but not yet committed: a room's tail commits after all its
+        # earlier updates.
+        tails = [room.tail for room in self._rooms.values() if room.in_flight and room.tail]
+        if tails:
+            await asyncio.wait(tails)
 
     @property
     def loaded(self) -> int:
@@ -234,7 +237,9 @@ class Replicator:
         if committed.scope_change is not None:
             self._rescope(committed.scope_change)
         if room.pending:
-            asyncio.create_task(self._settle_pending(room, author))
+            task = asyncio.create_task(self._settle_pending(room, author))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         message = encode_sync(SyncStep.UPDATE, effective)
         for peer in room.subscribers:
             if peer is not author:

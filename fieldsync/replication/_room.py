@@ -113,7 +113,7 @@ class Room:
 def preview_index(doc_id: str, update: bytes) -> DocIndex:
     """The index a new document would have after `update`, computed on a scratch copy so that
     nothing of a refused creation reaches the room."""
-    scratch = Doc()
+    scratch: Doc = Doc()
     try:
         scratch.apply_update(update)
     except BaseException as exc:

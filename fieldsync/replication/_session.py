@@ -32,7 +32,7 @@ from fieldsync.replication._codec import (
     encode_frame,
     encode_sync,
 )
-from fieldsync.replication._connection import Connection, Limits, Verify
+from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits, Verify
 from fieldsync.replication._replicator import Forbidden, Replicator
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed, DeviceSeen
@@ -77,7 +77,7 @@ class V1Session(Connection):
         verify: Verify,
         *,
         principal: Principal | None,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
         min_versions: dict[str, str] | None = None,
     ) -> None:
         super().__init__(replicator, principal, limits)
@@ -289,10 +289,10 @@ class V1Session(Connection):
             elif isinstance(y, YSync):
                 await self._update(doc_id, y.payload)
             elif isinstance(y, YAwareness):
-                room = self.rooms.get(doc_id)
-                if room is None:
+                subscribed = self.rooms.get(doc_id)
+                if subscribed is None:
                     raise Forbidden(doc_id)
-                self.replicator.relay_awareness(self, room, message.message)
+                self.replicator.relay_awareness(self, subscribed, message.message)
         except ProtocolError as exc:
             # A malformed y-protocols message concerns one document: the device is told, the
             # connection and its other documents go on.

@@ -11,14 +11,18 @@ from collections.abc import Sequence
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
-from fieldsync.replication._connection import Connection, Limits
+from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._room import Room
 
 
 class YwsSession(Connection):
     def __init__(
-        self, replicator: Replicator, principal: Principal, doc_id: str, limits: Limits = Limits()
+        self,
+        replicator: Replicator,
+        principal: Principal,
+        doc_id: str,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(replicator, principal, limits)
         self.doc_id = doc_id

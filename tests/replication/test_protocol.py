@@ -3,6 +3,7 @@ awareness, and the close codes of DESIGN.md §3."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ async def test_changes_pages_list_every_document_in_scope_once(
     assert [len(p["docs"]) for p in pages] == [4, 4, 3]
     ids = [d["id"] for p in pages for d in p["docs"]]
     assert sorted(ids) == sorted(f"wo:{n}" for n in range(11))
-    for earlier, later in zip(pages, pages[1:], strict=False):
+    for earlier, later in itertools.pairwise(pages):
         assert later["since"] == earlier["upto"]
     assert pages[-1]["upto"] == welcome["server_seq"]
 
