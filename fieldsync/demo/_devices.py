@@ -1,16 +1,14 @@
 """Simulated devices: technicians' phones and supervisors' tablets, each a `fieldsync.client.Client`
-with its own offline SQLite file, and the edits their users make while offline."""
+with its own offline SQLite file under the demo's `devices/` folder."""
 
 from __future__ import annotations
 
-import math
-import random
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Doc
 
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.client import Client
@@ -52,222 +50,85 @@ def open_device(name: str, user: DevUser, sync_url: str, issuer: DevIssuer, fold
 
 
 def choose_users(count: int) -> list[tuple[str, DevUser]]:
-    """`count` devices: about one supervisor per five (at most one per team) and technicians of
-    the supervised teams first, so that supervisors and technicians edit the same work orders.
-    Beyond the 18 people, technicians get a second device (`<name>-2`)."""
-    if count < 1:
-        return []
+    """(device name, user) for `count` devices: about one supervisor per five devices (at most
+    one per team), then the technicians of the supervised teams, so that supervisors and
+    technicians edit the same work orders. Beyond the 18 people, technicians get a second
+    device (`<name>-2`)."""
     teams = list(_dataset.TEAMS)
-    supervised = teams[: min(len(teams), max(1, count // 5))] if count >= 2 else []
-    chosen: list[DevUser] = [_dataset.supervisor(team) for team in supervised]
-    ordered = supervised + [t for t in teams if t not in supervised]
-    crews = [_dataset.technicians(team) for team in ordered]
-    # Interleave the crews of the supervised teams, then the other teams.
-    technicians = [crew[i] for i in range(5) for crew in crews[: len(supervised) or 1]]
-    technicians += [crew[i] for i in range(5) for crew in crews[len(supervised) or 1 :]]
-    extra_supervisors = [_dataset.supervisor(team) for team in teams if team not in supervised]
-    pool = technicians + extra_supervisors
-    result = [(u.subject, u) for u in chosen]
-    n = 0
-    while len(result) < count:
-        user = pool[n % len(pool)]
-        copy = n // len(pool)
+    supervised = 0 if count < 2 else min(len(teams), max(1, count // 5))
+    first, rest = teams[: max(1, supervised)], teams[max(1, supervised) :]
+    # Taking turns between the teams' crews, the supervised teams first.
+    pool = [
+        user
+        for group in (first, rest)
+        for row in zip(*(_dataset.technicians(team) for team in group), strict=True)
+        for user in row
+    ]
+    pool += [_dataset.supervisor(team) for team in teams[supervised:]]
+    result = [(u.subject, u) for u in (_dataset.supervisor(t) for t in teams[:supervised])]
+    for n in range(count - len(result)):
+        user, copy = pool[n % len(pool)], n // len(pool)
         result.append((user.subject if copy == 0 else f"{user.subject}-{copy + 1}", user))
-        n += 1
     return result
 
 
-# --- what happened, for the summary ----------------------------------------------------------
+class Fleet:
+    """The demo's devices, opened on first use; remembers closed ones for the traffic totals."""
+
+    def __init__(self, sync_url: str, issuer: DevIssuer, folder: Path) -> None:
+        self.sync_url = sync_url
+        self.issuer = issuer
+        self.folder = folder
+        self.open: dict[str, Device] = {}
+        self.closed: list[Device] = []
+
+    def get(self, name: str, user: DevUser) -> Device:
+        if name not in self.open:
+            self.open[name] = open_device(name, user, self.sync_url, self.issuer, self.folder)
+        return self.open[name]
+
+    async def retire(self, keep: Collection[str] = ()) -> None:
+        """Close every device not named in `keep`."""
+        for name in [n for n in self.open if n not in keep]:
+            device = self.open.pop(name)
+            await device.client.close()
+            self.closed.append(device)
+
+    def everyone(self) -> list[Device]:
+        return [*self.open.values(), *self.closed]
 
 
-@dataclass
-class Tally:
-    """Edits made offline, counted per round to show what the server had to merge."""
+# --- waiting on devices ----------------------------------------------------------------------
 
-    edits: int = 0
-    concurrent_docs: int = 0  # (round, document) pairs edited on 2+ devices while offline
-    conflicts: int = 0  # (round, document, field) written on 2+ devices: one value must win
-    text_merges: int = 0  # (round, document) whose notes 2+ devices appended to
-    notes: list[tuple[str, str]] = field(default_factory=list)  # (doc, line) appended
-    _round_edits: int = 0
-    _writers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    _fields: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
-    _noted: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-
-    def wrote(self, device: Device, doc_id: str, path: str) -> None:
-        self._round_edits += 1
-        self._writers[doc_id].add(device.name)
-        self._fields[doc_id, path].add(device.name)
-
-    def noted(self, device: Device, doc_id: str, line: str) -> None:
-        self._round_edits += 1
-        self._writers[doc_id].add(device.name)
-        self._noted[doc_id].add(device.name)
-        self.notes.append((doc_id, line))
-
-    def end_round(self) -> tuple[int, int]:
-        """Close the round; returns (edits in it, documents edited on 2+ devices in it)."""
-        edits, self._round_edits = self._round_edits, 0
-        concurrent = sum(1 for names in self._writers.values() if len(names) > 1)
-        self.edits += edits
-        self.concurrent_docs += concurrent
-        self.conflicts += sum(1 for names in self._fields.values() if len(names) > 1)
-        self.text_merges += sum(1 for names in self._noted.values() if len(names) > 1)
-        self._writers.clear()
-        self._fields.clear()
-        self._noted.clear()
-        return edits, concurrent
+TIMEOUT = 120.0  # generous: the default demo needs a few seconds per phase on 2 cores
 
 
-# --- the edits --------------------------------------------------------------------------------
-
-_TECH_NOTES = (
-    "Seal replaced, no leak at 6 bar after 10 minutes.",
-    "Waiting on a spare bearing from stores.",
-    "Corrosion on the base plate, photo attached.",
-    "Shift lead on site, access through gate 3.",
-    "Isolation checked with the control room.",
-    "Found the drain line blocked, cleared it.",
-    "Readings normal after restart.",
-)
-_SUPERVISOR_NOTES = (
-    "Customer asks to finish before the weekend shutdown.",
-    "Spare parts reserved in stores, bin 14-C.",
-    "Raised priority: the line stops if this fails.",
-    "Please call the control room before isolating.",
-    "Second technician available after 14:00 if needed.",
-)
-_PRIORITIES = ("low", "normal", "high", "urgent")
+class Stalled(Exception):
+    """A phase did not finish in time; the demo says which devices and stops."""
 
 
-def _append_note(
-    device: Device, doc_id: str, doc: Doc, text: str, stamp: str, tally: Tally
+async def caught_up(device: Device) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        await device.client.caught_up.wait()
+
+
+async def acked(device: Device) -> None:
+    await device.client.wait_acked(timeout=TIMEOUT)
+
+
+async def wait_all(
+    devices: Iterable[Device], what: str, wait: Callable[[Device], Awaitable[None]]
 ) -> None:
-    line = f"{stamp} {device.user.name} ({device.name}): {text}\n"
-    notes = doc.get("notes", type=Text)
-    with doc.transaction():
-        notes += line
-    tally.noted(device, doc_id, line)
-
-
-def technician_visit(
-    device: Device, doc_id: str, rng: random.Random, stamp: str, tally: Tally
-) -> None:
-    """A technician works on one of their work orders offline: moves its status on, ticks
-    checklist items, fills the safety check, writes a note, and completes it when allowed."""
-    doc = device.client.docs[doc_id]
-    fields = doc.get("fields", type=Map)
-    checklist = doc.get("checklist", type=Array)
-    status = fields.get("status")
-    # Driving there, then starting work: each a separate action on the device.
-    for before, after in (("assigned", "en_route"), ("en_route", "in_progress")):
-        if status == before or (after == "in_progress" and status == "on_hold"):
-            with doc.transaction():
-                fields["status"] = after
-            tally.wrote(device, doc_id, "fields.status")
-            status = after
-    if status == "in_progress":
-        items = checklist.to_py() or []
-        open_items = [n for n, item in enumerate(items) if not item.get("done")]
-        for n in rng.sample(open_items, min(len(open_items), rng.randint(1, 3))):
-            item = checklist[n]
-            with doc.transaction():
-                item.update({"done": True, "done_by": device.user.subject, "done_at": stamp})
-            tally.wrote(device, doc_id, f"checklist.{items[n].get('id')}")
-        form_id = _dataset.form_for(doc_id)
-        form = device.client.docs.get(form_id)
-        if form is not None:
-            answers = form.get("answers", type=Map)
-            if "lockout_tagout" not in answers:
-                with form.transaction():
-                    answers.update(
-                        {
-                            "lockout_tagout": True,
-                            "ppe_checked": True,
-                            "gas_test_ppm": round(rng.uniform(0, 4), 1),
-                            "signed_by": device.user.subject,
-                        }
-                    )
-                tally.wrote(device, form_id, "answers")
-    _append_note(device, doc_id, doc, rng.choice(_TECH_NOTES), stamp, tally)
-    required_done = all(
-        item.get("done") for item in checklist.to_py() or [] if item.get("required")
-    )
-    if status == "in_progress" and required_done:
-        with doc.transaction():
-            fields["status"] = "completed"
-        tally.wrote(device, doc_id, "fields.status")
-
-
-def supervisor_review(
-    device: Device, doc_id: str, rng: random.Random, stamp: str, tally: Tally
-) -> None:
-    """A supervisor reviews a work order of the team offline: re-prioritises it, moves its due
-    date, leaves a note, and now and then puts it on hold."""
-    doc = device.client.docs[doc_id]
-    fields = doc.get("fields", type=Map)
-    current = fields.get("priority")
-    with doc.transaction():
-        fields["priority"] = rng.choice([p for p in _PRIORITIES if p != current])
-    tally.wrote(device, doc_id, "fields.priority")
-    due = str(fields.get("due_at") or "")
-    if rng.random() < 0.5 and len(due) == 10:
-        day = int(due[8:]) % 28 + 1  # a plausible other day of the same month
-        with doc.transaction():
-            fields["due_at"] = f"{due[:8]}{day:02d}"
-        tally.wrote(device, doc_id, "fields.due_at")
-    if rng.random() < 0.6:
-        _append_note(device, doc_id, doc, rng.choice(_SUPERVISOR_NOTES), stamp, tally)
-    if rng.random() < 0.2 and fields.get("status") != "completed":
-        with doc.transaction():
-            fields["status"] = "on_hold"
-        tally.wrote(device, doc_id, "fields.status")
-
-
-def _open(doc: Doc) -> bool:
-    return doc.get("fields", type=Map).get("status") != "completed"
-
-
-def plan_round(
-    devices: Iterable[Device], rng: random.Random, per_technician: int = 3
-) -> list[tuple[Device, list[str]]]:
-    """Which work orders each device touches this round. Supervisors review about half of what
-    their technicians work on, plus a few others: the same documents, edited concurrently."""
+    """`wait` for every device at once; raises `Stalled` naming the devices that timed out."""
     devices = list(devices)
-    plan: list[tuple[Device, list[str]]] = []
-    worked: set[str] = set()
-    for device in devices:
-        if device.is_supervisor:
-            continue
-        mine = sorted(
-            d
-            for d, doc in device.work_orders()
-            if _open(doc) and doc.get("fields", type=Map).get("assignee") == device.user.subject
-        )
-        picked = rng.sample(mine, min(per_technician, len(mine)))
-        worked.update(picked)
-        plan.append((device, picked))
-    for device in devices:
-        if not device.is_supervisor:
-            continue
-        team = sorted(d for d, doc in device.work_orders() if _open(doc))
-        shared = sorted(d for d in team if d in worked)
-        picked = rng.sample(shared, math.ceil(len(shared) / 2))
-        others = [d for d in team if d not in picked]
-        picked += rng.sample(others, min(2, len(others)))
-        plan.append((device, picked))
-    return plan
-
-
-def edit_offline(
-    plan: list[tuple[Device, list[str]]], rng: random.Random, stamp: str, tally: Tally
-) -> None:
-    for device, doc_ids in plan:
-        for doc_id in doc_ids:
-            if device.is_supervisor:
-                supervisor_review(device, doc_id, rng, stamp, tally)
-            else:
-                technician_visit(device, doc_id, rng, stamp, tally)
+    results = await asyncio.gather(*(wait(d) for d in devices), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+            raise result
+    late = [d for d, r in zip(devices, results, strict=True) if isinstance(r, TimeoutError)]
+    if late:
+        names = ", ".join(f"{d.name} ({d.client.pending()} edits pending)" for d in late)
+        raise Stalled(f"within {TIMEOUT:.0f}s, these devices did not {what}: {names}")
 
 
 def describe(devices: Iterable[Device]) -> str:

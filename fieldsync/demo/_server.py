@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +70,22 @@ async def running(
             await runner.cleanup()
 
 
-@asynccontextmanager
-async def quiet_access_log() -> AsyncIterator[None]:
-    """Hide the access log while the simulated devices connect and reconnect."""
-    logger = logging.getLogger("aiohttp.access")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+class QuietLog:
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.level = logger.level
+
+    def restore(self) -> None:
+        self.logger.setLevel(self.level)
+
+
+@contextlib.contextmanager
+def quiet_access_log() -> Iterator[QuietLog]:
+    """Hide the access log (simulated devices connect hundreds of times) until `restore()` or
+    the end of the block."""
+    quiet = QuietLog(logging.getLogger("aiohttp.access"))
+    quiet.logger.setLevel(logging.WARNING)
     try:
-        yield
+        yield quiet
     finally:
-        logger.setLevel(level)
+        quiet.restore()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fieldsync.auth import in_scope, may_create
 from fieldsync.documents import DocType
 from fieldsync.errors import ErrorCode, FieldsyncError
-from fieldsync.replication._codec import SyncStep, encode_sync
+from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, preview_index
 from fieldsync.storage import Committed, DocIndex, ScopeChange, Store, Write
@@ -118,17 +118,27 @@ class Replicator:
         if room.exists:
             if not in_scope(peer.scope, await self._scope_index(room)):
                 raise Forbidden(doc_id)
-            room.subscribers[peer] = None
+            self._admit(peer, room)
         elif self._may_create_some(peer, room.type):
             room.pending[peer] = None
         else:
             raise Forbidden(doc_id)
         return room
 
+    def _admit(self, peer: Peer, room: Room) -> None:
+        room.subscribers[peer] = None
+        present = room.awareness.snapshot()
+        if present is not None:
+            peer.send_doc(room.doc_id, present)
+
     def unsubscribe(self, peer: Peer, room: Room) -> None:
         room.subscribers.pop(peer, None)
         room.pending.pop(peer, None)
         room.last_used = time.monotonic()
+        gone = room.awareness.leave(peer)
+        if gone is not None:
+            for other in room.subscribers:
+                other.send_doc(room.doc_id, gone)
 
     @staticmethod
     def _may_create_some(peer: Peer, doc_type: DocType) -> bool:
@@ -251,7 +261,7 @@ class Replicator:
         for peer in list(room.pending):
             del room.pending[peer]
             if in_scope(peer.scope, scope_index):
-                room.subscribers[peer] = None
+                self._admit(peer, room)
                 peer.confirmed(room.doc_id, None if peer is author else room.ydoc.get_update())
             else:
                 peer.refused(room.doc_id)
@@ -281,10 +291,12 @@ class Replicator:
 
     # --- awareness ----------------------------------------------------------------------
 
-    def relay_awareness(self, peer: Peer, room: Room, message: bytes) -> None:
+    def relay_awareness(self, peer: Peer, room: Room, payload: bytes) -> None:
         """Awareness (cursors, presence) goes to the other replicas and is never stored."""
         if peer not in room.subscribers:
             raise Forbidden(room.doc_id)
+        room.awareness.apply(peer, payload)
+        message = encode_awareness(payload)
         for other in room.subscribers:
             if other is not peer:
                 other.send_doc(room.doc_id, message)

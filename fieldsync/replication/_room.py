@@ -10,6 +10,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 
 from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.replication._awareness import Awareness
 from fieldsync.storage import DocIndex, StoredDoc
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Room:
         self.ydoc: Doc = Doc()
         self.subscribers: dict[Peer, None] = {}  # an ordered set
         self.pending: dict[Peer, None] = {}
+        self.awareness: Awareness[Peer] = Awareness()
         self.in_flight = 0  # updates applied in memory, not yet committed
         self.tail: asyncio.Future[Any] | None = None  # the commit of the last applied update
         self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted

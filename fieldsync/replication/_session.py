@@ -292,7 +292,7 @@ class V1Session(Connection):
                 subscribed = self.rooms.get(doc_id)
                 if subscribed is None:
                     raise Forbidden(doc_id)
-                self.replicator.relay_awareness(self, subscribed, message.message)
+                self.replicator.relay_awareness(self, subscribed, y.payload)
         except ProtocolError as exc:
             # A malformed y-protocols message concerns one document: the device is told, the
             # connection and its other documents go on.

@@ -55,7 +55,7 @@ class YwsSession(Connection):
             elif isinstance(y, YSync):
                 await self._write(room, y.payload)
             elif isinstance(y, YAwareness):
-                self.replicator.relay_awareness(self, room, frame)
+                self.replicator.relay_awareness(self, room, y.payload)
         except ProtocolError as exc:
             self.close(CloseCode.PROTOCOL_ERROR, exc.message)
         except FieldsyncError as exc:

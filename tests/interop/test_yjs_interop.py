@@ -245,9 +245,8 @@ async def test_awareness_reaches_other_yjs_clients_and_is_not_stored(
 ) -> None:
     sam = await create_work_order(server, tmp_path)
     try:
-        # Both connect before Tina sets her state: the server relays awareness but keeps none,
-        # so unlike the stock y-websocket server it does not greet a late joiner with the
-        # current states (it sees them at the sender's next 15 s renewal).
+        # Late joiners are greeted with the current states (tests/replication/test_protocol.py);
+        # here both are connected and see each change as it happens.
         tina, supervisor = await yjs_peer(DOC), await yjs_peer(DOC)
         assert (await tina.connect(server.token("tina")))["ok"]
         assert (await supervisor.connect(server.token("sam")))["ok"]

@@ -346,3 +346,34 @@ async def test_draining_closes_4503(tmp_path: Path, issuer: DevIssuer) -> None:
         await wire.hello()
     assert await wire.closed_with() == (CloseCode.DRAINING, "draining")
     await wire_cm.__aexit__(None, None, None)
+
+
+async def test_a_late_joiner_sees_presence_and_a_dropped_replica_is_announced_gone(
+    server: Server,
+) -> None:
+    from fieldsync.replication._awareness import decode_update
+
+    await create(server, "sam", work_order("wo:pr", assignee="tina"), "wo:pr")
+    here = bytes([YMessage.AWARENESS]) + write_varbytes(
+        b"\x01\x2a\x03" + write_varbytes(b'{"user":"tina"}')
+    )
+
+    def presence(wire: Wire) -> list[tuple[int, int, str]]:
+        return [
+            entry
+            for doc, y in wire.docs
+            if doc == "wo:pr" and not hasattr(y, "step")
+            for entry in decode_update(y.payload)
+        ]
+
+    async with connect(server.sync_url, server.token("sam")) as sam:
+        await sam.hello()
+        async with connect(server.sync_url, server.token("tina")) as tina:
+            await tina.hello()
+            await tina.step1("wo:pr")
+            await tina.doc_message("wo:pr", SyncStep.STEP2)
+            await tina.send(DocMessage("wo:pr", here))
+            await sam.step1("wo:pr")  # joins after tina announced herself
+            await eventually(lambda: (42, 3, '{"user":"tina"}') in presence(sam))
+        # tina's socket is gone without a goodbye: sam hears she left.
+        await eventually(lambda: (42, 4, "null") in presence(sam))
