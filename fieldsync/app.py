@@ -10,6 +10,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from fieldsync.api import Operations
 from fieldsync.auth import ClaimMapping, Principal, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.replication import Endpoints, Limits, Replicator
@@ -97,34 +98,21 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.on_shutdown.append(lambda _app: endpoints.drain())
     app.router.add_get("/v1/sync", endpoints.sync)
     app.router.add_get("/v1/yws/{doc_id}", endpoints.yws)
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/ready", ready)
-    app.router.add_get("/v1/metrics", metrics)
-    return app
 
+    async def readiness() -> dict[str, object] | None:
+        if endpoints.draining:
+            return None
+        return {"seq": await the_store.head()}
 
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    app = request.app
-    if app[ENDPOINTS].draining:
-        return web.json_response({"status": "draining"}, status=503)
-    head = await app[STORE].head()
-    return web.json_response({"status": "ready", "seq": head})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    app = request.app
-    stats = await app[STORE].stats()
-    return web.json_response(
-        {
-            "store": stats,
-            "rooms_loaded": app[REPLICATOR].loaded,
-            "connections": len(app[ENDPOINTS].connections),
+    async def metrics() -> dict[str, object]:
+        return {
+            "store": await the_store.stats(),
+            "rooms_loaded": replicator.loaded,
+            "connections": len(endpoints.connections),
         }
-    )
+
+    app.router.add_routes(Operations(verifier.verify, readiness, metrics).routes())
+    return app
 
 
 def configure_logging(level: str) -> None:

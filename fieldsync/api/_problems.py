@@ -1,0 +1,35 @@
+"""RFC 9457 problem details: every HTTP error carries a stable `code` from the vocabulary in
+`fieldsync.errors`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from fieldsync.errors import ErrorCode
+
+STATUS = {
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.REAUTHENTICATE: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.CLIENT_UPGRADE_REQUIRED: 426,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.DRAINING: 503,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
+}
+
+
+def problem(code: ErrorCode, detail: str, **extra: Any) -> web.Response:
+    status = STATUS.get(code, 400)
+    body = {"type": "about:blank", "title": code.value, "status": status, "code": code.value}
+    body["detail"] = detail
+    body.update(extra)
+    headers = {"WWW-Authenticate": f'Bearer error="{code.value}"'} if status == 401 else None
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        content_type="application/problem+json",
+        headers=headers,
+    )

@@ -1,0 +1,64 @@
+"""Health, readiness and metrics, and what the access log may never contain."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+
+from tests.harness import Server, work_order
+from tests.wire import connect
+
+
+async def get(server: Server, path: str, token: str | None = None) -> tuple[int, dict, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.get(server.url + path, headers=headers) as r:
+        return r.status, await r.json(content_type=None), r.content_type
+
+
+async def test_health_and_readiness(server: Server) -> None:
+    assert (await get(server, "/v1/health"))[:2] == (200, {"status": "ok"})
+    status, body, _ = await get(server, "/v1/ready")
+    assert status == 200 and body["status"] == "ready" and body["seq"] == 0
+
+
+@pytest.mark.parametrize(
+    ("subject", "status", "code"),
+    [(None, 401, "reauthenticate"), ("tina", 403, "forbidden"), ("sam", 403, "forbidden")],
+)
+async def test_metrics_are_refused_with_a_problem(
+    server: Server, subject: str | None, status: int, code: str
+) -> None:
+    token = server.token(subject) if subject else None
+    got, body, content_type = await get(server, "/v1/metrics", token)
+    assert (got, body["code"]) == (status, code)
+    assert content_type == "application/problem+json"
+
+
+async def test_metrics_for_admins_count_what_is_stored(server: Server) -> None:
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:m1", work_order("wo:m1").get_update())
+        await wire.control("ack")
+        status, body, _ = await get(server, "/v1/metrics", server.token("ada"))
+    assert status == 200
+    assert body["store"]["docs"] == 1 and body["store"]["updates"] == 1
+    assert body["connections"] == 1 and body["rooms_loaded"] == 1
+
+
+async def test_a_token_in_the_query_string_never_reaches_the_log(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = server.token("tina")
+    caplog.set_level(logging.DEBUG)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(server.yws_url("wo:nolog") + f"?token={token}") as ws,
+    ):
+        await ws.close()
+    async with aiohttp.ClientSession() as http:
+        await http.get(server.url + f"/v1/health?token={token}")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "/v1/health" in logged  # the access log ran…
+    assert token not in logged and token[-20:] not in logged  # …without the token
