@@ -207,6 +207,7 @@ class Client:
     async def start(self) -> None:
         """Go online: connect, and reconnect with jittered backoff whenever the link drops."""
         self._online = True
+        self.caught_up.clear()
         if self._http is None:
             self._http = aiohttp.ClientSession()
         if self._runner is None or self._runner.done():

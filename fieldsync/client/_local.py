@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 class LocalStore:
-    """Small synchronous writes; the client calls it from a worker thread."""
+    """Small synchronous writes on the device's own event loop (a device has one user and one
+    database; the server is where nothing may block)."""
 
     def __init__(self, path: Path | None) -> None:
         if path is not None:
@@ -73,7 +74,10 @@ class LocalStore:
                 for n, sv in rows
                 if all(clock.get(int(client), 0) >= end for client, end in orjson.loads(sv).items())
             ]
-            self._db.executemany("DELETE FROM pending WHERE n = ?", [(n,) for n in done])
+            if done:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM pending WHERE n = ?", [(n,) for n in done])
+                self._db.execute("COMMIT")
             return len(rows) - len(done)
 
     def pending(self, doc: str | None = None) -> int:

@@ -126,7 +126,6 @@ async def _simulate(
     await fleet.retire(keep={name for name, _ in chosen})
     sim = [fleet.get(name, user) for name, user in chosen]
     for device in sim:
-        device.client.caught_up.clear()  # set again once this session's catch-up is done
         await device.client.start()
     await _devices.wait_all(sim, "catch up with the server", _devices.caught_up)
     progress.line(

@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fieldsync.demo import _dataset
+
 Print = Callable[[str], None]
 
 
@@ -113,10 +115,13 @@ def serving(
         f"  device sync (v1)      {ws}/v1/sync",
         f"  y-websocket           {ws}/v1/yws/{{doc}}   e.g. {ws}/v1/yws/{example_doc}",
         f"  health                {server_url}/v1/health",
-        f"  metrics               {server_url}/v1/metrics",
+        f"  metrics               {server_url}/v1/metrics   (with a token of admin "
+        f"{_dataset.ADMIN.subject} or manager {_dataset.MANAGER.subject})",
         f"  OpenID discovery      {issuer_url}/.well-known/openid-configuration",
         f"  get a token           curl -d grant_type=password -d username=<user> "
         f"-d password=demo {issuer_url}/token",
+        "  use it                curl -H 'Authorization: Bearer <access_token>' "
+        f"{server_url}/v1/metrics   (browsers' y-websocket: ?token=<access_token>)",
         f"  users                 {users}",
         f"  data                  {data_dir}  (run again to reuse it; delete it to start over)",
     ]
