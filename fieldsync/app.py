@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from fieldsync.api import Operations
-from fieldsync.auth import ClaimMapping, Principal, TokenVerifier
+from fieldsync.api import AuthHelpers, Operations, install_middleware
+from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.replication import Endpoints, Limits, Replicator
 from fieldsync.storage import SQLiteStore, Store
@@ -56,6 +57,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     """The server. It verifies tokens against `settings.oidc_issuer` (started with the app)."""
     app = web.Application(client_max_size=settings.max_frame)
     app[SETTINGS] = settings
+    install_middleware(app, settings)
     settings.data_path.mkdir(parents=True, exist_ok=True)
     the_store: Store = store or SQLiteStore(
         settings.data_path / "fieldsync.db", compact_after_updates=settings.compact_after
@@ -63,6 +65,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[STORE] = the_store
     replicator = Replicator(
         the_store,
+        policy=load_policy(settings),
         max_doc_bytes=settings.max_doc_bytes,
         idle_seconds=settings.idle_seconds,
         max_rooms=settings.max_rooms,
@@ -112,7 +115,30 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         }
 
     app.router.add_routes(Operations(verifier.verify, readiness, metrics).routes())
+    auth = AuthHelpers(
+        verifier,
+        client_id=settings.oidc_client_id,
+        scopes=settings.oidc_scopes,
+        public_url=settings.public_url,
+        timeout=settings.oidc_timeout,
+    )
+    app.cleanup_ctx.append(auth.lifecycle)  # after `lifecycle`: needs the verifier started
+    app.router.add_routes(auth.routes())
     return app
+
+
+def load_policy(settings: Settings) -> Policy:
+    return Policy.load(Path(settings.policy) if settings.policy else None)
+
+
+def reload_policy(app: web.Application) -> None:
+    """SIGHUP: read the policy again; a broken file is reported and the running one kept."""
+    try:
+        app[REPLICATOR].policy = load_policy(app[SETTINGS])
+    except PolicyError as exc:
+        logging.getLogger(__name__).error("%s; keeping the running policy", exc)
+        return
+    logging.getLogger(__name__).info("policy reloaded from %s", app[REPLICATOR].policy.source)
 
 
 def configure_logging(level: str) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from fieldsync.app import AccessLogger, configure_logging, create_app
+from fieldsync.app import AccessLogger, configure_logging, create_app, load_policy, reload_policy
+from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 
 
@@ -47,14 +49,21 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         settings = Settings.load(args.config)
+        load_policy(settings)  # a broken policy stops the server here, named
         if not settings.oidc_issuer:
             raise ConfigError("FIELDSYNC_OIDC_ISSUER", "required: the URL of your OpenID provider")
-    except ConfigError as exc:
+    except (ConfigError, PolicyError) as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    app = create_app(settings)
+
+    async def reload_on_sighup(app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, app)
+
+    app.on_startup.append(reload_on_sighup)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         access_log_class=AccessLogger,

@@ -10,6 +10,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -69,6 +70,17 @@ def _name(text: str) -> str:
     return text.strip()
 
 
+def _scopes(text: str) -> str:
+    """RFC 6749 §3.3: space-separated scope tokens of printable ASCII without `"` and `\\`."""
+    scopes = text.split()
+    if not scopes:
+        raise ValueError("must name at least one scope")
+    for scope in scopes:
+        if any(not 0x21 <= ord(c) <= 0x7E or c in '"\\' for c in scope):
+            raise ValueError(f"{scope!r} is not an OAuth scope")
+    return " ".join(scopes)
+
+
 def _versions(text: str) -> dict[str, str]:
     """'ios=2.4.0,android=2.3.1' -> {'ios': '2.4.0', 'android': '2.3.1'}"""
     result = {}
@@ -80,18 +92,93 @@ def _versions(text: str) -> dict[str, str]:
     return result
 
 
+def _upgrade_urls(text: str) -> dict[str, str]:
+    """'ios=https://apps.apple.com/app/id1,android=https://play.google.com/...' per platform."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        platform, sep, url = item.partition("=")
+        if not sep or not platform.strip() or not url.strip():
+            raise ValueError("expected platform=URL pairs separated by commas")
+        result[platform.strip()] = _url(url.strip())
+    return result
+
+
+def _origins(text: str) -> frozenset[str]:
+    """'https://app.example.com, capacitor://localhost' -> origins as browsers send them
+    (RFC 6454 §6.2: lower case, no path, no default port), so they compare as strings. The
+    opaque origin `null` cannot be listed: every sandboxed page anywhere sends it."""
+    result = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parsed = urlparse(item.lower())
+        if not parsed.scheme or not parsed.hostname:
+            raise ValueError(f"{item!r} is not an origin: scheme://host[:port]")
+        if parsed.path.strip("/") or parsed.query or parsed.fragment or "@" in parsed.netloc:
+            raise ValueError(f"{item!r} is not an origin: scheme://host[:port] only")
+        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+        port = parsed.port  # ValueError when it is not a port number
+        default = {"http": 80, "https": 443}.get(parsed.scheme)
+        suffix = f":{port}" if port not in (None, default) else ""
+        result.add(f"{parsed.scheme}://{host}{suffix}")
+    return frozenset(result)
+
+
+@dataclass(frozen=True, slots=True)
+class Deprecation:
+    """A path prefix scheduled for removal: `Deprecation` (RFC 9745) and `Sunset` (RFC 8594)."""
+
+    since: datetime
+    sunset: datetime
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 date or date-time, UTC unless it names an offset."""
+    moment = datetime.fromisoformat(text.strip())
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _deprecations(text: str) -> dict[str, Deprecation]:
+    """'/v1/old=2027-06-30' (the sunset; deprecated from now on) or
+    '/v1/old=2026-01-01/2027-06-30' (an ISO 8601 interval: deprecated since, then sunset)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        prefix, sep, dates = item.partition("=")
+        prefix = prefix.strip()
+        if not sep or not prefix.startswith("/") or not dates.strip():
+            raise ValueError("expected /path=sunset or /path=deprecated/sunset, comma-separated")
+        start, _, end = dates.rpartition("/")
+        sunset = _moment(end)
+        if start:
+            since = _moment(start)
+            if sunset < since:
+                raise ValueError(f"{prefix}: the sunset comes before the deprecation")
+        else:
+            # RFC 9745 §2.1 wants the moment deprecation took effect; without one, the server's
+            # start is the earliest this server knows of (and never later than the sunset).
+            since = min(datetime.now(UTC).replace(microsecond=0), sunset)
+        result[prefix.rstrip("/") or "/"] = Deprecation(since, sunset)
+    return result
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", _name, "address to listen on"),
     Setting("port", 8080, _port, "port to listen on (0: any free port)"),
     Setting("data_dir", "data", _name, "folder for the SQLite database and attachments"),
     Setting("oidc_issuer", "", _url, "OpenID issuer URL; its discovery document and JWKS are used"),
     Setting("oidc_audience", "fieldsync", _name, "required `aud` of access tokens"),
+    Setting("oidc_client_id", "fieldsync-app", _name, "client id of the apps at the provider"),
+    Setting("oidc_scopes", "openid profile offline_access", _scopes, "scopes the apps ask for"),
+    Setting("oidc_timeout", 10.0, _positive_float, "seconds to wait for the token endpoint"),
+    Setting("public_url", "", _url, "fieldsync's external base URL (empty: from the request)"),
     Setting("roles_claim", "roles", _name, "claim path of the roles (e.g. realm_access.roles)"),
     Setting("team_claim", "team", _name, "claim path of the team"),
     Setting("region_claim", "region", _name, "claim path of the region"),
     Setting("name_claim", "name", _name, "claim path of the display name"),
     Setting("token_leeway", 60, int, "seconds of clock skew allowed on exp/nbf/iat"),
     Setting("min_client_versions", {}, _versions, "e.g. ios=2.4.0,android=2.3.1,web=1.0.0"),
+    Setting("upgrade_urls", {}, _upgrade_urls, "where each platform's app is upgraded"),
+    Setting("deprecations", {}, _deprecations, "path prefix=sunset date, e.g. /v1/old=2027-06-30"),
+    Setting("allowed_origins", frozenset(), _origins, "browser origins allowed on WebSockets"),
+    Setting("policy", "", str, "access policy TOML file (empty: the shipped policy)"),
     Setting("max_frame", 1 << 20, _positive_int, "largest WebSocket message accepted (bytes)"),
     Setting("max_body", 8 << 20, _positive_int, "largest frame body after zstd (bytes)"),
     Setting("max_doc_bytes", 16 << 20, _positive_int, "largest stored document (bytes)"),
@@ -163,4 +250,6 @@ class Settings:
 def _toml_text(value: Any) -> str:
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(map(str, value))
     return str(value)

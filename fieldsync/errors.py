@@ -7,6 +7,7 @@ HTTP answers carry the code in an RFC 9457 problem document; WebSocket sessions 
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -20,7 +21,12 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     AUTH_TIMEOUT = "auth_timeout"
     DRAINING = "draining"
+    # The identity provider did not answer (down, timed out, 5xx) when fieldsync relayed a token
+    # request (`POST /v1/auth/token`): HTTP 503 with Retry-After. The sign-in is not at fault;
+    # the app keeps its refresh token and retries later, never asks the user to sign in again.
+    IDP_UNAVAILABLE = "idp_unavailable"
     # Per-document (the `error` control message).
+    FORBIDDEN_FIELD = "forbidden_field"  # the update writes paths the role may not write
     INVALID_UPDATE = "invalid_update"
     INVALID_DOC_ID = "invalid_doc_id"
     DOC_TOO_LARGE = "doc_too_large"
@@ -43,12 +49,13 @@ class CloseCode(IntEnum):
 
 
 class FieldsyncError(Exception):
-    """An error with a stable code; `message` is safe to show to the client."""
+    """An error with a stable code; `message` and `detail` are safe to show to the client."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = detail
 
 
 class ProtocolError(FieldsyncError):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,32 @@ async def issuer() -> AsyncIterator[DevIssuer]:
 async def server(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server]:
     async with running_server(tmp_path / "data", issuer) as server:
         yield server
+
+
+class _TokenWatch(logging.Handler):
+    """Remembers every log line, traceback included, that holds a JWT: an access token's
+    header and payload are base64url JSON objects, so both start with `eyJ` (RFC 7515 §7.1)."""
+
+    JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if self.JWT.search(line):
+            self.found.append(f"{record.levelname} {record.name}: {line[:300]}")
+
+
+@pytest.fixture(autouse=True)
+def no_token_in_any_log() -> Iterator[None]:
+    """Issue 3: no token ever in a log line, checked over the logs of the whole test run (what
+    each test's logging lets through; `tests/test_secrets_in_logs.py` turns everything to DEBUG)."""
+    watch = _TokenWatch()
+    logging.getLogger().addHandler(watch)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(watch)
+    assert watch.found == [], "a token reached the log"

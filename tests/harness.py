@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from pycrdt import Doc
@@ -33,11 +33,22 @@ USERS = {
 }
 
 
+class Issuer(Protocol):
+    """What the server needs of an OpenID provider: its issuer URL. A DevIssuer, or the
+    authlib-built provider of `tests/auth/provider.py`."""
+
+    @property
+    def issuer(self) -> str: ...
+
+
+IssuerT = TypeVar("IssuerT", bound=Issuer)
+
+
 @dataclass
-class Server:
+class Server(Generic[IssuerT]):
     url: str
     app: web.Application
-    issuer: DevIssuer
+    issuer: IssuerT
     data_dir: Path
 
     @property
@@ -47,10 +58,12 @@ class Server:
     def yws_url(self, doc_id: str) -> str:
         return self.url.replace("http", "ws", 1) + f"/v1/yws/{doc_id}"
 
-    def token(self, subject: str, **kwargs: Any) -> str:
+    def token(self: Server[DevIssuer], subject: str, **kwargs: Any) -> str:
         return self.issuer.issue(subject, **kwargs)
 
-    def client(self, subject: str, path: Path | None = None, **kwargs: Any) -> Client:
+    def client(
+        self: Server[DevIssuer], subject: str, path: Path | None = None, **kwargs: Any
+    ) -> Client:
         return Client(self.sync_url, self.token(subject), path=path, **kwargs)
 
 
@@ -66,18 +79,19 @@ async def running_issuer() -> AsyncIterator[DevIssuer]:
 
 @asynccontextmanager
 async def running_server(
-    data_dir: Path, issuer: DevIssuer, **settings: Any
-) -> AsyncIterator[Server]:
+    data_dir: Path, issuer: IssuerT, **settings: Any
+) -> AsyncIterator[Server[IssuerT]]:
     config = Settings.load(
         environ={}, data_dir=str(data_dir), oidc_issuer=issuer.issuer, port=0, **settings
     )
     app = create_app(config)
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     try:
+        # Inside the try: a start that fails half-way still closes what it had opened.
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
         yield Server(f"http://127.0.0.1:{port}", app, issuer, data_dir)
     finally:
         await runner.cleanup()

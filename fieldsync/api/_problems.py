@@ -17,6 +17,7 @@ STATUS = {
     ErrorCode.CLIENT_UPGRADE_REQUIRED: 426,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.DRAINING: 503,
+    ErrorCode.IDP_UNAVAILABLE: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 

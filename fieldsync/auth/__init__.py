@@ -2,17 +2,23 @@
 
 from fieldsync.auth._dev_issuer import DevIssuer, DevUser
 from fieldsync.auth._oidc import ClaimMapping, TokenVerifier, bearer_token
-from fieldsync.auth._principal import Principal, Role, in_scope, may_create, scope_of
+from fieldsync.auth._policy import Grant, Policy, PolicyError, in_scope, path_allowed
+from fieldsync.auth._principal import Principal, Role
+from fieldsync.auth._versions import required_version, version_tuple
 
 __all__ = [
     "ClaimMapping",
     "DevIssuer",
     "DevUser",
+    "Grant",
+    "Policy",
+    "PolicyError",
     "Principal",
     "Role",
     "TokenVerifier",
     "bearer_token",
     "in_scope",
-    "may_create",
-    "scope_of",
+    "path_allowed",
+    "required_version",
+    "version_tuple",
 ]

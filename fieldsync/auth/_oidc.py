@@ -241,6 +241,7 @@ class TokenVerifier:
         self._claims_options["aud"]["value"] = audience
         self._session: aiohttp.ClientSession | None = None
         self._jwks_uri: str | None = None
+        self._metadata: Mapping[str, Any] | None = None  # the discovery document
         self._keys: tuple[_VerificationKey, ...] = ()
         self._refresh_lock = asyncio.Lock()
         self._next_refresh = 0.0  # monotonic time before which unknown kids fetch nothing
@@ -252,6 +253,21 @@ class TokenVerifier:
     @property
     def audience(self) -> str:
         return self._audience
+
+    def endpoint(self, name: str) -> str | None:
+        """The URL the discovery document read by `start()` gives for `name` (`token_endpoint`,
+        `end_session_endpoint`…; OpenID Connect Discovery §3), or None when it names none. Held
+        to the same rule as the JWKS (https, http only on loopback): fieldsync sends
+        authorization codes and refresh tokens there."""
+        if self._metadata is None:
+            raise RuntimeError("TokenVerifier not started")
+        url = self._metadata.get(name)
+        if url is None:
+            return None
+        if not isinstance(url, str):
+            raise ValueError(f"discovery document: {name} is not a URL")
+        _require_secure_url(url, name)
+        return url
 
     async def start(self) -> None:
         """Read the discovery document and the JWKS; raises if the provider is unreachable or
@@ -272,6 +288,7 @@ class TokenVerifier:
                 raise ValueError("discovery document has no jwks_uri")
             _require_secure_url(jwks_uri, "jwks_uri")
             self._jwks_uri = jwks_uri
+            self._metadata = MappingProxyType(config)
             await self._fetch_jwks()
         except BaseException:
             await self.close()

@@ -44,6 +44,14 @@ _FATAL = {
 }
 
 
+def _safe(exc: BaseException) -> str:
+    """An error as a log may show it. The repr of an aiohttp response error holds the request's
+    headers, and with them the bearer token: keep its status and message only."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: {exc.status} {exc.message}"
+    return repr(exc)
+
+
 class Fatal(Exception):
     """The server refused this device for good (e.g. sign in again, upgrade the app)."""
 
@@ -241,7 +249,7 @@ class Client:
             try:
                 await self._session(self._http)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                log.debug("device %s: connection failed: %r", self.device_id, exc)
+                log.debug("device %s: connection failed: %s", self.device_id, _safe(exc))
             except Fatal as exc:
                 self.fatal = exc
                 self._online = False

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pycrdt import Doc
+from pycrdt import Doc, Map, Text
 
 from fieldsync.documents import _form as form
 from fieldsync.documents import _workorder as work_order
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
+from fieldsync.documents._paths import paths_written
 from fieldsync.storage import DocIndex
 
 
@@ -19,11 +20,22 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
     return form.index(doc_id, doc)
 
 
+def roots(kind: DocType) -> dict[str, Any]:
+    """The roots of a document type and their pycrdt types."""
+    return work_order.ROOTS if kind is DocType.WORK_ORDER else form.ROOTS
+
+
 def to_json(doc_id: str, doc: Doc) -> dict[str, Any]:
     """The document's content as plain JSON-ready data."""
-    if doc_type(doc_id) is DocType.WORK_ORDER:
-        return work_order.to_json(doc)
-    return form.to_json(doc)
+    content: dict[str, Any] = {}
+    for name, kind in roots(doc_type(doc_id)).items():
+        root = doc.get(name, type=kind)
+        content[name] = str(root) if kind is Text else root.to_py() or kind_empty(kind)
+    return content
+
+
+def kind_empty(kind: Any) -> Any:
+    return {} if kind is Map else []
 
 
 __all__ = [
@@ -33,6 +45,8 @@ __all__ = [
     "doc_type",
     "form",
     "index",
+    "paths_written",
+    "roots",
     "to_json",
     "work_order",
 ]

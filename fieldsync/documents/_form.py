@@ -15,11 +15,7 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
     return DocIndex(doc=doc_id, type="form", wo=wo if isinstance(wo, str) else None)
 
 
-def to_json(doc: Doc) -> dict[str, Any]:
-    return {
-        "meta": doc.get("meta", type=Map).to_py() or {},
-        "answers": doc.get("answers", type=Map).to_py() or {},
-    }
+ROOTS: dict[str, type[Map]] = {"meta": Map, "answers": Map, "validation": Map}
 
 
 def write(doc: Doc, wo: str, template: str, version: int, answers: Mapping[str, Any]) -> None:

@@ -27,15 +27,15 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
     return DocIndex(doc=doc_id, type="wo", wo=doc_id, **values)
 
 
-def to_json(doc: Doc) -> dict[str, Any]:
-    return {
-        "fields": doc.get("fields", type=Map).to_py() or {},
-        "checklist": doc.get("checklist", type=Array).to_py() or [],
-        "time_entries": doc.get("time_entries", type=Array).to_py() or [],
-        "parts": doc.get("parts", type=Array).to_py() or [],
-        "notes": str(doc.get("notes", type=Text)),
-        "attachments": doc.get("attachments", type=Map).to_py() or {},
-    }
+# The document's roots and their types (DESIGN.md §2).
+ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
+    "fields": Map,
+    "checklist": Array,
+    "time_entries": Array,
+    "parts": Array,
+    "notes": Text,
+    "attachments": Map,
+}
 
 
 def write(

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from fieldsync.auth import Principal, scope_of
+from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode
 from fieldsync.replication._replicator import Replicator, Submitted
 from fieldsync.replication._room import Room
@@ -75,7 +75,7 @@ class Connection:
         self.id = f"c{next(_ids)}-{uuid.uuid4().hex[:8]}"
         self.principal: Principal = principal or Principal("", frozenset())
         self.authenticated = principal is not None
-        self.scope = scope_of(self.principal)
+        self.scope = replicator.policy.scope(self.principal)
         self.origin = f"session:{self.id}"
         self.rooms: dict[str, Room] = {}
         self._out: deque[bytes] = deque()

@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fieldsync.auth import in_scope, may_create
+from fieldsync.auth import Policy, in_scope
 from fieldsync.documents import DocType
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
-from fieldsync.replication._room import InvalidUpdate, Room, preview_index
+from fieldsync.replication._room import InvalidUpdate, Room, check_count, preview_index
 from fieldsync.storage import Committed, DocIndex, ScopeChange, Store, Write
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 class Forbidden(FieldsyncError):
     def __init__(self, doc_id: str) -> None:
         super().__init__(ErrorCode.FORBIDDEN, f"{doc_id}: not in your scope")
+
+
+class ForbiddenField(FieldsyncError):
+    def __init__(self, doc_id: str, paths: list[str]) -> None:
+        super().__init__(
+            ErrorCode.FORBIDDEN_FIELD,
+            f"{doc_id}: your role may not write {', '.join(paths)}",
+            paths=paths,
+        )
 
 
 class DocTooLarge(FieldsyncError):
@@ -48,11 +57,13 @@ class Replicator:
         self,
         store: Store,
         *,
+        policy: Policy | None = None,
         max_doc_bytes: int = 16 << 20,
         idle_seconds: float = 30.0,
         max_rooms: int = 10_000,
     ) -> None:
         self.store = store
+        self.policy = policy or Policy.load()
         self.max_doc_bytes = max_doc_bytes
         self.idle_seconds = idle_seconds
         self.max_rooms = max_rooms
@@ -119,7 +130,7 @@ class Replicator:
             if not in_scope(peer.scope, await self._scope_index(room)):
                 raise Forbidden(doc_id)
             self._admit(peer, room)
-        elif self._may_create_some(peer, room.type):
+        elif self.policy.may_create_some(peer.principal, room.type.value):
             room.pending[peer] = None
         else:
             raise Forbidden(doc_id)
@@ -140,33 +151,29 @@ class Replicator:
             for other in room.subscribers:
                 other.send_doc(room.doc_id, gone)
 
-    @staticmethod
-    def _may_create_some(peer: Peer, doc_type: DocType) -> bool:
-        # Whether this principal could create a document of this type for any scope index: the
-        # real check, against the content, happens on the first update.
-        everywhere = DocIndex(
-            doc="",
-            type=doc_type.value,
-            wo="",
-            assignee=peer.principal.subject,
-            team=peer.principal.team,
-            region=peer.principal.region,
-        )
-        return may_create(peer.principal, doc_type.value, everywhere)
-
     # --- the write path -----------------------------------------------------------------
 
     async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
-        """Apply a peer's update and queue it for commit. Raises `Forbidden`, `InvalidUpdate` or
-        `DocTooLarge`; nothing of a refused update is kept."""
+        """Apply a peer's update and queue it for commit. Raises `Forbidden`, `ForbiddenField`,
+        `InvalidUpdate` or `DocTooLarge`; nothing of a refused update is kept."""
         if peer not in room.subscribers and peer not in room.pending:
             raise Forbidden(room.doc_id)
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
+        check_count(update, "update")  # before any replica, scratch or real, decodes it
+        checked = False
         if not room.exists:
             await self._authorise_creation(peer, room, update)
+        elif not self.policy.writes_everything(peer.principal, room.type.value):
+            # Read what the update writes on a scratch replica before the room takes it.
+            paths = room.paths_written(update)
+            refused = self.policy.forbidden_paths(peer.principal, room.type.value, paths)
+            if refused:
+                room.forget_scratch()
+                raise ForbiddenField(room.doc_id, refused)
+            checked = True
         try:
-            effective = room.apply(update)
+            effective = room.apply(update, checked=checked)
         finally:
             # `apply` raises when it poisons the room: drop it here, or its subscribers would
             # go on with a document in memory that storage does not hold (or that panics).
@@ -194,7 +201,7 @@ class Replicator:
             scope_index: DocIndex | None = index
         else:
             scope_index = await self._work_order_index(index.wo) if index.wo else None
-        if not may_create(peer.principal, room.type.value, scope_index):
+        if not self.policy.may_create(peer.principal, room.type.value, scope_index):
             room.pending.pop(peer, None)
             raise Forbidden(room.doc_id)
 
@@ -330,4 +337,4 @@ class Replicator:
         return dropped
 
 
-__all__ = ["DocTooLarge", "Forbidden", "InvalidUpdate", "Replicator", "Submitted"]
+__all__ = ["DocTooLarge", "Forbidden", "ForbiddenField", "InvalidUpdate", "Replicator", "Submitted"]

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 from pycrdt import Doc, TransactionEvent, merge_updates
 
 from fieldsync import documents
-from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._awareness import Awareness
+from fieldsync.replication._codec import Reader
 from fieldsync.storage import DocIndex, StoredDoc
 
 if TYPE_CHECKING:
@@ -22,6 +23,20 @@ _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 class InvalidUpdate(FieldsyncError):
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.INVALID_UPDATE, message)
+
+
+def check_count(data: bytes, what: str) -> None:
+    """Refuse a state vector or update whose leading entry count exceeds its bytes. yrs reserves
+    memory for that count before reading a single entry: eight bytes claiming 2^29 entries cost
+    it a gigabyte and most of a second of the event loop (pycrdt 0.14). Every entry takes at
+    least one byte, so no valid input is refused."""
+    reader = Reader(data)
+    try:
+        count = reader.varuint()
+    except ProtocolError:
+        raise InvalidUpdate(f"the {what} could not be decoded") from None
+    if count > reader.remaining:
+        raise InvalidUpdate(f"the {what} claims {count} entries in {reader.remaining} bytes")
 
 
 class Room:
@@ -40,6 +55,7 @@ class Room:
         self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted
         self.last_used = time.monotonic()
         self._emitted: list[bytes] = []
+        self._scratch: Doc | None = None
         self.ydoc.observe(self._on_transaction)
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
@@ -63,10 +79,36 @@ class Room:
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._emitted.append(event.update)
 
-    def apply(self, update: bytes) -> bytes | None:
+    def paths_written(self, update: bytes) -> set[str]:
+        """The paths `update` writes, read on a scratch replica kept beside the document (so a
+        check costs one more apply, not a copy of the document)."""
+        if self._scratch is None:
+            self._scratch = Doc()
+            self._scratch.apply_update(self.ydoc.get_update())
+        try:
+            return documents.paths_written(self._scratch, documents.roots(self.type), update)
+        except BaseException as exc:
+            if isinstance(exc, _FATAL):
+                raise
+            self._scratch = None
+            raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
+
+    def forget_scratch(self) -> None:
+        """The scratch replica took an update the room refused: it no longer mirrors the room."""
+        self._scratch = None
+
+    def apply(self, update: bytes, *, checked: bool = False) -> bytes | None:
         """Merge `update`; return what it added (the effective update to store and broadcast), or
-        None when it added nothing (already known, or waiting on updates not received yet)."""
+        None when it added nothing (already known, or waiting on updates not received yet).
+        `checked`: the scratch replica has taken it already (see `paths_written`)."""
         self.last_used = time.monotonic()
+        if self._scratch is not None and not checked:
+            try:
+                self._scratch.apply_update(update)
+            except BaseException as exc:
+                if isinstance(exc, _FATAL):
+                    raise
+                self._scratch = None
         try:
             self.ydoc.apply_update(update)
         except BaseException as exc:
@@ -98,6 +140,7 @@ class Room:
         return current
 
     def diff(self, state_vector: bytes) -> bytes:
+        check_count(state_vector, "state vector")
         try:
             return self.ydoc.get_update(state_vector)
         except BaseException as exc:

@@ -7,7 +7,6 @@ raised from `receive` tells it which close code to send.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Sequence
 from enum import Enum
@@ -16,7 +15,7 @@ from typing import Any
 import zstandard
 from pycrdt import get_state
 
-from fieldsync.auth import Principal, scope_of
+from fieldsync.auth import Principal, version_tuple
 from fieldsync.documents import MAX_DOC_ID, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._codec import (
@@ -40,7 +39,14 @@ from fieldsync.storage import Committed, DeviceSeen
 log = logging.getLogger(__name__)
 
 # Errors after which the device's copy may hold what the server refused: it must resync.
-_RESET_ON = frozenset({ErrorCode.FORBIDDEN, ErrorCode.INVALID_UPDATE, ErrorCode.DOC_TOO_LARGE})
+_RESET_ON = frozenset(
+    {
+        ErrorCode.FORBIDDEN,
+        ErrorCode.FORBIDDEN_FIELD,
+        ErrorCode.INVALID_UPDATE,
+        ErrorCode.DOC_TOO_LARGE,
+    }
+)
 
 
 _MAX_SEQ = (1 << 53) - 1
@@ -57,15 +63,6 @@ def _text(value: object, limit: int) -> str:
 class State(Enum):
     AWAITING_HELLO = "awaiting_hello"
     LIVE = "live"
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'2.10.1-beta' -> (2, 10, 1): compare versions numerically, not as strings."""
-    parts = []
-    for piece in version.split("."):
-        digits = "".join(itertools.takewhile(str.isdigit, piece))
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 class V1Session(Connection):
@@ -161,8 +158,10 @@ class V1Session(Connection):
     def _expiring(self) -> None:
         self.send_control({"type": "auth_expiring", "at": self.principal.expires_at})
 
-    def _error(self, code: ErrorCode, message: str, doc_id: str | None = None) -> None:
-        body: dict[str, Any] = {"type": "error", "code": code.value, "message": message}
+    def _error(
+        self, code: ErrorCode, message: str, doc_id: str | None = None, **detail: Any
+    ) -> None:
+        body: dict[str, Any] = {"type": "error", "code": code.value, "message": message, **detail}
         if doc_id is not None:
             body["doc"] = doc_id[:MAX_DOC_ID]
         self.send_control(body)
@@ -194,14 +193,15 @@ class V1Session(Connection):
         principal = await self._authenticate(body.get("token"))
         if self.authenticated:
             # Renewal on a live socket: the same person with the same view of the documents.
-            if principal.subject != self.principal.subject or scope_of(principal) != self.scope:
+            policy = self.replicator.policy
+            if principal.subject != self.principal.subject or policy.scope(principal) != self.scope:
                 self.close(CloseCode.UNAUTHORIZED, ErrorCode.REAUTHENTICATE)
             self.principal = principal
             if self.state is State.LIVE:
                 self._schedule_expiry()
             return
         self.principal = principal
-        self.scope = scope_of(principal)
+        self.scope = self.replicator.policy.scope(principal)
         self.authenticated = True
 
     async def _hello(self, body: dict[str, Any]) -> None:
@@ -298,7 +298,7 @@ class V1Session(Connection):
             # connection and its other documents go on.
             self._error(ErrorCode.INVALID_UPDATE, exc.message, doc_id)
         except FieldsyncError as exc:
-            self._error(exc.code, exc.message, doc_id)
+            self._error(exc.code, exc.message, doc_id, **exc.detail)
             if exc.code in _RESET_ON:
                 self.reset(doc_id, exc.code.value)
 

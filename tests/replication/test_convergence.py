@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
@@ -52,9 +52,11 @@ scenarios = st.lists(st.one_of(edits, edits, toggles), min_size=5, max_size=40)
 
 
 def apply_edit(doc: Doc, edit: Edit) -> None:
+    # A technician's policy lets it set the status only (fieldsync/auth/policy.toml).
+    key = "status" if DEVICES[edit.device] == "tina" else edit.key
     with doc.transaction():
         if edit.kind == "field":
-            doc.get("fields", type=Map)[edit.key] = f"{edit.key}-{edit.value}"
+            doc.get("fields", type=Map)[key] = f"{key}-{edit.value}"
         elif edit.kind == "text":
             notes = doc.get("notes", type=Text)
             notes.insert(edit.value % (len(notes) + 1), f"<{edit.value}>")
@@ -122,16 +124,18 @@ async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
         store = server.app[STORE]
         expected = {doc_id: await server_doc(store, doc_id) for doc_id in DOCS}
         for doc_id, doc in expected.items():
-            # State vectors are maps: their encoding's order differs between replicas.
+            # State vectors are maps (their encoding's order differs between replicas), and a
+            # delete moves none: wait for the content too.
             state = decode_state_vector(doc.get_state())
+            want = content(doc_id, doc)
             await eventually(
-                lambda doc_id=doc_id, state=state: all(
-                    decode_state_vector(d.docs[doc_id].get_state()) == state for d in devices
+                lambda doc_id=doc_id, state=state, want=want: all(
+                    decode_state_vector(d.docs[doc_id].get_state()) == state
+                    and content(doc_id, d.docs[doc_id]) == want
+                    for d in devices
                 ),
                 timeout=20,
             )
-            for device in devices:
-                assert content(doc_id, device.docs[doc_id]) == content(doc_id, doc)
         for device in devices:
             assert device.errors == []
             await device.close()
@@ -140,6 +144,8 @@ async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
 @settings(
     max_examples=12,
     deadline=None,
+    # A failing example is reported as drawn: shrinking one that runs a server takes minutes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(scenario=scenarios)

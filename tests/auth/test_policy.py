@@ -1,11 +1,15 @@
-"""Scopes and creation rights for each role (DESIGN.md §3: assignee / team / region / all)."""
+"""The access policy: scopes, creation and field-level write rights per role, from TOML."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from fieldsync.auth import Principal, Role, in_scope, may_create, scope_of
+from fieldsync.auth import Policy, PolicyError, Principal, Role, in_scope
 from fieldsync.storage import DocIndex, ScopeFilter, ScopeKind
+
+POLICY = Policy.load()
 
 
 def principal(*roles: Role, team: str | None = "t1", region: str | None = "r1") -> Principal:
@@ -47,7 +51,7 @@ UNASSIGNED = DocIndex("wo:5", "wo", "wo:5", assignee=None, team=None, region=Non
     ],
 )
 def test_scope_of(who: Principal, scope: ScopeFilter) -> None:
-    assert scope_of(who) == scope
+    assert POLICY.scope(who) == scope
 
 
 # Which of the documents (and an absent one) each role sees.
@@ -63,7 +67,7 @@ SEES: dict[str, tuple[Principal, set[DocIndex | None]]] = {
 @pytest.mark.parametrize("role", SEES)
 def test_in_scope(role: str) -> None:
     who, visible = SEES[role]
-    scope = scope_of(who)
+    scope = POLICY.scope(who)
     for index in (MINE, TEAM, REGION, ELSEWHERE, UNASSIGNED, None):
         assert in_scope(scope, index) == (index in visible), (role, index)
 
@@ -94,4 +98,63 @@ def test_in_scope(role: str) -> None:
     ],
 )
 def test_may_create(who: Principal, doc_type: str, index: DocIndex | None, allowed: bool) -> None:
-    assert may_create(who, doc_type, index) is allowed
+    assert POLICY.may_create(who, doc_type, index) is allowed
+
+
+@pytest.mark.parametrize(
+    ("who", "doc_type", "paths", "refused"),
+    [
+        (TECH, "wo", {"fields.status", "notes", "checklist"}, []),
+        (TECH, "wo", {"fields.status", "fields.assignee"}, ["fields.assignee"]),
+        (
+            TECH,
+            "wo",
+            {"fields.priority", "fields.due_at", "fields.team"},
+            ["fields.due_at", "fields.priority", "fields.team"],
+        ),
+        (TECH, "wo", {"evil"}, ["evil"]),
+        (TECH, "form", {"answers.q1"}, []),
+        (TECH, "form", {"meta.wo"}, ["meta.wo"]),
+        (SUPER, "wo", {"fields.assignee", "evil"}, []),
+        (NOBODY, "wo", {"notes"}, ["notes"]),
+    ],
+)
+def test_field_level_write_rights(
+    who: Principal, doc_type: str, paths: set[str], refused: list[str]
+) -> None:
+    assert POLICY.forbidden_paths(who, doc_type, paths) == refused
+    assert POLICY.writes_everything(who, doc_type) is (who in (SUPER, MANAGER, ADMIN))
+
+
+def test_a_policy_file_overrides_the_shipped_one(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[roles.technician]\nscope = "team"\ncreate = []\n'
+        '[roles.technician.write]\nwo = ["fields.*"]\n'
+    )
+    policy = Policy.load(path)
+    assert policy.scope(TECH) == ScopeFilter(ScopeKind.TEAM, "t1")
+    assert policy.forbidden_paths(TECH, "wo", {"fields.assignee", "notes"}) == ["notes"]
+    assert not policy.may_create(TECH, "form", MINE)
+    assert policy.scope(ADMIN) == ScopeFilter(ScopeKind.NONE)  # roles not in the file get nothing
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[roles.wizard]\nscope = 'all'\n", "roles.wizard"),
+        ("[roles.admin]\nscope = 'galaxy'\n", "scope"),
+        ("[roles.admin]\nscope = 'all'\ncreate = ['invoice']\n", "create"),
+        ("[roles.admin]\nscope = 'all'\n[roles.admin.write]\nwo = 'everything'\n", "write.wo"),
+        ("[roles.admin]\nscope = 'all'\nsee = 'all'\n", "unknown keys"),
+        ("[roles]\n", "no [roles"),
+        ("roles = [", "policy.toml"),
+    ],
+)
+def test_a_broken_policy_is_refused_naming_what_is_wrong(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=named.replace("[", r"\[")):
+        Policy.load(path)

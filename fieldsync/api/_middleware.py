@@ -1,0 +1,148 @@
+"""What every HTTP request passes through before its handler, WebSocket upgrades included:
+
+- a route without a declared permission is refused (fail closed, see `_permissions`);
+- a browser WebSocket from an origin not allowed is refused before the upgrade;
+- an app below its platform's minimum version gets 426 `client_upgrade_required`;
+- a path scheduled for removal answers with `Deprecation` and `Sunset` headers.
+
+Each check answers with an RFC 9457 problem before the handler runs, so a refused WebSocket is
+never upgraded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC
+from email.utils import format_datetime
+from urllib.parse import urlsplit
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_response import StreamResponse
+
+from fieldsync.api._permissions import permission_of
+from fieldsync.api._problems import problem
+from fieldsync.api._redaction import redact_aiohttp_logs
+from fieldsync.auth import required_version
+from fieldsync.config import Deprecation, Settings
+from fieldsync.errors import ErrorCode
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+
+_Prepare = Callable[[web.Request, StreamResponse], Awaitable[None]]
+
+CLIENT_PLATFORM = "X-Client-Platform"
+CLIENT_VERSION = "X-Client-Version"
+
+
+def install(app: web.Application, settings: Settings) -> None:
+    """Add the checks to `app` (before it starts) from the settings, and keep credentials out
+    of what aiohttp logs about its requests."""
+    redact_aiohttp_logs()
+    app.middlewares.extend(
+        [
+            _declared_permission,
+            _origin_allow_list(settings.allowed_origins),
+            _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
+        ]
+    )
+    if settings.deprecations:
+        app.on_response_prepare.append(_deprecation_headers(settings.deprecations))
+
+
+@web.middleware
+async def _declared_permission(request: web.Request, handler: Handler) -> StreamResponse:
+    route = request.match_info.route
+    # Unmatched paths (404, 405) go on to aiohttp's own answer.
+    if request.match_info.http_exception is None and permission_of(route) is None:
+        log.error("%s %s declares no permission: refused", request.method, route)
+        return problem(ErrorCode.FORBIDDEN, "this endpoint is not available")
+    return await handler(request)
+
+
+def _origin_allow_list(allowed: frozenset[str]) -> Middleware:
+    """Any web page may open a WebSocket to any server: the same-origin policy and CORS do not
+    apply to them. The `Origin` header browsers must send (RFC 6455 §4.1, §10.2) is the server's
+    only way to tell its own pages from another site's. Native clients send none and pass."""
+
+    @web.middleware
+    async def origin_allow_list(request: web.Request, handler: Handler) -> StreamResponse:
+        origin = request.headers.get(hdrs.ORIGIN)
+        # The same test aiohttp applies before it upgrades (`WebSocketResponse._handshake`).
+        upgrading = request.headers.get(hdrs.UPGRADE, "").lower().strip() == "websocket"
+        if origin is None or not upgrading or _origin_allowed(origin, request.host, allowed):
+            return await handler(request)
+        log.info("WebSocket from origin %r refused", origin[:200])
+        return problem(ErrorCode.FORBIDDEN, "this origin may not open WebSockets here")
+
+    return origin_allow_list
+
+
+def _origin_allowed(origin: str, host: str, allowed: frozenset[str]) -> bool:
+    origin = origin.strip().lower()
+    if origin in allowed:
+        return True
+    # Same origin: the page was served by this host. Only the authority is compared, as
+    # browsers' own WebSocket servers do: behind a TLS-terminating proxy the scheme the server
+    # sees is not the page's, and a page cannot choose the Host its browser sends. The opaque
+    # origin `null` (sandboxed frames, files) never matches.
+    authority = urlsplit(origin).netloc if "://" in origin else ""
+    return bool(authority) and authority == host.strip().lower()
+
+
+def _client_version_gate(
+    minimums: Mapping[str, str], upgrade_urls: Mapping[str, str]
+) -> Middleware:
+    """Apps name themselves with `X-Client-Platform` and `X-Client-Version`; one below its
+    platform's minimum gets 426 with where to upgrade (DESIGN.md §6), the HTTP twin of close
+    4426 on `hello`. A request that names no platform passes: operators, probes, and browsers
+    that are not the web app."""
+
+    @web.middleware
+    async def client_version_gate(request: web.Request, handler: Handler) -> StreamResponse:
+        platform = request.headers.get(CLIENT_PLATFORM)
+        if platform is None or not minimums:
+            return await handler(request)
+        # Capped as `hello` caps it: a version is a few short numbers.
+        version = request.headers.get(CLIENT_VERSION, "")[:32]
+        minimum = required_version(minimums, platform, version)
+        if minimum is None:
+            return await handler(request)
+        # RFC 9110 §15.5.22 defines 426 for protocol upgrades and asks for an `Upgrade` header
+        # naming one; here the app must upgrade, not the protocol, so none is named.
+        return problem(
+            ErrorCode.CLIENT_UPGRADE_REQUIRED,
+            f"this app version is too old for {platform.strip()[:32]}: upgrade to {minimum}",
+            min_version=minimum,
+            upgrade_url=upgrade_urls.get(platform.strip()),
+        )
+
+    return client_version_gate
+
+
+def _deprecation_headers(deprecations: Mapping[str, Deprecation]) -> _Prepare:
+    """RFC 9745 `Deprecation: @<epoch seconds>` (an RFC 9651 structured-field Date: when the
+    endpoint is or was deprecated) and RFC 8594 `Sunset: <HTTP-date>` (when it stops working)
+    on every answer under a deprecated path prefix, the longest prefix winning."""
+    headers = {
+        prefix: {
+            "Deprecation": f"@{int(d.since.timestamp())}",
+            "Sunset": format_datetime(d.sunset.astimezone(UTC), usegmt=True),
+        }
+        for prefix, d in deprecations.items()
+    }
+    # Longest first, so /v1/old/x's own date beats /v1/old's.
+    prefixes = sorted(headers, key=len, reverse=True)
+
+    async def deprecation_headers(request: web.Request, response: StreamResponse) -> None:
+        path = request.path
+        for prefix in prefixes:
+            # Whole segments only: /v1/old covers /v1/old/x, not /v1/older.
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                response.headers.update(headers[prefix])
+                return
+
+    return deprecation_headers

@@ -1,0 +1,69 @@
+"""What every HTTP route requires of its caller, declared in one table.
+
+A route the application registers without an entry here is refused at run time (403, fail
+closed) and fails the test suite (`tests/api/test_middleware.py`), so a new endpoint cannot ship
+without someone deciding who may call it. The handlers enforce what is declared; the tests drive
+every route with and without a token to prove the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+from aiohttp import web
+
+from fieldsync.auth import Role
+
+
+class Permission(StrEnum):
+    # No token: load-balancer probes, and what an app needs before it has a token.
+    PUBLIC = "public"
+    # Any valid access token. What it may read and write is decided per document and per
+    # message by the policy (`fieldsync.auth.Policy`), at the one point where messages dispatch.
+    SIGNED_IN = "signed_in"
+    # A valid access token of an admin or a regional manager.
+    OPERATOR = "operator"
+
+    @property
+    def roles(self) -> frozenset[Role] | None:
+        """The roles allowed, or None when any principal (or anyone, for PUBLIC) is."""
+        return frozenset({Role.ADMIN, Role.MANAGER}) if self is Permission.OPERATOR else None
+
+
+ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
+    # WebSockets: native clients send `Authorization`, browsers authenticate in-band (first
+    # message, or y-websocket's `token` parameter), so the upgrade itself cannot demand a header.
+    ("GET", "/v1/sync"): Permission.SIGNED_IN,
+    ("GET", "/v1/yws/{doc_id}"): Permission.SIGNED_IN,
+    ("GET", "/v1/health"): Permission.PUBLIC,
+    ("GET", "/v1/ready"): Permission.PUBLIC,
+    ("GET", "/v1/metrics"): Permission.OPERATOR,
+    # The app's sign-in helpers (issue 3): it has no token yet, or only a refresh token.
+    ("GET", "/v1/auth/config"): Permission.PUBLIC,
+    ("POST", "/v1/auth/token"): Permission.PUBLIC,
+}
+
+
+def route_key(route: web.AbstractRoute) -> tuple[str, str] | None:
+    """(method, path pattern) of a route, as `ROUTE_PERMISSIONS` names it; HEAD is GET without
+    a body (RFC 9110 §9.3.2), so it needs what GET needs."""
+    resource = route.resource
+    if resource is None:
+        return None
+    method = "GET" if route.method == "HEAD" else route.method
+    return method, resource.canonical
+
+
+def permission_of(route: web.AbstractRoute) -> Permission | None:
+    key = route_key(route)
+    return None if key is None else ROUTE_PERMISSIONS.get(key)
+
+
+def undeclared(routes: Iterable[web.AbstractRoute]) -> list[str]:
+    """The routes (as 'METHOD /path') that declare no permission."""
+    return sorted(
+        f"{route.method} {key[1] if (key := route_key(route)) else route}"
+        for route in routes
+        if permission_of(route) is None
+    )

@@ -1,0 +1,165 @@
+"""The access policy: per role, which documents it sees, which it creates, which paths of a
+document it writes. Loaded from TOML, validated at start; every decision is made here."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fieldsync.auth._principal import Principal, Role
+from fieldsync.storage import DocIndex, ScopeFilter, ScopeKind
+
+DOC_TYPES = ("wo", "form")
+# Wider first: a principal with several roles sees through its widest.
+_SCOPES = {
+    "all": ScopeKind.ALL,
+    "region": ScopeKind.REGION,
+    "team": ScopeKind.TEAM,
+    "assigned": ScopeKind.ASSIGNEE,
+}
+
+
+class PolicyError(Exception):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"policy: {where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    scope: ScopeKind
+    create: frozenset[str]
+    write: Mapping[str, tuple[str, ...]]
+    datasets: frozenset[str]
+
+
+def path_allowed(path: str, patterns: Iterable[str]) -> bool:
+    root = path.split(".", 1)[0]
+    return any(p in ("*", path, root) or (p.endswith(".*") and p[:-2] == root) for p in patterns)
+
+
+class Policy:
+    def __init__(self, grants: Mapping[Role, Grant], source: str) -> None:
+        self.grants = dict(grants)
+        self.source = source
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Policy:
+        """The policy in `path`, or the shipped one; raises `PolicyError` naming what is wrong."""
+        if path is None:
+            text = resources.files("fieldsync.auth").joinpath("policy.toml").read_text()
+            source = "shipped policy.toml"
+        else:
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise PolicyError(str(path), exc.strerror or str(exc)) from None
+            source = str(path)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(source, str(exc)) from None
+        return cls(_grants(data, source), source)
+
+    def _grants(self, principal: Principal) -> list[Grant]:
+        return [self.grants[role] for role in principal.roles if role in self.grants]
+
+    def scope(self, principal: Principal) -> ScopeFilter:
+        kinds = {grant.scope for grant in self._grants(principal)}
+        for kind in _SCOPES.values():
+            if kind in kinds:
+                value = {
+                    ScopeKind.ALL: None,
+                    ScopeKind.REGION: principal.region,
+                    ScopeKind.TEAM: principal.team,
+                    ScopeKind.ASSIGNEE: principal.subject,
+                }[kind]
+                if kind is ScopeKind.ALL or value:
+                    return ScopeFilter(kind, value)
+        return ScopeFilter(ScopeKind.NONE)
+
+    def may_create(self, principal: Principal, doc_type: str, scope_index: DocIndex | None) -> bool:
+        """Whether `principal` may create a document of `doc_type` whose scope index (its own
+        for a work order, its work order's for a form, which must exist) is `scope_index`."""
+        if not any(doc_type in grant.create for grant in self._grants(principal)):
+            return False
+        if doc_type == "form" and scope_index is None:
+            return False
+        return in_scope(self.scope(principal), scope_index)
+
+    def may_create_some(self, principal: Principal, doc_type: str) -> bool:
+        """Whether `principal` could create a `doc_type` anywhere in its scope."""
+        return any(doc_type in grant.create for grant in self._grants(principal))
+
+    def writes_everything(self, principal: Principal, doc_type: str) -> bool:
+        return any("*" in grant.write.get(doc_type, ()) for grant in self._grants(principal))
+
+    def forbidden_paths(
+        self, principal: Principal, doc_type: str, paths: Iterable[str]
+    ) -> list[str]:
+        allowed = [p for grant in self._grants(principal) for p in grant.write.get(doc_type, ())]
+        return sorted(path for path in set(paths) if not path_allowed(path, allowed))
+
+    def datasets(self, principal: Principal) -> frozenset[str]:
+        return frozenset().union(*(grant.datasets for grant in self._grants(principal)))
+
+
+def in_scope(scope: ScopeFilter, index: DocIndex | None) -> bool:
+    """Whether a document whose scope index (a work order's row; see `Store.scope_index`) is
+    `index` lies inside `scope`. An absent document is in no scope but `all`'s."""
+    if scope.kind is ScopeKind.ALL:
+        return True
+    if index is None or scope.kind is ScopeKind.NONE:
+        return False
+    value = {
+        ScopeKind.ASSIGNEE: index.assignee,
+        ScopeKind.TEAM: index.team,
+        ScopeKind.REGION: index.region,
+    }[scope.kind]
+    return value is not None and value == scope.value
+
+
+def _grants(data: Mapping[str, Any], source: str) -> dict[Role, Grant]:
+    unknown = set(data) - {"roles"}
+    if unknown:
+        raise PolicyError(source, f"unknown top-level keys {sorted(unknown)}")
+    roles = data.get("roles")
+    if not isinstance(roles, dict) or not roles:
+        raise PolicyError(source, "no [roles.<name>] tables")
+    grants = {}
+    for name, table in roles.items():
+        where = f"{source} [roles.{name}]"
+        try:
+            role = Role(name)
+        except ValueError:
+            raise PolicyError(where, f"unknown role; roles are {[r.value for r in Role]}") from None
+        if not isinstance(table, dict):
+            raise PolicyError(where, "must be a table")
+        extra = set(table) - {"scope", "create", "write", "datasets"}
+        if extra:
+            raise PolicyError(where, f"unknown keys {sorted(extra)}")
+        scope = table.get("scope")
+        if scope not in _SCOPES:
+            raise PolicyError(where, f"scope must be one of {list(_SCOPES)}, not {scope!r}")
+        create = _strings(table.get("create", []), where, "create")
+        if set(create) - set(DOC_TYPES):
+            raise PolicyError(where, f"create names unknown document types {create}")
+        write = table.get("write", {})
+        if not isinstance(write, dict) or set(write) - set(DOC_TYPES):
+            raise PolicyError(where, f"write must map document types {DOC_TYPES} to paths")
+        grants[role] = Grant(
+            scope=_SCOPES[scope],
+            create=frozenset(create),
+            write={t: tuple(_strings(p, where, f"write.{t}")) for t, p in write.items()},
+            datasets=frozenset(_strings(table.get("datasets", []), where, "datasets")),
+        )
+    return grants
+
+
+def _strings(value: object, where: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(where, f"{key} must be a list of non-empty strings")
+    return list(value)

@@ -1,0 +1,82 @@
+"""Field-level write rights on the write path: an update that writes a field the role may not
+write is refused whole, never stored or broadcast, and the device is told to resync."""
+
+from __future__ import annotations
+
+from pycrdt import Doc, Map, Text
+
+from fieldsync.app import STORE
+from fieldsync.replication import SyncStep
+from tests.harness import Server, work_order
+from tests.wire import Wire, connect
+
+
+async def replica(wire: Wire, doc_id: str) -> Doc:
+    await wire.step1(doc_id)
+    doc: Doc = Doc()
+    doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
+    return doc
+
+
+async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: Server) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update("wo:f", work_order("wo:f", assignee="tina").get_update())
+        await sam.control("ack", doc="wo:f")
+        theirs = await replica(tina, "wo:f")
+        await replica(sam, "wo:f")
+        store = server.app[STORE]
+
+        before = theirs.get_state()
+        theirs.get("fields", type=Map)["status"] = "en_route"
+        theirs.get("notes", type=Text).insert(0, "on my way")
+        await tina.update("wo:f", theirs.get_update(before))
+        assert (await tina.control("ack", doc="wo:f"))["seq"] > 0
+        assert await sam.doc_message("wo:f", SyncStep.UPDATE)
+        stored = (await store.stats())["updates"]
+
+        before = theirs.get_state()
+        fields = theirs.get("fields", type=Map)
+        fields["assignee"] = "tom"
+        fields["priority"] = "urgent"
+        fields["status"] = "in_progress"
+        await tina.update("wo:f", theirs.get_update(before))
+        error = await tina.control("error", doc="wo:f")
+        assert error["code"] == "forbidden_field"
+        assert error["paths"] == ["fields.assignee", "fields.priority"]
+        assert (await tina.control("reset", doc="wo:f"))["reason"] == "forbidden_field"
+        assert (await store.stats())["updates"] == stored  # nothing of it stored…
+
+        # …nor broadcast, and a later allowed edit from a fresh replica still goes through.
+        fresh = await replica(tina, "wo:f")
+        assert fresh.get("fields", type=Map)["assignee"] == "tina"
+        assert fresh.get("fields", type=Map)["status"] == "en_route"
+        before = fresh.get_state()
+        fresh.get("fields", type=Map)["status"] = "in_progress"
+        await tina.update("wo:f", fresh.get_update(before))
+        await tina.control("ack", doc="wo:f")
+        update = await sam.doc_message("wo:f", SyncStep.UPDATE)
+        seen = await replica(sam, "wo:f")
+        seen.apply_update(update)
+        assert seen.get("fields", type=Map)["assignee"] == "tina"
+        assert seen.get("fields", type=Map)["status"] == "in_progress"
+
+
+async def test_a_root_outside_the_schema_is_refused(server: Server) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update("wo:g", work_order("wo:g", assignee="tina").get_update())
+        await sam.control("ack", doc="wo:g")
+        theirs = await replica(tina, "wo:g")
+        before = theirs.get_state()
+        theirs.get("payload", type=Map)["x"] = 1
+        await tina.update("wo:g", theirs.get_update(before))
+        assert (await tina.control("error", doc="wo:g"))["paths"] == ["payload"]
