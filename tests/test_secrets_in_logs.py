@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fieldsync.api._redaction import redact
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.client import Client
 from fieldsync.replication import Control
@@ -296,3 +297,24 @@ async def drive(traffic: Traffic) -> None:
         await device.wait_synced("wo:log1")
     finally:
         await device.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "redacted"),
+    [
+        (
+            "b'GET /v1/yws/wo:1?token=abc.def-ghi HTTP/1.1'",
+            "b'GET /v1/yws/wo:1?token=[redacted] HTTP/1.1'",
+        ),
+        (
+            "grant_type=refresh_token&refresh_token=r1&x=1",
+            "grant_type=refresh_token&refresh_token=[redacted]&x=1",
+        ),
+        ("code=c1&code_verifier=v1", "code=[redacted]&code_verifier=[redacted]"),
+        ("Authorization: Bearer abc/DEF+ghi==", "Authorization: Bearer [redacted]"),
+        ("saw eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0In0.c2ln in a body", "saw [redacted] in a body"),
+        ('127.0.0.1 "GET /v1/health" 200 175 0.5ms', '127.0.0.1 "GET /v1/health" 200 175 0.5ms'),
+    ],
+)
+def test_what_aiohttp_logs_is_redacted(line: str, redacted: str) -> None:
+    assert redact(line) == redacted

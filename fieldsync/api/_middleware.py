@@ -85,10 +85,11 @@ def _origin_allowed(origin: str, host: str, allowed: frozenset[str]) -> bool:
     origin = origin.strip().lower()
     if origin in allowed:
         return True
-    # Same origin: the page was served by this host. Only the authority is compared, as
-    # browsers' own WebSocket servers do: behind a TLS-terminating proxy the scheme the server
-    # sees is not the page's, and a page cannot choose the Host its browser sends. The opaque
-    # origin `null` (sandboxed frames, files) never matches.
+    # Same origin: the page was served by this host. Only the authority is compared (as
+    # gorilla/websocket's default check does): behind a TLS-terminating proxy the scheme this
+    # server sees is not the page's, and a page cannot choose the Host its browser sends. Behind
+    # a proxy that rewrites Host, list the public origin. The opaque origin `null` (sandboxed
+    # frames, files) never matches.
     authority = urlsplit(origin).netloc if "://" in origin else ""
     return bool(authority) and authority == host.strip().lower()
 

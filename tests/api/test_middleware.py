@@ -344,9 +344,11 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
         if route.method == "GET":
             anonymous = await _anonymous(server, path)
         else:
-            async with aiohttp.ClientSession() as http:
-                async with http.request(route.method, server.url + path) as response:
-                    anonymous = response.status
+            async with (
+                aiohttp.ClientSession() as http,
+                http.request(route.method, server.url + path) as response,
+            ):
+                anonymous = response.status
         if permission is Permission.PUBLIC:
             assert anonymous not in (401, 403, CloseCode.UNAUTHORIZED), (route, anonymous)
             continue
