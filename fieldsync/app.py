@@ -57,7 +57,6 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     """The server. It verifies tokens against `settings.oidc_issuer` (started with the app)."""
     app = web.Application(client_max_size=settings.max_frame)
     app[SETTINGS] = settings
-    install_middleware(app, settings)
     settings.data_path.mkdir(parents=True, exist_ok=True)
     the_store: Store = store or SQLiteStore(
         settings.data_path / "fieldsync.db", compact_after_updates=settings.compact_after
@@ -82,6 +81,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         ),
         leeway=settings.token_leeway,
     )
+    install_middleware(app, settings, verifier.verify)
     endpoints = Endpoints(
         replicator, verifier.verify, limits_from(settings), settings.min_client_versions
     )
@@ -114,7 +114,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
             "connections": len(endpoints.connections),
         }
 
-    app.router.add_routes(Operations(verifier.verify, readiness, metrics).routes())
+    app.router.add_routes(Operations(readiness, metrics).routes())
     auth = AuthHelpers(
         verifier,
         client_id=settings.oidc_client_id,

@@ -1,6 +1,7 @@
 """What every HTTP request passes through before its handler, WebSocket upgrades included:
 
-- a route without a declared permission is refused (fail closed, see `_permissions`);
+- a route without a declared permission is refused (fail closed, see `_permissions`), and a
+  route that needs a token gets its principal verified here, the one place HTTP authenticates;
 - a browser WebSocket from an origin not allowed is refused before the upgrade;
 - an app below its platform's minimum version gets 426 `client_upgrade_required`;
 - a path scheduled for removal answers with `Deprecation` and `Sunset` headers.
@@ -21,30 +22,31 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_response import StreamResponse
 
-from fieldsync.api._permissions import permission_of
+from fieldsync.api._permissions import PRINCIPAL, Permission, permission_of
 from fieldsync.api._problems import problem
 from fieldsync.api._redaction import redact_aiohttp_logs
-from fieldsync.auth import required_version
+from fieldsync.auth import Principal, bearer_token, required_version
 from fieldsync.config import Deprecation, Settings
-from fieldsync.errors import ErrorCode
+from fieldsync.errors import AuthError, ErrorCode
 
 __all__ = ["install"]
 
 log = logging.getLogger(__name__)
 
 _Prepare = Callable[[web.Request, StreamResponse], Awaitable[None]]
+Verify = Callable[[str], Awaitable[Principal]]
 
 CLIENT_PLATFORM = "X-Client-Platform"
 CLIENT_VERSION = "X-Client-Version"
 
 
-def install(app: web.Application, settings: Settings) -> None:
+def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     """Add the checks to `app` (before it starts) from the settings, and keep credentials out
     of what aiohttp logs about its requests."""
     redact_aiohttp_logs()
     app.middlewares.extend(
         [
-            _declared_permission,
+            _authorise(verify),
             _origin_allow_list(settings.allowed_origins),
             _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
         ]
@@ -53,14 +55,33 @@ def install(app: web.Application, settings: Settings) -> None:
         app.on_response_prepare.append(_deprecation_headers(settings.deprecations))
 
 
-@web.middleware
-async def _declared_permission(request: web.Request, handler: Handler) -> StreamResponse:
-    route = request.match_info.route
-    # Unmatched paths (404, 405) go on to aiohttp's own answer.
-    if request.match_info.http_exception is None and permission_of(route) is None:
-        log.error("%s %s declares no permission: refused", request.method, route)
-        return problem(ErrorCode.FORBIDDEN, "this endpoint is not available")
-    return await handler(request)
+def _authorise(verify: Verify) -> Middleware:
+    @web.middleware
+    async def authorise(request: web.Request, handler: Handler) -> StreamResponse:
+        # Unmatched paths (404, 405) go on to aiohttp's own answer.
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        route = request.match_info.route
+        permission = permission_of(route)
+        if permission is None:
+            log.error("%s %s declares no permission: refused", request.method, route)
+            return problem(ErrorCode.FORBIDDEN, "this endpoint is not available")
+        if permission in (Permission.PUBLIC, Permission.IN_BAND):
+            return await handler(request)
+        token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
+        if token is None:
+            return problem(ErrorCode.REAUTHENTICATE, "a bearer token is required")
+        try:
+            principal = await verify(token)
+        except AuthError as exc:
+            return problem(exc.code, exc.message)
+        roles = permission.roles
+        if roles is not None and not principal.roles & roles:
+            return problem(ErrorCode.FORBIDDEN, "not allowed for your role")
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    return authorise
 
 
 def _origin_allow_list(allowed: frozenset[str]) -> Middleware:

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from fieldsync.api._problems import problem
-from fieldsync.auth import Principal, Role, bearer_token
-from fieldsync.errors import AuthError, ErrorCode
+from fieldsync.auth import Principal
+from fieldsync.errors import ErrorCode
 
 Verify = Callable[[str], Awaitable[Principal]]
 Metrics = Callable[[], Awaitable[dict[str, object]]]
@@ -16,8 +16,7 @@ Ready = Callable[[], Awaitable[dict[str, object] | None]]
 
 
 class Operations:
-    def __init__(self, verify: Verify, ready: Ready, metrics: Metrics) -> None:
-        self._verify = verify
+    def __init__(self, ready: Ready, metrics: Metrics) -> None:
         self._ready = ready
         self._metrics = metrics
 
@@ -38,13 +37,5 @@ class Operations:
         return web.json_response({"status": "ready", **state})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        token = bearer_token(request.headers.get("Authorization"))
-        if token is None:
-            return problem(ErrorCode.REAUTHENTICATE, "a bearer token is required")
-        try:
-            principal = await self._verify(token)
-        except AuthError as exc:
-            return problem(exc.code, exc.message)
-        if not principal.roles & {Role.ADMIN, Role.MANAGER}:
-            return problem(ErrorCode.FORBIDDEN, "metrics are for admins and regional managers")
+        # Operators only: the middleware has checked the token and the role (`_permissions`).
         return web.json_response(await self._metrics())

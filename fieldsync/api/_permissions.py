@@ -13,14 +13,21 @@ from enum import StrEnum
 
 from aiohttp import web
 
-from fieldsync.auth import Role
+from fieldsync.auth import Principal, Role
+
+# The verified principal of a request whose route needs a token (set by the middleware).
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 class Permission(StrEnum):
     # No token: load-balancer probes, and what an app needs before it has a token.
     PUBLIC = "public"
-    # Any valid access token. What it may read and write is decided per document and per
-    # message by the policy (`fieldsync.auth.Policy`), at the one point where messages dispatch.
+    # WebSockets: native clients send `Authorization`, browsers authenticate in-band (first
+    # message, or y-websocket's `token` parameter), so the upgrade itself cannot demand a
+    # header; the session authenticates, and the policy decides each message.
+    IN_BAND = "in_band"
+    # Any valid access token, checked by the middleware before the handler runs; what it may
+    # read and write is then decided per document by the policy (`fieldsync.auth.Policy`).
     SIGNED_IN = "signed_in"
     # A valid access token of an admin or a regional manager.
     OPERATOR = "operator"
@@ -32,10 +39,8 @@ class Permission(StrEnum):
 
 
 ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
-    # WebSockets: native clients send `Authorization`, browsers authenticate in-band (first
-    # message, or y-websocket's `token` parameter), so the upgrade itself cannot demand a header.
-    ("GET", "/v1/sync"): Permission.SIGNED_IN,
-    ("GET", "/v1/yws/{doc_id}"): Permission.SIGNED_IN,
+    ("GET", "/v1/sync"): Permission.IN_BAND,
+    ("GET", "/v1/yws/{doc_id}"): Permission.IN_BAND,
     ("GET", "/v1/health"): Permission.PUBLIC,
     ("GET", "/v1/ready"): Permission.PUBLIC,
     ("GET", "/v1/metrics"): Permission.OPERATOR,

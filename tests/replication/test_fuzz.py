@@ -114,6 +114,8 @@ class Tally:
 class Probe:
     """One raw connection: sends frames, counts the answers per document, records the close."""
 
+    ws_kind = "v1"
+
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, tally: Tally) -> None:
         self.ws = ws
         self.tally = tally
@@ -165,8 +167,6 @@ class Probe:
                     self.answers[message.doc].append(STEP2)
                 elif not isinstance(y, YSync):
                     self.tally.other["relayed awareness"] += 1
-
-    ws_kind = "v1"
 
     def received(self) -> int:
         return sum(len(answers) for answers in self.answers.values())
@@ -237,7 +237,7 @@ def refused_by_pycrdt(update: bytes) -> bool:
         Doc().apply_update(update)
     except ValueError:
         return True
-    except BaseException:
+    except BaseException:  # a pyo3 panic, or an error after part of it was applied
         return False
     return False
 
@@ -249,7 +249,7 @@ def bad_state_vector(sv: bytes) -> bool:
         Doc().get_update(sv)
     except ValueError:
         return True
-    except BaseException:
+    except BaseException:  # a pyo3 panic, or an error after part of it was applied
         return False
     return False
 
@@ -1022,7 +1022,8 @@ async def test_malformed_input_gets_its_answer_and_loses_nothing(
     assert codes <= {4400, 4401, 4403, 4408, 4413, 4429}, tally.closes
     assert codes >= {4400, 4401, 4403, 4408, 4413, 4429}, tally.closes
     assert {"invalid_update", "invalid_doc_id", "forbidden", ACK, STEP2} <= set(tally.answers)
-    assert max(latencies) < 5.0, max(latencies)
+    # Refusing is cheap: before counts were checked, junk state vectors held the loop 2 s.
+    assert max(latencies) < 1.0, max(latencies)
 
 
 def summary(tally: Tally, seconds: float, latencies: list[float], devices: list[Device]) -> str:
