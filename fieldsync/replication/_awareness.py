@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
+import orjson
+
 from fieldsync.errors import ProtocolError
 from fieldsync.replication._codec import Reader, encode_awareness, write_varstring, write_varuint
 
 Owner = TypeVar("Owner")
 
 MAX_STATES = 1_000  # per room: presence is for people looking at a work order, not a crowd
+MAX_STATE_BYTES = 4_096  # a name, a colour, a cursor: not a place to park data
 
 
 def decode_update(payload: bytes) -> list[tuple[int, int, str]]:
@@ -22,6 +25,13 @@ def decode_update(payload: bytes) -> list[tuple[int, int, str]]:
     entries = [(reader.varuint(), reader.varuint(), reader.varstring()) for _ in range(count)]
     if reader.remaining:
         raise ProtocolError("bytes after the awareness update")
+    for _, _, state in entries:
+        if len(state) > MAX_STATE_BYTES:
+            raise ProtocolError(f"awareness state over {MAX_STATE_BYTES} bytes")
+        try:
+            orjson.loads(state)  # relayed to Yjs clients, which parse it
+        except orjson.JSONDecodeError:
+            raise ProtocolError("awareness state is not JSON") from None
     return entries
 
 

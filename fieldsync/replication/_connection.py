@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from fieldsync.auth import Principal
-from fieldsync.errors import CloseCode, ErrorCode
+from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError
 from fieldsync.replication._replicator import Replicator, Submitted
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed
@@ -35,6 +35,7 @@ class Limits:
     max_in_flight: int = 1_000  # updates applied but not yet committed, per connection
     compress_above: int = 256
     expiry_notice: float = 120.0  # seconds before token expiry that `auth_expiring` is sent
+    max_docs: int = 10_000  # documents one connection replicates at once
 
 
 DEFAULT_LIMITS = Limits()
@@ -56,13 +57,13 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, count: int = 1) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens < 1.0:
+        if self.tokens < count:
             return False
-        self.tokens -= 1.0
+        self.tokens -= count
         return True
 
 
@@ -142,11 +143,12 @@ class Connection:
         with contextlib.suppress(SessionClosed):
             self.close(code, reason)
 
-    def admit(self) -> None:
-        """Checks every incoming message passes before it is looked at."""
+    def admit(self, messages: int = 1) -> None:
+        """Checks every incoming frame passes before it is looked at, and again once decoded:
+        a BATCH is charged for every message it carries."""
         if self._closed is not None:
             raise self._closed
-        if not self._rate.take():
+        if not self._rate.take(messages):
             self.close(CloseCode.RATE_LIMITED, ErrorCode.RATE_LIMITED)
         if self.authenticated and self._expired():
             self.close(CloseCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
@@ -178,6 +180,11 @@ class Connection:
     async def _subscribe(self, doc_id: str) -> Room:
         room = self.rooms.get(doc_id)
         if room is None:
+            if len(self.rooms) >= self.limits.max_docs:
+                raise FieldsyncError(
+                    ErrorCode.RATE_LIMITED,
+                    f"{doc_id}: this connection replicates {self.limits.max_docs} documents",
+                )
             room = await self.replicator.subscribe(self, doc_id)
             self.rooms[doc_id] = room
         return room

@@ -116,6 +116,8 @@ class V1Session(Connection):
             )
         except ProtocolError as exc:
             self.close(exc.close, exc.message)
+        if len(messages) > 1:
+            self.admit(len(messages) - 1)
         for message in messages:
             if isinstance(message, Control):
                 await self._control(message)

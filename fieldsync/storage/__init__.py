@@ -1,6 +1,6 @@
 """Durable storage of documents behind one small protocol; SQLite is the embedded default."""
 
-from fieldsync.storage._sqlite import SQLiteStore, StorageError
+from fieldsync.storage._sqlite import SQLiteStore, StorageError, Transaction
 from fieldsync.storage._types import (
     ChangedDoc,
     ChangesPage,
@@ -28,5 +28,6 @@ __all__ = [
     "StorageError",
     "Store",
     "StoredDoc",
+    "Transaction",
     "Write",
 ]

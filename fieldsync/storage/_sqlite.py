@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pycrdt
 from sqlite_utils import Database
@@ -117,11 +117,30 @@ class _Touch:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    work: Callable[[Transaction], Any]
+    future: asyncio.Future[Any]
+
+
 class _Stop:
     """Queued by `close()`: the writer finishes every job queued before it, then exits."""
 
 
-_Job = _Append | _Touch | _Stop
+_Job = _Append | _Touch | _Call | _Stop
+
+
+class Transaction:
+    """What a `SQLiteStore.transact` job gets: the writer's connection inside the current group
+    commit, and the global change sequence to number what it records."""
+
+    def __init__(self, db: Database, seq: int) -> None:
+        self.db = db
+        self.seq = seq
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
 
 class SQLiteStore:
@@ -212,6 +231,21 @@ class SQLiteStore:
             raise StorageError("the store is not open")
         self._queue.put(_Touch(seen, time.time()))
 
+    def transact(self, work: Callable[[Transaction], _T]) -> asyncio.Future[_T]:
+        """Run `work` on the writer thread inside the next group commit; the future resolves
+        with its result once committed. A job that raises is rolled back alone (a savepoint),
+        its future fails, and the rest of the batch commits. For the concerns that keep their
+        own tables (reference data, attachments…): one writer, one fsync per batch."""
+        if self._writer is None or self._loop is None:
+            raise StorageError("the store is not open")
+        future: asyncio.Future[_T] = self._loop.create_future()
+        self._queue.put(_Call(work, future))
+        return future
+
+    async def query(self, read: Callable[[Database], _T]) -> _T:
+        """Run `read` on a reader thread, in one read transaction (one committed snapshot)."""
+        return await self._read(read)
+
     # Reads
 
     async def load(self, doc: str) -> StoredDoc | None:
@@ -294,10 +328,10 @@ class SQLiteStore:
             raise
         return db
 
-    def _take_batch(self) -> tuple[list[_Append | _Touch], bool]:
+    def _take_batch(self) -> tuple[list[_Append | _Touch | _Call], bool]:
         """Block for one job, then take whatever else is already queued, up to `batch_max`."""
         job = self._queue.get()
-        batch: list[_Append | _Touch] = []
+        batch: list[_Append | _Touch | _Call] = []
         while not isinstance(job, _Stop):
             batch.append(job)
             if len(batch) >= self._batch_max:
@@ -308,35 +342,37 @@ class SQLiteStore:
                 return batch, False
         return batch, True
 
-    def _commit_batch(self, db: Database, batch: list[_Append | _Touch]) -> None:
-        appends = [job for job in batch if isinstance(job, _Append)]
-        results: list[Committed] = []
+    def _commit_batch(self, db: Database, batch: list[_Append | _Touch | _Call]) -> None:
+        settled = [job for job in batch if not isinstance(job, _Touch)]
+        results: list[Any] = []
         to_compact: set[str] = set()
         try:
             db.execute("BEGIN IMMEDIATE")
             # Read under the write lock rather than cached: another process may have written.
             ((seq,),) = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchall()
+            txn = Transaction(db, seq)
             for job in batch:
                 if isinstance(job, _Touch):
                     _write_device(db, job)
-                    continue
-                seq += 1
-                committed, log_count, log_bytes = _write_update(db, job, seq)
-                results.append(committed)
-                if (
-                    log_count >= self._compact_after_updates
-                    or log_bytes >= self._compact_after_bytes
-                ):
-                    to_compact.add(job.write.doc)
-            db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (seq,))
+                elif isinstance(job, _Call):
+                    results.append(_run_isolated(txn, job))
+                else:
+                    committed, log_count, log_bytes = _write_update(db, job, txn.next_seq())
+                    results.append(committed)
+                    if (
+                        log_count >= self._compact_after_updates
+                        or log_bytes >= self._compact_after_bytes
+                    ):
+                        to_compact.add(job.write.doc)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (txn.seq,))
             db.execute("COMMIT")
         except Exception as exc:
             db.rollback()
-            _log.warning("rolled back a batch of %d writes", len(appends), exc_info=exc)
-            self._to_loop(_fail, [job.future for job in appends], exc)
+            _log.warning("rolled back a batch of %d writes", len(settled), exc_info=exc)
+            self._to_loop(_fail, [job.future for job in settled], exc)
             return
         self._commits += 1
-        self._to_loop(_resolve, [job.future for job in appends], results)
+        self._to_loop(_resolve, [job.future for job in settled], results)
         for doc in sorted(to_compact):
             self._compact(db, doc)
 
@@ -526,13 +562,38 @@ def _removed(db: Database, scope: ScopeFilter, since: int, upto: int) -> list[st
     return [doc for (doc,) in db.execute(_REMOVED_FROM_SCOPE[scope.kind], params)]
 
 
-def _resolve(futures: Iterable[asyncio.Future[Committed]], results: list[Committed]) -> None:
+class _Failed:
+    """A `transact` job's own failure, carried to its future after the batch commits."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _run_isolated(txn: Transaction, job: _Call) -> Any:
+    seq = txn.seq
+    txn.db.execute("SAVEPOINT job")
+    try:
+        result = job.work(txn)
+    except Exception as exc:
+        txn.db.execute("ROLLBACK TO job")
+        txn.db.execute("RELEASE job")
+        txn.seq = seq  # numbers drawn by the rolled-back job are given again
+        return _Failed(exc)
+    txn.db.execute("RELEASE job")
+    return result
+
+
+def _resolve(futures: Iterable[asyncio.Future[Any]], results: list[Any]) -> None:
     for future, result in zip(futures, results, strict=True):
-        if not future.done():  # the caller may have cancelled it; the write stands anyway
+        if future.done():  # the caller may have cancelled it; the write stands anyway
+            continue
+        if isinstance(result, _Failed):
+            future.set_exception(result.error)
+        else:
             future.set_result(result)
 
 
-def _fail(futures: Iterable[asyncio.Future[Committed]], cause: Exception) -> None:
+def _fail(futures: Iterable[asyncio.Future[Any]], cause: Exception) -> None:
     for future in futures:
         if not future.done():
             error = StorageError("the transaction holding this write was rolled back")

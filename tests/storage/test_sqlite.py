@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import pycrdt
 import pytest
 from sqlite_utils import Database
 
-from fieldsync.storage import DeviceSeen, DocIndex, SQLiteStore, StorageError, Write
+from fieldsync.storage import DeviceSeen, DocIndex, SQLiteStore, StorageError, Transaction, Write
 from fieldsync.storage._migrations import MIGRATIONS, Migration, migrate
 
 
@@ -149,3 +149,31 @@ async def test_an_update_row_keeps_its_origin_and_actor(
     await store.close()
     row = raw.execute("SELECT seq, doc, origin, actor FROM updates").fetchone()
     assert row == (committed.seq, "wo:1", "device:d-1", "u-tom")
+
+
+async def test_transact_jobs_share_the_group_commit_and_fail_alone(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await store.transact(lambda txn: txn.db.execute("CREATE TABLE notes (seq, text)"))
+
+        def record(text: str) -> Callable[[Transaction], int]:
+            def work(txn: Transaction) -> int:
+                seq = txn.next_seq()
+                txn.db.execute("INSERT INTO notes VALUES (?, ?)", (seq, text))
+                if text == "bad":
+                    raise ValueError("refused")
+                return seq
+
+            return work
+
+        jobs = [store.transact(record(t)) for t in ("a", "bad", "b")]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        assert isinstance(results[1], ValueError)
+        a, b = results[0], results[2]
+        assert isinstance(a, int) and isinstance(b, int) and b == a + 1  # the bad seq is reused
+        rows = await store.query(lambda db: db.execute("SELECT seq, text FROM notes").fetchall())
+        assert rows == [(a, "a"), (b, "b")]
+        assert await store.head() == b
+    finally:
+        await store.close()
