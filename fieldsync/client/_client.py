@@ -52,6 +52,10 @@ def _safe(exc: BaseException) -> str:
     return repr(exc)
 
 
+# Reset reasons that mean the device's own edit was refused: applying it again cannot help.
+_REFUSED = frozenset({"forbidden", "forbidden_field", "invalid_update", "doc_too_large"})
+
+
 class Fatal(Exception):
     """The server refused this device for good (e.g. sign in again, upgrade the app)."""
 
@@ -119,6 +123,8 @@ class Client:
         self.synced: dict[str, asyncio.Event] = {}
         self.errors: list[dict[str, Any]] = []
         self.resets: list[dict[str, Any]] = []
+        self.rejected: list[tuple[str, str, bytes]] = []  # (doc, reason, update) refused edits
+        self._reapply: dict[str, list[bytes]] = {}  # edits to apply again once resynced
         self.scope_changes: list[dict[str, Any]] = []
         self.fatal: Fatal | None = None
         self.last_close: tuple[int, str] | None = None
@@ -352,7 +358,7 @@ class Client:
             return [self._step1(doc_id) for doc_id in added]
         elif kind == "reset":
             self.resets.append(body)
-            self._forget(body["doc"])
+            return self._reset(body["doc"], str(body.get("reason", "")))
         elif kind == "error":
             self.errors.append(body)
         elif kind == "auth_expiring" and not isinstance(self._token, str):
@@ -409,6 +415,8 @@ class Client:
             self._remote = False
         self._flush_changes()
         if y.step is SyncStep.STEP2:
+            for update in self._reapply.pop(doc_id, ()):
+                doc.apply_update(update)  # as local edits: queued and sent again
             self.synced[doc_id].set()
             if self._catching_up is not None and doc_id in self._catching_up:
                 del self._catching_up[doc_id]
@@ -425,6 +433,21 @@ class Client:
                 durable[int(client)] = value
         self.local.acknowledge(doc_id, durable)
         self._ack_arrived.set()
+
+    def _reset(self, doc_id: str, reason: str) -> list[bytes]:
+        """The server told this device to drop its copy. Edits the server refused (outside the
+        scope, fields the role may not write, undecodable, too large) go to `rejected` for the
+        app to show; after any other reset (the server lost its copy in memory, the device was
+        offline too long) the unacknowledged edits are applied again on top of the server's
+        state, so no field work is lost."""
+        kept = self.local.pending_updates(doc_id)
+        self._forget(doc_id)
+        if reason in _REFUSED:
+            self.rejected.extend((doc_id, reason, update) for update in kept)
+            return []
+        self._open(doc_id, None)
+        self._reapply[doc_id] = kept
+        return [self._step1(doc_id)]
 
     def _forget(self, doc_id: str) -> None:
         self.docs.pop(doc_id, None)

@@ -80,6 +80,12 @@ class LocalStore:
                 self._db.execute("COMMIT")
             return len(rows) - len(done)
 
+    def pending_updates(self, doc: str) -> list[bytes]:
+        """The unacknowledged edits of `doc`, oldest first."""
+        with self._lock:
+            query = "SELECT data FROM pending WHERE doc = ? ORDER BY n"
+            return [row[0] for row in self._db.execute(query, (doc,)).fetchall()]
+
     def pending(self, doc: str | None = None) -> int:
         with self._lock:
             if doc is None:
