@@ -148,6 +148,7 @@ for line in sys.stdin:
     if line.startswith("{"):
         r = json.loads(line); r["run"] = run; r["rep"] = rep
         if r["label"].startswith("fieldsync"): r["code"] = code
+        r["loadavg_1m"] = float(open("/proc/loadavg").read().split()[0])  # others on the machine
         with open(out, "a") as f: f.write(json.dumps(r) + "\n")
         print(json.dumps({k: r.get(k) for k in ("label", "scenario", "converged", "wall_s",
               "ack_s", "lat_p99_ms", "server_cpu_s", "bytes_received", "rss_per_conn_bytes")}))

@@ -11,16 +11,31 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from fieldsync.api import AuthHelpers, Operations, install_middleware
+from fieldsync.api import (
+    Attachments,
+    AuthHelpers,
+    Downloads,
+    Operations,
+    ReferenceEndpoints,
+    ScreenRoutes,
+    TusEndpoints,
+    WorkOrderRoutes,
+    install_middleware,
+)
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
 from fieldsync.config import Settings
+from fieldsync.documents import Templates
 from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import SQLiteStore, Store
+from fieldsync.storage import Blobs, ReferenceData, SQLiteScreens, SQLiteStore, Store, Tables
 
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
 ENDPOINTS = web.AppKey("endpoints", Endpoints)
 SETTINGS = web.AppKey("settings", Settings)
+# Uploads, downloads, and `describe(doc)` / `unresolved_attachments(doc)` for screens.
+ATTACHMENTS = web.AppKey("attachments", Attachments)
+# Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
+REFERENCE = web.AppKey("reference", ReferenceEndpoints)
 
 Verify = Callable[[str], Awaitable[Principal]]
 
@@ -50,6 +65,7 @@ def limits_from(settings: Settings) -> Limits:
         burst=settings.burst,
         auth_timeout=settings.auth_timeout,
         changes_page=settings.changes_page,
+        max_offline=settings.max_offline_days * 86_400,
     )
 
 
@@ -65,6 +81,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     replicator = Replicator(
         the_store,
         policy=load_policy(settings),
+        templates=load_templates(settings),
         max_doc_bytes=settings.max_doc_bytes,
         idle_seconds=settings.idle_seconds,
         max_rooms=settings.max_rooms,
@@ -124,11 +141,44 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     )
     app.cleanup_ctx.append(auth.lifecycle)  # after `lifecycle`: needs the verifier started
     app.router.add_routes(auth.routes())
+    if not isinstance(the_store, Tables):
+        raise TypeError("attachments need a store with tables of its own (transact, query)")
+    attachments = Attachments(
+        the_store,
+        the_store,
+        Blobs(settings.data_path / "attachments"),
+        lambda: replicator.policy,  # read per request: SIGHUP may replace it
+        max_bytes=settings.attachment_max_bytes,
+        types=settings.attachment_types,
+        max_pixels=settings.attachment_max_pixels,
+    )
+    app[ATTACHMENTS] = attachments
+    app.cleanup_ctx.append(attachments.lifecycle)
+    app.router.add_routes(TusEndpoints(attachments, public_url=settings.public_url).routes())
+    app.router.add_routes(Downloads(attachments).routes())
+    if not isinstance(the_store, SQLiteStore):
+        raise TypeError("the screens' queries exist for the SQLite store only (storage._screens)")
+    screens = SQLiteScreens(the_store)
+    app.router.add_routes(ScreenRoutes(replicator, screens, attachments.describe).routes())
+    app.router.add_routes(WorkOrderRoutes(replicator, changes_page=settings.changes_page).routes())
+    reference = ReferenceEndpoints(
+        ReferenceData(the_store, chunk_rows=settings.reference_import_chunk),
+        lambda: replicator.policy,  # read per request: SIGHUP may replace it
+        page=settings.reference_page,
+        retention_days=settings.reference_retention_days,
+    )
+    app[REFERENCE] = reference
+    app.cleanup_ctx.append(reference.lifecycle)  # after `lifecycle`: compacts through the store
+    app.router.add_routes(reference.routes())
     return app
 
 
 def load_policy(settings: Settings) -> Policy:
     return Policy.load(Path(settings.policy) if settings.policy else None)
+
+
+def load_templates(settings: Settings) -> Templates:
+    return Templates.load(Path(settings.form_templates) if settings.form_templates else None)
 
 
 def reload_policy(app: web.Application) -> None:

@@ -10,9 +10,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from fieldsync.app import AccessLogger, configure_logging, create_app, load_policy, reload_policy
+from fieldsync.app import (
+    AccessLogger,
+    configure_logging,
+    create_app,
+    load_policy,
+    load_templates,
+    reload_policy,
+)
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
+from fieldsync.documents import TemplateError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         settings = Settings.load(args.config)
-        load_policy(settings)  # a broken policy stops the server here, named
+        load_policy(settings)  # a broken policy or template stops the server here, named
+        load_templates(settings)
         if not settings.oidc_issuer:
             raise ConfigError("FIELDSYNC_OIDC_ISSUER", "required: the URL of your OpenID provider")
-    except (ConfigError, PolicyError) as exc:
+    except (ConfigError, PolicyError, TemplateError) as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)

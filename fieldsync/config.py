@@ -159,6 +159,22 @@ def _deprecations(text: str) -> dict[str, Deprecation]:
     return result
 
 
+# The attachment types fieldsync can recognise from their bytes (`fieldsync.api._media`, which
+# holds their magic numbers); `attachment_types` chooses among them.
+ATTACHMENT_TYPES = ("image/jpeg", "image/png", "image/webp", "application/pdf")
+
+
+def _attachment_types(text: str) -> frozenset[str]:
+    """'image/jpeg, image/png' -> the allow-list; each must be one fieldsync recognises."""
+    types = frozenset(filter(None, (part.strip().lower() for part in text.split(","))))
+    if not types:
+        raise ValueError("must name at least one type")
+    unknown = sorted(types - set(ATTACHMENT_TYPES))
+    if unknown:
+        raise ValueError(f"unknown types {unknown}; known: {', '.join(ATTACHMENT_TYPES)}")
+    return types
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", _name, "address to listen on"),
     Setting("port", 8080, _port, "port to listen on (0: any free port)"),
@@ -179,6 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deprecations", {}, _deprecations, "path prefix=sunset date, e.g. /v1/old=2027-06-30"),
     Setting("allowed_origins", frozenset(), _origins, "browser origins allowed on WebSockets"),
     Setting("policy", "", str, "access policy TOML file (empty: the shipped policy)"),
+    Setting("form_templates", "", str, "folder of form templates (empty: the shipped ones)"),
     Setting("max_frame", 1 << 20, _positive_int, "largest WebSocket message accepted (bytes)"),
     Setting("max_body", 8 << 20, _positive_int, "largest frame body after zstd (bytes)"),
     Setting("max_doc_bytes", 16 << 20, _positive_int, "largest stored document (bytes)"),
@@ -186,9 +203,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("burst", 20000.0, _positive_float, "message burst allowed per connection"),
     Setting("auth_timeout", 10.0, _positive_float, "seconds a socket may take to authenticate"),
     Setting("changes_page", 500, _positive_int, "documents per `changes` page"),
+    Setting("max_offline_days", 30.0, _positive_float, "offline contract: days before a reset"),
     Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),
     Setting("max_rooms", 10000, _positive_int, "documents kept in memory at most"),
     Setting("compact_after", 500, _positive_int, "log rows per document before compaction"),
+    Setting("attachment_max_bytes", 32 << 20, _positive_int, "largest attachment upload (bytes)"),
+    Setting(
+        "attachment_types",
+        frozenset({"image/jpeg", "image/png", "application/pdf"}),
+        _attachment_types,
+        "attachment types accepted, as read from the bytes",
+    ),
+    Setting("attachment_max_pixels", 64_000_000, _positive_int, "largest image accepted (pixels)"),
+    Setting(
+        "reference_retention_days",
+        30.0,
+        _positive_float,
+        "days of reference data change history kept; older `since` gets 410 resync_required",
+    ),
+    Setting("reference_page", 1000, _positive_int, "row changes per reference `changes` page"),
+    Setting("reference_import_chunk", 2000, _positive_int, "rows per reference import commit"),
     Setting("log_level", "INFO", _name, "DEBUG, INFO, WARNING or ERROR"),
 )
 

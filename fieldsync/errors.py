@@ -25,7 +25,36 @@ class ErrorCode(StrEnum):
     # request (`POST /v1/auth/token`): HTTP 503 with Retry-After. The sign-in is not at fault;
     # the app keeps its refresh token and retries later, never asks the user to sign in again.
     IDP_UNAVAILABLE = "idp_unavailable"
+    # REST (DESIGN.md §5): a query parameter or a request body the endpoint does not take
+    # (HTTP 400; `errors` lists what is wrong), a pagination cursor that this server did not
+    # make for this list and this caller (400: start again from the first page), and a document
+    # created under an id that is already taken (409).
+    INVALID_REQUEST = "invalid_request"
+    INVALID_CURSOR = "invalid_cursor"
+    ALREADY_EXISTS = "already_exists"
+    # Attachments (tus 1.0 uploads, downloads; README "Attachments"). An upload larger than
+    # `attachment_max_bytes` (413), content whose bytes are not an accepted type (415) or an
+    # image of more pixels than `attachment_max_pixels` (422: a decompression bomb), a chunk or
+    # a whole upload that does not match its checksum (460, tus 1.0 checksum extension), a PATCH
+    # at an offset that is not the upload's (409: HEAD, then resume from there), an upload
+    # another request is writing (423: retry), a client of another tus version (412), a `Range`
+    # outside the content (416, RFC 9110 §15.5.17), a thumbnail asked of a non-image (404).
+    UPLOAD_TOO_LARGE = "upload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    IMAGE_TOO_LARGE = "image_too_large"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    OFFSET_MISMATCH = "offset_mismatch"
+    UPLOAD_LOCKED = "upload_locked"
+    TUS_VERSION_UNSUPPORTED = "tus_version_unsupported"
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+    NO_THUMBNAIL = "no_thumbnail"
+    # Reference data (README "Reference data"): the `since` asked for is older than the dataset's
+    # retention horizon (its change history was compacted away) or newer than anything this
+    # server committed (restored from a backup): HTTP 410 naming the `snapshot` to download, whose
+    # `seq` the device then continues from with `changes?since=`.
+    RESYNC_REQUIRED = "resync_required"
     # Per-document (the `error` control message).
+    RULE_VIOLATION = "rule_violation"  # the server corrected the merged state (a domain rule)
     FORBIDDEN_FIELD = "forbidden_field"  # the update writes paths the role may not write
     INVALID_UPDATE = "invalid_update"
     INVALID_DOC_ID = "invalid_doc_id"

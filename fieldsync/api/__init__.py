@@ -1,7 +1,9 @@
 """The HTTP API: operator endpoints, RFC 9457 problem responses, the per-request checks
 (client version, WebSocket origins, deprecations) and every route's declared permission."""
 
+from fieldsync.api._attachments import Attachments, attachment_hashes
 from fieldsync.api._auth import AuthHelpers
+from fieldsync.api._downloads import Downloads
 from fieldsync.api._middleware import install as install_middleware
 from fieldsync.api._operations import Operations
 from fieldsync.api._permissions import (
@@ -12,13 +14,24 @@ from fieldsync.api._permissions import (
     undeclared,
 )
 from fieldsync.api._problems import problem
+from fieldsync.api._reference import ReferenceEndpoints
+from fieldsync.api._screens import ScreenRoutes
+from fieldsync.api._tus import TusEndpoints
+from fieldsync.api._work_orders import WorkOrderRoutes
 
 __all__ = [
     "PRINCIPAL",
     "ROUTE_PERMISSIONS",
+    "Attachments",
     "AuthHelpers",
+    "Downloads",
     "Operations",
     "Permission",
+    "ReferenceEndpoints",
+    "ScreenRoutes",
+    "TusEndpoints",
+    "WorkOrderRoutes",
+    "attachment_hashes",
     "install_middleware",
     "permission_of",
     "problem",

@@ -31,11 +31,18 @@ class Permission(StrEnum):
     SIGNED_IN = "signed_in"
     # A valid access token of an admin or a regional manager.
     OPERATOR = "operator"
+    # A valid access token of an admin: what changes server-authoritative data, such as the
+    # adapters importing reference datasets (they sign in as a client with the admin role).
+    ADMIN = "admin"
 
     @property
     def roles(self) -> frozenset[Role] | None:
         """The roles allowed, or None when any principal (or anyone, for PUBLIC) is."""
-        return frozenset({Role.ADMIN, Role.MANAGER}) if self is Permission.OPERATOR else None
+        if self is Permission.OPERATOR:
+            return frozenset({Role.ADMIN, Role.MANAGER})
+        if self is Permission.ADMIN:
+            return frozenset({Role.ADMIN})
+        return None
 
 
 ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
@@ -47,6 +54,33 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     # The app's sign-in helpers (issue 3): it has no token yet, or only a refresh token.
     ("GET", "/v1/auth/config"): Permission.PUBLIC,
     ("POST", "/v1/auth/token"): Permission.PUBLIC,
+    # Reference data (issue 4): adapters import, devices read the datasets the policy gives
+    # their role (the handlers check `Policy.datasets`; other names look absent).
+    ("PUT", "/v1/reference/{dataset}"): Permission.ADMIN,
+    ("PATCH", "/v1/reference/{dataset}"): Permission.ADMIN,
+    ("GET", "/v1/reference/{dataset}/changes"): Permission.SIGNED_IN,
+    ("GET", "/v1/reference/{dataset}/snapshot"): Permission.SIGNED_IN,
+    # Attachments (issue 5). tus 1.0 OPTIONS says what the server speaks, and clients ask it
+    # before they hold a token. Uploads are the creator's alone, content is for whoever sees a
+    # work order that references it, thumbnails for supervisors and above: the handlers decide,
+    # per upload and per content, as the policy decides per document.
+    ("OPTIONS", "/v1/uploads"): Permission.PUBLIC,
+    ("POST", "/v1/uploads"): Permission.SIGNED_IN,
+    ("GET", "/v1/uploads/{upload_id}"): Permission.SIGNED_IN,
+    ("PATCH", "/v1/uploads/{upload_id}"): Permission.SIGNED_IN,
+    ("DELETE", "/v1/uploads/{upload_id}"): Permission.SIGNED_IN,
+    ("GET", "/v1/attachments/{sha256}"): Permission.SIGNED_IN,
+    ("GET", "/v1/attachments/{sha256}/thumbnail"): Permission.SIGNED_IN,
+    # Screens and the REST side of replication (issue 5): what each caller sees is its policy
+    # scope, per document; the team queue (supervisors) and the region metrics (managers)
+    # refuse other roles in their handlers.
+    ("GET", "/v1/screens/my-work"): Permission.SIGNED_IN,
+    ("GET", "/v1/screens/work-order/{doc_id}"): Permission.SIGNED_IN,
+    ("GET", "/v1/screens/team-queue"): Permission.SIGNED_IN,
+    ("GET", "/v1/screens/region-metrics"): Permission.SIGNED_IN,
+    ("GET", "/v1/changes"): Permission.SIGNED_IN,
+    ("GET", "/v1/work-orders/{doc_id}"): Permission.SIGNED_IN,
+    ("POST", "/v1/work-orders"): Permission.SIGNED_IN,
 }
 
 

@@ -14,6 +14,17 @@ STATUS = {
     ErrorCode.TOKEN_EXPIRED: 401,
     ErrorCode.REAUTHENTICATE: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.OFFSET_MISMATCH: 409,
+    ErrorCode.NO_THUMBNAIL: 404,
+    ErrorCode.TUS_VERSION_UNSUPPORTED: 412,
+    ErrorCode.UPLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.RANGE_NOT_SATISFIABLE: 416,
+    ErrorCode.IMAGE_TOO_LARGE: 422,
+    ErrorCode.UPLOAD_LOCKED: 423,
+    ErrorCode.CHECKSUM_MISMATCH: 460,  # tus 1.0 checksum extension: "460 Checksum Mismatch"
+    ErrorCode.RESYNC_REQUIRED: 410,  # the history is gone; the snapshot is not
     ErrorCode.CLIENT_UPGRADE_REQUIRED: 426,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.DRAINING: 503,

@@ -34,6 +34,7 @@ class Grant:
     create: frozenset[str]
     write: Mapping[str, tuple[str, ...]]
     datasets: frozenset[str]
+    transitions: frozenset[str] = frozenset()  # "from>to", or "*" for all
 
 
 def path_allowed(path: str, patterns: Iterable[str]) -> bool:
@@ -103,6 +104,15 @@ class Policy:
         allowed = [p for grant in self._grants(principal) for p in grant.write.get(doc_type, ())]
         return sorted(path for path in set(paths) if not path_allowed(path, allowed))
 
+    def may_transition(self, principal: Principal, before: str, after: str) -> bool:
+        """Whether the principal's roles may move a work order's status (the status machine
+        itself is the rules' business: see `documents.work_order_rules`)."""
+        wanted = f"{before}>{after}"
+        return any(
+            "*" in grant.transitions or wanted in grant.transitions
+            for grant in self._grants(principal)
+        )
+
     def datasets(self, principal: Principal) -> frozenset[str]:
         return frozenset().union(*(grant.datasets for grant in self._grants(principal)))
 
@@ -138,7 +148,7 @@ def _grants(data: Mapping[str, Any], source: str) -> dict[Role, Grant]:
             raise PolicyError(where, f"unknown role; roles are {[r.value for r in Role]}") from None
         if not isinstance(table, dict):
             raise PolicyError(where, "must be a table")
-        extra = set(table) - {"scope", "create", "write", "datasets"}
+        extra = set(table) - {"scope", "create", "write", "datasets", "transitions"}
         if extra:
             raise PolicyError(where, f"unknown keys {sorted(extra)}")
         scope = table.get("scope")
@@ -155,8 +165,18 @@ def _grants(data: Mapping[str, Any], source: str) -> dict[Role, Grant]:
             create=frozenset(create),
             write={t: tuple(_strings(p, where, f"write.{t}")) for t, p in write.items()},
             datasets=frozenset(_strings(table.get("datasets", []), where, "datasets")),
+            transitions=frozenset(_transitions(table.get("transitions", []), where)),
         )
     return grants
+
+
+def _transitions(value: object, where: str) -> list[str]:
+    items = _strings(value, where, "transitions")
+    for item in items:
+        before, sep, after = item.partition(">")
+        if item != "*" and (not sep or not before or not after):
+            raise PolicyError(where, f"transition {item!r} must be 'from>to' or '*'")
+    return items
 
 
 def _strings(value: object, where: str, key: str) -> list[str]:

@@ -15,6 +15,7 @@ import logging
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -168,7 +169,15 @@ async def _simulate(
         text_merges=tally.text_merges,
         notes_kept=sum(1 for doc, line in tally.notes if line in verdict.notes.get(doc, "")),
         notes_written=len(tally.notes),
-        refused=sum(len(d.client.errors) for d in everyone),
+        refused=sum(
+            1 for d in everyone for e in d.client.errors if e.get("code") != "rule_violation"
+        ),
+        corrections=Counter(
+            e.get("rule", "?")
+            for d in everyone
+            for e in d.client.errors
+            if e.get("code") == "rule_violation"
+        ),
         resets=sum(len(d.client.resets) for d in everyone),
         elapsed=progress.elapsed,
     )

@@ -138,7 +138,7 @@ def supervisor_review(
     device: Device, doc_id: str, rng: random.Random, stamp: str, tally: Tally
 ) -> None:
     """A supervisor reviews a work order of the team offline: re-prioritises it, moves its due
-    date, leaves a note, and now and then puts it on hold."""
+    date, leaves a note, and now and then puts it on hold or cancels it."""
     doc = device.client.docs[doc_id]
     fields = doc.get("fields", type=Map)
     current = fields.get("priority")
@@ -153,7 +153,14 @@ def supervisor_review(
         tally.wrote(device, doc_id, "fields.due_at")
     if rng.random() < 0.6:
         _append_note(device, doc_id, doc, rng.choice(_SUPERVISOR_NOTES), stamp, tally)
-    if rng.random() < 0.2 and fields.get("status") != "completed":
+    roll = rng.random()
+    if roll < 0.08 and fields.get("status") not in ("closed", "cancelled"):
+        # The customer called it off: a cancel dominates whatever the technician does offline
+        # meanwhile (the server's rules keep it cancelled, and the work done).
+        with doc.transaction():
+            fields.update({"status": "cancelled", "cancelled": True})
+        tally.wrote(device, doc_id, "fields.status")
+    elif roll < 0.28 and fields.get("status") != "completed":
         with doc.transaction():
             fields["status"] = "on_hold"
         tally.wrote(device, doc_id, "fields.status")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class Summary:
     notes_kept: int
     notes_written: int
     refused: int
+    corrections: Counter[str]
     resets: int
     elapsed: float
 
@@ -74,6 +76,14 @@ class Summary:
             and not self.mismatches
             and self.notes_kept == self.notes_written
         )
+
+    def correction_summary(self) -> str:
+        """Concurrent edits the merge kept but the domain rules did not let stand."""
+        if not self.corrections:
+            return "none needed"
+        total = sum(self.corrections.values())
+        each = ", ".join(f"{rule} {n}" for rule, n in sorted(self.corrections.items()))
+        return f"{total} merged states corrected by the server and converged everywhere ({each})"
 
     def lines(self) -> list[str]:
         ratio = self.received_uncompressed / self.received if self.received else 1.0
@@ -96,6 +106,7 @@ class Summary:
             f"  bytes on the wire     received {size(self.received)} with zstd, "
             f"{size(self.received_uncompressed)} without ({ratio:.1f}x smaller); "
             f"sent {size(self.sent)}",
+            f"  rule corrections      {self.correction_summary()}",
             f"  refused / resets      {self.refused} / {self.resets}",
             f"  time                  {self.elapsed:.1f}s",
         ]

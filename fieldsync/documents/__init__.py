@@ -7,9 +7,12 @@ from typing import Any
 from pycrdt import Doc, Map, Text
 
 from fieldsync.documents import _form as form
+from fieldsync.documents import _templates as form_templates
 from fieldsync.documents import _workorder as work_order
+from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
-from fieldsync.documents._paths import paths_written
+from fieldsync.documents._paths import paths_written, watch
+from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.storage import DocIndex
 
 
@@ -42,11 +45,16 @@ __all__ = [
     "MAX_DOC_ID",
     "DocType",
     "InvalidDocId",
+    "TemplateError",
+    "Templates",
     "doc_type",
     "form",
+    "form_templates",
     "index",
     "paths_written",
     "roots",
     "to_json",
+    "watch",
     "work_order",
+    "work_order_rules",
 ]

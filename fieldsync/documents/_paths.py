@@ -1,40 +1,81 @@
-"""What an update writes, as paths a policy can name: a root ("checklist", "notes") or, for a
-root map, one of its keys ("fields.status")."""
+"""What an update changes, as paths with old and new values: "fields.status" (a key of a root
+map), "checklist.2.done" (a key of a map inside a root array), "notes" (a root text or array,
+with its delta). Policies name the same paths; field history records them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Array, Doc, Map, Subscription
+
+from fieldsync.storage import FieldChange
+
+
+def watch(doc: Doc, roots: dict[str, Any], sink: list[FieldChange]) -> Callable[[], None]:
+    """Record into `sink` every change made to `doc`'s schema roots from now on; returns the
+    function that stops recording."""
+    observed: list[tuple[Any, Subscription]] = []
+    for name, kind in roots.items():
+        root = doc.get(name, type=kind)
+        observed.append((root, root.observe_deep(_collector(name, kind is Map, sink))))
+
+    def stop() -> None:
+        for root, subscription in observed:
+            root.unobserve(subscription)
+
+    return stop
 
 
 def paths_written(doc: Doc, roots: dict[str, Any], update: bytes) -> set[str]:
     """Apply `update` to `doc` (a scratch replica) and return the paths it changed. A root
     outside the document's schema is returned as its name, so a policy refuses it."""
-    paths: set[str] = set()
+    changes: list[FieldChange] = []
     known_before = set(doc.keys())
-    observed = []
-    for name, kind in roots.items():
-        root = doc.get(name, type=kind)
-        observed.append((root, root.observe_deep(_collector(name, kind is Map, paths))))
+    stop = watch(doc, roots, changes)
+    # A root outside the schema that the document holds already (a creation, or a role that
+    # writes everything, put it there): a write into it is that root's name too. Its type is
+    # unknown; any view observes it, and one without keys reports any change as the root.
+    outside: list[FieldChange] = []
+    stop_outside = watch(doc, dict.fromkeys(known_before - set(roots), Array), outside)
     try:
         doc.apply_update(update)
     finally:
-        for root, subscription in observed:
-            root.unobserve(subscription)
+        stop()
+        stop_outside()
+    paths = {change.path for change in changes}
+    paths.update(change.path.split(".", 1)[0] for change in outside)
     paths.update(set(doc.keys()) - set(roots) - known_before)
     return paths
 
 
-def _collector(name: str, keyed: bool, paths: set[str]) -> Callable[[list[Any]], None]:
+def plain(value: Any) -> Any:
+    """A value as JSON-ready data (nested shared types become dicts and lists)."""
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    to_py = getattr(value, "to_py", None)
+    return to_py() if callable(to_py) else value
+
+
+def _collector(name: str, keyed: bool, sink: list[FieldChange]) -> Callable[[list[Any]], None]:
     def collect(events: list[Any]) -> None:
         for event in events:
-            if not keyed:
-                paths.add(name)
-            elif event.path:
-                paths.add(f"{name}.{event.path[0]}")
+            where = ".".join([name, *(str(step) for step in event.path)])
+            keys = getattr(event, "keys", None)
+            if keys is not None and (keyed or event.path):
+                for key, change in keys.items():
+                    sink.append(
+                        FieldChange(
+                            f"{where}.{key}",
+                            plain(change.get("oldValue")),
+                            plain(change.get("newValue")),
+                        )
+                    )
             else:
-                paths.update(f"{name}.{key}" for key in event.keys)
+                delta = [
+                    {op: plain(value) for op, value in step.items()}
+                    for step in getattr(event, "delta", [])
+                ]
+                sink.append(FieldChange(where, None, delta))
 
     return collect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
@@ -10,7 +11,18 @@ from pycrdt import Array, Doc, Map, Text
 from fieldsync.storage import DocIndex
 
 # The `fields` keys that scopes and screens filter on (DESIGN.md §2).
-INDEX_FIELDS = ("assignee", "team", "region", "status", "number", "title", "priority", "due_at")
+INDEX_FIELDS = (
+    "assignee",
+    "team",
+    "region",
+    "status",
+    "number",
+    "title",
+    "priority",
+    "due_at",
+    "site",
+    "asset_id",
+)
 
 
 def _text(value: Any) -> str | None:
@@ -21,9 +33,25 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def due_key(value: str | None) -> str | None:
+    """`due_at` as the index keeps it, so that text order is time order: an ISO 8601 date stays
+    a date (due by the end of that day); a date-time becomes UTC, `YYYY-MM-DDTHH:MM:SSZ` (one
+    without an offset is taken as UTC). Anything else is kept as written."""
+    if value is None or len(value) == 10:
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def index(doc_id: str, doc: Doc) -> DocIndex:
     fields = doc.get("fields", type=Map)
     values = {name: _text(fields.get(name)) for name in INDEX_FIELDS}
+    values["due_at"] = due_key(values["due_at"])
     return DocIndex(doc=doc_id, type="wo", wo=doc_id, **values)
 
 

@@ -16,12 +16,19 @@ from fieldsync.replication._codec import (
     encode_sync,
 )
 from fieldsync.replication._connection import Limits, SessionClosed
-from fieldsync.replication._replicator import DocTooLarge, Forbidden, InvalidUpdate, Replicator
+from fieldsync.replication._replicator import (
+    AlreadyExists,
+    DocTooLarge,
+    Forbidden,
+    InvalidUpdate,
+    Replicator,
+)
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
 
 __all__ = [
+    "AlreadyExists",
     "Control",
     "DocMessage",
     "DocTooLarge",

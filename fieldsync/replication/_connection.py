@@ -36,6 +36,7 @@ class Limits:
     compress_above: int = 256
     expiry_notice: float = 120.0  # seconds before token expiry that `auth_expiring` is sent
     max_docs: int = 10_000  # documents one connection replicates at once
+    max_offline: float = 30 * 86_400.0  # seconds a device may stay away before its copies reset
 
 
 DEFAULT_LIMITS = Limits()
@@ -109,6 +110,9 @@ class Connection:
 
     def reset(self, doc_id: str, reason: str) -> None:
         raise NotImplementedError
+
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        """Plain y-websocket has no way to say it: its clients just receive the correction."""
 
     # --- transport side -----------------------------------------------------------------
 

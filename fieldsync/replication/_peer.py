@@ -34,6 +34,10 @@ class Peer(Protocol):
         """These documents left the peer's scope; the replicator has unsubscribed it already."""
         ...
 
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        """The server corrected what this peer's update left in breach of a domain rule."""
+        ...
+
     def reset(self, doc_id: str, reason: str) -> None:
         """The peer must drop its copy of `doc_id` and sync it again."""
         ...

@@ -13,15 +13,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fieldsync.auth import Policy, in_scope
-from fieldsync.documents import DocType
+from pycrdt import Doc, Map
+
+from fieldsync.auth import Policy, Principal, in_scope
+from fieldsync.documents import DocType, form_templates
+from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, preview_index
-from fieldsync.storage import Committed, DocIndex, ScopeChange, Store, Write
+from fieldsync.storage import Committed, Conflict, DocIndex, ScopeChange, Store, Write
 
 log = logging.getLogger(__name__)
+
+RULES_ORIGIN = "server:rules"  # rules never run on updates of this origin: no self-reaction
 
 
 class Forbidden(FieldsyncError):
@@ -36,6 +41,11 @@ class ForbiddenField(FieldsyncError):
             f"{doc_id}: your role may not write {', '.join(paths)}",
             paths=paths,
         )
+
+
+class AlreadyExists(FieldsyncError):
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(ErrorCode.ALREADY_EXISTS, f"{doc_id} exists already")
 
 
 class DocTooLarge(FieldsyncError):
@@ -58,12 +68,14 @@ class Replicator:
         store: Store,
         *,
         policy: Policy | None = None,
+        templates: form_templates.Templates | None = None,
         max_doc_bytes: int = 16 << 20,
         idle_seconds: float = 30.0,
         max_rooms: int = 10_000,
     ) -> None:
         self.store = store
         self.policy = policy or Policy.load()
+        self.templates = templates or form_templates.Templates.load()
         self.max_doc_bytes = max_doc_bytes
         self.idle_seconds = idle_seconds
         self.max_rooms = max_rooms
@@ -136,6 +148,32 @@ class Replicator:
             raise Forbidden(doc_id)
         return room
 
+    async def read(self, peer: Peer, room: Room, state_vector: bytes) -> bytes:
+        """What a replica at `state_vector` lacks of the document, for a peer that may read it.
+        Raises `Forbidden`."""
+        await self._check_access(peer, room)
+        return room.diff(state_vector)
+
+    async def _check_access(self, peer: Peer, room: Room) -> None:
+        """Every read and write of a room's content passes here. A peer that asked for the
+        document before it existed waits in `pending`; once another peer's creation is applied
+        (committed or not), until `_settle_pending` admits or refuses it, the document's scope
+        decides, as `subscribe` would: its content and its writes are not for a peer outside."""
+        if peer in room.subscribers:
+            return
+        if peer not in room.pending:
+            raise Forbidden(room.doc_id)
+        if room.exists and not in_scope(peer.scope, await self._live_scope_index(room)):
+            room.pending.pop(peer, None)
+            raise Forbidden(room.doc_id)
+
+    async def _live_scope_index(self, room: Room) -> DocIndex | None:
+        """The scope index of what the room holds now, commits in flight included."""
+        if room.type is DocType.WORK_ORDER:
+            return room.index
+        wo = room.index.wo if room.index is not None else None
+        return await self._work_order_index(wo) if wo else None
+
     def _admit(self, peer: Peer, room: Room) -> None:
         room.subscribers[peer] = None
         present = room.awareness.snapshot()
@@ -156,8 +194,7 @@ class Replicator:
     async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
         """Apply a peer's update and queue it for commit. Raises `Forbidden`, `ForbiddenField`,
         `InvalidUpdate` or `DocTooLarge`; nothing of a refused update is kept."""
-        if peer not in room.subscribers and peer not in room.pending:
-            raise Forbidden(room.doc_id)
+        await self._check_access(peer, room)
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
@@ -172,6 +209,8 @@ class Replicator:
                 room.forget_scratch()
                 raise ForbiddenField(room.doc_id, refused)
             checked = True
+        existed = room.exists
+        was = rules.before(room.ydoc) if existed and room.type is DocType.WORK_ORDER else None
         try:
             effective = room.apply(update, checked=checked)
         finally:
@@ -184,7 +223,82 @@ class Replicator:
         state_vector = room.state_vector()
         if effective is None:
             return Submitted(room.tail if room.in_flight else None, state_vector)
-        return Submitted(self._commit(room, effective, peer), state_vector)
+        submitted = Submitted(self._commit(room, effective, peer), state_vector)
+        if was is not None:
+            await self._enforce_rules(room, was, peer)
+        elif room.type is DocType.FORM:
+            self._validate_form(room)
+        return submitted
+
+    def _validate_form(self, room: Room) -> None:
+        """Mark wrong, out-of-range and missing answers in the form's `validation` map, for the
+        app to show and for completion to wait on; nothing a device answered is dropped."""
+        changes = form_templates.validation_changes(room.ydoc, self.templates)
+        if not changes:
+            return
+
+        def mark(doc: Doc) -> None:
+            validation = doc.get("validation", type=Map)
+            validation.update(changes.to_set)
+            for key in changes.to_delete:
+                del validation[key]
+
+        correction = room.write(mark)
+        if correction is not None:
+            self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
+
+    async def _enforce_rules(self, room: Room, was: rules.Before, author: Peer) -> None:
+        """Correct what the merged state may not keep, as the server's own update, committed
+        after the author's and broadcast to every replica (the author included)."""
+        status = room.ydoc.get("fields", type=Map).get("status")
+        blocking: dict[str, list[str]] = {}
+        if status == "completed" and was.status != "completed":
+            blocking = await self._forms_blocking(room.doc_id)
+        principal = author.principal
+        violations = rules.check(
+            was,
+            room.ydoc,
+            lambda before, after: self.policy.may_transition(principal, before, after),
+            blocking,
+        )
+        if not violations:
+            return
+
+        def correct(doc: Doc) -> None:
+            for violation in violations:
+                violation.fix(doc)
+
+        correction = room.write(correct)
+        if correction is not None:
+            self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
+        index = room.index
+        for violation in violations:
+            if not violation.notify:
+                continue
+            author.rule_violation(room.doc_id, violation.rule, violation.detail)
+            self.store.record_conflict(
+                Conflict(
+                    doc=room.doc_id,
+                    rule=violation.rule,
+                    detail=violation.detail,
+                    actor=principal.subject,
+                    origin=author.origin,
+                    team=index.team if index else None,
+                    region=index.region if index else None,
+                    assignee=index.assignee if index else None,
+                )
+            )
+
+    async def _forms_blocking(self, wo_id: str) -> dict[str, list[str]]:
+        """Per form of the work order, what keeps it from completion: answers of the wrong
+        type, out of range, or required and missing, against the form's own template version."""
+        blocking = {}
+        for form_id in await self.store.forms(wo_id):
+            form = await self.room(form_id)
+            problems = form_templates.check_form(form.ydoc, self.templates)
+            if problems:
+                blocking[form_id] = [f"{key}: {reason}" for key, reason in problems.items()]
+        return blocking
 
     async def durable_state_vector(self, room: Room) -> bytes:
         """The room's state vector, returned once all it covers is committed: a device may
@@ -196,14 +310,46 @@ class Replicator:
         return state_vector
 
     async def _authorise_creation(self, peer: Peer, room: Room, update: bytes) -> None:
+        if not await self._may_create(peer.principal, room, update):
+            room.pending.pop(peer, None)
+            raise Forbidden(room.doc_id)
+
+    async def _may_create(self, principal: Principal, room: Room, update: bytes) -> bool:
         index = preview_index(room.doc_id, update)
         if room.type is DocType.WORK_ORDER:
             scope_index: DocIndex | None = index
         else:
             scope_index = await self._work_order_index(index.wo) if index.wo else None
-        if not self.policy.may_create(peer.principal, room.type.value, scope_index):
-            room.pending.pop(peer, None)
-            raise Forbidden(room.doc_id)
+        return self.policy.may_create(principal, room.type.value, scope_index)
+
+    async def create(
+        self, doc_id: str, update: bytes, principal: Principal, origin: str
+    ) -> Committed:
+        """Bring a document the server built into existence on behalf of `principal` (a REST
+        creation): the creation rights a device's first update is held to, then the same commit
+        and fan-out. Returns once it is durable. Raises `AlreadyExists`, `Forbidden`,
+        `DocTooLarge` or `InvalidUpdate`."""
+        if len(update) > self.max_doc_bytes:
+            raise DocTooLarge(doc_id, self.max_doc_bytes)
+        check_count(update, "update")
+        room = await self.room(doc_id)
+        if room.exists:
+            raise AlreadyExists(doc_id)
+        if not await self._may_create(principal, room, update):
+            raise Forbidden(doc_id)
+        # Looked up again: while the policy check waited, the room may have been evicted or a
+        # device may have created the document. From here on nothing waits until the commit.
+        room = await self.room(doc_id)
+        if room.exists:
+            raise AlreadyExists(doc_id)
+        try:
+            effective = room.apply(update)
+        finally:
+            if room.poisoned:
+                self._drop(room, "the document failed to apply an update")
+        if effective is None:
+            raise InvalidUpdate(f"{doc_id}: the update creates nothing")
+        return await self._commit(room, effective, None, principal.subject, origin)
 
     async def _work_order_index(self, wo_id: str) -> DocIndex | None:
         # A work order applied but not yet committed is only in memory: a device back from
@@ -234,6 +380,7 @@ class Replicator:
             origin=origin or (author.origin if author else "server"),
             actor=actor or (author.principal.subject if author else "server"),
             index=room.reindex(),
+            history=room.take_changes(),
         )
         room.in_flight += 1
         committed = asyncio.ensure_future(self.store.append(write))
@@ -337,4 +484,12 @@ class Replicator:
         return dropped
 
 
-__all__ = ["DocTooLarge", "Forbidden", "ForbiddenField", "InvalidUpdate", "Replicator", "Submitted"]
+__all__ = [
+    "AlreadyExists",
+    "DocTooLarge",
+    "Forbidden",
+    "ForbiddenField",
+    "InvalidUpdate",
+    "Replicator",
+    "Submitted",
+]

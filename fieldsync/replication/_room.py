@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pycrdt import Doc, TransactionEvent, merge_updates
+from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
 from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._awareness import Awareness
-from fieldsync.replication._codec import Reader
-from fieldsync.storage import DocIndex, StoredDoc
+from fieldsync.replication._codec import Reader, decode_state_vector
+from fieldsync.storage import DocIndex, FieldChange, StoredDoc
 
 if TYPE_CHECKING:
     from fieldsync.replication._peer import Peer
@@ -23,6 +24,25 @@ _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 class InvalidUpdate(FieldsyncError):
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.INVALID_UPDATE, message)
+
+
+def integrated(update: bytes, state: bytes) -> bool:
+    """Whether all of `update` took effect on a replica now at `state`. What did not (a struct
+    whose origin or earlier clock has not arrived, a deletion of what is not there yet) waits in
+    the replica and takes effect with whatever update completes it, perhaps one nobody checks:
+    what it writes cannot be known when it arrives."""
+    rest = get_update(update, state)  # its structs the replica lacks, then its delete set
+    if rest[0]:  # a v1 update starts with its count of clients with structs
+        return False
+    clocks = decode_state_vector(state)
+    reader = Reader(rest, 1)
+    for _ in range(reader.varuint()):
+        client = reader.varuint()
+        for _ in range(reader.varuint()):
+            clock, length = reader.varuint(), reader.varuint()
+            if clock + length > clocks.get(client, 0):
+                return False
+    return True
 
 
 def check_count(data: bytes, what: str) -> None:
@@ -67,6 +87,9 @@ class Room:
             self.seq = stored.seq
             self.index = stored.index
         self._emitted.clear()
+        # From here on, every change is recorded for the field history (not the replay above).
+        self._changes: list[FieldChange] = []
+        self._unwatch = documents.watch(self.ydoc, documents.roots(self.type), self._changes)
 
     @property
     def exists(self) -> bool:
@@ -86,12 +109,16 @@ class Room:
             self._scratch = Doc()
             self._scratch.apply_update(self.ydoc.get_update())
         try:
-            return documents.paths_written(self._scratch, documents.roots(self.type), update)
+            paths = documents.paths_written(self._scratch, documents.roots(self.type), update)
         except BaseException as exc:
             if isinstance(exc, _FATAL):
                 raise
             self._scratch = None
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
+        if not integrated(update, self._scratch.get_state()):
+            self._scratch = None
+            raise InvalidUpdate("the update depends on changes the server does not have")
+        return paths
 
     def forget_scratch(self) -> None:
         """The scratch replica took an update the room refused: it no longer mirrors the room."""
@@ -122,6 +149,7 @@ class Room:
             if not isinstance(exc, ValueError) or self._emitted:
                 self.poisoned = True
             self._emitted.clear()
+            self._changes.clear()
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
         if not self._emitted:
             return None
@@ -130,6 +158,27 @@ class Room:
         self._emitted.clear()
         self.size += len(effective)
         return effective
+
+    def write(self, change: Callable[[Doc], Any]) -> bytes | None:
+        """Make a server-side change (a rule's correction) in one transaction; returns the
+        update it made, None if it changed nothing."""
+        with self.ydoc.transaction(origin="server"):
+            change(self.ydoc)
+        if not self._emitted:
+            return None
+        emitted = self._emitted
+        effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
+        self._emitted = []
+        self.size += len(effective)
+        if self._scratch is not None:
+            self._scratch.apply_update(effective)
+        return effective
+
+    def take_changes(self) -> tuple[FieldChange, ...]:
+        """The field changes made since the last call: what the next commit records."""
+        changes = tuple(self._changes)
+        self._changes.clear()
+        return changes
 
     def reindex(self) -> DocIndex | None:
         """The document's index if the last updates changed it, else None."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
@@ -83,6 +84,8 @@ class V1Session(Connection):
         self.state = State.AWAITING_HELLO
         self.device_id = ""
         self._compressor: zstandard.ZstdCompressor | None = None
+        self._stale = False  # away longer than the offline contract allows
+        self._renewed: set[str] = set()  # documents reset for that already
 
     async def outgoing(self) -> list[bytes]:
         """Everything queued, as BATCH frames of at most half the frame limit, zstd when it
@@ -157,6 +160,9 @@ class V1Session(Connection):
             self.replicator.unsubscribe(self, room)
         self.send_control({"type": "reset", "doc": doc_id[:MAX_DOC_ID], "reason": reason})
 
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        self._error(ErrorCode.RULE_VIOLATION, detail, doc_id, rule=rule, detail=detail)
+
     def _expiring(self) -> None:
         self.send_control({"type": "auth_expiring", "at": self.principal.expires_at})
 
@@ -229,6 +235,10 @@ class V1Session(Connection):
         since = since if isinstance(since, int) and 0 <= since <= _MAX_SEQ else 0
         store = self.replicator.store
         head = await store.head()
+        last_seen = await store.last_seen(self.device_id, self.principal.subject)
+        # The offline contract: a device away longer than `max_offline` resyncs every document
+        # it offers from scratch (`reset`), and re-applies its unsynced edits on top.
+        self._stale = last_seen is not None and time.time() - last_seen > self.limits.max_offline
         self.state = State.LIVE
         self.replicator.peers[self] = None
         limits = self.limits
@@ -284,8 +294,13 @@ class V1Session(Connection):
             doc_type(doc_id)
             y = decode_y(message.message)
             if isinstance(y, YSync) and y.step is SyncStep.STEP1:
+                if self._stale and doc_id not in self._renewed:
+                    self._renewed.add(doc_id)
+                    self.reset(doc_id, "offline_too_long")
+                    return
                 room = await self._subscribe(doc_id)
-                self.send_doc(doc_id, encode_sync(SyncStep.STEP2, room.diff(y.payload)))
+                update = await self.replicator.read(self, room, y.payload)
+                self.send_doc(doc_id, encode_sync(SyncStep.STEP2, update))
                 state_vector = await self.replicator.durable_state_vector(room)
                 self.send_doc(doc_id, encode_sync(SyncStep.STEP1, state_vector))
             elif isinstance(y, YSync):

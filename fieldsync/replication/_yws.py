@@ -51,7 +51,8 @@ class YwsSession(Connection):
         try:
             y = decode_y(frame)
             if isinstance(y, YSync) and y.step is SyncStep.STEP1:
-                self.send_doc(self.doc_id, encode_sync(SyncStep.STEP2, room.diff(y.payload)))
+                update = await self.replicator.read(self, room, y.payload)
+                self.send_doc(self.doc_id, encode_sync(SyncStep.STEP2, update))
             elif isinstance(y, YSync):
                 await self._write(room, y.payload)
             elif isinstance(y, YAwareness):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
+from fieldsync.storage import _attachments, _conflicts, _screens
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
@@ -91,6 +93,71 @@ MIGRATIONS: tuple[Migration, ...] = (
                 last_seen REAL NOT NULL,
                 last_seq INTEGER NOT NULL
             )""",
+        ),
+    ),
+    Migration(
+        2,
+        "reference data: rows, field-level change log, retention horizon",
+        (
+            # One row per (dataset, key): `data` is the row's JSON object (canonical: keys
+            # sorted, so an unchanged row compares equal as text), `seq` its last change.
+            """CREATE TABLE ref_rows (
+                dataset TEXT NOT NULL,
+                key TEXT NOT NULL,
+                data TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (dataset, key)
+            ) WITHOUT ROWID""",
+            # One entry per changed field of a row change, all under that row change's seq (from
+            # the global change sequence); `value` is JSON, NULL when the field was removed; a
+            # deleted row is one entry with `deleted` = 1 and no field.
+            """CREATE TABLE ref_changes (
+                seq INTEGER NOT NULL,
+                dataset TEXT NOT NULL,
+                key TEXT NOT NULL,
+                field TEXT,
+                value TEXT,
+                deleted INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX ref_changes_dataset_seq ON ref_changes (dataset, seq)",
+            # `horizon`: the oldest `since` still answerable (the changes up to it are
+            # compacted away); `seq`: the dataset's last change, which also names its snapshot.
+            """CREATE TABLE ref_datasets (
+                dataset TEXT PRIMARY KEY,
+                horizon INTEGER NOT NULL DEFAULT 0,
+                seq INTEGER NOT NULL DEFAULT 0,
+                rows INTEGER NOT NULL DEFAULT 0,
+                imported_at REAL
+            )""",
+            # When each import chunk committed, with the last seq it drew: how compaction turns
+            # a retention period into a seq without a time on every change entry.
+            """CREATE TABLE ref_marks (
+                dataset TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                at REAL NOT NULL,
+                PRIMARY KEY (dataset, seq)
+            ) WITHOUT ROWID""",
+        ),
+    ),
+    Migration(3, "screens: site, asset, times and keyset indexes of doc_index", _screens.migrate_3),
+    Migration(4, "attachments: stored content, references, tus uploads", _attachments.SCHEMA),
+    Migration(5, "conflicts: the corrections domain rules made", _conflicts.SCHEMA),
+    Migration(
+        6,
+        "field history: every field change with its author, origin and change sequence",
+        (
+            """CREATE TABLE field_history (
+                seq INTEGER NOT NULL,
+                doc TEXT NOT NULL,
+                path TEXT NOT NULL,
+                old TEXT,
+                new TEXT,
+                actor TEXT,
+                origin TEXT,
+                at REAL NOT NULL
+            )""",
+            "CREATE INDEX field_history_doc ON field_history (doc, seq)",
+            "CREATE INDEX field_history_path ON field_history (doc, path, seq)",
         ),
     ),
 )

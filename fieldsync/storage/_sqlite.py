@@ -19,16 +19,22 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pycrdt
 from sqlite_utils import Database
 
+from fieldsync.storage import _conflicts, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
     ChangedDoc,
     ChangesPage,
     Committed,
+    Conflict,
+    ConflictRecord,
     DeviceSeen,
     DocIndex,
+    FieldChange,
+    HistoryEntry,
     ScopeChange,
     ScopeFilter,
     ScopeKind,
@@ -47,16 +53,20 @@ _BUSY_TIMEOUT_MS = 5000
 # adds its column.
 _INDEX_COLUMNS = tuple(f.name for f in fields(DocIndex))
 _SELECT_INDEX = f"SELECT {', '.join(_INDEX_COLUMNS)} FROM doc_index WHERE doc = ?"
+# The times the screens' metrics need are kept beside the projection (`_screens`).
 _UPSERT_INDEX = f"""
     INSERT INTO doc_index ({", ".join(_INDEX_COLUMNS)},
-                           seq, last_seq, created_seq, log_count, log_bytes)
-    VALUES ({", ".join(f":{c}" for c in _INDEX_COLUMNS)}, :seq, :seq, :seq, 1, :bytes)
+                           seq, last_seq, created_seq, log_count, log_bytes,
+                           {", ".join(_screens.INSERT_TIMES)})
+    VALUES ({", ".join(f":{c}" for c in _INDEX_COLUMNS)}, :seq, :seq, :seq, 1, :bytes,
+            {", ".join(_screens.INSERT_TIMES.values())})
     ON CONFLICT (doc) DO UPDATE SET
         {", ".join(f"{c} = excluded.{c}" for c in _INDEX_COLUMNS[1:])},
         seq = excluded.seq,
         last_seq = excluded.last_seq,
         log_count = log_count + 1,
-        log_bytes = log_bytes + excluded.log_bytes
+        log_bytes = log_bytes + excluded.log_bytes,
+        {", ".join(f"{c} = {sql}" for c, sql in _screens.UPDATE_TIMES.items())}
     RETURNING log_count, log_bytes
 """
 
@@ -265,6 +275,32 @@ class SQLiteStore:
     async def head(self) -> int:
         return await self._read(_head)
 
+    async def history(
+        self, doc: str, path: str | None, before_seq: int | None, limit: int
+    ) -> list[HistoryEntry]:
+        return await self._read(lambda db: _history(db, doc, path, before_seq, limit))
+
+    async def last_seen(self, device_id: str, subject: str) -> float | None:
+        query = "SELECT last_seen FROM devices WHERE device_id = ? AND subject = ?"
+        rows = await self._read(lambda db: db.execute(query, (device_id, subject)).fetchall())
+        return float(rows[0][0]) if rows else None
+
+    async def forms(self, wo: str) -> list[str]:
+        query = "SELECT doc FROM doc_index WHERE wo = ? AND type = 'form' ORDER BY doc"
+        return await self._read(lambda db: [row[0] for row in db.execute(query, (wo,))])
+
+    def record_conflict(self, conflict: Conflict) -> None:
+        def work(txn: Transaction) -> None:
+            _conflicts.record(txn.db, txn.seq, conflict)
+
+        recorded = self.transact(work)
+        recorded.add_done_callback(_log_failure)
+
+    async def conflicts(
+        self, scope: ScopeFilter, before_id: int | None, limit: int
+    ) -> list[ConflictRecord]:
+        return await self._read(lambda db: _conflicts.page(db, scope, before_id, limit))
+
     async def stats(self) -> dict[str, int]:
         counts = await self._read(_counts)
         return {**counts, "commits": self._commits}
@@ -423,11 +459,59 @@ def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int,
         "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
         (seq, write.doc, write.data, write.origin, write.actor, job.at),
     )
+    if write.history:
+        # In the update's own transaction: the history never lacks a stored change, and never
+        # holds one that was not stored.
+        db.conn.executemany(
+            "INSERT INTO field_history (seq, doc, path, old, new, actor, origin, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    seq,
+                    write.doc,
+                    c.path,
+                    _json(c.old),
+                    _json(c.new),
+                    write.actor,
+                    write.origin,
+                    job.at,
+                )
+                for c in write.history
+            ],
+        )
     ((log_count, log_bytes),) = db.execute(
         _UPSERT_INDEX,
-        {**{c: getattr(after, c) for c in _INDEX_COLUMNS}, "seq": seq, "bytes": len(write.data)},
+        {
+            **{c: getattr(after, c) for c in _INDEX_COLUMNS},
+            "seq": seq,
+            "bytes": len(write.data),
+            "at": job.at,
+        },
     ).fetchall()
     return Committed(seq, _move_scope(db, seq, before, after)), log_count, log_bytes
+
+
+def _history(
+    db: Database, doc: str, path: str | None, before_seq: int | None, limit: int
+) -> list[HistoryEntry]:
+    where, params = ["doc = ?", "seq < ?"], [doc, before_seq if before_seq is not None else 1 << 62]
+    if path is not None:
+        # The path itself and what lies below it ("checklist" covers "checklist.2.done").
+        where.append("(path = ? OR (path >= ? AND path < ?))")
+        params += [path, path + ".", path + "/"]
+    rows = db.execute(
+        "SELECT seq, at, actor, origin, path, old, new FROM field_history"
+        f" WHERE {' AND '.join(where)} ORDER BY seq DESC, rowid DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    return [
+        HistoryEntry(seq, at, actor, origin, FieldChange(p, orjson.loads(old), orjson.loads(new)))
+        for seq, at, actor, origin, p, old, new in rows
+    ]
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
 def _new_index(doc: str) -> DocIndex:
@@ -581,6 +665,11 @@ def _run_isolated(txn: Transaction, job: _Call) -> Any:
         return _Failed(exc)
     txn.db.execute("RELEASE job")
     return result
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        _log.error("a queued write failed: %r", done.exception())
 
 
 def _resolve(futures: Iterable[asyncio.Future[Any]], results: list[Any]) -> None:

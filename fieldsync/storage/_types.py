@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class ScopeKind(StrEnum):
@@ -45,6 +45,28 @@ class DocIndex:
     title: str | None = None
     priority: str | None = None
     due_at: str | None = None
+    # What the screens show without loading the document (issue 5).
+    site: str | None = None
+    asset_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    """One field's change in an update: "fields.status", "checklist.2.done", or a root text or
+    array ("notes") whose `new` is the change's delta."""
+
+    path: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    seq: int
+    at: float
+    actor: str
+    origin: str
+    change: FieldChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +79,7 @@ class Write:
     origin: str  # "device:<device id>", "server", "adapter:<name>"
     actor: str  # principal subject
     index: DocIndex | None = None
+    history: tuple[FieldChange, ...] = ()  # what changed, for `field_history`
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +138,29 @@ class DeviceSeen:
     last_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A domain rule's correction of a merged document: who, what, which rule, the resolution.
+    The scope columns are the work order's when it happened, so supervisors list their own."""
+
+    doc: str
+    rule: str
+    detail: str
+    actor: str
+    origin: str
+    team: str | None = None
+    region: str | None = None
+    assignee: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    id: int
+    seq: int  # the change sequence when it was recorded
+    at: float
+    conflict: Conflict
+
+
 class Store(Protocol):
     """A durable document store. Every method is safe to call on the event loop: blocking work
     happens on the backend's own threads."""
@@ -147,10 +193,260 @@ class Store(Protocol):
         """The highest committed change sequence number (0 when empty)."""
         ...
 
+    async def last_seen(self, device_id: str, subject: str) -> float | None:
+        """When this subject's device last connected (epoch seconds), None if never."""
+        ...
+
     def touch_device(self, seen: DeviceSeen) -> None:
         """Record a device's last contact; written with the next group commit, not awaited."""
+        ...
+
+    async def history(
+        self, doc: str, path: str | None, before_seq: int | None, limit: int
+    ) -> list[HistoryEntry]:
+        """The field changes of `doc` (of one `path`, or its sub-paths, when given), newest
+        first, older than `before_seq`."""
+        ...
+
+    async def forms(self, wo: str) -> list[str]:
+        """The form documents that belong to work order `wo`."""
+        ...
+
+    def record_conflict(self, conflict: Conflict) -> None:
+        """Keep a rule's correction; written with the next group commit, not awaited."""
+        ...
+
+    async def conflicts(
+        self, scope: ScopeFilter, before_id: int | None, limit: int
+    ) -> list[ConflictRecord]:
+        """Conflicts of documents in `scope`, newest first, older than `before_id`."""
         ...
 
     async def stats(self) -> dict[str, int]:
         """Counts an operator can check: docs, updates (log rows), snapshots, head seq."""
         ...
+
+
+# --- the screens' read model (DESIGN.md §5) ---------------------------------------------------
+
+# Where a keyset page starts: just after this (sort key, document id). Ids break ties, so a page
+# boundary is exact however many documents share a sort key, and documents inserted while a
+# client pages never shift what it has still to read.
+Position = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    """A work order as a list shows it, read from `doc_index` (never from the document)."""
+
+    id: str
+    number: str | None
+    title: str | None
+    status: str | None
+    priority: str | None
+    due_at: str | None
+    site: str | None
+    asset_id: str | None
+    asset_name: str | None  # from the `assets` reference data, None without it
+    assignee: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CardPage:
+    cards: list[Card]
+    next: Position | None  # where the next page starts; None: this is the last page
+    # Work orders per status over the whole list before its status filter (team queue only).
+    counts: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TeamMetrics:
+    """One team's aggregates; see `Screens.region_metrics` for the definitions."""
+
+    team: str | None
+    total: int
+    by_status: dict[str, int]
+    overdue: int
+    completed: int
+    mean_seconds_to_complete: float | None
+    first_time_fix_rate: float | None
+    conflicts_24h: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsPage:
+    teams: list[TeamMetrics]
+    next: str | None  # the last team of this page, None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class WorkOrderRefs:
+    """What the detail screen shows beside the document: its forms' ids (at most the limit
+    asked, by id) and its asset's reference row (None when absent or no reference data)."""
+
+    forms: list[str]
+    asset: dict[str, Any] | None
+
+
+class Screens(Protocol):
+    """The backend-for-frontend's queries: one read, one snapshot, per screen."""
+
+    async def my_work(
+        self, subject: str, scope: ScopeFilter, after: Position | None, limit: int
+    ) -> CardPage:
+        """Work orders assigned to `subject` inside `scope`, by due time (none last), then id."""
+        ...
+
+    async def team_queue(
+        self,
+        scope: ScopeFilter,
+        *,
+        status: str | None,
+        assignee: str | None,
+        after: Position | None,
+        limit: int,
+    ) -> CardPage:
+        """Work orders inside `scope`, optionally of one status and one assignee, by due time;
+        `counts` per status with the assignee filter applied and the status filter not."""
+        ...
+
+    async def region_metrics(
+        self, scope: ScopeFilter, *, now: float, after: str | None, limit: int
+    ) -> MetricsPage:
+        """Per team inside `scope` (by team name): work orders by status; overdue (due before
+        `now` and not completed, closed or cancelled; a due date without a time is due at the
+        end of that day, UTC); completed (status completed or closed); mean seconds from
+        creation (first stored update) to the last entry into completed, over the completed
+        ones whose times are known; first-time-fix rate: the share of completed work orders
+        never moved from completed or closed back to an open status; conflicts recorded in
+        the 24 hours before `now` (None when no conflict log exists)."""
+        ...
+
+    async def work_order_refs(self, wo: str, forms_limit: int) -> WorkOrderRefs: ...
+
+    async def cursor_key(self) -> bytes:
+        """A secret kept in the database, the same for every node that shares it: the key
+        pagination cursors are authenticated with."""
+        ...
+
+
+_T = TypeVar("_T")
+
+# Reference data (DESIGN.md §2, §5): datasets adapters import and devices only read.
+
+
+class InvalidRow(ValueError):
+    """A reference row that cannot be imported (not an object, no usable key, not JSON); the
+    message names its position. Rows before its chunk stay imported."""
+
+
+class ResyncRequired(Exception):
+    """`since` is older than the dataset's retention horizon (its changes were compacted) or
+    newer than anything this server has committed: the reader must start from a snapshot."""
+
+    def __init__(self, dataset: str, since: int, horizon: int) -> None:
+        super().__init__(f"{dataset}: changes since {since} are not available (horizon {horizon})")
+        self.dataset = dataset
+        self.since = since
+        self.horizon = horizon
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """A row's net change over a page of the change log: `fields` are new values; when `whole`
+    is true they are the entire row (created, or re-created after a delete) and replace what the
+    reader holds; otherwise they patch it, and `removed` lists fields that no longer exist."""
+
+    key: str
+    fields: dict[str, Any]
+    removed: tuple[str, ...] = ()
+    whole: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReferencePage:
+    """The row changes of one dataset in (`since`, `next`]; each changed key appears once,
+    either in `changes` or in `deleted`. `more`: ask again from `next` for the rest."""
+
+    dataset: str
+    since: int
+    next: int
+    changes: list[RowChange]
+    deleted: list[str]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """What an import did so far (`done` false: a progress report between chunks)."""
+
+    dataset: str
+    full: bool
+    rows: int = 0  # rows read
+    created: int = 0
+    updated: int = 0  # rows with at least one changed field
+    deleted: int = 0  # rows a full import did not contain
+    unchanged: int = 0
+    # Keys given again (the last row counts): within a chunk, and across a whole full import.
+    duplicates: int = 0
+    seq: int = 0  # the last change sequence number drawn, 0 when nothing changed
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetInfo:
+    dataset: str
+    seq: int  # its last change
+    horizon: int  # the oldest `since` its change log still answers
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotHead:
+    """A snapshot's header: its rows are the dataset exactly as of the global change sequence
+    `seq`, so a reader continues with the changes since `seq`."""
+
+    dataset: str
+    seq: int
+    rows: int
+
+
+class ReferenceStore(Protocol):
+    """Reference datasets: rows, a field-level change log numbered from the global change
+    sequence, and its compaction. Every method is safe to call on the event loop."""
+
+    async def import_rows(
+        self,
+        dataset: str,
+        rows: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+        *,
+        key: str = "id",
+        full: bool,
+        progress: Callable[[ImportResult], None] | None = None,
+    ) -> ImportResult:
+        """Store `rows` (each the whole new state of the row whose `key` field names it),
+        recording only the fields that really changed. A full import also deletes the rows it
+        did not contain, once every row has been read; a partial one touches only the rows
+        given. Applied in chunks, each its own transaction, with `progress` called after each;
+        an `InvalidRow` stops the import before its chunk is written."""
+        ...
+
+    async def changes(self, dataset: str, since: int, limit: int) -> ReferencePage:
+        """At most `limit` row changes after `since`, merged per key; raises `ResyncRequired`."""
+        ...
+
+    async def snapshot(
+        self, dataset: str, consume: Callable[[SnapshotHead, Iterator[tuple[str, str]]], _T]
+    ) -> _T:
+        """Call `consume` with the header and the rows (key, JSON object text, by key) of one
+        consistent snapshot, on a thread of the backend's: it must not touch the event loop."""
+        ...
+
+    async def compact(self, before: float) -> dict[str, int]:
+        """Drop the change log entries committed before the epoch time `before`; return each
+        dataset's horizon."""
+        ...
+
+    async def info(self, dataset: str) -> DatasetInfo | None: ...
+
+    async def datasets(self) -> list[DatasetInfo]: ...

@@ -146,7 +146,9 @@ async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
             for device in devices:
                 assert content(doc_id, device.docs[doc_id]) == content(doc_id, doc)
         for device in devices:
-            assert device.errors == []
+            # Random statuses break the status machine: the server's rules correct them (and
+            # every replica converged on the correction above); nothing else may go wrong.
+            assert [e for e in device.errors if e["code"] != "rule_violation"] == []
             await device.close()
 
 

@@ -1,0 +1,474 @@
+"""Attachments: photos and signed documents captured offline, sent over tus 1.0 when the device is
+back, stored once under their sha256, and read by whoever may see a work order they belong to.
+
+This is the core, free of HTTP (`_tus.py` and `_downloads.py` are its adapters): uploads are
+created, written chunk by chunk at their offset, verified and published; content is found for a
+principal, and a work order's `attachments` map is checked against what is stored.
+
+- An upload belongs to the principal that created it and to one work order that principal may
+  see and whose `attachments` it may write (the policy's `attachments` path). Its bytes are
+  staged, never served; a chunk counts once durably written and its offset committed.
+- On its last chunk the content is hashed and compared with the declared sha256, its type read
+  from its magic number (`_media`), an image's dimensions read from its header (decompression
+  bombs refused before anything is decoded); only then is it published under its sha256, and
+  the work order recorded as referencing it. Refused content is deleted with its upload.
+- The same content sent again is stored once. When the sender may already read it (a device
+  resending after a lost answer, or attaching the same photo to another work order in its
+  scope), the upload completes at creation without a byte sent; anyone else sends the bytes,
+  so that knowing a hash never grants the content.
+- A principal may download content that a work order in its scope references; thumbnails are
+  for supervisors and above. Content absent and content out of scope answer alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from fieldsync.api import _media
+from fieldsync.api._media import ImageTooLarge, MediaType, UnsupportedMediaType
+from fieldsync.auth import Policy, Principal, Role, in_scope
+from fieldsync.documents import DocType, InvalidDocId, doc_type
+from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.storage import Store
+from fieldsync.storage._attachments import (
+    Attachment,
+    Tables,
+    Upload,
+    add_reference,
+    attachment,
+    complete_upload,
+    create_upload,
+    delete_upload,
+    readers_of,
+    record_received,
+    stored_among,
+    upload,
+)
+from fieldsync.storage._blobs import Blobs, ChunkWriter, is_sha256
+
+__all__ = [
+    "CHECKSUM_ALGORITHMS",
+    "Attachments",
+    "Interrupted",
+    "attachment_hashes",
+]
+
+log = logging.getLogger(__name__)
+
+# tus 1.0 checksum extension: "The Server MUST support at least the SHA1 checksum algorithm";
+# sha256 is what the apps use (the content is addressed by it anyway).
+CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+
+# Bytes gathered from the request before one write to disk: a 20 MB photo is some eighty thread
+# hops, not thousands, and little is held in memory when the connection drops (aiohttp raises
+# the loss before it hands over what it had buffered, so what was written is what is kept).
+_FLUSH_BYTES = 256 * 1024
+# Thumbnails decode images: at most this many at once, whatever the number of supervisors.
+_RENDERERS = 2
+_THUMBNAIL_ROLES = frozenset({Role.SUPERVISOR, Role.MANAGER, Role.ADMIN})
+
+
+class Interrupted(Exception):
+    """The request carrying a chunk ended before its body did (the device lost its network)."""
+
+
+class Forbidden(FieldsyncError):
+    def __init__(self, what: str) -> None:
+        super().__init__(ErrorCode.FORBIDDEN, f"{what}: not found or not yours")
+
+
+class UploadTooLarge(FieldsyncError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            ErrorCode.UPLOAD_TOO_LARGE, f"uploads are at most {limit} bytes", max_bytes=limit
+        )
+
+
+class ChecksumMismatch(FieldsyncError):
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.CHECKSUM_MISMATCH, message)
+
+
+class OffsetMismatch(FieldsyncError):
+    def __init__(self, offset: int) -> None:
+        super().__init__(
+            ErrorCode.OFFSET_MISMATCH, f"the upload is at offset {offset}", offset=offset
+        )
+
+
+class UploadLocked(FieldsyncError):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.UPLOAD_LOCKED, "another request is writing this upload")
+
+
+class NoThumbnail(FieldsyncError):
+    def __init__(self, mime: str) -> None:
+        super().__init__(ErrorCode.NO_THUMBNAIL, f"{mime} content has no thumbnail")
+
+
+@dataclass(frozen=True, slots=True)
+class Checksum:
+    """A chunk's `Upload-Checksum`: the algorithm and the digest it must have."""
+
+    algorithm: str
+    digest: bytes
+
+
+def attachment_hashes(doc: Doc) -> list[str]:
+    """The keys of a work order's `attachments` map: the sha256 of each attached content (a key
+    that is not a sha256 is listed too: it references nothing that can exist)."""
+    return sorted(doc.get("attachments", type=Map).keys())
+
+
+class Attachments:
+    def __init__(
+        self,
+        store: Store,
+        tables: Tables,
+        blobs: Blobs,
+        policy: Callable[[], Policy],
+        *,
+        max_bytes: int,
+        types: frozenset[str],
+        max_pixels: int,
+    ) -> None:
+        self._store = store
+        self._tables = tables
+        self.blobs = blobs
+        self._policy = policy  # read per request: SIGHUP may replace the policy
+        self.max_bytes = max_bytes
+        self.types = types
+        self.max_pixels = max_pixels
+        self._busy: set[str] = set()
+        self._renderers = asyncio.Semaphore(_RENDERERS)
+
+    async def lifecycle(self, app: object) -> AsyncIterator[None]:
+        await asyncio.to_thread(self.blobs.prepare)
+        yield
+
+    # --- uploads --------------------------------------------------------------------------
+
+    async def create(
+        self, principal: Principal, wo: str, sha256: str, length: int, metadata: str
+    ) -> Upload:
+        """A new upload of `length` bytes whose content has `sha256`, for work order `wo`. It
+        comes complete when the content is stored and the principal may already read it."""
+        if length > self.max_bytes:
+            raise UploadTooLarge(self.max_bytes)
+        await self._authorise_attaching(principal, wo)
+        now = time.time()
+        stored = await self._tables.query(lambda db: attachment(db, sha256))
+        if stored is not None and stored.size == length and await self.may_read(principal, sha256):
+            done = Upload(
+                _new_id(), principal.subject, wo, sha256, length, length, metadata, now, now
+            )
+
+            def record_done(txn: Any) -> None:
+                create_upload(txn, done)
+                add_reference(txn, sha256, wo, principal.subject, now)
+
+            await self._tables.transact(record_done)
+            log.info("upload %s: %s… already stored, complete at creation", done.id, sha256[:12])
+            return done
+        if length == 0:
+            raise UnsupportedMediaType("empty content is no accepted type")
+        created = Upload(_new_id(), principal.subject, wo, sha256, length, 0, metadata, now)
+        await asyncio.to_thread(self.blobs.create, created.id)
+        try:
+            await self._tables.transact(lambda txn: create_upload(txn, created))
+        except BaseException:
+            await asyncio.to_thread(self.blobs.discard, created.id)
+            raise
+        log.info("upload %s: %d bytes for %s by %s", created.id, length, wo, principal.subject)
+        return created
+
+    async def upload(self, principal: Principal, upload_id: str) -> Upload:
+        """The principal's upload (`Forbidden` for one absent or another's)."""
+        found = None
+        if upload_id.isalnum() and len(upload_id) <= 64:
+            found = await self._tables.query(lambda db: upload(db, upload_id))
+        if found is None or found.owner != principal.subject:
+            raise Forbidden("this upload")
+        return found
+
+    async def receive(
+        self,
+        principal: Principal,
+        upload_id: str,
+        offset: int,
+        body: AsyncIterator[bytes],
+        *,
+        expected: int | None = None,
+        checksum: Checksum | None = None,
+    ) -> Upload:
+        """Append one request's body at `offset`, which must be the upload's (tus 1.0 PATCH).
+
+        `expected` is the body's announced length. Without a `checksum`, the bytes that arrived
+        before an `Interrupted` are kept, as tus 1.0 asks ("store as much of the received data
+        as possible"); with one, a chunk that cannot be verified whole is dropped. The chunk
+        that completes the upload publishes it, or deletes it when the content is refused."""
+        async with self._exclusive(principal, upload_id) as current:
+            if offset != current.received:
+                raise OffsetMismatch(current.received)
+            if current.complete:
+                return current  # the last answer was lost; nothing more to take
+            room = current.length - offset
+            if expected is not None and expected > room:
+                raise _beyond_length(current.length)
+            received = offset + await self._write_chunk(current, body, expected, checksum)
+            if received == current.length:
+                return await self._finish(principal, current, offset)
+            updated = await self._record(current, received)
+            if offset < _media.SNIFF_BYTES <= received:
+                await self._check_type_early(current)
+            return updated
+
+    async def _write_chunk(
+        self,
+        current: Upload,
+        body: AsyncIterator[bytes],
+        expected: int | None,
+        checksum: Checksum | None,
+    ) -> int:
+        """Stage one request's body at the upload's offset, durably; return its length. An
+        interrupted body keeps what arrived unless a checksum asks for all or nothing."""
+        offset = current.received
+        algorithm = checksum.algorithm if checksum else None
+        writer = await asyncio.to_thread(self.blobs.writer, current.id, offset, algorithm)
+        try:
+            await _drain(body, writer, current.length - offset)
+            if expected is not None and writer.written < expected:
+                # The body ended early without an error from the transport: a cut as well.
+                raise Interrupted(f"{writer.written} of {expected} bytes arrived")
+        except Interrupted:
+            if checksum is not None or writer.written == 0:
+                await asyncio.to_thread(writer.abort)
+                raise
+            await asyncio.to_thread(writer.commit)
+            await self._record(current, offset + writer.written)
+            raise
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+        if checksum is not None and writer.digest() != checksum.digest:
+            await asyncio.to_thread(writer.abort)
+            raise ChecksumMismatch(f"the chunk does not match its {checksum.algorithm}")
+        await asyncio.to_thread(writer.commit)
+        return writer.written
+
+    async def terminate(self, principal: Principal, upload_id: str) -> None:
+        """tus 1.0 termination: the upload and its staged bytes are gone. Content it completed
+        stays: work orders reference it."""
+        async with self._exclusive(principal, upload_id) as current:
+            await self._drop(current)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, principal: Principal, upload_id: str) -> AsyncIterator[Upload]:
+        """The principal's upload, for one request at a time: another gets 423 until it is
+        done (a device retrying while the server still reads its previous attempt). The
+        upload is read again once held, so it is not what an earlier request left behind."""
+        await self.upload(principal, upload_id)  # ownership first: a 423 must not leak
+        if upload_id in self._busy:
+            raise UploadLocked()
+        self._busy.add(upload_id)
+        try:
+            yield await self.upload(principal, upload_id)
+        finally:
+            self._busy.discard(upload_id)
+
+    async def _authorise_attaching(self, principal: Principal, wo: str) -> None:
+        try:
+            if doc_type(wo) is not DocType.WORK_ORDER:
+                raise Forbidden(wo)
+        except InvalidDocId:
+            raise Forbidden("that work order") from None
+        policy = self._policy()
+        index = await self._store.scope_index(wo)
+        if (
+            index is None
+            or not in_scope(policy.scope(principal), index)
+            or policy.forbidden_paths(principal, "wo", ["attachments"])
+        ):
+            raise Forbidden(wo)
+
+    async def _record(self, current: Upload, received: int) -> Upload:
+        moved = await self._tables.transact(
+            lambda txn: record_received(txn, current.id, current.received, received, time.time())
+        )
+        if not moved:  # terminated meanwhile
+            raise Forbidden("this upload")
+        return replace(current, received=received)
+
+    async def _check_type_early(self, current: Upload) -> None:
+        """The first bytes are in: refuse content of a type not accepted before the rest of it
+        crosses a metered link."""
+        head = await asyncio.to_thread(self.blobs.head, current.id, _media.SNIFF_BYTES)
+        try:
+            self._accepted(head)
+        except FieldsyncError:
+            await self._drop(current)
+            raise
+
+    async def _finish(self, principal: Principal, current: Upload, before: int) -> Upload:
+        """The last chunk is staged: verify, publish, record. Refused content goes with its
+        upload, and nothing of it was ever visible."""
+        try:
+            digest = await asyncio.to_thread(self.blobs.digest, current.id, current.length)
+            if digest != current.sha256:
+                raise ChecksumMismatch("the content does not match the sha256 declared for it")
+            head = await asyncio.to_thread(self.blobs.head, current.id, _media.SNIFF_BYTES)
+            media = self._accepted(head)
+            size = await asyncio.to_thread(
+                _media.inspect, self.blobs.staged(current.id), media, self.max_pixels
+            )
+        except (ChecksumMismatch, UnsupportedMediaType, ImageTooLarge) as refused:
+            log.info("upload %s refused: %s", current.id, refused.code)
+            await self._drop(current)
+            raise
+        now = time.time()
+        width, height = size if size is not None else (None, None)
+        content = Attachment(
+            current.sha256, current.length, media.mime, width, height, now, principal.subject
+        )
+        new = await asyncio.to_thread(self.blobs.publish, current.id, current.sha256)
+        done = await self._tables.transact(
+            lambda txn: complete_upload(txn, current, before, content, now)
+        )
+        if not done:
+            raise Forbidden("this upload")
+        log.info(
+            "upload %s complete: %s… %s, %d bytes%s",
+            current.id,
+            current.sha256[:12],
+            media.mime,
+            current.length,
+            "" if new else " (stored already)",
+        )
+        return replace(current, received=current.length, completed_at=now)
+
+    def _accepted(self, head: bytes) -> MediaType:
+        media = _media.sniff(head)
+        if media is None:
+            raise UnsupportedMediaType(
+                f"the content is none of the accepted types ({', '.join(sorted(self.types))})"
+            )
+        if media.mime not in self.types:
+            raise UnsupportedMediaType(f"{media.mime} is not accepted here")
+        return media
+
+    async def _drop(self, current: Upload) -> None:
+        await self._tables.transact(lambda txn: delete_upload(txn, current.id))
+        await asyncio.to_thread(self.blobs.discard, current.id)
+
+    # --- content --------------------------------------------------------------------------
+
+    async def may_read(self, principal: Principal, sha256: str) -> bool:
+        """Whether a work order in the principal's scope references the content."""
+        readers = await self._tables.query(lambda db: readers_of(db, sha256))
+        scope = self._policy().scope(principal)
+        return any(in_scope(scope, index) for index in readers)
+
+    async def readable(self, principal: Principal, sha256: str) -> Attachment:
+        """The stored content `principal` may read (`Forbidden` otherwise, absent alike)."""
+        if not is_sha256(sha256):
+            raise Forbidden("this attachment")
+        found = await self._tables.query(lambda db: attachment(db, sha256))
+        if found is None or not await self.may_read(principal, sha256):
+            raise Forbidden("this attachment")
+        return found
+
+    async def read(self, sha256: str, start: int, length: int) -> AsyncIterator[bytes]:
+        """The content's bytes from `start`, read in a worker thread piece by piece."""
+        pieces: Generator[bytes, None, None] = self.blobs.read(sha256, start, length)
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield piece
+        finally:
+            await asyncio.to_thread(pieces.close)
+
+    async def thumbnail(self, principal: Principal, sha256: str) -> bytes:
+        """A small JPEG of a photo, for supervisors and above; made once, then cached."""
+        if not principal.roles & _THUMBNAIL_ROLES:
+            raise FieldsyncError(ErrorCode.FORBIDDEN, "thumbnails are for supervisors")
+        found = await self.readable(principal, sha256)
+        media = _media.TYPES.get(found.mime)
+        if media is None or media.image is None:
+            raise NoThumbnail(found.mime)
+        cached = await asyncio.to_thread(self.blobs.read_thumbnail, sha256)
+        if cached is not None:
+            return cached
+        async with self._renderers:
+            try:
+                made = await asyncio.to_thread(
+                    _media.thumbnail, self.blobs.path(sha256), media, self.max_pixels
+                )
+            except (FieldsyncError, OSError, ValueError) as failed:
+                # Stored before a lower pixel limit, or an image Pillow cannot render (a
+                # truncated JPEG, an exotic PNG mode): the content stays downloadable.
+                log.warning("no thumbnail of %s…: %r", sha256[:12], failed)
+                raise NoThumbnail(found.mime) from None
+            await asyncio.to_thread(self.blobs.write_thumbnail, sha256, made)
+        return made
+
+    # --- references from documents -------------------------------------------------------
+
+    async def unresolved_attachments(self, doc: Doc) -> list[str]:
+        """The keys of a work order's `attachments` map that reference no stored content: an
+        unknown hash, or an upload not finished yet. They are flagged, never dropped: the
+        upload may still come."""
+        keys = attachment_hashes(doc)  # read on the loop: a pycrdt Doc stays on its thread
+        valid = [key for key in keys if is_sha256(key)]
+        stored = await self._tables.query(lambda db: stored_among(db, valid)) if valid else set()
+        return [key for key in keys if key not in stored]
+
+    async def describe(self, doc: Doc) -> dict[str, dict[str, Any]]:
+        """A work order's `attachments` map as JSON for a screen: each entry as the document
+        holds it (mime, size, caption, by, at) plus `missing`, true when no stored content
+        answers it yet (`unresolved_attachments`)."""
+        entries = {
+            key: value if isinstance(value, dict) else {}
+            for key, value in doc.get("attachments", type=Map).to_py().items()
+        }
+        missing = set(await self.unresolved_attachments(doc))
+        return {key: {**entry, "missing": key in missing} for key, entry in entries.items()}
+
+
+async def _drain(body: AsyncIterator[bytes], writer: ChunkWriter, room: int) -> None:
+    """Write the body through `writer`, `_FLUSH_BYTES` at a time, refusing anything past `room`
+    (the bytes the upload still lacks)."""
+    pending = bytearray()
+    taken = 0
+    try:
+        async for data in body:
+            taken += len(data)
+            if taken > room:
+                raise _beyond_length(writer.start + room)
+            pending += data
+            if len(pending) >= _FLUSH_BYTES:
+                chunk, pending = bytes(pending), bytearray()
+                await asyncio.to_thread(writer.write, chunk)
+    except Interrupted:
+        if pending:  # what arrived before the cut is kept too (the caller decides on it)
+            await asyncio.to_thread(writer.write, bytes(pending))
+        raise
+    if pending:
+        await asyncio.to_thread(writer.write, bytes(pending))
+
+
+def _beyond_length(length: int) -> FieldsyncError:
+    return FieldsyncError(
+        ErrorCode.UPLOAD_TOO_LARGE, f"the chunk goes past the upload's length ({length} bytes)"
+    )
+
+
+def _new_id() -> str:
+    return secrets.token_hex(16)

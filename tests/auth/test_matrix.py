@@ -1,0 +1,905 @@
+"""The authorisation matrix of issue 3, generated from the shipped policy and the document schemas.
+
+Every principal of `tests.harness.USERS` (each role, two supervisors and three technicians of
+different teams, and one principal with no role) against documents placed relative to it: a work
+order assigned to it, one in its team, one in its region, one elsewhere, and a form of each. Over
+everything that reads or writes a document: v1 SyncStep1, awareness, SyncStep2 and Update; a
+y-websocket connect; the HTTP routes that name a document. Writes go to every path the schema
+has: each root, each index key of a work order's `fields` (and the form's `meta.wo`), a root
+outside the schema the update brings and one the document already holds. Creation: a work order
+in each scope (v1 and REST), a form for a work order in each scope and for one that does not
+exist.
+
+What each cell expects is computed from `Policy.load()` (`scope` + `in_scope`, `forbidden_paths`,
+`may_create`) and the schema, never written down: a change to either changes the matrix. One
+server runs the whole matrix once (one connection per principal, all principals at once), then
+every cell is a test of its own, named role:subject-scope-doctype-message[-path], that checks
+what the server did for it.
+
+Who may call each HTTP route at all (public, signed in, operators) is
+`tests/api/test_middleware.py`'s. The routes that name a document are driven here, per scope;
+`test_every_route_about_a_document_is_in_the_matrix` fails when one appears that is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pycrdt import Array, Doc, Map, Text
+
+from fieldsync import documents
+from fieldsync.app import REPLICATOR, STORE, create_app
+from fieldsync.auth import Policy, Principal, Role, in_scope
+from fieldsync.config import Settings
+from fieldsync.documents import DocType
+from fieldsync.errors import CloseCode
+from fieldsync.replication import DocMessage, SyncStep, YAwareness, YSync, decode_y, encode_sync
+from fieldsync.replication._awareness import decode_update, encode_update
+from fieldsync.storage import DocIndex, Store
+from tests.harness import USERS, Server, eventually, running_issuer, running_server, work_order
+from tests.wire import Wire, connect
+
+POLICY = Policy.load()
+
+PRINCIPALS = {
+    subject: Principal(
+        subject, frozenset(Role(r) for r in user.roles), team=user.team, region=user.region
+    )
+    for subject, user in USERS.items()
+}
+ROLE = {subject: user.roles[0] if user.roles else "no-role" for subject, user in USERS.items()}
+
+# Where a document lies relative to the principal it is tested against.
+SCOPES = ("assigned", "team", "region", "elsewhere")
+OUTSIDER = "zed"  # assigned to no principal of USERS
+OTHER_TEAM, OTHER_REGION = "far-team", "far-region"
+
+# Paths outside the schema: a root the update brings, and one the document already holds (data
+# an older app or an adapter left there).
+NEW_ROOT = "x_unknown"
+LEGACY_ROOT = "x_legacy"
+NEW_KEY = "x_matrix"  # a key of a map root that is no index field
+# The key `documents.form.index` reads: which work order (and so which scope) a form belongs to.
+FORM_INDEX_KEYS = ("meta.wo",)
+
+# What reads a document, per document type, and how.
+HTTP_READS = {
+    "http_get": "/v1/work-orders/{doc_id}",
+    "http_screen": "/v1/screens/work-order/{doc_id}",
+}
+READS = {
+    DocType.WORK_ORDER: ("sync_step1", "awareness", "yws_connect", *HTTP_READS),
+    DocType.FORM: ("sync_step1", "awareness", "yws_connect"),
+}
+WRITES = {"sync_step2": SyncStep.STEP2, "update": SyncStep.UPDATE}
+CREATES = {DocType.WORK_ORDER: ("create", "http_create"), DocType.FORM: ("create",)}
+# Routes that name a document, and the message of the matrix that drives each.
+DOCUMENT_ROUTES = {
+    ("GET", "/v1/yws/{doc_id}"): "yws_connect",
+    **{("GET", path): message for message, path in HTTP_READS.items()},
+}
+TIMEOUT = 10.0
+
+
+def scope_fields(subject: str, scope: str) -> dict[str, str | None]:
+    user = USERS[subject]
+    assignee, team, region = {
+        "assigned": (subject, user.team, user.region),
+        "team": (OUTSIDER, user.team, user.region),
+        "region": (OUTSIDER, OTHER_TEAM, user.region),
+        "elsewhere": (OUTSIDER, OTHER_TEAM, OTHER_REGION),
+    }[scope]
+    return {"assignee": assignee, "team": team, "region": region}
+
+
+def doc_id(kind: DocType, subject: str, name: str) -> str:
+    return f"{kind.value}:{subject}.{name}"
+
+
+def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> Doc:
+    """The document of `kind` that lies in `scope` of `subject` (named `name`: one that
+    `subject` tries to create; else one of the matrix, which holds a root outside the schema)."""
+    doc: Doc = Doc()
+    if kind is DocType.WORK_ORDER:
+        documents.work_order.write(
+            doc,
+            {"number": f"{subject}.{name or scope}", "title": "Inspect pump", "status": "assigned"}
+            | scope_fields(subject, scope),
+            [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
+        )
+    else:
+        wo = doc_id(DocType.WORK_ORDER, subject, scope)
+        documents.form.write(doc, wo, "safety-check", 1, {"gloves": True})
+    if name is None:
+        doc.get(LEGACY_ROOT, type=Map)["v"] = 1
+    return doc
+
+
+def scope_index(subject: str, scope: str) -> DocIndex | None:
+    """The scope index of the work order the documents of `subject`'s `scope` hang on (a form's
+    is its work order's); None when there is no such work order."""
+    if scope not in SCOPES:
+        return None
+    wo = doc_id(DocType.WORK_ORDER, subject, scope)
+    return documents.index(wo, build(DocType.WORK_ORDER, subject, scope))
+
+
+def write_paths(kind: DocType) -> list[str]:
+    """Every path a write is tried on, from the schema."""
+    roots = documents.roots(kind)
+    paths = [f"{name}.{NEW_KEY}" if typ is Map else name for name, typ in roots.items()]
+    if kind is DocType.WORK_ORDER:
+        paths += [f"fields.{key}" for key in documents.work_order.INDEX_FIELDS]
+    else:
+        paths += list(FORM_INDEX_KEYS)
+    return [*paths, NEW_ROOT, LEGACY_ROOT]
+
+
+def mutate(doc: Doc, kind: DocType, path: str, n: int) -> None:
+    """Write exactly `path` of `doc`. A key that is there is set again to its value: a real
+    write (a new item) that moves no document out of anyone's scope and no status anywhere."""
+    root, _, key = path.partition(".")
+    typ = documents.roots(kind).get(root, Map)
+    if typ is Map:
+        target = doc.get(root, type=Map)
+        key = key or "v"
+        target[key] = target.get(key, f"matrix-{n}")
+    elif typ is Array:
+        doc.get(root, type=Array).append(f"matrix-{n}")
+    else:
+        doc.get(root, type=Text).insert(0, f"matrix-{n} ")
+
+
+# --- the cells ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    subject: str
+    scope: str
+    kind: DocType
+    message: str
+    path: str = ""
+
+    @property
+    def creates(self) -> bool:
+        return self.message in CREATES[self.kind]
+
+    @property
+    def doc(self) -> str:
+        if self.creates:
+            return doc_id(self.kind, self.subject, f"{self.message}-{self.scope}")
+        return doc_id(self.kind, self.subject, self.scope)
+
+    @property
+    def name(self) -> str:
+        parts = [f"{ROLE[self.subject]}:{self.subject}", self.scope, self.kind.value, self.message]
+        return "-".join([*parts, self.path] if self.path else parts)
+
+    def new(self) -> Doc:
+        """What a creation cell creates."""
+        if self.scope in SCOPES:
+            return build(self.kind, self.subject, self.scope, self.doc)
+        doc: Doc = Doc()  # a form for a work order that does not exist
+        wo = doc_id(DocType.WORK_ORDER, self.subject, self.scope)
+        documents.form.write(doc, wo, "safety-check", 1, {"gloves": True})
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    outcome: str  # "allowed", "forbidden" or "forbidden_field"
+    paths: tuple[str, ...] = ()
+
+
+def expected(cell: Cell) -> Expect:
+    principal = PRINCIPALS[cell.subject]
+    if cell.creates:
+        index = (
+            documents.index(cell.doc, cell.new())
+            if cell.kind is DocType.WORK_ORDER
+            else scope_index(cell.subject, cell.scope)
+        )
+        allowed = POLICY.may_create(principal, cell.kind.value, index)
+        return Expect("allowed" if allowed else "forbidden")
+    if not in_scope(POLICY.scope(principal), scope_index(cell.subject, cell.scope)):
+        return Expect("forbidden")
+    if cell.message in READS[cell.kind]:
+        return Expect("allowed")
+    refused = POLICY.forbidden_paths(principal, cell.kind.value, [cell.path])
+    return Expect("forbidden_field", tuple(refused)) if refused else Expect("allowed")
+
+
+def generate() -> list[Cell]:
+    cells = []
+    for subject in USERS:
+        for kind in DocType:
+            for scope in SCOPES:
+                cells += [Cell(subject, scope, kind, message) for message in READS[kind]]
+                cells += [
+                    Cell(subject, scope, kind, message, path)
+                    for path in write_paths(kind)
+                    for message in WRITES
+                ]
+            creatable = SCOPES if kind is DocType.WORK_ORDER else (*SCOPES, "absent")
+            cells += [Cell(subject, s, kind, m) for m in CREATES[kind] for s in creatable]
+    return cells
+
+
+CELLS = generate()
+
+
+def cells(*messages: str) -> list[Any]:
+    return [pytest.param(c, id=c.name) for c in CELLS if c.message in messages]
+
+
+# --- running the matrix against a server -----------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the server did, per cell, and what the whole run stored and broadcast."""
+
+    seen: dict[Cell, dict[str, Any]] = field(default_factory=dict)
+    doc_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (subject, doc) -> msgs
+    probes: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    contents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stored_rows: int = 0  # update rows the store gained during the matrix
+    stored_acks: int = 0  # acks of writes and creations that stored something
+    broadcasts: Counter[str] = field(default_factory=Counter)  # UPDATEs the observer received
+    allowed_writes: Counter[str] = field(default_factory=Counter)
+    # The server's own updates (domain rules, form validation) after a write: stored and
+    # broadcast to every replica, the writer's included.
+    corrections: Counter[str] = field(default_factory=Counter)
+    logged_tokens: list[str] = field(default_factory=list)
+
+
+def content(doc_id: str, update: bytes) -> dict[str, Any]:
+    doc: Doc = Doc()
+    doc.apply_update(update)
+    return documents.to_json(doc_id, doc)
+
+
+async def take(wire: Wire, doc: str, *kinds: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """The first control message about `doc` of one of `kinds`. A domain rule's correction
+    (`rule_violation`) is no answer to a write: the write was accepted."""
+    return await wire._take(
+        wire.controls,
+        lambda body: (
+            body.get("doc") == doc
+            and body.get("type") in kinds
+            and body.get("code") != "rule_violation"
+        ),
+        f"{'/'.join(kinds)} of {doc}",
+        timeout,
+    )
+
+
+def answered(wire: Wire, doc: str) -> bool:
+    """Whether `wire` holds an error about `doc` or a sync message of it."""
+    return (
+        wire.closed
+        or any(c.get("type") == "error" and c.get("doc") == doc for c in wire.controls)
+        or any(d == doc and isinstance(y, YSync) for d, y in wire.docs)
+    )
+
+
+async def refusal(wire: Wire, doc: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """What a refusal consists of: the error and the reset that must follow it."""
+    if reply["type"] != "error":
+        return {"reply": reply, "reset": None}
+    try:
+        reset = await take(wire, doc, "reset", timeout=2)
+    except TimeoutError:
+        reset = None
+    return {"reply": reply, "reset": reset}
+
+
+async def doc_seq(store: Store, doc: str) -> int:
+    stored = await store.load(doc)
+    return 0 if stored is None else stored.seq
+
+
+async def corrections_of(wire: Wire, store: Store, doc: str) -> int:
+    """How many updates the server made of its own to a document just created (once all it
+    holds is committed, which the server's SyncStep1 waits for)."""
+    await wire.step1(doc)
+    await wire.doc_message(doc, SyncStep.STEP2)
+    await wire.doc_message(doc, SyncStep.STEP1)
+    stored = await store.load(doc)
+    assert stored is not None and stored.snapshot is None
+    return len(stored.updates) - 1
+
+
+def updates_of(wire: Wire) -> Counter[str]:
+    """How many sync Update messages `wire` received, per document."""
+    return Counter(d for d, y in wire.docs if isinstance(y, YSync) and y.step is SyncStep.UPDATE)
+
+
+def awareness_of(wire: Wire, doc: str) -> set[int]:
+    """The client ids whose (non-null) presence `wire` received for `doc`."""
+    return {
+        client
+        for d, y in wire.docs
+        if d == doc and isinstance(y, YAwareness)
+        for client, _, state in decode_update(y.payload)
+        if state != "null"
+    }
+
+
+async def http_get(http: aiohttp.ClientSession, url: str, token: str) -> dict[str, Any]:
+    async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+        return {"status": response.status, "body": await response.json(content_type=None)}
+
+
+async def yws_connect(http: aiohttp.ClientSession, url: str, token: str) -> dict[str, Any]:
+    """Open a y-websocket and sync once it greets. What came back: the document, or how it
+    closed and how many messages came before."""
+    received = 0
+    async with http.ws_connect(url, headers={"Authorization": f"Bearer {token}"}) as ws:
+        while True:
+            message = await ws.receive(timeout=TIMEOUT)
+            if message.type is not aiohttp.WSMsgType.BINARY:
+                close = (ws.close_code, str(message.extra or ""))
+                return {"content": None, "close": close, "received": received}
+            received += 1
+            y = decode_y(message.data)
+            if isinstance(y, YSync) and y.step is SyncStep.STEP1:
+                await ws.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
+            elif isinstance(y, YSync) and y.step is SyncStep.STEP2:
+                return {"content": content(url.rsplit("/", 1)[1], y.payload), "close": None}
+
+
+async def run_principal(server: Server, observer: Wire, subject: str, run: Run) -> None:
+    store = server.app[STORE]
+    mine = [c for c in CELLS if c.subject == subject]
+    cell = {(c.doc, c.message, c.path): c for c in mine}
+    targets = {(c.kind, c.scope): c.doc for c in mine if c.message == "sync_step1"}
+    token = server.token(subject)
+    async with connect(server.sync_url, token) as wire, aiohttp.ClientSession() as http:
+        await wire.hello()
+
+        # v1 reads: every document at once, then what came back for each.
+        await wire.send(
+            *(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in targets.values())
+        )
+        replicas: dict[str, Doc] = {}
+        for doc in targets.values():
+            await eventually(lambda doc=doc: answered(wire, doc))
+            step2 = [y.payload for d, y in wire.docs if d == doc and isinstance(y, YSync)]
+            seen: dict[str, Any] = {"reply": None, "reset": None, "content": None}
+            if step2:
+                seen["content"] = content(doc, step2[0])
+                replicas[doc] = Doc()
+                replicas[doc].apply_update(step2[0])
+            else:
+                seen |= await refusal(wire, doc, await take(wire, doc, "error"))
+            run.seen[cell[doc, "sync_step1", ""]] = seen
+
+        # y-websocket, one socket per document; the HTTP routes that name one.
+        for (kind, _), doc in targets.items():
+            run.seen[cell[doc, "yws_connect", ""]] = await yws_connect(
+                http, server.yws_url(doc), token
+            )
+            for message in set(READS[kind]) & set(HTTP_READS):
+                url = server.url + HTTP_READS[message].format(doc_id=doc)
+                run.seen[cell[doc, message, ""]] = await http_get(http, url, token)
+
+        # Awareness: relayed to the observer (an admin's replica of every document) or refused.
+        clients = {doc: 1000 + n for n, doc in enumerate(targets.values())}
+        await wire.send(
+            *(
+                DocMessage(doc, encode_update([(client, 1, f'{{"user":"{subject}"}}')]))
+                for doc, client in clients.items()
+            )
+        )
+        for doc, client in clients.items():
+            await eventually(
+                lambda doc=doc, client=client: (
+                    wire.closed
+                    or any(c.get("type") == "error" and c.get("doc") == doc for c in wire.controls)
+                    or client in awareness_of(observer, doc)
+                )
+            )
+            relayed = client in awareness_of(observer, doc)
+            seen = {"reply": None, "reset": None, "client": client, "relayed": relayed}
+            if any(c.get("type") == "error" and c.get("doc") == doc for c in wire.controls):
+                seen |= await refusal(wire, doc, await take(wire, doc, "error"))
+            run.seen[cell[doc, "awareness", ""]] = seen
+
+        # Writes: each document on its own, each path in turn, made on the server's state (the
+        # server may have corrected the last one: a readable document is synced again first).
+        async def writes(kind: DocType, doc: str) -> None:
+            mirror = replicas.get(doc) or Doc()
+            for n, path in enumerate(write_paths(kind)):
+                for message, step in WRITES.items():
+                    if doc in replicas:
+                        await wire.step1(doc, mirror.get_state())
+                        mirror.apply_update(await wire.doc_message(doc, SyncStep.STEP2))
+                        await wire.doc_message(doc, SyncStep.STEP1)  # all of it committed
+                    replica: Doc = Doc()
+                    replica.apply_update(mirror.get_update())
+                    before = replica.get_state()
+                    mutate(replica, kind, path, n)
+                    update = replica.get_update(before)
+                    stored_before = await doc_seq(store, doc)
+                    await wire.send(DocMessage(doc, encode_sync(step, update)))
+                    seen = await refusal(wire, doc, await take(wire, doc, "ack", "error"))
+                    stored_after = await doc_seq(store, doc)
+                    if seen["reply"]["type"] == "ack":
+                        mirror.apply_update(update)
+                        run.allowed_writes[doc] += 1
+                        run.stored_acks += stored_after > stored_before
+                    seen["stored"] = (stored_before, stored_after)
+                    run.seen[cell[doc, message, path]] = seen
+
+        await asyncio.gather(*(writes(kind, doc) for (kind, _), doc in targets.items()))
+
+        # Creation: as a device does it (the whole document in its first update), and over REST.
+        for c in (c for c in mine if c.message == "create"):
+            await wire.update(c.doc, c.new().get_update())
+            seen = await refusal(wire, c.doc, await take(wire, c.doc, "ack", "error"))
+            seen["index"] = await store.index(c.doc)
+            if seen["reply"]["type"] == "ack":
+                run.stored_acks += 1
+                run.corrections[c.doc] = await corrections_of(wire, store, c.doc)
+            run.seen[c] = seen
+        for c in (c for c in mine if c.message == "http_create"):
+            fields = {k: v for k, v in scope_fields(subject, c.scope).items() if v is not None}
+            body = {"id": c.doc, "fields": {"title": "Inspect pump", **fields}}
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.post(server.url + "/v1/work-orders", json=body, headers=headers) as r:
+                seen = {"status": r.status, "body": await r.json(content_type=None)}
+            seen["index"] = await store.index(c.doc)
+            if seen["status"] == 201:
+                run.stored_acks += 1
+                run.corrections[c.doc] = await corrections_of(wire, store, c.doc)
+            run.seen[c] = seen
+
+        # Probes: a document outside the scope and one that does not exist, over each transport.
+        for kind in DocType:
+            for name in ("elsewhere", "absent"):
+                probe = doc_id(kind, subject, name)
+                await wire.step1(probe)
+                await eventually(lambda probe=probe: answered(wire, probe))
+                errors = [
+                    c["code"]
+                    for c in wire.controls
+                    if c.get("doc") == probe and c.get("type") == "error"
+                ]
+                run.probes[subject, f"v1-{kind.value}", name] = (
+                    f"error {errors[-1]}" if errors else "sync"
+                )
+                yws = await yws_connect(http, server.yws_url(probe), token)
+                run.probes[subject, f"yws-{kind.value}", name] = (
+                    f"closed {yws['close']}" if yws["close"] else "opened"
+                )
+                if kind is DocType.WORK_ORDER:
+                    for message, path in HTTP_READS.items():
+                        got = await http_get(http, server.url + path.format(doc_id=probe), token)
+                        answer = str(got["body"]).replace(probe, "<doc>")
+                        run.probes[subject, message, name] = f"{got['status']} {answer}"
+
+        for doc in targets.values():
+            run.doc_bytes[subject, doc] = sum(1 for d, _ in wire.docs if d == doc)
+            run.corrections[doc] = sum(
+                1
+                for d, y in wire.docs
+                if d == doc and isinstance(y, YSync) and y.step is SyncStep.UPDATE
+            )
+
+
+async def run_matrix(data_dir: Path) -> Run:
+    run = Run()
+    async with running_issuer() as issuer, running_server(data_dir, issuer) as server:
+        store = server.app[STORE]
+        seeded = {
+            doc_id(kind, subject, scope): build(kind, subject, scope)
+            for subject in USERS
+            for kind in DocType  # a work order before its form
+            for scope in SCOPES
+        }
+        async with connect(server.sync_url, server.token("ada")) as observer:
+            await observer.hello()
+            await observer.send(
+                *(
+                    DocMessage(d, encode_sync(SyncStep.UPDATE, x.get_update()))
+                    for d, x in seeded.items()
+                )
+            )
+            for d in seeded:
+                await take(observer, d, "ack")
+            await observer.send(
+                *(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in seeded)
+            )
+            # What the server holds (its own marks included, such as a form's validation).
+            for d in seeded:
+                run.contents[d] = content(d, await observer.doc_message(d, SyncStep.STEP2))
+                await observer.doc_message(d, SyncStep.STEP1)  # all it holds is committed
+            rows = (await store.stats())["updates"]
+            # The server's corrections of the seeded forms reach the observer or not, as its
+            # admission and their commits race: count from here.
+            seeding = updates_of(observer)
+            await asyncio.gather(*(run_principal(server, observer, s, run) for s in USERS))
+            # What an allowed write broadcast was queued before its ack: give it a moment.
+            await asyncio.sleep(0.05)
+            run.stored_rows = (await store.stats())["updates"] - rows
+            run.broadcasts = updates_of(observer) - seeding
+    return run
+
+
+class _Tokens(logging.Handler):
+    JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if self.JWT.search(line):
+            self.found.append(line[:300])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """The matrix, run once for the module. `tests/conftest.py`'s token watch is per test and
+    does not see module fixtures: this one watches its own logs."""
+    watch = _Tokens()
+    logging.getLogger().addHandler(watch)
+    try:
+        result = asyncio.run(run_matrix(tmp_path_factory.mktemp("matrix")))
+    finally:
+        logging.getLogger().removeHandler(watch)
+    result.logged_tokens = watch.found
+    yield result
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", cells("sync_step1", "awareness"))
+def test_v1_read(run: Run, cell: Cell) -> None:
+    seen = run.seen[cell]
+    if expected(cell).outcome == "allowed":
+        assert seen["reply"] is None, seen["reply"]
+        if cell.message == "sync_step1":
+            assert seen["content"] == run.contents[cell.doc]
+        else:
+            assert seen["relayed"]
+        return
+    assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
+    assert seen["reset"] is not None and seen["reset"]["reason"] == "forbidden"
+    # Not a byte of the document, then or after (writes and awareness included).
+    assert seen.get("content") is None and not seen.get("relayed")
+    assert run.doc_bytes[cell.subject, cell.doc] == 0
+
+
+@pytest.mark.parametrize("cell", cells("yws_connect"))
+def test_yws_connect(run: Run, cell: Cell) -> None:
+    seen = run.seen[cell]
+    if expected(cell).outcome == "allowed":
+        assert seen["close"] is None
+        assert seen["content"] == run.contents[cell.doc]
+    else:
+        assert seen["close"] == (CloseCode.FORBIDDEN, "forbidden")
+        assert seen["received"] == 0  # not a message before the close
+
+
+@pytest.mark.parametrize("cell", cells(*HTTP_READS))
+def test_http_read(run: Run, cell: Cell) -> None:
+    status, body = run.seen[cell]["status"], run.seen[cell]["body"]
+    if expected(cell).outcome == "allowed":
+        assert status == 200, body
+        assert body["id"] == cell.doc
+        assert body["fields"] == run.contents[cell.doc]["fields"]
+        if cell.message == "http_get":
+            assert {k: v for k, v in body.items() if k not in ("id", "seq")} == run.contents[
+                cell.doc
+            ]
+    else:
+        assert (status, body["code"]) == (403, "forbidden"), body
+        assert set(body) == {"type", "title", "status", "code", "detail"}  # nothing of it
+
+
+@pytest.mark.parametrize("cell", cells(*WRITES))
+def test_write(run: Run, cell: Cell) -> None:
+    seen = run.seen[cell]
+    expect = expected(cell)
+    reply = seen["reply"]
+    before, after = seen["stored"]
+    if expect.outcome == "allowed":
+        assert reply["type"] == "ack", reply
+        assert before < reply["seq"] <= after  # after: the server's corrections, if any
+        return
+    assert (reply["type"], reply["code"]) == ("error", expect.outcome), reply
+    if expect.outcome == "forbidden_field":
+        assert tuple(reply["paths"]) == expect.paths
+    assert seen["reset"] is not None and seen["reset"]["reason"] == expect.outcome
+    assert after == before  # nothing of it stored
+
+
+@pytest.mark.parametrize("cell", cells("create", "http_create"))
+def test_create(run: Run, cell: Cell) -> None:
+    seen = run.seen[cell]
+    allowed = expected(cell).outcome == "allowed"
+    if cell.message == "http_create":
+        assert seen["status"] == (201 if allowed else 403), seen["body"]
+        if not allowed:
+            assert seen["body"]["code"] == "forbidden"
+    elif allowed:
+        assert seen["reply"]["type"] == "ack", seen["reply"]
+    else:
+        assert (seen["reply"]["type"], seen["reply"]["code"]) == ("error", "forbidden")
+        assert seen["reset"] is not None
+    if allowed:
+        assert seen["index"] is not None and seen["index"].doc == cell.doc
+    else:
+        assert seen["index"] is None  # nothing of it stored
+
+
+def test_nothing_refused_was_stored_or_broadcast(run: Run) -> None:
+    # One update row per write that added something and per server correction, none for the
+    # refused ones, not even late.
+    assert run.stored_rows == run.stored_acks + run.corrections.total()
+    # Every allowed write (and correction) reached the other replica of its document, and
+    # nothing else did.
+    seeded = {doc for _, doc in run.doc_bytes}
+    expected = run.allowed_writes + run.corrections
+    assert {d: run.broadcasts[d] for d in seeded} == {d: expected[d] for d in seeded}
+    assert set(run.broadcasts) <= seeded  # the observer replicates those only
+
+
+def _probe_cases() -> Iterator[Any]:
+    for subject, principal in PRINCIPALS.items():
+        if in_scope(POLICY.scope(principal), scope_index(subject, "elsewhere")):
+            continue  # it sees the document elsewhere: nothing to hide from it
+        for kind in DocType:
+            transports = [f"v1-{kind.value}", f"yws-{kind.value}"]
+            if kind is DocType.WORK_ORDER:
+                transports += list(HTTP_READS)
+            for transport in transports:
+                waits = not transport.startswith("http") and POLICY.may_create_some(
+                    principal, kind.value
+                )
+                marks = [
+                    pytest.mark.xfail(
+                        strict=True,
+                        reason="a principal that may create this type of document waits for an "
+                        "absent one (v1: empty SyncStep2; y-websocket: opens) but is refused one "
+                        "outside its scope, so ids can be probed",
+                    )
+                ]
+                yield pytest.param(
+                    subject,
+                    transport,
+                    id=f"{ROLE[subject]}:{subject}-{transport}",
+                    marks=marks if waits else [],
+                )
+
+
+@pytest.mark.parametrize(("subject", "transport"), list(_probe_cases()))
+def test_outside_the_scope_reads_as_absent(run: Run, subject: str, transport: str) -> None:
+    """Issue 3: reads answer "forbidden" and "absent" alike, so ids cannot be probed."""
+    elsewhere = run.probes[subject, transport, "elsewhere"]
+    assert elsewhere == run.probes[subject, transport, "absent"]
+    assert "forbidden" in elsewhere
+
+
+def test_no_token_in_the_matrix_logs(run: Run) -> None:
+    assert run.logged_tokens == []
+
+
+def test_the_matrix_covers_every_role_root_and_index_field() -> None:
+    assert {ROLE[s] for s in USERS} == {r.value for r in Role} | {"no-role"}
+    for kind in DocType:
+        written = {c.path for c in CELLS if c.kind is kind and c.message in WRITES}
+        assert {p.split(".")[0] for p in written} >= set(documents.roots(kind))
+    written = {c.path for c in CELLS if c.kind is DocType.WORK_ORDER}
+    assert {f"fields.{k}" for k in documents.work_order.INDEX_FIELDS} <= written
+
+
+def test_every_route_about_a_document_is_in_the_matrix(tmp_path: Path) -> None:
+    """A new HTTP route that names a document must be driven here, per role and scope."""
+    settings = Settings.load(environ={}, data_dir=str(tmp_path), oidc_issuer="http://127.0.0.1:1")
+    app = create_app(settings)
+    about_documents = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+        and route.method != "HEAD"
+        and "{doc" in route.resource.canonical
+    }
+    assert about_documents == set(DOCUMENT_ROUTES)
+    assert set(DOCUMENT_ROUTES.values()) <= {c.message for c in CELLS}
+
+
+def test_mutate_writes_exactly_the_path_it_names() -> None:
+    """The matrix's premise, checked with the write path's own reading (`paths_written`)."""
+    for kind in DocType:
+        for path in write_paths(kind):
+            base = build(kind, "tina", "assigned")
+            replica: Doc = Doc()
+            replica.apply_update(base.get_update())
+            before = replica.get_state()
+            mutate(replica, kind, path, 0)
+            scratch: Doc = Doc()
+            scratch.apply_update(base.get_update())
+            written = documents.paths_written(
+                scratch, documents.roots(kind), replica.get_update(before)
+            )
+            assert written == {path}, (kind, path)
+
+
+# --- a document that comes into existence while a peer waits for it ---------------------------
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    """`tests/conftest.py`'s server, with the users of `tests.harness` (this directory's conftest
+    gives its issuer other users)."""
+    async with running_issuer() as issuer, running_server(tmp_path / "data", issuer) as server:
+        yield server
+
+
+@pytest.fixture
+async def slow_commits(server: Server) -> AsyncIterator[asyncio.Event]:
+    """Commits wait for the event: what is applied stays uncommitted until then."""
+    store = server.app[STORE]
+    original = store.append
+    gate = asyncio.Event()
+
+    async def append(write: Any) -> Any:
+        await gate.wait()
+        return await original(write)
+
+    store.append = append  # type: ignore[method-assign]
+    try:
+        yield gate
+    finally:
+        gate.set()
+        store.append = original  # type: ignore[method-assign]
+
+
+async def created_not_committed(server: Server, wire: Wire, doc: str) -> None:
+    await wire.update(doc, work_order(doc, assignee="tina").get_update())
+    rooms: dict[str, Any] = server.app[REPLICATOR]._rooms
+    await eventually(lambda: doc in rooms and rooms[doc].exists)
+
+
+async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_creation(
+    server: Server, slow_commits: asyncio.Event
+) -> None:
+    """sue (team south) asks for wo:race before it exists and waits for it, as a supervisor
+    may. sam creates it in team north; until that commit is done (and the waiting peers are
+    settled), sue gets what she gets once it is: neither its content nor any write."""
+    async with (
+        connect(server.sync_url, server.token("sue")) as sue,
+        connect(server.sync_url, server.token("sam")) as sam,
+    ):
+        await sue.hello()
+        await sam.hello()
+        await sue.step1("wo:race")
+        empty = content("wo:race", await sue.doc_message("wo:race", SyncStep.STEP2))
+        assert empty["fields"] == {}
+        await created_not_committed(server, sam, "wo:race")
+
+        blind: Doc = Doc()
+        blind.get("fields", type=Map)["assignee"] = "ulla"
+        await sue.update("wo:race", blind.get_update())
+        reply = await take(sue, "wo:race", "ack", "error")
+        assert (reply["type"], reply.get("code")) == ("error", "forbidden")
+        await sue.step1("wo:race")
+        assert (await take(sue, "wo:race", "error"))["code"] == "forbidden"
+        slow_commits.set()
+        await sam.control("ack", doc="wo:race")
+    # Besides the empty SyncStep2 taken above, only the server's empty state vector.
+    assert [y for d, y in sue.docs if d == "wo:race"] == [YSync(SyncStep.STEP1, b"\x00")]
+    stored = await server.app[STORE].load("wo:race")
+    assert stored is not None and len(stored.updates) == 1
+    assert content("wo:race", stored.updates[0])["fields"]["assignee"] == "tina"
+
+
+async def test_a_waiting_y_websocket_gets_nothing_of_another_scopes_creation(
+    server: Server, slow_commits: asyncio.Event
+) -> None:
+    headers = {"Authorization": f"Bearer {server.token('sue')}"}
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(server.yws_url("wo:race2"), headers=headers) as sue,
+    ):
+        await sam.hello()
+        greeting = decode_y((await sue.receive(timeout=TIMEOUT)).data)
+        assert isinstance(greeting, YSync) and greeting.step is SyncStep.STEP1
+        await created_not_committed(server, sam, "wo:race2")
+        await sue.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
+        message = await sue.receive(timeout=TIMEOUT)
+        assert message.type is aiohttp.WSMsgType.CLOSE, decode_y(message.data)
+        assert (message.data, message.extra) == (CloseCode.FORBIDDEN, "forbidden")
+        slow_commits.set()
+        await sam.control("ack", doc="wo:race2")
+
+
+async def test_the_creator_and_peers_in_scope_go_on_while_the_creation_commits(
+    server: Server, slow_commits: asyncio.Event
+) -> None:
+    """The other side of the check: sam's second update to his new work order (a device back
+    from offline sends both at once) and mia, who waited for it in her region, are not
+    refused while the creation is in flight."""
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("mia")) as mia,
+    ):
+        await sam.hello()
+        await mia.hello()
+        await mia.step1("wo:race3")
+        await mia.doc_message("wo:race3", SyncStep.STEP2)
+        doc = work_order("wo:race3", assignee="tina")
+        await sam.update("wo:race3", doc.get_update())
+        before = doc.get_state()
+        doc.get("notes", type=Text).insert(0, "parts ordered")
+        await sam.update("wo:race3", doc.get_update(before))
+        rooms: dict[str, Any] = server.app[REPLICATOR]._rooms
+        await eventually(lambda: "wo:race3" in rooms and rooms["wo:race3"].in_flight == 2)
+        await mia.step1("wo:race3")
+        seen = content("wo:race3", await mia.doc_message("wo:race3", SyncStep.STEP2))
+        assert seen["notes"] == "parts ordered"
+        slow_commits.set()
+        assert [(await sam.control("ack", doc="wo:race3"))["seq"] for _ in "12"] == [1, 2]
+    assert not [c for c in mia.controls if c.get("type") in ("error", "reset")]
+
+
+# --- an update that does not take effect at once cannot be checked ----------------------------
+
+
+@pytest.mark.parametrize("edit", ["set", "delete"])
+async def test_a_technician_write_waiting_for_the_supervisors_next_edit_is_refused(
+    server: Server, edit: str
+) -> None:
+    """tina may not write `fields.assignee`. She reads sam's client id and clock from the
+    document, and sends an edit anchored on sam's next struct, which does not exist yet: a value
+    whose origin it is, or its deletion. Nothing of it takes effect when it arrives, so the field
+    check sees nothing; it would take effect with sam's next edit, which nobody checks (a
+    supervisor writes everything), on whatever field that edit touches."""
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        theirs = work_order("wo:ahead", assignee="tina")
+        await sam.update("wo:ahead", theirs.get_update())
+        await sam.control("ack", doc="wo:ahead")
+        await tina.step1("wo:ahead")
+        state = await tina.doc_message("wo:ahead", SyncStep.STEP2)
+
+        guess: Doc = Doc(client_id=theirs.client_id)  # sam's next struct, as tina predicts it
+        guess.apply_update(state)
+        guess.get("fields", type=Map)["priority"] = "guessed"
+        forged: Doc = Doc()
+        forged.apply_update(guess.get_update())
+        if edit == "set":
+            forged.get("fields", type=Map)["priority"] = "zed"  # its origin is sam's next struct
+        else:
+            del forged.get("fields", type=Map)["priority"]
+        await tina.update("wo:ahead", forged.get_update(guess.get_state()))
+        error = await take(tina, "wo:ahead", "ack", "error")
+        assert (error["type"], error.get("code")) == ("error", "invalid_update"), error
+        await tina.control("reset", doc="wo:ahead")
+
+        before = theirs.get_state()
+        theirs.get("fields", type=Map)["assignee"] = "tom"  # sam's next struct
+        await sam.update("wo:ahead", theirs.get_update(before))
+        await sam.control("ack", doc="wo:ahead")
+    index = await server.app[STORE].index("wo:ahead")
+    assert index is not None and index.assignee == "tom"

@@ -1,0 +1,295 @@
+"""Domain rules on the merged state, through real devices: the server corrects what may not
+stand, every replica converges on the correction, and the author is told why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pycrdt import Array, Doc, Map, Text
+
+from fieldsync import documents
+from fieldsync.app import STORE
+from fieldsync.auth import DevIssuer
+from fieldsync.replication import SyncStep
+from fieldsync.storage import ScopeFilter, ScopeKind
+from tests.harness import Server, running_server, work_order
+from tests.wire import Wire, connect
+
+
+async def replica(wire: Wire, doc_id: str) -> Doc:
+    await wire.step1(doc_id)
+    doc: Doc = Doc()
+    doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
+    return doc
+
+
+async def edit(wire: Wire, doc_id: str, doc: Doc, **fields: object) -> None:
+    before = doc.get_state()
+    target = doc.get("fields", type=Map)
+    for key, value in fields.items():
+        target[key] = value
+    await wire.update(doc_id, doc.get_update(before))
+
+
+async def follow(wire: Wire, doc_id: str, doc: Doc, until: object) -> None:
+    """Apply the updates `wire` receives for `doc_id` until `until(doc)` holds."""
+    while not until(doc):  # type: ignore[operator]
+        doc.apply_update(await wire.doc_message(doc_id, SyncStep.UPDATE))
+
+
+async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update("wo:r1", work_order("wo:r1", status="assigned").get_update())
+        await sam.control("ack", doc="wo:r1")
+        mine = await replica(tina, "wo:r1")
+        theirs = await replica(sam, "wo:r1")
+        await edit(tina, "wo:r1", mine, status="closed")  # assigned → closed: not for a technician
+        await tina.control("ack", doc="wo:r1")
+        error = await tina.control("error", doc="wo:r1")
+        assert (error["code"], error["rule"]) == ("rule_violation", "status_transition")
+        await follow(
+            tina, "wo:r1", mine, lambda d: d.get("fields", type=Map)["status"] == "assigned"
+        )
+        await follow(
+            sam, "wo:r1", theirs, lambda d: d.get("fields", type=Map)["status"] == "assigned"
+        )
+        # A legal step goes through untouched.
+        await edit(tina, "wo:r1", mine, status="en_route")
+        await tina.control("ack", doc="wo:r1")
+        await follow(
+            sam, "wo:r1", theirs, lambda d: d.get("fields", type=Map)["status"] == "en_route"
+        )
+    conflicts = await server.app[STORE].conflicts(ScopeFilter(ScopeKind.TEAM, "north"), None, 10)
+    assert [(c.conflict.rule, c.conflict.actor) for c in conflicts] == [
+        ("status_transition", "tina")
+    ]
+
+
+async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Server) -> None:
+    """Both orders: the completion arriving first, and the cancel arriving first."""
+    for first in ("tina", "sam"):
+        doc_id = f"wo:cancel-{first}"
+        async with (
+            connect(server.sync_url, server.token("sam")) as sam,
+            connect(server.sync_url, server.token("tina")) as tina,
+        ):
+            await sam.hello()
+            await tina.hello()
+            await sam.update(doc_id, work_order(doc_id, status="in_progress").get_update())
+            await sam.control("ack", doc=doc_id)
+            tech = await replica(tina, doc_id)
+            boss = await replica(sam, doc_id)
+            # Both edit without seeing each other's edit (tina offline, say).
+            before_t, before_s = tech.get_state(), boss.get_state()
+            tech.get("fields", type=Map)["status"] = "completed"
+            tech.get("checklist", type=Array)[0]["done"] = True
+            boss.get("fields", type=Map).update({"status": "cancelled", "cancelled": True})
+            completion, cancel = tech.get_update(before_t), boss.get_update(before_s)
+            writes = [(tina, completion), (sam, cancel)]
+            for wire, update in writes if first == "tina" else reversed(writes):
+                await wire.update(doc_id, update)
+                await wire.control("ack", doc=doc_id)
+            # The correction is committed after the ack of the update it corrects: the next
+            # update either side receives is it.
+            await follow(
+                sam,
+                doc_id,
+                boss,
+                lambda d: (
+                    d.get("fields", type=Map)["status"] == "cancelled"
+                    and d.get("checklist", type=Array)[0]["done"] is True
+                ),
+            )
+            async with connect(server.sync_url, server.token("ada")) as ada:
+                await ada.hello()
+                stored = await replica(ada, doc_id)
+            fields = stored.get("fields", type=Map)
+            assert fields["status"] == "cancelled", first
+            # The technician's work is kept.
+            assert stored.get("checklist", type=Array)[0]["done"] is True
+
+
+async def test_completion_needs_the_required_checklist(server: Server) -> None:
+    async with connect(server.sync_url, server.token("tina")) as tina:
+        async with connect(server.sync_url, server.token("sam")) as sam:
+            await sam.hello()
+            await sam.update("wo:r3", work_order("wo:r3", status="in_progress").get_update())
+            await sam.control("ack", doc="wo:r3")
+        await tina.hello()
+        mine = await replica(tina, "wo:r3")
+        await edit(tina, "wo:r3", mine, status="completed")
+        await tina.control("ack", doc="wo:r3")
+        error = await tina.control("error", doc="wo:r3")
+        assert error["rule"] == "completion_requirements"
+        assert "Check seals" in error["detail"]
+        await follow(
+            tina, "wo:r3", mine, lambda d: d.get("fields", type=Map)["status"] == "in_progress"
+        )
+        assert "Check seals" in mine.get("fields", type=Map)["status_reason"]
+        # Tick the item: now completion stands.
+        before = mine.get_state()
+        mine.get("checklist", type=Array)[0]["done"] = True
+        mine.get("fields", type=Map)["status"] = "completed"
+        await tina.update("wo:r3", mine.get_update(before))
+        await tina.control("ack", doc="wo:r3")
+    stored = await server.app[STORE].load("wo:r3")
+    assert stored is not None
+    doc: Doc = Doc()
+    for data in stored.updates:
+        doc.apply_update(data)
+    assert doc.get("fields", type=Map)["status"] == "completed"
+
+
+async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
+    server: Server,
+) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update(
+            "wo:r4", work_order("wo:r4", status="in_progress", meter_reading=1200).get_update()
+        )
+        await sam.control("ack", doc="wo:r4")
+        boss = await replica(sam, "wo:r4")
+        await edit(sam, "wo:r4", boss, meter_reading=1100)
+        assert (await sam.control("error", doc="wo:r4"))["rule"] == "meter_never_decreases"
+        await follow(
+            sam, "wo:r4", boss, lambda d: d.get("fields", type=Map)["meter_reading"] == 1200
+        )
+
+        mine = await replica(tina, "wo:r4")
+        before = mine.get_state()
+        entries = mine.get("time_entries", type=Array)
+        entries.append(Map({"by": "tina", "start": 100, "end": 200}))
+        entries.append(Map({"by": "tina", "start": 150, "end": 250}))  # overlaps the first
+        entries.append(Map({"by": "tom", "start": 150, "end": 250}))  # another technician: fine
+        await tina.update("wo:r4", mine.get_update(before))
+        assert (await tina.control("error", doc="wo:r4"))["rule"] == "time_entries_overlap"
+
+        def marked(doc: Doc) -> bool:
+            return any("rejected" in e for e in doc.get("time_entries", type=Array).to_py())
+
+        await follow(tina, "wo:r4", mine, marked)
+        entries = mine.get("time_entries", type=Array).to_py()
+        assert [(e["by"], e["start"], "rejected" in e) for e in entries] == [
+            ("tina", 100, False),
+            ("tina", 150, True),  # kept, marked: nothing a technician logged is lost
+            ("tom", 150, False),
+        ]
+
+
+async def test_form_answers_are_checked_and_block_completion_until_fixed(server: Server) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        wo = work_order("wo:r5", status="in_progress")
+        wo.get("checklist", type=Array)[0]["done"] = True
+        await sam.update("wo:r5", wo.get_update())
+        await sam.control("ack", doc="wo:r5")
+
+        form: Doc = Doc()
+        answers = {"permit_number": "PTW-1", "hazards": "volcano", "lockout_tagout": True}
+        documents.form.write(form, "wo:r5", "safety-check", 1, answers)
+        await tina.update("form:r5", form.get_update())
+        await tina.control("ack", doc="form:r5")
+        # The server marks what is wrong or missing; the answers themselves stay.
+        await tina.step1("form:r5")
+        form.apply_update(await tina.doc_message("form:r5", SyncStep.STEP2))
+        marks = form.get("validation", type=Map).to_py()
+        assert marks["hazards"].startswith("not one of")
+        assert marks["ppe_checked"] == "required"
+        assert form.get("answers", type=Map)["hazards"] == "volcano"
+
+        mine = await replica(tina, "wo:r5")
+        await edit(tina, "wo:r5", mine, status="completed")
+        await tina.control("ack", doc="wo:r5")
+        error = await tina.control("error", doc="wo:r5")
+        assert error["rule"] == "completion_requirements" and "form:r5" in error["detail"]
+
+        before = form.get_state()
+        form.get("answers", type=Map).update({"hazards": "electrical", "ppe_checked": True})
+        await tina.update("form:r5", form.get_update(before))
+        await tina.control("ack", doc="form:r5")
+        await follow(tina, "form:r5", form, lambda d: not d.get("validation", type=Map).to_py())
+
+        await follow(
+            tina, "wo:r5", mine, lambda d: d.get("fields", type=Map)["status"] == "in_progress"
+        )
+        await edit(tina, "wo:r5", mine, status="completed")
+        await tina.control("ack", doc="wo:r5")
+    stored = await server.app[STORE].load("wo:r5")
+    assert stored is not None
+    doc: Doc = Doc()
+    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
+        doc.apply_update(data)
+    assert doc.get("fields", type=Map)["status"] == "completed"
+
+
+async def test_every_field_change_is_in_the_history_with_its_author(server: Server) -> None:
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update("wo:h1", work_order("wo:h1", status="assigned").get_update())
+        await sam.control("ack", doc="wo:h1")
+        theirs = await replica(sam, "wo:h1")
+        await edit(sam, "wo:h1", theirs, due_at="2026-12-24")
+        await sam.control("ack", doc="wo:h1")
+        mine = await replica(tina, "wo:h1")
+        await edit(tina, "wo:h1", mine, status="en_route")
+        ack = await tina.control("ack", doc="wo:h1")
+    store = server.app[STORE]
+    due = await store.history("wo:h1", "fields.due_at", None, 10)
+    assert [(e.actor, e.change.old, e.change.new) for e in due] == [("sam", None, "2026-12-24")]
+    status = await store.history("wo:h1", "fields.status", None, 10)
+    assert (status[0].actor, status[0].change.old, status[0].change.new) == (
+        "tina",
+        "assigned",
+        "en_route",
+    )
+    assert status[0].seq == ack["seq"] and status[0].origin.startswith("device:")
+    everything = await store.history("wo:h1", None, None, 100)
+    assert {"fields.title", "checklist", "fields.status"} <= {e.change.path for e in everything}
+    older = await store.history("wo:h1", None, everything[0].seq, 100)
+    assert all(e.seq < everything[0].seq for e in older)
+
+
+async def test_a_device_back_after_the_offline_contract_resyncs_and_keeps_its_work(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    # A contract of a few microseconds: every reconnect comes "too late".
+    async with running_server(tmp_path / "srv", issuer, max_offline_days=1e-10) as server:
+        sam = server.client("sam", path=tmp_path / "sam.db")
+        await sam.start()
+        sam.doc("wo:o1").apply_update(work_order("wo:o1", status="in_progress").get_update())
+        await sam.wait_acked()
+        tina = server.client("tina", path=tmp_path / "tina.db")
+        await tina.start()
+        await tina.wait_synced("wo:o1")
+        await tina.go_offline()
+        tina.doc("wo:o1").get("notes", type=Text).insert(0, "replaced the seal")
+        assert tina.pending("wo:o1") == 1
+        await tina.start()
+        await tina.wait_acked("wo:o1")
+        assert [r["reason"] for r in tina.resets] == ["offline_too_long"]
+        stored = await server.app[STORE].load("wo:o1")
+        assert stored is not None
+        doc: Doc = Doc()
+        for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
+            doc.apply_update(data)
+        assert str(doc.get("notes", type=Text)) == "replaced the seal"
+        await tina.close()
+        await sam.close()
