@@ -27,6 +27,7 @@ DATA=${DATA:-/tmp/fieldsync-bench}          # server data dirs and logs (not in 
 PY="$ROOT/.venv/bin/python"                 # fieldsync's venv: bench/serve.py, bench/v1_load.py
 if [[ $SMOKE == 1 ]]; then OUT=${OUT:-$BENCH/results/smoke.jsonl}; rm -f "$OUT"
 else OUT=${OUT:-$BENCH/results/runs.jsonl}; fi
+[[ $OUT == /* ]] || OUT="$CALLER_DIR/$OUT"
 RUN_ID=${RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$BENCH/results" "$DATA"
 

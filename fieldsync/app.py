@@ -13,6 +13,7 @@ from aiohttp.web_response import StreamResponse
 
 from fieldsync.api import (
     Attachments,
+    AuditRoutes,
     AuthHelpers,
     Downloads,
     Operations,
@@ -161,6 +162,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     screens = SQLiteScreens(the_store)
     app.router.add_routes(ScreenRoutes(replicator, screens, attachments.describe).routes())
     app.router.add_routes(WorkOrderRoutes(replicator, changes_page=settings.changes_page).routes())
+    app.router.add_routes(AuditRoutes(replicator, screens.cursor_key).routes())
     reference = ReferenceEndpoints(
         ReferenceData(the_store, chunk_rows=settings.reference_import_chunk),
         lambda: replicator.policy,  # read per request: SIGHUP may replace it

@@ -2,6 +2,7 @@
 (client version, WebSocket origins, deprecations) and every route's declared permission."""
 
 from fieldsync.api._attachments import Attachments, attachment_hashes
+from fieldsync.api._audit import AuditRoutes
 from fieldsync.api._auth import AuthHelpers
 from fieldsync.api._downloads import Downloads
 from fieldsync.api._middleware import install as install_middleware
@@ -23,6 +24,7 @@ __all__ = [
     "PRINCIPAL",
     "ROUTE_PERMISSIONS",
     "Attachments",
+    "AuditRoutes",
     "AuthHelpers",
     "Downloads",
     "Operations",

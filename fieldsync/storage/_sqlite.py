@@ -276,9 +276,9 @@ class SQLiteStore:
         return await self._read(_head)
 
     async def history(
-        self, doc: str, path: str | None, before_seq: int | None, limit: int
+        self, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
     ) -> list[HistoryEntry]:
-        return await self._read(lambda db: _history(db, doc, path, before_seq, limit))
+        return await self._read(lambda db: _history(db, doc, path, before, limit))
 
     async def last_seen(self, device_id: str, subject: str) -> float | None:
         query = "SELECT last_seen FROM devices WHERE device_id = ? AND subject = ?"
@@ -492,21 +492,27 @@ def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int,
 
 
 def _history(
-    db: Database, doc: str, path: str | None, before_seq: int | None, limit: int
+    db: Database, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
 ) -> list[HistoryEntry]:
-    where, params = ["doc = ?", "seq < ?"], [doc, before_seq if before_seq is not None else 1 << 62]
+    where: list[str] = ["doc = ?"]
+    params: list[object] = [doc]
+    if before is not None:
+        where.append("(seq < ? OR (seq = ? AND rowid < ?))")
+        params += [before[0], before[0], before[1]]
     if path is not None:
         # The path itself and what lies below it ("checklist" covers "checklist.2.done").
         where.append("(path = ? OR (path >= ? AND path < ?))")
         params += [path, path + ".", path + "/"]
     rows = db.execute(
-        "SELECT seq, at, actor, origin, path, old, new FROM field_history"
+        "SELECT rowid, seq, at, actor, origin, path, old, new FROM field_history"
         f" WHERE {' AND '.join(where)} ORDER BY seq DESC, rowid DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
     return [
-        HistoryEntry(seq, at, actor, origin, FieldChange(p, orjson.loads(old), orjson.loads(new)))
-        for seq, at, actor, origin, p, old, new in rows
+        HistoryEntry(
+            rowid, seq, at, actor, origin, FieldChange(p, orjson.loads(old), orjson.loads(new))
+        )
+        for rowid, seq, at, actor, origin, p, old, new in rows
     ]
 
 

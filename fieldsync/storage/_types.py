@@ -62,6 +62,7 @@ class FieldChange:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
+    id: int  # orders the changes of one update (one seq)
     seq: int
     at: float
     actor: str
@@ -202,10 +203,10 @@ class Store(Protocol):
         ...
 
     async def history(
-        self, doc: str, path: str | None, before_seq: int | None, limit: int
+        self, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
     ) -> list[HistoryEntry]:
         """The field changes of `doc` (of one `path`, or its sub-paths, when given), newest
-        first, older than `before_seq`."""
+        first, after the (seq, id) position `before` when given."""
         ...
 
     async def forms(self, wo: str) -> list[str]:

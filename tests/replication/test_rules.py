@@ -263,8 +263,9 @@ async def test_every_field_change_is_in_the_history_with_its_author(server: Serv
     assert status[0].seq == ack["seq"] and status[0].origin.startswith("device:")
     everything = await store.history("wo:h1", None, None, 100)
     assert {"fields.title", "checklist", "fields.status"} <= {e.change.path for e in everything}
-    older = await store.history("wo:h1", None, everything[0].seq, 100)
-    assert all(e.seq < everything[0].seq for e in older)
+    newest = everything[0]
+    older = await store.history("wo:h1", None, (newest.seq, newest.id), 100)
+    assert older == everything[1:]
 
 
 async def test_a_device_back_after_the_offline_contract_resyncs_and_keeps_its_work(
