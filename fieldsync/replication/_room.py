@@ -63,7 +63,7 @@ class Room:
     """A document in memory. `subscribers` receive its updates; `pending` asked for a document
     that does not exist yet and hear nothing until it exists and proves to be in their scope."""
 
-    def __init__(self, doc_id: str, stored: StoredDoc | None) -> None:
+    def __init__(self, doc_id: str, stored: StoredDoc | None, history: bool = True) -> None:
         self.doc_id = doc_id
         self.type = documents.doc_type(doc_id)
         self.ydoc: Doc = Doc()
@@ -89,7 +89,8 @@ class Room:
         self._emitted.clear()
         # From here on, every change is recorded for the field history (not the replay above).
         self._changes: list[FieldChange] = []
-        self._unwatch = documents.watch(self.ydoc, documents.roots(self.type), self._changes)
+        if history:
+            self._unwatch = documents.watch(self.ydoc, documents.roots(self.type), self._changes)
 
     @property
     def exists(self) -> bool:
