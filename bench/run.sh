@@ -25,9 +25,11 @@ TIMEOUT=${TIMEOUT:-120}; [[ $SMOKE == 1 ]] && TIMEOUT=30
 PEER_BENCH=${PEER_BENCH:-/tmp/peer-bench}   # a writable copy of shared/peer-bench
 DATA=${DATA:-/tmp/fieldsync-bench}          # server data dirs and logs (not in the repo)
 PY="$ROOT/.venv/bin/python"                 # fieldsync's venv: bench/serve.py, bench/v1_load.py
-if [[ $SMOKE == 1 ]]; then OUT=${OUT:-$BENCH/results/smoke.jsonl}; rm -f "$OUT"
+if [[ $SMOKE == 1 ]]; then OUT=${OUT:-/tmp/fieldsync-bench-smoke.jsonl}; rm -f "$OUT"
 else OUT=${OUT:-$BENCH/results/runs.jsonl}; fi
 [[ $OUT == /* ]] || OUT="$CALLER_DIR/$OUT"
+if [[ $OUT == "$BENCH/results/runs.jsonl" ]]; then SUMMARY="$BENCH/results/RESULTS.md"
+else SUMMARY="${OUT%.jsonl}.md"; fi  # the table goes beside its results
 RUN_ID=${RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$BENCH/results" "$DATA"
 
@@ -208,4 +210,6 @@ done
 echo "== run $RUN_ID done in $(( $(date +%s) - T0 )) s" >&2
 
 # ---------------------------------------------------------------- summary
-"$PY" "$BENCH/summarize.py" --runs "$OUT" --run "$RUN_ID" --out "$BENCH/results/$( [[ $SMOKE == 1 ]] && echo SMOKE || echo RESULTS ).md"
+"$PY" "$BENCH/summarize.py" --runs "$OUT" --run "$RUN_ID" --out "$SUMMARY" > /dev/null
+echo "== results: $OUT, table: $SUMMARY" >&2
+cat "$SUMMARY"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from fieldsync.app import AccessLogger, configure_logging, create_app
+from fieldsync.app import REPLICATOR, AccessLogger, configure_logging, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
 
@@ -49,7 +49,10 @@ async def serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
     )
     configure_logging(settings.log_level)
-    runner = web.AppRunner(create_app(settings), access_log_class=AccessLogger, shutdown_timeout=5)
+    app = create_app(settings)
+    if args.no_rules:  # only to measure what domain rules and field history cost
+        app[REPLICATOR].enforce_rules = False
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
@@ -75,6 +78,9 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--no-rules", action="store_true", help="Replicator.enforce_rules off (cost of the rules)"
+    )
     parser.add_argument(
         "--cprofile", type=Path, default=None, help="profile the server, write pstats here on exit"
     )

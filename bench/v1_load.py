@@ -333,10 +333,11 @@ async def scenario_s2(args: argparse.Namespace, res: dict[str, Any]) -> list[str
 
 async def scenario_s3(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     """Cold sync of a fresh device over one v1 session (after preload and restart)."""
-    with open(args.state_file) as fh:
-        state = json.load(fh)
+    state = args.state
     names = [f"wo:{n}" for n in state["names"]]
-    expected = {f"wo:{n}": {int(k): v for k, v in sv.items()} for n, sv in state["expected"].items()}
+    expected = {
+        f"wo:{n}": {int(k): v for k, v in sv.items()} for n, sv in state["expected"].items()
+    }
     content = {f"wo:{n}": tuple(c) for n, c in state["content"].items()}
     problems: list[str] = []
     deadline = time.perf_counter() + args.timeout
@@ -415,6 +416,9 @@ def main() -> int:
         print(f"refusing non-loopback target {host!r}", file=sys.stderr)
         return 2
     args.caps = [c for c in args.caps.split(",") if c]
+    if args.scenario == "s3":
+        with open(args.state_file) as fh:
+            args.state = json.load(fh)
     args.run_id = uuid.uuid4().hex[:8]
     res: dict[str, Any] = {
         "label": args.label,
@@ -432,7 +436,7 @@ def main() -> int:
     try:
         run = SCENARIOS[args.scenario](args, res)
         problems = asyncio.run(asyncio.wait_for(run, args.timeout + 30))
-    except Exception as exc:  # noqa: BLE001 - reported in the result line
+    except Exception as exc:
         problems = [f"scenario aborted: {exc!r}"]
     res["total_s"] = time.perf_counter() - t0
     cpu1 = proc_cpu_s(args.server_pid)

@@ -15,6 +15,7 @@ from fieldsync.api import (
     Attachments,
     AuditRoutes,
     AuthHelpers,
+    ContractRoutes,
     Downloads,
     Operations,
     ReferenceEndpoints,
@@ -22,6 +23,7 @@ from fieldsync.api import (
     TusEndpoints,
     WorkOrderRoutes,
     install_middleware,
+    load_spec,
 )
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
 from fieldsync.config import Settings
@@ -172,6 +174,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[REFERENCE] = reference
     app.cleanup_ctx.append(reference.lifecycle)  # after `lifecycle`: compacts through the store
     app.router.add_routes(reference.routes())
+    # The contract, read at start: a broken file stops the server rather than serve a lie.
+    app.router.add_routes(ContractRoutes(load_spec()).routes())
     return app
 
 

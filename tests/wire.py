@@ -27,6 +27,8 @@ class Wire:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self.controls: list[dict[str, Any]] = []
+        # Every control message, in arrival order, kept when `control()` takes it.
+        self.received: list[dict[str, Any]] = []
         self.docs: list[tuple[str, Any]] = []
         self._arrived = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
@@ -40,6 +42,7 @@ class Wire:
                 for item in decode_frame(message.data, max_frame=1 << 30, max_body=1 << 30):
                     if isinstance(item, Control):
                         self.controls.append(item.body)
+                        self.received.append(item.body)
                     else:
                         self.docs.append((item.doc, decode_y(item.message)))
             elif message.type is aiohttp.WSMsgType.CLOSE:

@@ -4,6 +4,7 @@
 from fieldsync.api._attachments import Attachments, attachment_hashes
 from fieldsync.api._audit import AuditRoutes
 from fieldsync.api._auth import AuthHelpers
+from fieldsync.api._contract import ContractRoutes, load_spec
 from fieldsync.api._downloads import Downloads
 from fieldsync.api._middleware import install as install_middleware
 from fieldsync.api._operations import Operations
@@ -26,6 +27,7 @@ __all__ = [
     "Attachments",
     "AuditRoutes",
     "AuthHelpers",
+    "ContractRoutes",
     "Downloads",
     "Operations",
     "Permission",
@@ -35,6 +37,7 @@ __all__ = [
     "WorkOrderRoutes",
     "attachment_hashes",
     "install_middleware",
+    "load_spec",
     "permission_of",
     "problem",
     "undeclared",

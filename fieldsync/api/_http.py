@@ -128,7 +128,9 @@ async def json_response(
 ) -> web.Response:
     """`payload` as JSON, with its ETag; 304 without a body when a GET's `If-None-Match` names
     it; compressed by `Accept-Encoding` when it is large enough to gain."""
-    body = orjson.dumps(payload)
+    # Sorted keys: the validator is derived from the bytes, and a document's maps (pycrdt's
+    # `to_py`) come out in a different order from one read to the next.
+    body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
     etag = _etag(body)
     common = {
         hdrs.ETAG: etag,

@@ -2,6 +2,7 @@
 
 - a route without a declared permission is refused (fail closed, see `_permissions`), and a
   route that needs a token gets its principal verified here, the one place HTTP authenticates;
+- a request to a WebSocket route that is not a valid upgrade gets 400 `protocol_error`;
 - a browser WebSocket from an origin not allowed is refused before the upgrade;
 - an app below its platform's minimum version gets 426 `client_upgrade_required`;
 - a path scheduled for removal answers with `Deprecation` and `Sunset` headers.
@@ -66,6 +67,11 @@ def _authorise(verify: Verify) -> Middleware:
         if permission is None:
             log.error("%s %s declares no permission: refused", request.method, route)
             return problem(ErrorCode.FORBIDDEN, "this endpoint is not available")
+        if permission is Permission.IN_BAND and not web.WebSocketResponse().can_prepare(request):
+            # aiohttp would refuse it in text/plain; every HTTP error here is a problem document.
+            return problem(
+                ErrorCode.PROTOCOL_ERROR, "this is a WebSocket endpoint: send an upgrade (RFC 6455)"
+            )
         if permission in (Permission.PUBLIC, Permission.IN_BAND):
             return await handler(request)
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))

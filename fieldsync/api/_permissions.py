@@ -84,6 +84,10 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     # Audit (issue 4): supervisors, managers and admins, checked in the handler per document.
     ("GET", "/v1/work-orders/{doc_id}/history"): Permission.SIGNED_IN,
     ("GET", "/v1/conflicts"): Permission.SIGNED_IN,
+    # The contract (issue 5): the OpenAPI document and its reference page, for anyone who
+    # builds a client, before any token.
+    ("GET", "/v1/openapi.json"): Permission.PUBLIC,
+    ("GET", "/v1/docs"): Permission.PUBLIC,
 }
 
 

@@ -143,6 +143,7 @@ class Client:
         self._catch_up_to = self.since
         self._changed: list[tuple[str, bytes, bool]] = []
         self._seen: dict[str, dict[int, int]] = {}  # state vector at the last flush, per doc
+        self._resynced: set[str] = set()  # documents whose resync went out on this connection
         self._durable: dict[str, dict[int, int]] = {}  # what the server holds durably, per doc
         self._more_changes = False
         for doc_id, state in self.local.docs().items():
@@ -195,7 +196,10 @@ class Client:
                 client: clock for client, clock in state.items() if clock > seen.get(client, 0)
             }
             self.local.save(doc_id, doc.get_update(), update, added)
-            bodies.append(encode_body(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, update))))
+            # Until this connection's resync of the document has gone out, an edit may build on
+            # one the server never got: the resync (our SyncStep2) carries it instead.
+            if doc_id in self._resynced:
+                bodies.append(encode_body(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, update))))
         if bodies:
             self._send(bodies)
 
@@ -270,6 +274,7 @@ class Client:
         headers = {"Authorization": f"Bearer {await self._token_value()}"}
         async with http.ws_connect(self.url, headers=headers, max_msg_size=0) as ws:
             self._ws = ws
+            self._resynced.clear()
             self.caught_up.clear()
             hello = {
                 "type": "hello",
@@ -404,7 +409,10 @@ class Client:
             # The server's state vector is durable (see `Replicator.durable_state_vector`).
             clock = {str(k): v for k, v in decode_state_vector(y.payload).items()}
             self._notify_acked(doc_id, clock)
+            if self._changed:
+                self._flush_changes()  # edits so far go into the diff, not after it
             diff = doc.get_update(y.payload)
+            self._resynced.add(doc_id)
             return [encode_body(DocMessage(doc_id, encode_sync(SyncStep.STEP2, diff)))]
         if self._changed:
             self._flush_changes()  # local edits first: they must not be taken for remote ones
@@ -452,6 +460,7 @@ class Client:
     def _forget(self, doc_id: str) -> None:
         self.docs.pop(doc_id, None)
         self.synced.pop(doc_id, None)
+        self._resynced.discard(doc_id)
         self._seen.pop(doc_id, None)
         self._durable.pop(doc_id, None)
         self.local.forget(doc_id)

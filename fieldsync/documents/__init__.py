@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pycrdt import Doc, Map, Text
+from pycrdt import Doc, Text
 
 from fieldsync.documents import _form as form
 from fieldsync.documents import _templates as form_templates
 from fieldsync.documents import _workorder as work_order
 from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
-from fieldsync.documents._paths import paths_written, watch
+from fieldsync.documents._paths import Scratch, data, watch
 from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.storage import DocIndex
 
@@ -33,25 +33,21 @@ def to_json(doc_id: str, doc: Doc) -> dict[str, Any]:
     content: dict[str, Any] = {}
     for name, kind in roots(doc_type(doc_id)).items():
         root = doc.get(name, type=kind)
-        content[name] = str(root) if kind is Text else root.to_py() or kind_empty(kind)
+        content[name] = str(root) if kind is Text else data(root)
     return content
-
-
-def kind_empty(kind: Any) -> Any:
-    return {} if kind is Map else []
 
 
 __all__ = [
     "MAX_DOC_ID",
     "DocType",
     "InvalidDocId",
+    "Scratch",
     "TemplateError",
     "Templates",
     "doc_type",
     "form",
     "form_templates",
     "index",
-    "paths_written",
     "roots",
     "to_json",
     "watch",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from pycrdt import Array, Doc, Map, Subscription
 
 from fieldsync.storage import FieldChange
@@ -27,26 +28,53 @@ def watch(doc: Doc, roots: dict[str, Any], sink: list[FieldChange]) -> Callable[
     return stop
 
 
-def paths_written(doc: Doc, roots: dict[str, Any], update: bytes) -> set[str]:
-    """Apply `update` to `doc` (a scratch replica) and return the paths it changed. A root
-    outside the document's schema is returned as its name, so a policy refuses it."""
-    changes: list[FieldChange] = []
-    known_before = set(doc.keys())
-    stop = watch(doc, roots, changes)
-    # A root outside the schema that the document holds already (a creation, or a role that
-    # writes everything, put it there): a write into it is that root's name too. Its type is
-    # unknown; any view observes it, and one without keys reports any change as the root.
-    outside: list[FieldChange] = []
-    stop_outside = watch(doc, dict.fromkeys(known_before - set(roots), Array), outside)
-    try:
-        doc.apply_update(update)
-    finally:
-        stop()
-        stop_outside()
-    paths = {change.path for change in changes}
-    paths.update(change.path.split(".", 1)[0] for change in outside)
-    paths.update(set(doc.keys()) - set(roots) - known_before)
-    return paths
+class Scratch:
+    """A replica kept beside a document, to read what an update writes before the document
+    takes it. It watches its roots for its whole life: subscribing per check would cost more
+    than the check."""
+
+    def __init__(self, state: bytes, roots: dict[str, Any]) -> None:
+        self.doc: Doc = Doc()
+        self.doc.apply_update(state)
+        self._roots = roots
+        self._changes: list[FieldChange] = []
+        self._unwatch = watch(self.doc, roots, self._changes)
+
+    def apply(self, update: bytes) -> None:
+        self.doc.apply_update(update)
+        self._changes.clear()
+
+    def paths_written(self, update: bytes) -> set[str]:
+        """Apply `update` and return the paths it changed. A root outside the document's
+        schema is returned as its name, so a policy refuses it."""
+        doc, roots = self.doc, self._roots
+        known_before = set(doc.keys())
+        # A root outside the schema that the document holds already (a creation, or a role that
+        # writes everything, put it there): a write into it is that root's name too. Its type
+        # is unknown; any view observes it, and one without keys reports any change as the root.
+        outside: list[FieldChange] = []
+        stop_outside = (
+            watch(doc, dict.fromkeys(known_before - set(roots), Array), outside)
+            if known_before - set(roots)
+            else None
+        )
+        self._changes.clear()
+        try:
+            doc.apply_update(update)
+        finally:
+            if stop_outside is not None:
+                stop_outside()
+        paths = {change.path for change in self._changes}
+        self._changes.clear()
+        paths.update(change.path.split(".", 1)[0] for change in outside)
+        paths.update(set(doc.keys()) - set(roots) - known_before)
+        return paths
+
+
+def data(root: Map | Array) -> Any:
+    """A map's or array's content as plain data, read in one call (pycrdt's `to_py` walks it
+    item by item, about 18 times slower on a list of maps)."""
+    return orjson.loads(str(root))
 
 
 def plain(value: Any) -> Any:

@@ -15,6 +15,8 @@ from typing import Any
 
 from pycrdt import Array, Doc, Map
 
+from fieldsync.documents._paths import data
+
 # The status machine (issue 4): new → assigned → en_route → in_progress ⇄ on_hold → completed →
 # closed; cancelled from any state before closed; a supervisor may reopen a completed work order
 # (back to in_progress) or a cancelled one (back to assigned).
@@ -74,18 +76,39 @@ def before(doc: Doc) -> Before:
     )
 
 
+# What each rule reads: an update that touches none of a rule's roots cannot break it.
+_FIELD_RULES_READ = frozenset({"fields"})
+_TIME_RULES_READ = frozenset({"time_entries"})
+
+
 def check(
     was: Before,
     doc: Doc,
     may_transition: MayTransition,
     forms_blocking: Mapping[str, list[str]],
+    touched: frozenset[str] | None = None,
 ) -> list[Violation]:
     """The violations of the merged `doc`, given the state before the update (`was`), whether
-    the author's role may make a status transition, and per linked form the reasons it blocks
-    completion (missing required answers, invalid answers)."""
+    the author's role may make a status transition, per linked form the reasons it blocks
+    completion (missing required answers, invalid answers), and the roots the update touched
+    (None: any)."""
+    found: list[Violation] = []
+    if touched is None or touched & _FIELD_RULES_READ:
+        found += _field_rules(was, doc, may_transition, forms_blocking)
+    if touched is None or touched & _TIME_RULES_READ:
+        found += _time_entries(doc)
+    return found
+
+
+def _field_rules(
+    was: Before,
+    doc: Doc,
+    may_transition: MayTransition,
+    forms_blocking: Mapping[str, list[str]],
+) -> list[Violation]:
     fields = doc.get("fields", type=Map)
     status = fields.get("status")
-    found = []
+    found: list[Violation] = []
     changed = isinstance(status, str) and status != was.status
     legal = not changed or _legal(was.status, str(status), may_transition)
     if not legal:
@@ -97,7 +120,6 @@ def check(
     if changed and status == "completed" and was.status != "completed":
         found += _completion(doc, forms_blocking)
     found += _meter(was, fields.get("meter_reading"))
-    found += _time_entries(doc)
     return found
 
 
@@ -155,7 +177,7 @@ def _cancel(status: Any, flagged: bool) -> list[Violation]:
 
 def _completion(doc: Doc, forms_blocking: Mapping[str, list[str]]) -> list[Violation]:
     reasons = []
-    for item in doc.get("checklist", type=Array).to_py() or []:
+    for item in data(doc.get("checklist", type=Array)):
         if isinstance(item, dict) and item.get("required") and not item.get("done"):
             reasons.append(f"checklist item {item.get('label') or item.get('id')!r} is not done")
     for form_id, problems in sorted(forms_blocking.items()):
@@ -191,7 +213,7 @@ def _time_entries(doc: Doc) -> list[Violation]:
     entry overlapping one accepted before it is marked `rejected` with the reason, not deleted:
     the marks are a function of the merged array alone, so every merge order ends with the same
     marks, and nothing a technician logged is lost."""
-    entries = doc.get("time_entries", type=Array).to_py() or []
+    entries = data(doc.get("time_entries", type=Array))
     accepted: dict[str, list[tuple[float, float]]] = {}
     marks: dict[int, str | None] = {}
     for index, entry in enumerate(entries):

@@ -40,6 +40,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_CORK_MAX = 256  # queued bodies that end a cork early (bounds memory and first-byte latency)
 
 
 class SessionClosed(Exception):
@@ -82,6 +83,7 @@ class Connection:
         self.rooms: dict[str, Room] = {}
         self._out: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self._corked = False  # hold output until the incoming BATCH is handled
         self._closed: SessionClosed | None = None
         self._rate = TokenBucket(limits.rate, limits.burst)
         self._in_flight: deque[asyncio.Future[Committed]] = deque()
@@ -122,9 +124,11 @@ class Connection:
         return bodies
 
     async def _drain(self) -> list[bytes]:
-        while not self._out:
+        while not self._out or (self._corked and len(self._out) < _CORK_MAX):
             if self._closed is not None:
-                return []
+                if not self._out:
+                    return []
+                break
             self._wake.clear()
             await self._wake.wait()
         bodies = list(self._out)

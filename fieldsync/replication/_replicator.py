@@ -227,9 +227,10 @@ class Replicator:
         state_vector = room.state_vector()
         if effective is None:
             return Submitted(room.tail if room.in_flight else None, state_vector)
+        touched = room.touched()
         submitted = Submitted(self._commit(room, effective, peer), state_vector)
         if was is not None:
-            await self._enforce_rules(room, was, peer)
+            await self._enforce_rules(room, was, peer, touched)
         elif self.enforce_rules and room.type is DocType.FORM:
             self._validate_form(room)
         return submitted
@@ -251,7 +252,9 @@ class Replicator:
         if correction is not None:
             self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
 
-    async def _enforce_rules(self, room: Room, was: rules.Before, author: Peer) -> None:
+    async def _enforce_rules(
+        self, room: Room, was: rules.Before, author: Peer, touched: frozenset[str]
+    ) -> None:
         """Correct what the merged state may not keep, as the server's own update, committed
         after the author's and broadcast to every replica (the author included)."""
         status = room.ydoc.get("fields", type=Map).get("status")
@@ -264,6 +267,7 @@ class Replicator:
             room.ydoc,
             lambda before, after: self.policy.may_transition(principal, before, after),
             blocking,
+            touched,
         )
         if not violations:
             return

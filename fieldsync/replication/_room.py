@@ -26,12 +26,22 @@ class InvalidUpdate(FieldsyncError):
         super().__init__(ErrorCode.INVALID_UPDATE, message)
 
 
+class Incomplete(FieldsyncError):
+    """An update a checked writer sent before what it builds on: part of it would wait in the
+    replica and take effect later, unchecked, when the missing update arrives (an attacker can
+    anchor an edit of a forbidden field on a supervisor's next edit). The device resyncs."""
+
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(
+            ErrorCode.RESYNC_REQUIRED,
+            f"{doc_id}: the update builds on changes the server does not have; resync",
+        )
+
+
 def integrated(update: bytes, state: bytes) -> bool:
-    """Whether all of `update` took effect on a replica now at `state`. What did not (a struct
-    whose origin or earlier clock has not arrived, a deletion of what is not there yet) waits in
-    the replica and takes effect with whatever update completes it, perhaps one nobody checks:
-    what it writes cannot be known when it arrives."""
-    rest = get_update(update, state)  # its structs the replica lacks, then its delete set
+    """Whether all of `update` took effect on a replica now at `state`: no struct waiting for
+    an origin or an earlier clock, no deletion of what is not there yet."""
+    rest = get_update(update, state)  # the update's structs the replica lacks, then deletions
     if rest[0]:  # a v1 update starts with its count of clients with structs
         return False
     clocks = decode_state_vector(state)
@@ -75,7 +85,7 @@ class Room:
         self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted
         self.last_used = time.monotonic()
         self._emitted: list[bytes] = []
-        self._scratch: Doc | None = None
+        self._scratch: documents.Scratch | None = None
         self.ydoc.observe(self._on_transaction)
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
@@ -107,18 +117,17 @@ class Room:
         """The paths `update` writes, read on a scratch replica kept beside the document (so a
         check costs one more apply, not a copy of the document)."""
         if self._scratch is None:
-            self._scratch = Doc()
-            self._scratch.apply_update(self.ydoc.get_update())
+            self._scratch = documents.Scratch(self.ydoc.get_update(), documents.roots(self.type))
         try:
-            paths = documents.paths_written(self._scratch, documents.roots(self.type), update)
+            paths = self._scratch.paths_written(update)
         except BaseException as exc:
             if isinstance(exc, _FATAL):
                 raise
             self._scratch = None
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
-        if not integrated(update, self._scratch.get_state()):
+        if not integrated(update, self._scratch.doc.get_state()):
             self._scratch = None
-            raise InvalidUpdate("the update depends on changes the server does not have")
+            raise Incomplete(self.doc_id)
         return paths
 
     def forget_scratch(self) -> None:
@@ -132,7 +141,7 @@ class Room:
         self.last_used = time.monotonic()
         if self._scratch is not None and not checked:
             try:
-                self._scratch.apply_update(update)
+                self._scratch.apply(update)
             except BaseException as exc:
                 if isinstance(exc, _FATAL):
                     raise
@@ -172,8 +181,12 @@ class Room:
         self._emitted = []
         self.size += len(effective)
         if self._scratch is not None:
-            self._scratch.apply_update(effective)
+            self._scratch.apply(effective)
         return effective
+
+    def touched(self) -> frozenset[str]:
+        """The roots changed since the last `take_changes`."""
+        return frozenset(change.path.split(".", 1)[0] for change in self._changes)
 
     def take_changes(self) -> tuple[FieldChange, ...]:
         """The field changes made since the last call: what the next commit records."""

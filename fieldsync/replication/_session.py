@@ -46,6 +46,7 @@ _RESET_ON = frozenset(
         ErrorCode.FORBIDDEN_FIELD,
         ErrorCode.INVALID_UPDATE,
         ErrorCode.DOC_TOO_LARGE,
+        ErrorCode.RESYNC_REQUIRED,
     }
 )
 
@@ -121,13 +122,21 @@ class V1Session(Connection):
             self.close(exc.close, exc.message)
         if len(messages) > 1:
             self.admit(len(messages) - 1)
-        for message in messages:
-            if isinstance(message, Control):
-                await self._control(message)
-            else:
-                await self._doc(message)
-            if self._closed is not None:
-                raise self._closed
+            # Answer a BATCH in few frames: the sender waits until it is handled (zstd gains
+            # on many documents together, not on one at a time).
+            self._corked = True
+        try:
+            for message in messages:
+                if isinstance(message, Control):
+                    await self._control(message)
+                else:
+                    await self._doc(message)
+                if self._closed is not None:
+                    raise self._closed
+        finally:
+            if self._corked:
+                self._corked = False
+                self._wake.set()
 
     # --- Peer ---------------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""What the domain rules and the field history cost on the write path (issue 4).
+
+    .venv/bin/python bench/write_path.py [--updates 4000] [--docs 40] [--reps 3]
+
+Durable updates per second through the replicator's one write path (authorise, apply, rules,
+field history, group commit with fsync, ack) on SQLite, with rules and history on, as a ratio to
+the same run with them off (`Replicator(enforce_rules=False)`). Runs alternate on/off so both
+see the same machine; the WebSocket layer, the same in both, is left out, so the ratio is the
+harsher one. Writers are technicians (their updates also pass the field-level check) moving
+statuses, ticking checklists, logging time and appending notes, 8 documents at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pycrdt import Array, Doc, Map, Text
+
+from fieldsync import documents
+from fieldsync.auth import Principal, Role
+from fieldsync.replication import Replicator
+from fieldsync.storage import ScopeFilter, ScopeKind, SQLiteStore
+
+STEPS = ("en_route", "in_progress", "on_hold", "in_progress")
+
+
+class Device:
+    """The least a replicator needs of a replica: who it is, and somewhere to send to."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+        self.scope = ScopeFilter(ScopeKind.ASSIGNEE, principal.subject)
+        self.origin = f"device:{principal.subject}"
+        self.violations = 0
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        pass
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        pass
+
+    def refused(self, doc_id: str) -> None:
+        pass
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        self.violations += 1
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        pass
+
+
+def workload(docs: int, updates: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """The work orders (created by a supervisor) and the technician's edits, made up front."""
+    seeds, edits = [], []
+    replicas = {}
+    for n in range(docs):
+        doc_id = f"wo:bench{n}"
+        doc: Doc = Doc()
+        documents.work_order.write(
+            doc,
+            {"assignee": "tina", "team": "north", "region": "east", "status": "assigned"},
+            [
+                {"id": f"c{i}", "label": f"Step {i}", "required": True, "done": False}
+                for i in range(5)
+            ],
+        )
+        seeds.append((doc_id, doc.get_update()))
+        replicas[doc_id] = doc
+    for i in range(updates):
+        doc_id = f"wo:bench{i % docs}"
+        doc = replicas[doc_id]
+        before = doc.get_state()
+        round_ = i // docs
+        with doc.transaction():
+            match i % 4:
+                case 0:
+                    doc.get("fields", type=Map)["status"] = STEPS[
+                        min(round_, 3) if round_ < 4 else 2 + round_ % 2
+                    ]
+                case 1:
+                    checklist = doc.get("checklist", type=Array)
+                    checklist[round_ % len(checklist)]["done"] = True
+                case 2:
+                    start = 1_000 * round_
+                    doc.get("time_entries", type=Array).append(
+                        Map({"by": "tina", "start": start, "end": start + 900})
+                    )
+                case _:
+                    doc.get("notes", type=Text).insert(0, f"step {round_} done. ")
+        edits.append((doc_id, doc.get_update(before)))
+    return seeds, edits
+
+
+async def run(rules: bool, seeds: list[tuple[str, bytes]], edits: list[tuple[str, bytes]]) -> float:
+    """Durable updates per second of the technician's edits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "bench.db")
+        await store.open()
+        replicator = Replicator(store, enforce_rules=rules)
+        boss = Device(Principal("sam", frozenset({Role.SUPERVISOR}), team="north", region="east"))
+        boss.scope = ScopeFilter(ScopeKind.TEAM, "north")
+        tina = Device(Principal("tina", frozenset({Role.TECHNICIAN}), team="north", region="east"))
+        for doc_id, update in seeds:
+            room = await replicator.subscribe(boss, doc_id)
+            done = (await replicator.submit(boss, room, update)).committed
+            assert done is not None
+            await done
+        rooms = {doc_id: await replicator.subscribe(tina, doc_id) for doc_id, _ in seeds}
+        started = time.perf_counter()
+        pending = []
+        for doc_id, update in edits:
+            submitted = await replicator.submit(tina, rooms[doc_id], update)
+            if submitted.committed is not None:
+                pending.append(submitted.committed)
+            if len(pending) >= 8:  # 8 in flight, as 8 devices each waiting for its ack
+                await pending.pop(0)
+        await asyncio.gather(*pending)
+        elapsed = time.perf_counter() - started
+        await store.close()
+        return len(edits) / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--updates", type=int, default=4000)
+    parser.add_argument("--docs", type=int, default=40)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    seeds, edits = workload(args.docs, args.updates)
+    on, off = [], []
+    for _ in range(args.reps):
+        off.append(await run(False, seeds, edits))
+        on.append(await run(True, seeds, edits))
+    ratio = statistics.median(on) / statistics.median(off)
+    print(f"updates: {args.updates} on {args.docs} work orders, {args.reps} reps alternating")
+    print(f"durable updates/s, rules and history off: {statistics.median(off):,.0f} {off}")
+    print(f"durable updates/s, rules and history on:  {statistics.median(on):,.0f} {on}")
+    print(f"ratio on/off: {ratio:.2f} (target at least 0.70)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
