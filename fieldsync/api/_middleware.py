@@ -45,11 +45,13 @@ def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     """Add the checks to `app` (before it starts) from the settings, and keep credentials out
     of what aiohttp logs about its requests."""
     redact_aiohttp_logs()
+    # The first runs first. The version gate comes before authentication: an old app whose token
+    # has expired must hear "upgrade", since signing in again would not let it in.
     app.middlewares.extend(
         [
-            _authorise(verify),
-            _origin_allow_list(settings.allowed_origins),
             _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
+            _origin_allow_list(settings.allowed_origins),
+            _authorise(verify),
         ]
     )
     if settings.deprecations:

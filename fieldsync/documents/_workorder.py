@@ -8,6 +8,7 @@ from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
+from fieldsync.documents._paths import data
 from fieldsync.storage import DocIndex
 
 # The `fields` keys that scopes and screens filter on (DESIGN.md §2).
@@ -49,7 +50,7 @@ def due_key(value: str | None) -> str | None:
 
 
 def index(doc_id: str, doc: Doc) -> DocIndex:
-    fields = doc.get("fields", type=Map)
+    fields = data(doc.get("fields", type=Map))  # one read, not one transaction per field
     values = {name: _text(fields.get(name)) for name in INDEX_FIELDS}
     values["due_at"] = due_key(values["due_at"])
     return DocIndex(doc=doc_id, type="wo", wo=doc_id, **values)

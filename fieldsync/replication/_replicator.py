@@ -409,7 +409,7 @@ class Replicator:
         if committed.scope_change is not None:
             self._rescope(committed.scope_change)
         if room.pending:
-            task = asyncio.create_task(self._settle_pending(room, author))
+            task = asyncio.create_task(self._settle_pending(room))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         message = encode_sync(SyncStep.UPDATE, effective)
@@ -417,14 +417,16 @@ class Replicator:
             if peer is not author:
                 peer.send_doc(room.doc_id, message)
 
-    async def _settle_pending(self, room: Room, author: Peer | None) -> None:
+    async def _settle_pending(self, room: Room) -> None:
         """The document now exists: admit the peers that asked for it if it is in their scope."""
         scope_index = await self._scope_index(room)
         for peer in list(room.pending):
             del room.pending[peer]
             if in_scope(peer.scope, scope_index):
                 self._admit(peer, room)
-                peer.confirmed(room.doc_id, None if peer is author else room.ydoc.get_update())
+                # The whole state, the author's too: updates of other waiting peers committed
+                # before this ran reached no one.
+                peer.confirmed(room.doc_id, room.ydoc.get_update())
             else:
                 peer.refused(room.doc_id)
 

@@ -37,7 +37,7 @@ from PIL import Image
 
 from fieldsync.api import ROUTE_PERMISSIONS, Permission, load_spec
 from fieldsync.api._problems import STATUS
-from fieldsync.app import create_app
+from fieldsync.app import ENDPOINTS, create_app
 from fieldsync.auth import DevIssuer
 from fieldsync.config import Settings
 from fieldsync.errors import ErrorCode
@@ -311,6 +311,8 @@ async def test_every_operation_answers_as_documented(
     await _uploads_and_attachments(c)
     await _websockets(c)
     await _the_contract_itself(c)
+    await _revalidation(c)
+    await _draining(c)
     succeeded = {(m, p) for m, p, status in c.exchanges if status < 400}
     documented = {(m, p) for m, p, _ in contract.operations()}
     # POST /v1/auth/token succeeds against a provider that grants codes: the next test.
@@ -449,6 +451,18 @@ async def _reference(c: Contract) -> None:
         request_valid=False,
     )
     await c.call("PUT", "/v1/reference/assets", 403, subject="sam", body=rows, content_type=ndjson)
+    await c.call(
+        "PATCH", "/v1/reference/assets", 403, subject="tina", body=rows, content_type=ndjson
+    )
+    await c.call(
+        "PUT",
+        "/v1/reference/assets",
+        400,
+        subject="ada",
+        body=rows,
+        content_type="application/json",
+        request_valid=False,
+    )
     changes = await c.call(
         "GET",
         "/v1/reference/assets/changes",
@@ -585,6 +599,42 @@ async def _uploads_and_attachments(c: Contract) -> None:
     await c.call("HEAD", upload, 200, subject="tina", headers=TUS)
     await c.call("GET", upload, 403, subject="tom", headers=TUS)
     chunk = "application/offset+octet-stream"
+    chunk = "application/offset+octet-stream"
+    at_zero = {**TUS, "Upload-Offset": "0"}
+    await c.call(
+        "PATCH",
+        upload,
+        400,
+        subject="tina",
+        body=photo[:10],
+        content_type=chunk,
+        headers=TUS,
+        request_valid=False,
+    )
+    await c.call(
+        "PATCH", upload, 403, subject="tom", body=photo[:10], content_type=chunk, headers=at_zero
+    )
+    await c.call(
+        "PATCH",
+        upload,
+        412,
+        subject="tina",
+        body=photo[:10],
+        content_type=chunk,
+        headers={"Upload-Offset": "0"},
+        request_valid=False,
+    )
+    await c.call(
+        "PATCH",
+        upload,
+        413,
+        subject="tina",
+        body=photo + b"more",
+        content_type=chunk,
+        headers=at_zero,
+    )
+    empty = {**tus, "Upload-Length": "0"}
+    await c.call("POST", "/v1/uploads", 415, subject="tina", headers=empty)
     conflict = await c.call(
         "PATCH",
         upload,
@@ -699,6 +749,36 @@ async def _websockets(c: Contract) -> None:
     await c.call("GET", "/v1/sync", 403, headers=upgrade_headers(Origin="https://evil.example"))
 
 
+async def _revalidation(c: Contract) -> None:
+    """Every JSON answer with an ETag answers If-None-Match with 304, and the other errors of
+    the lists."""
+    for subject, path, params in [
+        ("tina", "/v1/changes", {"since": "0"}),
+        ("sam", "/v1/screens/team-queue", {"assignee": "tina"}),
+        ("mia", "/v1/screens/region-metrics", {}),
+        ("sam", "/v1/work-orders/wo:c1/history", {}),
+        ("sam", "/v1/conflicts", {}),
+        ("tina", "/v1/reference/assets/changes", {"since": "0"}),
+    ]:
+        first = await c.call("GET", path, 200, subject=subject, params=params)
+        etag = {"If-None-Match": first.headers["ETag"]}
+        await c.call("GET", path, 304, subject=subject, params=params, headers=etag)
+        bad = {**params, "limit": "many"}
+        await c.call("GET", path, 400, subject=subject, params=bad, request_valid=False)
+    await c.call("GET", "/v1/reference/secrets/snapshot", 403, subject="tina")
+    upload = "/v1/uploads/" + "0" * 32
+    await c.call("HEAD", upload, 403, subject="tom", headers=TUS)
+    for method in ("GET", "HEAD", "DELETE"):
+        await c.call(method, upload, 412, subject="tom", request_valid=False)
+    evil = upgrade_headers(Origin="https://evil.example")
+    await c.call("GET", "/v1/yws/wo:c1", 403, params={"token": c.server.token("sam")}, headers=evil)
+
+
+async def _draining(c: Contract) -> None:
+    await c.server.app[ENDPOINTS].drain()
+    await c.call("GET", "/v1/ready", 503)
+
+
 async def _the_contract_itself(c: Contract) -> None:
     served = await c.call("GET", "/v1/openapi.json", 200)
     await c.call("GET", "/v1/openapi.json", 304, headers={"If-None-Match": served.headers["ETag"]})
@@ -738,17 +818,34 @@ async def test_the_token_relay_answers_as_documented(
         assert int(down.headers["Retry-After"]) > 0
 
 
-async def test_old_apps_get_the_documented_426(
+def concrete(path: str) -> str:
+    """A path of the document with its parameters filled in."""
+    return (
+        path.replace("{doc_id}", "wo:c1")
+        .replace("{dataset}", "assets")
+        .replace("{upload_id}", "0" * 32)
+        .replace("{sha256}", "0" * 64)
+    )
+
+
+async def test_every_operation_answers_401_and_426_as_documented(
     tmp_path: Path, issuer: DevIssuer, http: aiohttp.ClientSession
 ) -> None:
+    """The answers every operation shares: no token (where one is needed), and an old app."""
     minimums = parsed("min_client_versions", "ios=2.4.0")
     async with running_server(tmp_path, issuer, min_client_versions=minimums) as server:
         c = Contract(server, http, contract.openapi())
         old = {"X-Client-Platform": "ios", "X-Client-Version": "2.0.0"}
-        await c.call("GET", "/v1/health", 426, headers=old)
-        await c.call("GET", "/v1/screens/my-work", 426, subject="tina", headers=old)
-        await c.call("GET", "/v1/sync", 426, headers={**old, **upgrade_headers()})
+        for method, path, operation in contract.operations():
+            upgrade = upgrade_headers() if path.startswith(("/v1/sync", "/v1/yws")) else {}
+            await c.call(
+                method, concrete(path), 426, headers={**old, **upgrade}, request_valid=None
+            )
+            if operation.get("security", [{"bearer": []}]) == [{"bearer": []}]:
+                await c.call(method, concrete(path), 401, request_valid=False)
         await c.call("GET", "/v1/health", 200, headers={**old, "X-Client-Version": "2.4.0"})
+    documented = {(m, p) for m, p, _ in contract.operations()}
+    assert {(m, p) for m, p, status in c.exchanges if status == 426} == documented
 
 
 # --- the validation has teeth -------------------------------------------------------------------

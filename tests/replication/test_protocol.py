@@ -377,3 +377,42 @@ async def test_a_late_joiner_sees_presence_and_a_dropped_replica_is_announced_go
             await eventually(lambda: (42, 3, '{"user":"tina"}') in presence(sam))
         # tina's socket is gone without a goodbye: sam hears she left.
         await eventually(lambda: (42, 4, "null") in presence(sam))
+
+
+async def test_peers_creating_one_document_at_once_all_converge(server: Server) -> None:
+    """Several replicas wait for a document that does not exist yet, then all write its first
+    updates at once: each ends with every update (the creator's included)."""
+    subjects = ("sam", "mia", "ada")
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("mia")) as mia,
+        connect(server.sync_url, server.token("ada")) as ada,
+    ):
+        wires = (sam, mia, ada)
+        replicas: list[Doc] = []
+        for wire in wires:
+            await wire.hello()
+            await wire.step1("wo:race")
+            await wire.doc_message("wo:race", SyncStep.STEP2)
+        for subject, wire in zip(subjects, wires, strict=True):
+            doc = work_order("wo:race", title=f"by {subject}")
+            replicas.append(doc)
+            await wire.update("wo:race", doc.get_update())
+        for wire in wires:
+            await wire.control("ack", doc="wo:race")
+        stored = await server.app[STORE].load("wo:race")
+        assert stored is not None
+        whole: Doc = Doc()
+        for data in stored.updates:
+            whole.apply_update(data)
+        want = decode_state_vector(whole.get_state())
+
+        def caught_up(wire: Wire, doc: Doc) -> bool:
+            for item in [d for d in wire.docs if d[0] == "wo:race"]:
+                wire.docs.remove(item)
+                if hasattr(item[1], "payload") and item[1].step is not SyncStep.STEP1:
+                    doc.apply_update(item[1].payload)
+            return decode_state_vector(doc.get_state()) == want
+
+        for wire, doc in zip(wires, replicas, strict=True):
+            await eventually(lambda wire=wire, doc=doc: caught_up(wire, doc))
