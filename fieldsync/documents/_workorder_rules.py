@@ -9,6 +9,7 @@ Running `check` on a corrected document finds nothing (idempotent).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,12 +67,16 @@ class Violation:
     notify: bool = True
 
 
-def before(doc: Doc) -> Before:
+def before(doc: Doc, status: str | None = None) -> Before:
+    """The state the rules compare with, read before an update is applied; `status` when the
+    caller knows it already (the room's index holds it)."""
     fields = doc.get("fields", type=Map)
-    status = fields.get("status")
+    if status is None:
+        current = fields.get("status")
+        status = current if isinstance(current, str) else None
     meter = fields.get("meter_reading")
     return Before(
-        status if isinstance(status, str) else None,
+        status,
         float(meter) if isinstance(meter, int | float) and not isinstance(meter, bool) else None,
     )
 
@@ -214,6 +219,8 @@ def _time_entries(doc: Doc) -> list[Violation]:
     the marks are a function of the merged array alone, so every merge order ends with the same
     marks, and nothing a technician logged is lost."""
     entries = data(doc.get("time_entries", type=Array))
+    # Per technician, the accepted spans sorted by start: they do not overlap one another, so
+    # a new span can only clash with its neighbours (a log n check, not a scan).
     accepted: dict[str, list[tuple[float, float]]] = {}
     marks: dict[int, str | None] = {}
     for index, entry in enumerate(entries):
@@ -221,17 +228,13 @@ def _time_entries(doc: Doc) -> list[Violation]:
         if span is None:
             continue
         by = str(entry.get("by"))
-        clash = next(
-            (
-                (start, end)
-                for start, end in accepted.get(by, [])
-                if span[0] < end and start < span[1]
-            ),
-            None,
-        )
+        spans = accepted.setdefault(by, [])
+        at = bisect.bisect_left(spans, span)
+        neighbours = spans[max(at - 1, 0) : at + 1]
+        clash = next((s for s in neighbours if span[0] < s[1] and s[0] < span[1]), None)
         wanted = None if clash is None else f"overlaps {by}'s entry {clash[0]:g}-{clash[1]:g}"
         if clash is None:
-            accepted.setdefault(by, []).append(span)
+            spans.insert(at, span)
         if entry.get("rejected") != wanted:
             marks[index] = wanted
     if not marks:

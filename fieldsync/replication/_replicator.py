@@ -214,7 +214,8 @@ class Replicator:
             checked = True
         existed = room.exists
         on = self.enforce_rules and existed and room.type is DocType.WORK_ORDER
-        was = rules.before(room.ydoc) if on else None
+        status = room.index.status if room.index is not None else None
+        was = rules.before(room.ydoc, status) if on else None
         try:
             effective = room.apply(update, checked=checked)
         finally:
