@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import zstandard
+from pycrdt import Doc, Map
 
 from fieldsync.replication import (
     Control,
@@ -126,6 +127,24 @@ class Wire:
         async with asyncio.timeout(timeout), self._arrived:
             await self._arrived.wait_for(lambda: self.closed)
         return self.close_code, self.close_reason
+
+    async def replica(self, doc_id: str) -> Doc:
+        """A fresh replica of `doc_id`, synced from the server (SyncStep1 with an empty state)."""
+        await self.step1(doc_id)
+        doc: Doc = Doc()
+        doc.apply_update(await self.doc_message(doc_id, SyncStep.STEP2))
+        return doc
+
+    async def edit(self, doc_id: str, doc: Doc, **fields: object) -> None:
+        """Set `fields` on the replica `doc` and send what changed."""
+        before = doc.get_state()
+        doc.get("fields", type=Map).update(fields)
+        await self.update(doc_id, doc.get_update(before))
+
+    async def follow(self, doc_id: str, doc: Doc, until: Callable[[Doc], bool]) -> None:
+        """Apply the updates received for `doc_id` to `doc` until `until(doc)` holds."""
+        while not until(doc):
+            doc.apply_update(await self.doc_message(doc_id, SyncStep.UPDATE))
 
     async def close(self) -> None:
         await self.ws.close()

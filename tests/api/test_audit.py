@@ -7,9 +7,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pycrdt import Doc, Map
+from pycrdt import Doc
 
-from fieldsync.replication import SyncStep
 from tests.harness import Server, work_order
 from tests.wire import Wire, connect
 
@@ -21,9 +20,7 @@ async def get(server: Server, path: str, subject: str) -> tuple[int, dict[str, A
 
 
 async def edit(wire: Wire, doc_id: str, doc: Doc, **fields: object) -> dict[str, Any]:
-    before = doc.get_state()
-    doc.get("fields", type=Map).update(fields)
-    await wire.update(doc_id, doc.get_update(before))
+    await wire.edit(doc_id, doc, **fields)
     return await wire.control("ack", doc=doc_id)
 
 
@@ -39,14 +36,10 @@ async def history(server: Server) -> Server:
         await tina.hello()
         await sam.update("wo:a1", work_order("wo:a1", status="assigned").get_update())
         await sam.control("ack", doc="wo:a1")
-        await sam.step1("wo:a1")
-        boss: Doc = Doc()
-        boss.apply_update(await sam.doc_message("wo:a1", SyncStep.STEP2))
+        boss = await sam.replica("wo:a1")
         for day in ("2026-12-01", "2026-12-08", "2026-12-15"):
             await edit(sam, "wo:a1", boss, due_at=day)
-        await tina.step1("wo:a1")
-        mine: Doc = Doc()
-        mine.apply_update(await tina.doc_message("wo:a1", SyncStep.STEP2))
+        mine = await tina.replica("wo:a1")
         await edit(tina, "wo:a1", mine, status="en_route")
         await edit(tina, "wo:a1", mine, status="closed")  # not a technician's to make
         await tina.control("error", doc="wo:a1")

@@ -3,19 +3,12 @@ write is refused whole, never stored or broadcast, and the device is told to res
 
 from __future__ import annotations
 
-from pycrdt import Doc, Map, Text
+from pycrdt import Map, Text
 
 from fieldsync.app import STORE
 from fieldsync.replication import SyncStep
 from tests.harness import Server, work_order
-from tests.wire import Wire, connect
-
-
-async def replica(wire: Wire, doc_id: str) -> Doc:
-    await wire.step1(doc_id)
-    doc: Doc = Doc()
-    doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
-    return doc
+from tests.wire import connect
 
 
 async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: Server) -> None:
@@ -27,8 +20,8 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         await tina.hello()
         await sam.update("wo:f", work_order("wo:f", assignee="tina").get_update())
         await sam.control("ack", doc="wo:f")
-        theirs = await replica(tina, "wo:f")
-        await replica(sam, "wo:f")
+        theirs = await tina.replica("wo:f")
+        await sam.replica("wo:f")
         store = server.app[STORE]
 
         before = theirs.get_state()
@@ -52,7 +45,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         assert (await store.stats())["updates"] == stored  # nothing of it stored…
 
         # …nor broadcast, and a later allowed edit from a fresh replica still goes through.
-        fresh = await replica(tina, "wo:f")
+        fresh = await tina.replica("wo:f")
         assert fresh.get("fields", type=Map)["assignee"] == "tina"
         assert fresh.get("fields", type=Map)["status"] == "en_route"
         before = fresh.get_state()
@@ -60,7 +53,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         await tina.update("wo:f", fresh.get_update(before))
         await tina.control("ack", doc="wo:f")
         update = await sam.doc_message("wo:f", SyncStep.UPDATE)
-        seen = await replica(sam, "wo:f")
+        seen = await sam.replica("wo:f")
         seen.apply_update(update)
         assert seen.get("fields", type=Map)["assignee"] == "tina"
         assert seen.get("fields", type=Map)["status"] == "in_progress"
@@ -75,7 +68,7 @@ async def test_a_root_outside_the_schema_is_refused(server: Server) -> None:
         await tina.hello()
         await sam.update("wo:g", work_order("wo:g", assignee="tina").get_update())
         await sam.control("ack", doc="wo:g")
-        theirs = await replica(tina, "wo:g")
+        theirs = await tina.replica("wo:g")
         before = theirs.get_state()
         theirs.get("payload", type=Map)["x"] = 1
         await tina.update("wo:g", theirs.get_update(before))

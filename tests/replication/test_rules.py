@@ -3,6 +3,7 @@ stand, every replica converges on the correction, and the author is told why."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pycrdt import Array, Doc, Map, Text
@@ -13,28 +14,11 @@ from fieldsync.auth import DevIssuer
 from fieldsync.replication import SyncStep
 from fieldsync.storage import ScopeFilter, ScopeKind
 from tests.harness import Server, running_server, work_order
-from tests.wire import Wire, connect
+from tests.wire import connect
 
 
-async def replica(wire: Wire, doc_id: str) -> Doc:
-    await wire.step1(doc_id)
-    doc: Doc = Doc()
-    doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
-    return doc
-
-
-async def edit(wire: Wire, doc_id: str, doc: Doc, **fields: object) -> None:
-    before = doc.get_state()
-    target = doc.get("fields", type=Map)
-    for key, value in fields.items():
-        target[key] = value
-    await wire.update(doc_id, doc.get_update(before))
-
-
-async def follow(wire: Wire, doc_id: str, doc: Doc, until: object) -> None:
-    """Apply the updates `wire` receives for `doc_id` until `until(doc)` holds."""
-    while not until(doc):  # type: ignore[operator]
-        doc.apply_update(await wire.doc_message(doc_id, SyncStep.UPDATE))
+def status_is(value: str) -> Callable[[Doc], bool]:
+    return lambda doc: doc.get("fields", type=Map)["status"] == value
 
 
 async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> None:
@@ -46,24 +30,18 @@ async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> N
         await tina.hello()
         await sam.update("wo:r1", work_order("wo:r1", status="assigned").get_update())
         await sam.control("ack", doc="wo:r1")
-        mine = await replica(tina, "wo:r1")
-        theirs = await replica(sam, "wo:r1")
-        await edit(tina, "wo:r1", mine, status="closed")  # assigned → closed: not for a technician
+        mine = await tina.replica("wo:r1")
+        theirs = await sam.replica("wo:r1")
+        await tina.edit("wo:r1", mine, status="closed")  # assigned → closed: not for a technician
         await tina.control("ack", doc="wo:r1")
         error = await tina.control("error", doc="wo:r1")
         assert (error["code"], error["rule"]) == ("rule_violation", "status_transition")
-        await follow(
-            tina, "wo:r1", mine, lambda d: d.get("fields", type=Map)["status"] == "assigned"
-        )
-        await follow(
-            sam, "wo:r1", theirs, lambda d: d.get("fields", type=Map)["status"] == "assigned"
-        )
+        await tina.follow("wo:r1", mine, status_is("assigned"))
+        await sam.follow("wo:r1", theirs, status_is("assigned"))
         # A legal step goes through untouched.
-        await edit(tina, "wo:r1", mine, status="en_route")
+        await tina.edit("wo:r1", mine, status="en_route")
         await tina.control("ack", doc="wo:r1")
-        await follow(
-            sam, "wo:r1", theirs, lambda d: d.get("fields", type=Map)["status"] == "en_route"
-        )
+        await sam.follow("wo:r1", theirs, status_is("en_route"))
     conflicts = await server.app[STORE].conflicts(ScopeFilter(ScopeKind.TEAM, "north"), None, 10)
     assert [(c.conflict.rule, c.conflict.actor) for c in conflicts] == [
         ("status_transition", "tina")
@@ -82,8 +60,8 @@ async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Serv
             await tina.hello()
             await sam.update(doc_id, work_order(doc_id, status="in_progress").get_update())
             await sam.control("ack", doc=doc_id)
-            tech = await replica(tina, doc_id)
-            boss = await replica(sam, doc_id)
+            tech = await tina.replica(doc_id)
+            boss = await sam.replica(doc_id)
             # Both edit without seeing each other's edit (tina offline, say).
             before_t, before_s = tech.get_state(), boss.get_state()
             tech.get("fields", type=Map)["status"] = "completed"
@@ -96,8 +74,7 @@ async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Serv
                 await wire.control("ack", doc=doc_id)
             # The correction is committed after the ack of the update it corrects: the next
             # update either side receives is it.
-            await follow(
-                sam,
+            await sam.follow(
                 doc_id,
                 boss,
                 lambda d: (
@@ -107,7 +84,7 @@ async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Serv
             )
             async with connect(server.sync_url, server.token("ada")) as ada:
                 await ada.hello()
-                stored = await replica(ada, doc_id)
+                stored = await ada.replica(doc_id)
             fields = stored.get("fields", type=Map)
             assert fields["status"] == "cancelled", first
             # The technician's work is kept.
@@ -121,15 +98,13 @@ async def test_completion_needs_the_required_checklist(server: Server) -> None:
             await sam.update("wo:r3", work_order("wo:r3", status="in_progress").get_update())
             await sam.control("ack", doc="wo:r3")
         await tina.hello()
-        mine = await replica(tina, "wo:r3")
-        await edit(tina, "wo:r3", mine, status="completed")
+        mine = await tina.replica("wo:r3")
+        await tina.edit("wo:r3", mine, status="completed")
         await tina.control("ack", doc="wo:r3")
         error = await tina.control("error", doc="wo:r3")
         assert error["rule"] == "completion_requirements"
         assert "Check seals" in error["detail"]
-        await follow(
-            tina, "wo:r3", mine, lambda d: d.get("fields", type=Map)["status"] == "in_progress"
-        )
+        await tina.follow("wo:r3", mine, status_is("in_progress"))
         assert "Check seals" in mine.get("fields", type=Map)["status_reason"]
         # Tick the item: now completion stands.
         before = mine.get_state()
@@ -158,14 +133,14 @@ async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
             "wo:r4", work_order("wo:r4", status="in_progress", meter_reading=1200).get_update()
         )
         await sam.control("ack", doc="wo:r4")
-        boss = await replica(sam, "wo:r4")
-        await edit(sam, "wo:r4", boss, meter_reading=1100)
+        boss = await sam.replica("wo:r4")
+        await sam.edit("wo:r4", boss, meter_reading=1100)
         assert (await sam.control("error", doc="wo:r4"))["rule"] == "meter_never_decreases"
-        await follow(
-            sam, "wo:r4", boss, lambda d: d.get("fields", type=Map)["meter_reading"] == 1200
+        await sam.follow(
+            "wo:r4", boss, lambda d: d.get("fields", type=Map)["meter_reading"] == 1200
         )
 
-        mine = await replica(tina, "wo:r4")
+        mine = await tina.replica("wo:r4")
         before = mine.get_state()
         entries = mine.get("time_entries", type=Array)
         entries.append(Map({"by": "tina", "start": 100, "end": 200}))
@@ -177,7 +152,7 @@ async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
         def marked(doc: Doc) -> bool:
             return any("rejected" in e for e in doc.get("time_entries", type=Array).to_py())
 
-        await follow(tina, "wo:r4", mine, marked)
+        await tina.follow("wo:r4", mine, marked)
         entries = mine.get("time_entries", type=Array).to_py()
         assert [(e["by"], e["start"], "rejected" in e) for e in entries] == [
             ("tina", 100, False),
@@ -211,8 +186,8 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         assert marks["ppe_checked"] == "required"
         assert form.get("answers", type=Map)["hazards"] == "volcano"
 
-        mine = await replica(tina, "wo:r5")
-        await edit(tina, "wo:r5", mine, status="completed")
+        mine = await tina.replica("wo:r5")
+        await tina.edit("wo:r5", mine, status="completed")
         await tina.control("ack", doc="wo:r5")
         error = await tina.control("error", doc="wo:r5")
         assert error["rule"] == "completion_requirements" and "form:r5" in error["detail"]
@@ -221,12 +196,10 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         form.get("answers", type=Map).update({"hazards": "electrical", "ppe_checked": True})
         await tina.update("form:r5", form.get_update(before))
         await tina.control("ack", doc="form:r5")
-        await follow(tina, "form:r5", form, lambda d: not d.get("validation", type=Map).to_py())
+        await tina.follow("form:r5", form, lambda d: not d.get("validation", type=Map).to_py())
 
-        await follow(
-            tina, "wo:r5", mine, lambda d: d.get("fields", type=Map)["status"] == "in_progress"
-        )
-        await edit(tina, "wo:r5", mine, status="completed")
+        await tina.follow("wo:r5", mine, status_is("in_progress"))
+        await tina.edit("wo:r5", mine, status="completed")
         await tina.control("ack", doc="wo:r5")
     stored = await server.app[STORE].load("wo:r5")
     assert stored is not None
@@ -245,11 +218,11 @@ async def test_every_field_change_is_in_the_history_with_its_author(server: Serv
         await tina.hello()
         await sam.update("wo:h1", work_order("wo:h1", status="assigned").get_update())
         await sam.control("ack", doc="wo:h1")
-        theirs = await replica(sam, "wo:h1")
-        await edit(sam, "wo:h1", theirs, due_at="2026-12-24")
+        theirs = await sam.replica("wo:h1")
+        await sam.edit("wo:h1", theirs, due_at="2026-12-24")
         await sam.control("ack", doc="wo:h1")
-        mine = await replica(tina, "wo:h1")
-        await edit(tina, "wo:h1", mine, status="en_route")
+        mine = await tina.replica("wo:h1")
+        await tina.edit("wo:h1", mine, status="en_route")
         ack = await tina.control("ack", doc="wo:h1")
     store = server.app[STORE]
     due = await store.history("wo:h1", "fields.due_at", None, 10)
