@@ -4,10 +4,13 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fieldsync.auth import DevIssuer
+from fieldsync.replication import V1Session
+from tests import contract
 from tests.harness import Server, running_issuer, running_server
 
 
@@ -50,3 +53,20 @@ def no_token_in_any_log() -> Iterator[None]:
     finally:
         logging.getLogger().removeHandler(watch)
     assert watch.found == [], "a token reached the log"
+
+
+@pytest.fixture(autouse=True)
+def control_messages_keep_to_their_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Issue 5: every control message a `fieldsync.v1` session sends, in any test, is valid
+    against its JSON Schema in `openapi/fieldsync.yaml` (checked once the test is over, so that
+    the session itself runs as it would)."""
+    found: list[str] = []
+    send = V1Session.send_control
+
+    def checked(session: V1Session, body: dict[str, Any]) -> None:
+        found.extend(contract.server_control_problems(body))
+        send(session, body)
+
+    monkeypatch.setattr(V1Session, "send_control", checked)
+    yield
+    assert found == [], "control messages that break their schema:\n" + "\n".join(found[:20])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gzip
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -57,8 +56,9 @@ def strict(spec: Mapping[str, Any]) -> dict[str, Any]:
                 and "$ref" not in node  # a reference narrowed here: the target is closed
             ):
                 node["additionalProperties"] = False
-            for value in node.values():
-                close(value)
+            for key, value in node.items():
+                if key not in ("example", "examples"):  # data, not schemas
+                    close(value)
         elif isinstance(node, list):
             for value in node:
                 close(value)
@@ -149,20 +149,26 @@ def resolve(node: Any, spec: Mapping[str, Any] | None = None) -> Any:
     return node
 
 
-def decoded_body(body: bytes, coding: str | None) -> bytes:
-    """A body as sent, without its content coding (the tests' clients do not decode)."""
-    if coding is None:
-        return body
-    if coding == "gzip":
-        return gzip.decompress(body)
-    if coding == "br":
-        import brotli
-
-        return bytes(brotli.decompress(body))
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompressobj().decompress(body)
-
-
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=1, ensure_ascii=False, default=repr)[:2000]
+
+
+@functools.cache
+def controls(direction: str) -> dict[str, jsonschema.Draft202012Validator]:
+    """The validator of each control message type sent in `direction`, by type."""
+    return {
+        schema["properties"]["type"]["const"]: component(name)
+        for name, schema in strict_spec()["components"]["schemas"].items()
+        if schema.get("x-direction") == direction
+    }
+
+
+def server_control_problems(message: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a control message the server sends (nothing: [])."""
+    validator = controls("server-to-client").get(str(message.get("type")))
+    if validator is None:
+        return [f"no control message of type {message.get('type')!r}"]
+    return [
+        f"{message['type']} at {list(e.absolute_path)}: {e.message}"
+        for e in validator.iter_errors(dict(message))
+    ]

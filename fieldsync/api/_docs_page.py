@@ -142,7 +142,16 @@ def _operation(
             f"<td>{_markdown(response.get('description', ''), inline=True)}"
             f"{'<br>headers: ' + headers if headers else ''}</td><td>{shown}</td></tr>"
         )
-    yield "</table></section>"
+    yield "</table>"
+    for status, reference in operation.get("responses", {}).items():
+        for media, content in _resolve(spec, reference).get("content", {}).items():
+            if "example" in content:
+                example = json.dumps(content["example"], indent=2, ensure_ascii=False)
+                yield (
+                    f"<details><summary>Example: {_e(status)} <code>{_e(media)}</code></summary>"
+                    f"<pre>{_e(example)}</pre></details>"
+                )
+    yield "</section>"
 
 
 def _content(content: Mapping[str, Any]) -> Iterator[str]:
@@ -180,8 +189,20 @@ def _security(spec: Mapping[str, Any], operation: Mapping[str, Any]) -> str:
     requirements = operation.get("security", spec.get("security", []))
     if not requirements:
         return "anyone, no token"
-    names = [" + ".join(r) or "no credentials" for r in requirements]
-    return "one of: " + ", ".join(names) if len(names) > 1 else names[0]
+    schemes = spec.get("components", {}).get("securitySchemes", {})
+    shown = []
+    for requirement in requirements:
+        if not requirement:
+            shown.append("no credentials at the upgrade (authenticated in band)")
+        for name in requirement:
+            scheme = schemes.get(name, {})
+            if scheme.get("type") == "http":
+                shown.append(f"Authorization: {str(scheme.get('scheme', '')).title()} token")
+            elif scheme.get("type") == "apiKey":
+                shown.append(f"a token as the {scheme.get('name')} {scheme.get('in')} parameter")
+            else:
+                shown.append(name)
+    return " or ".join(shown)
 
 
 def _resolve(spec: Mapping[str, Any], item: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -241,7 +241,9 @@ class V1Session(Connection):
         since = body.get("since")
         # A change seq is a SQLite INTEGER (and a JavaScript safe integer): a larger one would
         # fail the device's row in the writer's batch, and with it the other devices' updates.
-        since = since if isinstance(since, int) and 0 <= since <= _MAX_SEQ else 0
+        # JSON `true` is no seq, though Python's bool is an int: it would come back in `changes`.
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= _MAX_SEQ:
+            since = 0
         store = self.replicator.store
         head = await store.head()
         last_seen = await store.last_seen(self.device_id, self.principal.subject)

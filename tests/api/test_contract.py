@@ -755,14 +755,19 @@ async def _locked_while_written(c: Contract, upload: str, data: bytes) -> None:
     writing = asyncio.create_task(write())
     try:
         # A PATCH at an offset that is not the upload's changes nothing: 409, until the upload
-        # is held by the request writing it, then 423.
+        # is held by the request writing it, then 423. (A probe that held it first made the
+        # writer's request the 423: it is sent again.)
         probe = {**c.token("tina"), **TUS, "Upload-Offset": "999", "Content-Type": chunk}
         async with asyncio.timeout(10):
             while True:
+                if writing.done():
+                    assert writing.result().status == 423
+                    writing = asyncio.create_task(write())
                 async with c.http.patch(c.server.url + upload, data=b"x", headers=probe) as r:
                     if r.status == 423:
                         break
                     assert r.status == 409
+                await asyncio.sleep(0.005)
         await c.call(
             "PATCH",
             upload,

@@ -113,6 +113,18 @@ async def test_what_the_server_sends_matches_the_schemas(server: Server) -> None
     assert {message["type"] for message in sent} == SERVER_TYPES
 
 
+@pytest.mark.parametrize("since", [True, False, -1, 1 << 60, "7", 2.5, None])
+async def test_a_since_that_is_no_seq_is_taken_as_zero(server: Server, since: object) -> None:
+    """A JSON `true` is no change sequence, though Python's bool is an int (schemas found the
+    server echoing it in `changes`)."""
+    async with connect(server.sync_url, server.token("tina")) as wire:
+        client = {"platform": "test", "version": "1.0.0", "device_id": "odd"}
+        await wire.send(Control({"type": "hello", "client": client, "since": since}))
+        changes = await wire.control("changes")
+    assert changes["since"] == 0 and type(changes["since"]) is int
+    assert problems(server_control(), changes) == []
+
+
 @pytest.fixture
 def client_messages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """The control messages every `fieldsync.v1` session of the server receives."""
