@@ -178,7 +178,8 @@ class Connection:
             self._out.append(message)
             self._wake.set()
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` for as long as the connection lives (cancelled at shutdown)."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

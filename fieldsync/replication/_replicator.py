@@ -368,13 +368,6 @@ class Replicator:
             return room.index
         return await self.store.scope_index(wo_id)
 
-    def write_local(
-        self, room: Room, update: bytes, actor: str, origin: str
-    ) -> asyncio.Future[Committed] | None:
-        """Apply and commit an update made by the server or an adapter (already authorised)."""
-        effective = room.apply(update)
-        return None if effective is None else self._commit(room, effective, None, actor, origin)
-
     def _commit(
         self,
         room: Room,

@@ -271,7 +271,7 @@ class V1Session(Connection):
         self._schedule_expiry()
         seen = DeviceSeen(self.device_id, self.principal.subject, platform, version, since)
         store.touch_device(seen)
-        self._spawn(self._send_changes(seen))
+        self.spawn(self._send_changes(seen))
 
     async def _send_changes(self, seen: DeviceSeen) -> None:
         store = self.replicator.store

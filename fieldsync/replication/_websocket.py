@@ -68,7 +68,7 @@ class Endpoints:
             limits=self.limits,
             min_versions=self.min_versions,
         )
-        session._spawn(self._hello_deadline(session))
+        session.spawn(self._hello_deadline(session))
         await self._serve(ws, session)
         return ws
 
