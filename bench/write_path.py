@@ -45,9 +45,6 @@ class Device:
     def confirmed(self, doc_id: str, update: bytes | None) -> None:
         pass
 
-    def refused(self, doc_id: str) -> None:
-        pass
-
     def scope_added(self, doc_ids: Sequence[str]) -> None:
         pass
 

@@ -101,9 +101,6 @@ class Connection:
     def confirmed(self, doc_id: str, update: bytes | None) -> None:
         raise NotImplementedError
 
-    def refused(self, doc_id: str) -> None:
-        raise NotImplementedError
-
     def scope_added(self, doc_ids: Sequence[str]) -> None:
         raise NotImplementedError
 

@@ -23,11 +23,6 @@ class Peer(Protocol):
         is its state when this peer did not write it."""
         ...
 
-    def refused(self, doc_id: str) -> None:
-        """The peer's request for `doc_id` is refused (not in its scope, or it may not create it);
-        it has received nothing of the document."""
-        ...
-
     def scope_added(self, doc_ids: Sequence[str]) -> None: ...
 
     def scope_removed(self, doc_ids: Sequence[str]) -> None:

@@ -21,11 +21,12 @@ from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
-from fieldsync.replication._room import InvalidUpdate, Room, check_count, preview_index
+from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
 from fieldsync.storage import Committed, Conflict, DocIndex, ScopeChange, Store, Write
 
 log = logging.getLogger(__name__)
 
+_EMPTY_STATE = b"\x00"  # the state vector of an empty document
 RULES_ORIGIN = "server:rules"  # rules never run on updates of this origin: no self-reaction
 
 
@@ -138,37 +139,39 @@ class Replicator:
         return await self.store.scope_index(room.doc_id)
 
     async def subscribe(self, peer: Peer, doc_id: str) -> Room:
-        """Authorise `peer` to replicate `doc_id` and add it to the room. Raises `Forbidden`: a
-        document outside the scope and one that does not exist look alike."""
+        """Authorise `peer` to replicate `doc_id` and add it to the room. Raises `Forbidden`. A
+        document outside the scope and one that does not exist look alike: to a principal that
+        may create such documents, both look absent (an empty document it may write into, which
+        creation or the scope then decides); to any other, both are forbidden."""
         room = await self.room(doc_id)
-        if room.exists:
-            if not in_scope(peer.scope, await self._scope_index(room)):
-                raise Forbidden(doc_id)
+        if room.exists and in_scope(peer.scope, await self._scope_index(room)):
             self._admit(peer, room)
         elif self.policy.may_create_some(peer.principal, room.type.value):
-            room.pending[peer] = None
+            room.pending[peer] = None  # sees nothing until the document is in its scope
         else:
             raise Forbidden(doc_id)
         return room
 
     async def read(self, peer: Peer, room: Room, state_vector: bytes) -> bytes:
-        """What a replica at `state_vector` lacks of the document, for a peer that may read it.
-        Raises `Forbidden`."""
-        await self._check_access(peer, room)
-        return room.diff(state_vector)
+        """What a replica at `state_vector` lacks of the document, for a peer that may read it;
+        for a waiting peer, what it lacks of an empty document (nothing)."""
+        if await self._check_access(peer, room):
+            return room.diff(state_vector)
+        return diff(Doc(), state_vector)  # an empty document's, refusing garbage alike
 
-    async def _check_access(self, peer: Peer, room: Room) -> None:
-        """Every read and write of a room's content passes here. A peer that asked for the
-        document before it existed waits in `pending`; once another peer's creation is applied
-        (committed or not), until `_settle_pending` admits or refuses it, the document's scope
-        decides, as `subscribe` would: its content and its writes are not for a peer outside."""
+    async def _check_access(self, peer: Peer, room: Room) -> bool:
+        """Every read and write of a room's content passes here: True when `peer` may see the
+        content. A waiting peer (see `subscribe`) sees nothing; it is admitted as soon as the
+        document, committed or not, lies in its scope. Raises `Forbidden` for any other peer."""
         if peer in room.subscribers:
-            return
+            return True
         if peer not in room.pending:
             raise Forbidden(room.doc_id)
-        if room.exists and not in_scope(peer.scope, await self._live_scope_index(room)):
+        if room.exists and in_scope(peer.scope, await self._live_scope_index(room)):
             room.pending.pop(peer, None)
-            raise Forbidden(room.doc_id)
+            self._admit(peer, room)
+            return True
+        return False
 
     async def _live_scope_index(self, room: Room) -> DocIndex | None:
         """The scope index of what the room holds now, commits in flight included."""
@@ -197,7 +200,8 @@ class Replicator:
     async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
         """Apply a peer's update and queue it for commit. Raises `Forbidden`, `ForbiddenField`,
         `InvalidUpdate` or `DocTooLarge`; nothing of a refused update is kept."""
-        await self._check_access(peer, room)
+        if not await self._check_access(peer, room) and room.exists:
+            raise Forbidden(room.doc_id)
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
@@ -309,9 +313,12 @@ class Replicator:
                 blocking[form_id] = [f"{key}: {reason}" for key, reason in problems.items()]
         return blocking
 
-    async def durable_state_vector(self, room: Room) -> bytes:
+    async def durable_state_vector(self, peer: Peer, room: Room) -> bytes:
         """The room's state vector, returned once all it covers is committed: a device may
-        forget its queued edits that this state vector covers."""
+        forget its queued edits that this state vector covers. A waiting peer gets an empty
+        document's."""
+        if peer not in room.subscribers:
+            return _EMPTY_STATE
         state_vector = room.state_vector()
         tail = room.tail
         if room.in_flight and tail is not None and not tail.done():
@@ -399,10 +406,11 @@ class Replicator:
             self._drop(room, "storage failure: the last update was not stored")
             return
         committed = done.result()
+        created = room.seq == 0
         room.seq = committed.seq
         if committed.scope_change is not None:
             self._rescope(committed.scope_change)
-        if room.pending:
+        if created and room.pending:
             task = asyncio.create_task(self._settle_pending(room))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -412,17 +420,16 @@ class Replicator:
                 peer.send_doc(room.doc_id, message)
 
     async def _settle_pending(self, room: Room) -> None:
-        """The document now exists: admit the peers that asked for it if it is in their scope."""
+        """The document now exists: admit the peers waiting for it that it is for. The others
+        go on waiting and seeing nothing, as they would for a document that does not exist."""
         scope_index = await self._scope_index(room)
         for peer in list(room.pending):
-            del room.pending[peer]
             if in_scope(peer.scope, scope_index):
+                del room.pending[peer]
                 self._admit(peer, room)
                 # The whole state, the author's too: updates of other waiting peers committed
                 # before this ran reached no one.
                 peer.confirmed(room.doc_id, room.ydoc.get_update())
-            else:
-                peer.refused(room.doc_id)
 
     def _rescope(self, change: ScopeChange) -> None:
         docs = (change.doc, *change.forms)

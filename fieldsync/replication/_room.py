@@ -203,19 +203,25 @@ class Room:
         return current
 
     def diff(self, state_vector: bytes) -> bytes:
-        check_count(state_vector, "state vector")
-        try:
-            return self.ydoc.get_update(state_vector)
-        except BaseException as exc:
-            if isinstance(exc, _FATAL):
-                raise
-            raise InvalidUpdate("the state vector could not be decoded") from None
+        return diff(self.ydoc, state_vector)
 
     def state_vector(self) -> bytes:
         return self.ydoc.get_state()
 
     def to_json(self) -> dict[str, Any]:
         return documents.to_json(self.doc_id, self.ydoc)
+
+
+def diff(doc: Doc, state_vector: bytes) -> bytes:
+    """What a replica at `state_vector` lacks of `doc`; a state vector that does not decode is
+    an `InvalidUpdate`, whichever document it is read against."""
+    check_count(state_vector, "state vector")
+    try:
+        return doc.get_update(state_vector)
+    except BaseException as exc:
+        if isinstance(exc, _FATAL):
+            raise
+        raise InvalidUpdate("the state vector could not be decoded") from None
 
 
 def preview_index(doc_id: str, update: bytes) -> DocIndex:

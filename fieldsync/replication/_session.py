@@ -150,11 +150,6 @@ class V1Session(Connection):
         if update is not None:
             self.send_doc(doc_id, encode_sync(SyncStep.UPDATE, update))
 
-    def refused(self, doc_id: str) -> None:
-        self.rooms.pop(doc_id, None)
-        self._error(ErrorCode.FORBIDDEN, f"{doc_id}: not in your scope", doc_id)
-        self.reset(doc_id, ErrorCode.FORBIDDEN)
-
     def scope_added(self, doc_ids: Sequence[str]) -> None:
         self.send_control({"type": "scope", "added": list(doc_ids), "removed": []})
 
@@ -312,7 +307,7 @@ class V1Session(Connection):
                 room = await self._subscribe(doc_id)
                 update = await self.replicator.read(self, room, y.payload)
                 self.send_doc(doc_id, encode_sync(SyncStep.STEP2, update))
-                state_vector = await self.replicator.durable_state_vector(room)
+                state_vector = await self.replicator.durable_state_vector(self, room)
                 self.send_doc(doc_id, encode_sync(SyncStep.STEP1, state_vector))
             elif isinstance(y, YSync):
                 await self._update(doc_id, y.payload)

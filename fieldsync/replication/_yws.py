@@ -38,7 +38,8 @@ class YwsSession(Connection):
             self.close(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
         self.replicator.peers[self] = None
         self._schedule_expiry()
-        self.send_doc(self.doc_id, encode_sync(SyncStep.STEP1, self._room.state_vector()))
+        state_vector = await self.replicator.durable_state_vector(self, self._room)
+        self.send_doc(self.doc_id, encode_sync(SyncStep.STEP1, state_vector))
 
     async def receive(self, frame: bytes) -> None:
         self.admit()
@@ -73,9 +74,6 @@ class YwsSession(Connection):
     def confirmed(self, doc_id: str, update: bytes | None) -> None:
         if update is not None:
             self.send_doc(doc_id, encode_sync(SyncStep.UPDATE, update))
-
-    def refused(self, doc_id: str) -> None:
-        self.close_soon(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN)
 
     def scope_added(self, doc_ids: Sequence[str]) -> None:
         pass  # one document per socket: nothing else to offer

@@ -205,6 +205,19 @@ class Expect:
     paths: tuple[str, ...] = ()
 
 
+LOOKS_ABSENT = ("sync_step1", "yws_connect")
+EMPTY = {kind: documents.to_json(f"{kind.value}:x", Doc()) for kind in DocType}
+EMPTY_STEP2 = b"\x00\x00"  # no structs, no deletions
+EMPTY_STATE = b"\x00"
+
+
+def carries_content(y: Any) -> bool:
+    """Whether a y-protocols message holds anything of a document."""
+    if not isinstance(y, YSync):
+        return True  # awareness
+    return y.payload not in (EMPTY_STEP2, EMPTY_STATE)
+
+
 def expected(cell: Cell) -> Expect:
     principal = PRINCIPALS[cell.subject]
     if cell.creates:
@@ -216,7 +229,9 @@ def expected(cell: Cell) -> Expect:
         allowed = POLICY.may_create(principal, cell.kind.value, index)
         return Expect("allowed" if allowed else "forbidden")
     if not in_scope(POLICY.scope(principal), scope_index(cell.subject, cell.scope)):
-        return Expect("forbidden")
+        # To a principal that may create such documents, one outside its scope looks absent.
+        waits = POLICY.may_create_some(principal, cell.kind.value)
+        return Expect("absent" if waits and cell.message in LOOKS_ABSENT else "forbidden")
     gate = HTTP_ROLES.get(cell.message)
     if gate is not None and not principal.roles & gate:
         return Expect("forbidden")
@@ -497,7 +512,9 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                         run.probes[subject, message, name] = f"{got['status']} {answer}"
 
         for doc in targets.values():
-            run.doc_bytes[subject, doc] = sum(1 for d, _ in wire.docs if d == doc)
+            run.doc_bytes[subject, doc] = sum(
+                1 for d, y in wire.docs if d == doc and carries_content(y)
+            )
             run.corrections[doc] = sum(
                 1
                 for d, y in wire.docs
@@ -590,6 +607,10 @@ def test_v1_read(run: Run, cell: Cell) -> None:
         else:
             assert seen["relayed"]
         return
+    if expected(cell).outcome == "absent":
+        assert seen["reply"] is None and seen["content"] == EMPTY[cell.kind]
+        assert run.doc_bytes[cell.subject, cell.doc] == 0
+        return
     assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
     assert seen["reset"] is not None and seen["reset"]["reason"] == "forbidden"
     # Not a byte of the document, then or after (writes and awareness included).
@@ -603,6 +624,8 @@ def test_yws_connect(run: Run, cell: Cell) -> None:
     if expected(cell).outcome == "allowed":
         assert seen["close"] is None
         assert seen["content"] == run.contents[cell.doc]
+    elif expected(cell).outcome == "absent":
+        assert seen["close"] is None and seen["content"] == EMPTY[cell.kind]
     else:
         assert seen["close"] == (CloseCode.FORBIDDEN, "forbidden")
         assert seen["received"] == 0  # not a message before the close
@@ -684,31 +707,25 @@ def _probe_cases() -> Iterator[Any]:
             if kind is DocType.WORK_ORDER:
                 transports += list(HTTP_READS)
             for transport in transports:
+                # A principal that may create this type sees both as an absent document it may
+                # write into (v1: an empty SyncStep2; y-websocket: an open, empty socket); any
+                # other is refused both.
                 waits = not transport.startswith("http") and POLICY.may_create_some(
                     principal, kind.value
                 )
-                marks = [
-                    pytest.mark.xfail(
-                        strict=True,
-                        reason="a principal that may create this type of document waits for an "
-                        "absent one (v1: empty SyncStep2; y-websocket: opens) but is refused one "
-                        "outside its scope, so ids can be probed",
-                    )
-                ]
                 yield pytest.param(
-                    subject,
-                    transport,
-                    id=f"{ROLE[subject]}:{subject}-{transport}",
-                    marks=marks if waits else [],
+                    subject, transport, waits, id=f"{ROLE[subject]}:{subject}-{transport}"
                 )
 
 
-@pytest.mark.parametrize(("subject", "transport"), list(_probe_cases()))
-def test_outside_the_scope_reads_as_absent(run: Run, subject: str, transport: str) -> None:
+@pytest.mark.parametrize(("subject", "transport", "waits"), list(_probe_cases()))
+def test_outside_the_scope_reads_as_absent(
+    run: Run, subject: str, transport: str, waits: bool
+) -> None:
     """Issue 3: reads answer "forbidden" and "absent" alike, so ids cannot be probed."""
     elsewhere = run.probes[subject, transport, "elsewhere"]
     assert elsewhere == run.probes[subject, transport, "absent"]
-    assert "forbidden" in elsewhere
+    assert ("forbidden" in elsewhere) is not waits
 
 
 def test_no_token_in_the_matrix_logs(run: Run) -> None:
@@ -811,12 +828,12 @@ async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_crea
         await sue.update("wo:race", blind.get_update())
         reply = await take(sue, "wo:race", "ack", "error")
         assert (reply["type"], reply.get("code")) == ("error", "forbidden")
-        await sue.step1("wo:race")
-        assert (await take(sue, "wo:race", "error"))["code"] == "forbidden"
+        await sue.step1("wo:race")  # asked again: still an empty document
+        assert await sue.doc_message("wo:race", SyncStep.STEP2) == EMPTY_STEP2
         slow_commits.set()
         await sam.control("ack", doc="wo:race")
-    # Besides the empty SyncStep2 taken above, only the server's empty state vector.
-    assert [y for d, y in sue.docs if d == "wo:race"] == [YSync(SyncStep.STEP1, b"\x00")]
+    # Nothing of the document reached her: empty syncs and empty state vectors only.
+    assert not [y for d, y in sue.docs if d == "wo:race" and carries_content(y)]
     stored = await server.app[STORE].load("wo:race")
     assert stored is not None and len(stored.updates) == 1
     assert content("wo:race", stored.updates[0])["fields"]["assignee"] == "tina"
@@ -837,8 +854,8 @@ async def test_a_waiting_y_websocket_gets_nothing_of_another_scopes_creation(
         await created_not_committed(server, sam, "wo:race2")
         await sue.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
         message = await sue.receive(timeout=TIMEOUT)
-        assert message.type is aiohttp.WSMsgType.CLOSE, decode_y(message.data)
-        assert (message.data, message.extra) == (CloseCode.FORBIDDEN, "forbidden")
+        # An empty document, as for an id that does not exist.
+        assert decode_y(message.data) == YSync(SyncStep.STEP2, EMPTY_STEP2)
         slow_commits.set()
         await sam.control("ack", doc="wo:race2")
 

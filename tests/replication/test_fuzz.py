@@ -788,6 +788,10 @@ class Campaign:
             if rng.random() < 0.5:  # the document id is checked first
                 doc_id, codes = rng.choice(["wo:", "x:1", "wo:a b", "wo:" + "z" * 90]), {4400}
             probe = await self.connect(self.server.yws_url(doc_id), token, YwsProbe)
+            if codes == {4403} and subject in ("sam", "sue"):
+                # To a supervisor, a work order outside the team looks absent (the socket opens,
+                # empty): writing into it is what closes it.
+                await probe.send(y_update(rng.choice(fuzz.valid_updates)))
             self.closed_as(await probe.closed(), codes, "yws refused")
             await probe.finish()
             return
