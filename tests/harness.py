@@ -13,7 +13,7 @@ from aiohttp import web
 from pycrdt import Doc
 
 from fieldsync import documents
-from fieldsync.app import AccessLogger, create_app
+from fieldsync.app import STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.client import Client
 from fieldsync.config import Settings
@@ -121,6 +121,16 @@ def work_order(
         [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
         "",
     )
+    return doc
+
+
+async def stored_doc(server: Server, doc_id: str) -> Doc:
+    """The document as the server's store holds it (snapshot, then the log after it)."""
+    stored = await server.app[STORE].load(doc_id)
+    assert stored is not None, f"{doc_id} is not stored"
+    doc: Doc = Doc()
+    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
+        doc.apply_update(data)
     return doc
 
 

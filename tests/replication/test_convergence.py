@@ -7,7 +7,6 @@ import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, Phase, given, settings
@@ -15,10 +14,9 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
-from fieldsync.app import STORE
 from fieldsync.client import Client
 from fieldsync.replication import decode_state_vector
-from tests.harness import running_issuer, running_server, work_order
+from tests.harness import running_issuer, running_server, stored_doc, work_order
 
 DOCS = ("wo:c1", "wo:c2")
 # Principals that all see tina's work orders; tina twice: one person, two devices.
@@ -91,14 +89,6 @@ def same(doc_id: str, doc: Doc, devices: list[Client]) -> bool:
     )
 
 
-async def server_doc(store: Any, doc_id: str) -> Doc:
-    stored = await store.load(doc_id)
-    doc: Doc = Doc()
-    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
-        doc.apply_update(data)
-    return doc
-
-
 async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
     async with running_issuer() as issuer, running_server(data_dir, issuer) as server:
         supervisor = server.client("sam")
@@ -135,10 +125,9 @@ async def play(scenario: list[Edit | Toggle], data_dir: Path) -> None:
             await device.wait_acked(timeout=20)
         # A delete-only edit moves no clock, so "acked" may come before it is stored: compare
         # with what the store holds until both agree (or the time runs out).
-        store = server.app[STORE]
         async with asyncio.timeout(20):
             while True:
-                expected = {doc_id: await server_doc(store, doc_id) for doc_id in DOCS}
+                expected = {doc_id: await stored_doc(server, doc_id) for doc_id in DOCS}
                 if all(same(doc_id, doc, devices) for doc_id, doc in expected.items()):
                     break
                 await asyncio.sleep(0.02)

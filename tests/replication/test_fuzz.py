@@ -32,7 +32,6 @@ import zstandard
 from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
-from fieldsync.app import STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.errors import CloseCode, ProtocolError
@@ -52,7 +51,7 @@ from fieldsync.replication._codec import (
     write_varbytes,
     write_varuint,
 )
-from tests.harness import Server, eventually, running_server, work_order
+from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import connect
 
 SEED = int(os.environ.get("FIELDSYNC_FUZZ_SEED", "20261130"))
@@ -901,12 +900,7 @@ class Device:
 
 
 async def stored_json(server: Server, doc_id: str) -> dict[str, Any]:
-    stored = await server.app[STORE].load(doc_id)
-    assert stored is not None, doc_id
-    doc: Doc = Doc()
-    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
-        doc.apply_update(data)
-    return documents.to_json(doc_id, doc)
+    return documents.to_json(doc_id, await stored_doc(server, doc_id))
 
 
 async def health(server: Server, http: aiohttp.ClientSession, stop: asyncio.Event) -> list[float]:

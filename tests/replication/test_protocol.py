@@ -14,7 +14,7 @@ from fieldsync.auth import DevIssuer
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control, DocMessage, SyncStep, decode_state_vector
 from fieldsync.replication._codec import YMessage, write_varbytes
-from tests.harness import Server, eventually, running_server, work_order
+from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import Wire, connect
 
 
@@ -207,12 +207,8 @@ async def test_reassignment_moves_the_work_order_between_devices(server: Server)
         tina_doc.get("notes", type=Text).insert(0, "late edit")
         await tina.update("wo:r", tina_doc.get_update(before))
         assert (await tina.control("error", doc="wo:r"))["code"] == "forbidden"
-    server_doc = Doc()
-    stored = await server.app[STORE].load("wo:r")
-    assert stored is not None
-    for update in stored.updates:
-        server_doc.apply_update(update)
-    assert str(server_doc.get("notes", type=Text)) == ""
+    stored = await stored_doc(server, "wo:r")
+    assert str(stored.get("notes", type=Text)) == ""
 
 
 async def test_awareness_is_relayed_and_never_stored(server: Server) -> None:
@@ -405,11 +401,7 @@ async def test_peers_creating_one_document_at_once_all_converge(server: Server) 
             await wire.update("wo:race", doc.get_update())
         for wire in wires:
             await wire.control("ack", doc="wo:race")
-        stored = await server.app[STORE].load("wo:race")
-        assert stored is not None
-        whole: Doc = Doc()
-        for data in stored.updates:
-            whole.apply_update(data)
+        whole = await stored_doc(server, "wo:race")
         want = decode_state_vector(whole.get_state())
 
         def caught_up(wire: Wire, doc: Doc) -> bool:

@@ -13,7 +13,7 @@ from fieldsync.app import STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.replication import SyncStep
 from fieldsync.storage import ScopeFilter, ScopeKind
-from tests.harness import Server, running_server, work_order
+from tests.harness import Server, running_server, stored_doc, work_order
 from tests.wire import connect
 
 
@@ -112,11 +112,7 @@ async def test_completion_needs_the_required_checklist(server: Server) -> None:
         mine.get("fields", type=Map)["status"] = "completed"
         await tina.update("wo:r3", mine.get_update(before))
         await tina.control("ack", doc="wo:r3")
-    stored = await server.app[STORE].load("wo:r3")
-    assert stored is not None
-    doc: Doc = Doc()
-    for data in stored.updates:
-        doc.apply_update(data)
+    doc = await stored_doc(server, "wo:r3")
     assert doc.get("fields", type=Map)["status"] == "completed"
 
 
@@ -201,11 +197,7 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         await tina.follow("wo:r5", mine, status_is("in_progress"))
         await tina.edit("wo:r5", mine, status="completed")
         await tina.control("ack", doc="wo:r5")
-    stored = await server.app[STORE].load("wo:r5")
-    assert stored is not None
-    doc: Doc = Doc()
-    for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
-        doc.apply_update(data)
+    doc = await stored_doc(server, "wo:r5")
     assert doc.get("fields", type=Map)["status"] == "completed"
 
 
@@ -259,11 +251,7 @@ async def test_a_device_back_after_the_offline_contract_resyncs_and_keeps_its_wo
         await tina.start()
         await tina.wait_acked("wo:o1")
         assert [r["reason"] for r in tina.resets] == ["offline_too_long"]
-        stored = await server.app[STORE].load("wo:o1")
-        assert stored is not None
-        doc: Doc = Doc()
-        for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
-            doc.apply_update(data)
+        doc = await stored_doc(server, "wo:o1")
         assert str(doc.get("notes", type=Text)) == "replaced the seal"
         await tina.close()
         await sam.close()
