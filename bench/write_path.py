@@ -72,6 +72,8 @@ def workload(docs: int, updates: int) -> tuple[list[tuple[str, bytes]], list[tup
                 {"id": f"c{i}", "label": f"Step {i}", "required": True, "done": False}
                 for i in range(5)
             ],
+            by="sam",
+            role="supervisor",
         )
         seeds.append((doc_id, doc.get_update()))
         replicas[doc_id] = doc
@@ -80,12 +82,15 @@ def workload(docs: int, updates: int) -> tuple[list[tuple[str, bytes]], list[tup
         doc = replicas[doc_id]
         before = doc.get_state()
         round_ = i // docs
+        # Each work order takes every kind of edit in turn: status, checklist, time, notes.
         with doc.transaction():
-            match i % 4:
+            match round_ % 4:
                 case 0:
-                    doc.get("fields", type=Map)["status"] = STEPS[
-                        min(round_, 3) if round_ < 4 else 2 + round_ % 2
-                    ]
+                    moves = round_ // 4  # en_route, in_progress, then on hold and back
+                    step = STEPS[moves] if moves < 2 else STEPS[2 + moves % 2]
+                    documents.work_order.set_status(
+                        doc, step, by="tina", role="technician", at="2026-11-30T08:00:00Z"
+                    )
                 case 1:
                     checklist = doc.get("checklist", type=Array)
                     checklist[round_ % len(checklist)]["done"] = True

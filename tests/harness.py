@@ -104,6 +104,8 @@ def work_order(
     team: str = "north",
     region: str = "east",
     status: str = "assigned",
+    by: str = "sam",
+    role: str = "supervisor",
     **fields: Any,
 ) -> Doc:
     doc: Doc = Doc()
@@ -120,6 +122,8 @@ def work_order(
         },
         [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
         "",
+        by=by,
+        role=role,
     )
     return doc
 

@@ -11,6 +11,7 @@ import aiohttp
 import zstandard
 from pycrdt import Doc, Map
 
+from fieldsync import documents
 from fieldsync.replication import (
     Control,
     DocMessage,
@@ -139,6 +140,12 @@ class Wire:
         """Set `fields` on the replica `doc` and send what changed."""
         before = doc.get_state()
         doc.get("fields", type=Map).update(fields)
+        await self.update(doc_id, doc.get_update(before))
+
+    async def move(self, doc_id: str, doc: Doc, status: str, by: str, role: str) -> None:
+        """Move the replica `doc` to `status` the way an app does, and send what changed."""
+        before = doc.get_state()
+        documents.work_order.set_status(doc, status, by=by, role=role)
         await self.update(doc_id, doc.get_update(before))
 
     async def follow(self, doc_id: str, doc: Doc, until: Callable[[Doc], bool]) -> None:

@@ -212,6 +212,8 @@ class ScreenRoutes:
                 "notes": content["notes"],
                 "time_entries": content["time_entries"],
                 "parts": content["parts"],
+                "status_log": content["status_log"],
+                "meter_readings": content["meter_readings"],
                 "attachments": attachments,
                 "forms": forms,
                 "asset": refs.asset,

@@ -123,7 +123,8 @@ class WorkOrderRoutes:
             raise FieldsyncError(ErrorCode.INVALID_REQUEST, "the body is not JSON") from None
         doc_id, fields, checklist, notes = parse_new_work_order(data, principal)
         ydoc: Doc = Doc()
-        documents.work_order.write(ydoc, fields, checklist, notes)
+        role = self._replicator.policy.acting_role(principal) or ""
+        documents.work_order.write(ydoc, fields, checklist, notes, by=principal.subject, role=role)
         try:
             await self._replicator.create(doc_id, ydoc.get_update(), principal, ORIGIN)
         except AlreadyExists:

@@ -46,6 +46,7 @@ class Policy:
     def __init__(self, grants: Mapping[Role, Grant], source: str) -> None:
         self.grants = dict(grants)
         self.source = source
+        self._by_name = {role.value: grant for role, grant in self.grants.items()}
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
@@ -104,14 +105,24 @@ class Policy:
         allowed = [p for grant in self._grants(principal) for p in grant.write.get(doc_type, ())]
         return sorted(path for path in set(paths) if not path_allowed(path, allowed))
 
-    def may_transition(self, principal: Principal, before: str, after: str) -> bool:
-        """Whether the principal's roles may move a work order's status (the status machine
-        itself is the rules' business: see `documents.work_order_rules`)."""
-        wanted = f"{before}>{after}"
-        return any(
-            "*" in grant.transitions or wanted in grant.transitions
-            for grant in self._grants(principal)
-        )
+    def may_move(self, role: str, before: str | None, after: str) -> bool:
+        """Whether `role` may move a work order's status from `before` to `after`, or create
+        one in `after` (before None). The status machine itself is the rules' business (see
+        `documents.work_order_rules`); a role this policy does not know may do nothing."""
+        grant = self._by_name.get(role)
+        if grant is None:
+            return False
+        if before is None:
+            return "wo" in grant.create
+        return "*" in grant.transitions or f"{before}>{after}" in grant.transitions
+
+    def acting_role(self, principal: Principal) -> str | None:
+        """The role a status change by `principal` is logged under when its device names none
+        (a creation by a stock Yjs client, a REST call): of its roles, the widest."""
+        for role in reversed(Role):
+            if role in principal.roles and role in self.grants:
+                return role.value
+        return None
 
     def datasets(self, principal: Principal) -> frozenset[str]:
         return frozenset().union(*(grant.datasets for grant in self._grants(principal)))

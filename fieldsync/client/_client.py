@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import zstandard
 from pycrdt import Doc, TransactionEvent
 
@@ -129,6 +130,11 @@ class Client:
         self.fatal: Fatal | None = None
         self.last_close: tuple[int, str] | None = None
         self.since = int(self.local.get_meta("since") or 0)
+        # Who the server said this device's user is, kept for offline starts: the name and role
+        # for log entries (`documents.work_order.set_status(doc, s, by=subject, role=role)`).
+        known = orjson.loads(self.local.get_meta("principal") or "{}")
+        self.subject: str | None = known.get("subject")
+        self.roles: list[str] = list(known.get("roles", []))
         self.caught_up = asyncio.Event()
         self.connected = asyncio.Event()
         self._ack_arrived = asyncio.Event()
@@ -347,6 +353,10 @@ class Client:
     async def _control(self, body: dict[str, Any]) -> list[bytes]:
         kind = body.get("type")
         if kind == "welcome":
+            principal = body.get("principal") or {}
+            self.subject = principal.get("subject", self.subject)
+            self.roles = list(principal.get("roles", self.roles))
+            self.local.set_meta("principal", orjson.dumps(principal).decode())
             self.connected.set()
             self.backoff.reset()
         elif kind == "changes":

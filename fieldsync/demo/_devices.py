@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pycrdt import Doc
 
+from fieldsync import documents
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.client import Client
 from fieldsync.demo import _dataset
@@ -28,6 +29,11 @@ class Device:
     @property
     def is_supervisor(self) -> bool:
         return "supervisor" in self.user.roles
+
+    def set_status(self, doc: Doc, status: str, at: str) -> None:
+        documents.work_order.set_status(
+            doc, status, by=self.user.subject, role=self.user.roles[0], at=at
+        )
 
     def work_orders(self) -> list[tuple[str, Doc]]:
         return [(d, doc) for d, doc in self.client.docs.items() if d.startswith("wo:")]

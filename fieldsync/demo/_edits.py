@@ -97,8 +97,7 @@ def technician_visit(
     # Driving there, then starting work: each a separate action on the device.
     for before, after in (("assigned", "en_route"), ("en_route", "in_progress")):
         if status == before or (after == "in_progress" and status == "on_hold"):
-            with doc.transaction():
-                fields["status"] = after
+            device.set_status(doc, after, stamp)
             tally.wrote(device, doc_id, "fields.status")
             status = after
     if status == "in_progress":
@@ -129,8 +128,7 @@ def technician_visit(
         item.get("done") for item in checklist.to_py() or [] if item.get("required")
     )
     if status == "in_progress" and required_done:
-        with doc.transaction():
-            fields["status"] = "completed"
+        device.set_status(doc, "completed", stamp)
         tally.wrote(device, doc_id, "fields.status")
 
 
@@ -157,12 +155,10 @@ def supervisor_review(
     if roll < 0.08 and fields.get("status") not in ("closed", "cancelled"):
         # The customer called it off: a cancel dominates whatever the technician does offline
         # meanwhile (the server's rules keep it cancelled, and the work done).
-        with doc.transaction():
-            fields.update({"status": "cancelled", "cancelled": True})
+        device.set_status(doc, "cancelled", stamp)
         tally.wrote(device, doc_id, "fields.status")
-    elif roll < 0.28 and fields.get("status") != "completed":
-        with doc.transaction():
-            fields["status"] = "on_hold"
+    elif roll < 0.28 and fields.get("status") == "in_progress":
+        device.set_status(doc, "on_hold", stamp)
         tally.wrote(device, doc_id, "fields.status")
 
 

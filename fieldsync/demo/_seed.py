@@ -66,7 +66,14 @@ def _create(device: Device, wos: list[_dataset.SeedWorkOrder], existing: set[str
     for wo in wos:
         # Not what the server stores, nor what this device created before and has still to sync.
         if wo.doc_id not in existing and wo.doc_id not in client.docs:
-            documents.work_order.write(client.doc(wo.doc_id), wo.fields, wo.checklist, wo.notes)
+            documents.work_order.write(
+                client.doc(wo.doc_id),
+                wo.fields,
+                wo.checklist,
+                wo.notes,
+                by=device.user.subject,
+                role=device.user.roles[0],
+            )
         if wo.form_id not in existing and wo.form_id not in client.docs:
             documents.form.write(
                 client.doc(wo.form_id),

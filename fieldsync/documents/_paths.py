@@ -44,9 +44,9 @@ class Scratch:
         self.doc.apply_update(update)
         self._changes.clear()
 
-    def paths_written(self, update: bytes) -> set[str]:
-        """Apply `update` and return the paths it changed. A root outside the document's
-        schema is returned as its name, so a policy refuses it."""
+    def written(self, update: bytes) -> list[FieldChange]:
+        """Apply `update` and return what it changed. A root outside the document's schema
+        comes back as a change of its name, so a policy refuses it."""
         doc, roots = self.doc, self._roots
         known_before = set(doc.keys())
         # A root outside the schema that the document holds already (a creation, or a role that
@@ -64,11 +64,11 @@ class Scratch:
         finally:
             if stop_outside is not None:
                 stop_outside()
-        paths = {change.path for change in self._changes}
+        changes = self._changes[:]
         self._changes.clear()
-        paths.update(change.path.split(".", 1)[0] for change in outside)
-        paths.update(set(doc.keys()) - set(roots) - known_before)
-        return paths
+        new_roots = set(doc.keys()) - set(roots) - known_before
+        paths = {change.path.split(".", 1)[0] for change in outside} | new_roots
+        return changes + [FieldChange(path, None, None) for path in sorted(paths)]
 
 
 def data(root: Map | Array) -> Any:

@@ -1,4 +1,5 @@
-"""The work order document: its roots, its index projection, and its JSON projection."""
+"""The work order document: its roots, its index projection, and the edits that must go together
+(a status change and its log entry, a meter reading and its log entry)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
     return DocIndex(doc=doc_id, type="wo", wo=doc_id, **values)
 
 
-# The document's roots and their types (DESIGN.md §2).
+# The document's roots and their types (DESIGN.md §2). `status_log` and `meter_readings` are
+# append-only logs: `fields.status` and `fields.meter_reading` are what the rules read off them
+# (see _workorder_rules.py), so that the outcome does not depend on the order updates arrive in.
 ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
     "fields": Map,
     "checklist": Array,
@@ -64,7 +67,33 @@ ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
     "parts": Array,
     "notes": Text,
     "attachments": Map,
+    "status_log": Array,
+    "meter_readings": Array,
 }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_status(doc: Doc, status: str, *, by: str, role: str, at: str | None = None) -> None:
+    """Move the work order to `status` as `by` acting in `role`: the log entry the rules judge,
+    and the field the app shows meanwhile, in one transaction."""
+    with doc.transaction():
+        doc.get("status_log", type=Array).append(
+            Map({"status": status, "by": by, "role": role, "at": at or _now()})
+        )
+        doc.get("fields", type=Map)["status"] = status
+
+
+def record_meter_reading(doc: Doc, value: float, *, by: str, at: str | None = None) -> None:
+    """Record a meter reading of the work order's asset: the log entry the rules judge, and the
+    field the app shows meanwhile, in one transaction."""
+    with doc.transaction():
+        doc.get("meter_readings", type=Array).append(
+            Map({"value": value, "by": by, "at": at or _now()})
+        )
+        doc.get("fields", type=Map)["meter_reading"] = value
 
 
 def write(
@@ -72,10 +101,19 @@ def write(
     fields: Mapping[str, Any],
     checklist: list[Mapping[str, Any]] = (),  # type: ignore[assignment]
     notes: str = "",
+    *,
+    by: str,
+    role: str,
 ) -> None:
-    """Fill a new work order in one transaction (seeding, adapters, tests)."""
+    """Fill a new work order in one transaction (seeding, adapters, tests), created by `by`
+    acting in `role`: its status and meter reading are the first entries of their logs."""
     with doc.transaction():
         doc.get("fields", type=Map).update(dict(fields))
+        if isinstance(fields.get("status"), str):
+            set_status(doc, fields["status"], by=by, role=role)
+        reading = fields.get("meter_reading")
+        if isinstance(reading, int | float) and not isinstance(reading, bool):
+            record_meter_reading(doc, reading, by=by)
         items = doc.get("checklist", type=Array)
         for item in checklist:
             items.append(Map(dict(item)))

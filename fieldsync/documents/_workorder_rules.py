@@ -1,22 +1,26 @@
 """The work order's domain rules: plain, deterministic functions of the merged state.
 
-The CRDT merge decides what the bytes converge to; these decide what may stand. Each rule looks
-at the state before a device's update and the merged state after it, and returns a `Violation`
-with the correction that restores a legal state. Corrections are written by the server as its
-own origin, and rules never run on the server's own updates, so they cannot chase themselves.
-Running `check` on a corrected document finds nothing (idempotent).
+The CRDT merge decides what the bytes converge to; these decide what may stand. Every rule reads
+the merged document only, never the state before an update, so a set of updates ends in the same
+state in whichever order it arrives: what a rule needs of the past is in the document, as
+append-only logs (`status_log`, `meter_readings`) whose merged order is the same on every replica.
+A rule replays its log, marks the entries that may not stand `rejected` with the reason (nothing
+a device wrote is deleted), and projects the result into `fields`. Corrections are written by
+the server as its own origin and rules never run on them, so they cannot chase themselves; a
+corrected document has nothing left to correct (idempotent).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pycrdt import Array, Doc, Map
 
 from fieldsync.documents._paths import data
+from fieldsync.storage import FieldChange
 
 # The status machine (issue 4): new → assigned → en_route → in_progress ⇄ on_hold → completed →
 # closed; cancelled from any state before closed; a supervisor may reopen a completed work order
@@ -46,217 +50,297 @@ EDGES: frozenset[tuple[str, str]] = frozenset(
     | {(status, "cancelled") for status in STATUSES if status not in ("closed", "cancelled")}
 )
 
-MayTransition = Callable[[str, str], bool]
-
-
-@dataclass(frozen=True, slots=True)
-class Before:
-    """What the rules need of the state before an update."""
-
-    status: str | None
-    meter_reading: float | None
+# Whether a role may move the status from one value to another; from None: create a work order
+# in that status.
+MayMove = Callable[[str, str | None, str], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Violation:
+    """What the author of an update is told, and a conflict record keeps."""
+
     rule: str
     detail: str
-    fix: Callable[[Doc], None] = field(compare=False)
-    # False for the server's own bookkeeping (recording a cancel, clearing it on reopen): the
-    # author did nothing wrong and hears nothing.
-    notify: bool = True
 
 
-def before(doc: Doc, status: str | None = None) -> Before:
-    """The state the rules compare with, read before an update is applied; `status` when the
-    caller knows it already (the room's index holds it)."""
-    fields = doc.get("fields", type=Map)
-    if status is None:
-        current = fields.get("status")
-        status = current if isinstance(current, str) else None
-    meter = fields.get("meter_reading")
-    return Before(
-        status,
-        float(meter) if isinstance(meter, int | float) and not isinstance(meter, bool) else None,
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """A change that restores a legal state, and the violations it answers (none: the server's
+    own bookkeeping, such as clearing a mark that no longer applies, which nobody is told of)."""
+
+    fix: Callable[[Doc], None]
+    violations: tuple[Violation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Creator:
+    """Who wrote the update being judged: the server records a creation's status in its name."""
+
+    subject: str
+    role: str
+
+
+# What each rule reads: an update that changes none of it cannot change the rule's outcome.
+# FORMS stands for the linked forms' answers, which completion needs.
+FORMS = "forms"
+STATUS_READS = ("status_log", "fields.status", "checklist", FORMS)
+METER_READS = ("meter_readings", "fields.meter_reading")
+TIME_READS = ("time_entries",)
+
+
+def reads(touched: Collection[str] | None, paths: Iterable[str]) -> bool:
+    """Whether changes at the `touched` paths (None: any) reach what `paths` name."""
+    if touched is None:
+        return True
+    return any(
+        t == p or t.startswith(p + ".") or p.startswith(t + ".") for t in touched for p in paths
     )
 
 
-# What each rule reads: an update that touches none of a rule's roots cannot break it.
-_FIELD_RULES_READ = frozenset({"fields"})
-_TIME_RULES_READ = frozenset({"time_entries"})
+class FormsNeeded(Exception):
+    """Judging the document reached a completion, which needs the linked forms' verdicts:
+    check again with them."""
+
+
+# Reads a root array as plain data (the room keeps what it parsed until the root changes).
+Reader = Callable[[str], list[Any]]
 
 
 def check(
-    was: Before,
     doc: Doc,
-    may_transition: MayTransition,
-    forms_blocking: Mapping[str, list[str]],
-    touched: frozenset[str] | None = None,
-) -> list[Violation]:
-    """The violations of the merged `doc`, given the state before the update (`was`), whether
-    the author's role may make a status transition, per linked form the reasons it blocks
-    completion (missing required answers, invalid answers), and the roots the update touched
-    (None: any)."""
-    found: list[Violation] = []
-    if touched is None or touched & _FIELD_RULES_READ:
-        found += _field_rules(was, doc, may_transition, forms_blocking)
-    if touched is None or touched & _TIME_RULES_READ:
-        found += _time_entries(doc)
+    may_move: MayMove,
+    forms_blocking: Mapping[str, list[str]] | None,
+    touched: Collection[str] | None = None,
+    creator: Creator | None = None,
+    read: Reader | None = None,
+) -> list[Correction]:
+    """The corrections the merged `doc` needs: given which role may make which status move, per
+    linked form the reasons it blocks completion (None: not looked up yet; `FormsNeeded` is
+    raised if they are needed), the paths the update changed (None: any), and, for a document
+    being created, its creator (a status set without a log entry is logged as the creator's)."""
+    if read is None:
+        read = lambda root: data(doc.get(root, type=Array))  # noqa: E731
+    found: list[Correction] = []
+    if reads(touched, STATUS_READS):
+        found += _status(doc, read, may_move, forms_blocking, touched, creator)
+    if reads(touched, METER_READS):
+        found += _meter(doc, read, touched)
+    if reads(touched, TIME_READS):
+        found += _time_entries(read)
     return found
 
 
-def _field_rules(
-    was: Before,
+# The logs the rules replay. A writer whose role does not write the whole document may only
+# append to them, entries in its own name: a log that could be edited would be a history that
+# could be rewritten.
+LOGS = ("status_log", "meter_readings")
+
+
+def log_problems(changes: Iterable[FieldChange], subject: str, roles: Collection[str]) -> list[str]:
+    """What `changes` (read on a scratch replica) do to the logs that a writer held to its own
+    entries may not do: change or delete an entry, or append one in another's name or role, or
+    one already marked rejected."""
+    problems: list[str] = []
+    for change in changes:
+        root = change.path.split(".", 1)[0]
+        if root not in LOGS:
+            continue
+        if change.path != root:
+            problems.append(f"{change.path}: log entries are never changed")
+            continue
+        for step in change.new if isinstance(change.new, list) else []:
+            if "delete" in step:
+                problems.append(f"{root}: log entries are never deleted")
+            for entry in step.get("insert", ()):
+                if not isinstance(entry, dict):
+                    problems.append(f"{root}: an entry is not a map")
+                elif entry.get("by") != subject:
+                    problems.append(f"{root}: an entry names {entry.get('by')!r}, not you")
+                elif root == "status_log" and entry.get("role") not in roles:
+                    problems.append(f"{root}: an entry names the role {entry.get('role')!r}")
+                elif "rejected" in entry:
+                    problems.append(f"{root}: only the server rejects an entry")
+    return problems
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _status(
     doc: Doc,
-    may_transition: MayTransition,
-    forms_blocking: Mapping[str, list[str]],
-) -> list[Violation]:
+    read: Reader,
+    may_move: MayMove,
+    forms_blocking: Mapping[str, list[str]] | None,
+    touched: Collection[str] | None,
+    creator: Creator | None,
+) -> list[Correction]:
     fields = doc.get("fields", type=Map)
-    status = fields.get("status")
-    found: list[Violation] = []
-    changed = isinstance(status, str) and status != was.status
-    legal = not changed or _legal(was.status, str(status), may_transition)
-    if not legal:
-        found.append(_revert(was.status, str(status)))
-        status = was.status
-    found += _cancel(status, fields.get("cancelled") is True)
-    if any(v.rule == "cancel_dominates" for v in found):
-        status = "cancelled"
-    if changed and status == "completed" and was.status != "completed":
-        found += _completion(doc, forms_blocking)
-    found += _meter(was, fields.get("meter_reading"))
-    return found
+    shown = fields.get("status")
+    entries = read("status_log")
+    if not entries:
+        if creator is None or not isinstance(shown, str):
+            return []
+        entry = {"status": shown, "by": creator.subject, "role": creator.role}
 
+        def log_creation(doc: Doc) -> None:
+            doc.get("status_log", type=Array).append(Map(entry))
 
-def _set(key: str, value: Any) -> Callable[[Doc], None]:
-    def fix(doc: Doc) -> None:
-        doc.get("fields", type=Map)[key] = value
-
-    return fix
-
-
-def _legal(previous: str | None, status: str, may_transition: MayTransition) -> bool:
-    """Whether the role can reach `status` from `previous` in steps it may take: a device that
-    was offline moved the work through several statuses, and only the last reaches us."""
-    if previous is None:
-        return True  # a new work order starts where its creator put it
-    reached, frontier = {previous}, [previous]
-    while frontier:
-        here = frontier.pop()
-        for start, end in EDGES:
-            if start == here and end not in reached and may_transition(start, end):
-                if end == status:
-                    return True
-                reached.add(end)
-                frontier.append(end)
-    return False
-
-
-def _revert(previous: str | None, status: str) -> Violation:
-    return Violation(
-        "status_transition",
-        f"{previous} → {status} is not allowed for your role; the status stays {previous}",
-        _set("status", previous),
-    )
-
-
-def _cancel(status: Any, flagged: bool) -> list[Violation]:
-    """A supervisor's cancel dominates concurrent work: cancelling writes `status: cancelled`
-    and `cancelled: true`, a key technicians may not write, so whichever status the merge kept,
-    the flag says the work order was cancelled, in every order updates arrive. Reopening is a
-    deliberate act: a supervisor deletes the flag. The server records the flag when a cancel
-    arrives without it."""
-    if flagged and status != "cancelled":
-        return [
-            Violation(
-                "cancel_dominates",
-                "the work order was cancelled by a supervisor; the work done is kept and the "
-                "status stays cancelled (to reopen it, a supervisor clears `cancelled`)",
-                _set("status", "cancelled"),
+        # The creation's own entry, judged like any other once it is in the log.
+        return [Correction(log_creation)]
+    if not reads(touched, ("status_log", "fields.status")) and not any(
+        isinstance(entry, dict) and entry.get("status") == "completed" for entry in entries
+    ):
+        return []  # only the checklist or the forms changed, and only completion reads them
+    status, verdicts = replay(entries, may_move, lambda: _completion_problems(read, forms_blocking))
+    marks = _marks(entries, verdicts)
+    told = _told(verdicts, marks)
+    if status is not None and shown != status:
+        if not marks and touched is not None and not reads(touched, ("status_log",)):
+            # The field was written without a log entry: only the log moves the status.
+            told.append(
+                Violation(
+                    "status_transition",
+                    f"a status change is an entry of status_log; the status stays {status}",
+                )
             )
-        ]
-    if status == "cancelled" and not flagged:
-        return [Violation("cancel_recorded", "cancel recorded", _set("cancelled", True), False)]
-    return []
-
-
-def _completion(doc: Doc, forms_blocking: Mapping[str, list[str]]) -> list[Violation]:
-    reasons = []
-    for item in data(doc.get("checklist", type=Array)):
-        if isinstance(item, dict) and item.get("required") and not item.get("done"):
-            reasons.append(f"checklist item {item.get('label') or item.get('id')!r} is not done")
-    for form_id, problems in sorted(forms_blocking.items()):
-        reasons += [f"{form_id}: {problem}" for problem in problems]
-    if not reasons:
+    elif not marks:
         return []
-    detail = "completion refused: " + "; ".join(reasons)
 
     def fix(doc: Doc) -> None:
-        fields = doc.get("fields", type=Map)
-        fields["status"] = "in_progress"
-        fields["status_reason"] = detail
+        _mark(doc.get("status_log", type=Array), marks)
+        if status is not None and doc.get("fields", type=Map).get("status") != status:
+            doc.get("fields", type=Map)["status"] = status
 
-    return [Violation("completion_requirements", detail, fix)]
+    return [Correction(fix, tuple(told))]
 
 
-def _meter(was: Before, reading: Any) -> list[Violation]:
-    if was.meter_reading is None or not isinstance(reading, int | float):
+def replay(
+    entries: list[Any], may_move: MayMove, completion_problems: Callable[[], list[str]]
+) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """The status the log leads to, and per entry the rule that rejects it with the reason
+    (None: it stands). Each entry is judged against the status the entries before it led to."""
+    status: str | None = None
+    verdicts: list[tuple[str, str | None]] = []
+    problems: list[str] | None = None
+    for entry in entries:
+        target = entry.get("status") if isinstance(entry, dict) else None
+        role = str(entry.get("role")) if isinstance(entry, dict) else "?"
+        rule, reason = "status_transition", None
+        if target not in STATUSES:
+            reason = f"{target!r} is not a status"
+        elif status is None:
+            if not may_move(role, None, target):
+                reason = f"the {role} role may not create a work order as {target}"
+        elif target == status:
+            pass
+        elif (status, target) not in EDGES or not may_move(role, status, target):
+            if status == "cancelled":
+                rule = "cancel_dominates"
+                reason = (
+                    "the work order was cancelled by a supervisor; the work done is kept and "
+                    "the status stays cancelled"
+                )
+            else:
+                reason = f"{status} → {target} is not allowed for the {role} role"
+        elif target == "completed":
+            if problems is None:
+                problems = completion_problems()
+            if problems:
+                rule, reason = (
+                    "completion_requirements",
+                    "completion refused: " + "; ".join(problems),
+                )
+        if reason is None:
+            status = target
+        verdicts.append((rule, reason))
+    return status, verdicts
+
+
+def _completion_problems(read: Reader, forms_blocking: Mapping[str, list[str]] | None) -> list[str]:
+    if forms_blocking is None:
+        raise FormsNeeded
+    problems = []
+    for item in read("checklist"):
+        if isinstance(item, dict) and item.get("required") and not item.get("done"):
+            problems.append(f"checklist item {item.get('label') or item.get('id')!r} is not done")
+    for form_id, reasons in sorted(forms_blocking.items()):
+        problems += [f"{form_id}: {reason}" for reason in reasons]
+    return problems
+
+
+# --- meter readings -------------------------------------------------------------------------
+
+
+def _meter(doc: Doc, read: Reader, touched: Collection[str] | None) -> list[Correction]:
+    """In log order, a reading below the highest one accepted before it is rejected; the
+    field shows the highest accepted reading."""
+    readings = read("meter_readings")
+    highest: float | None = None
+    verdicts: list[tuple[str, str | None]] = []
+    for entry in readings:
+        value = entry.get("value") if isinstance(entry, dict) else None
+        reason = None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            reason = f"{value!r} is not a number"
+        elif highest is not None and value < highest:
+            reason = f"meter reading {value:g} is below the one recorded before it, {highest:g}"
+        else:
+            highest = value
+        verdicts.append(("meter_never_decreases", reason))
+    marks = _marks(readings, verdicts)
+    told = _told(verdicts, marks)
+    shown = doc.get("fields", type=Map).get("meter_reading")
+    if highest is not None and shown != highest:
+        if not marks and touched is not None and not reads(touched, ("meter_readings",)):
+            told.append(
+                Violation(
+                    "meter_never_decreases",
+                    f"a meter reading is an entry of meter_readings; the reading stays {highest:g}",
+                )
+            )
+    elif not marks:
         return []
-    if isinstance(reading, bool) or reading >= was.meter_reading:
-        return []
-    return [
-        Violation(
-            "meter_never_decreases",
-            f"meter reading {reading:g} is below the last one, {was.meter_reading:g}",
-            _set("meter_reading", was.meter_reading),
-        )
-    ]
+
+    def fix(doc: Doc) -> None:
+        _mark(doc.get("meter_readings", type=Array), marks)
+        if highest is not None and doc.get("fields", type=Map).get("meter_reading") != highest:
+            doc.get("fields", type=Map)["meter_reading"] = highest
+
+    return [Correction(fix, tuple(told))]
 
 
-def _time_entries(doc: Doc) -> list[Violation]:
+# --- time entries ---------------------------------------------------------------------------
+
+
+def _time_entries(read: Reader) -> list[Correction]:
     """Entries of one technician may not overlap. In array order (the same on every replica), an
-    entry overlapping one accepted before it is marked `rejected` with the reason, not deleted:
-    the marks are a function of the merged array alone, so every merge order ends with the same
-    marks, and nothing a technician logged is lost."""
-    entries = data(doc.get("time_entries", type=Array))
+    entry overlapping one accepted before it is rejected."""
+    entries = read("time_entries")
     # Per technician, the accepted spans sorted by start: they do not overlap one another, so
     # a new span can only clash with its neighbours (a log n check, not a scan).
     accepted: dict[str, list[tuple[float, float]]] = {}
-    marks: dict[int, str | None] = {}
-    for index, entry in enumerate(entries):
+    verdicts: list[tuple[str, str | None]] = []
+    for entry in entries:
         span = _span(entry)
-        if span is None:
-            continue
-        by = str(entry.get("by"))
-        spans = accepted.setdefault(by, [])
-        at = bisect.bisect_left(spans, span)
-        neighbours = spans[max(at - 1, 0) : at + 1]
-        clash = next((s for s in neighbours if span[0] < s[1] and s[0] < span[1]), None)
-        wanted = None if clash is None else f"overlaps {by}'s entry {clash[0]:g}-{clash[1]:g}"
-        if clash is None:
-            spans.insert(at, span)
-        if entry.get("rejected") != wanted:
-            marks[index] = wanted
+        reason = None
+        if span is not None:
+            by = str(entry.get("by"))
+            spans = accepted.setdefault(by, [])
+            at = bisect.bisect_left(spans, span)
+            neighbours = spans[max(at - 1, 0) : at + 1]
+            clash = next((s for s in neighbours if span[0] < s[1] and s[0] < span[1]), None)
+            if clash is None:
+                spans.insert(at, span)
+            else:
+                reason = f"overlaps {by}'s entry {clash[0]:g}-{clash[1]:g}"
+        verdicts.append(("time_entries_overlap", reason))
+    marks = _marks(entries, verdicts)
     if not marks:
         return []
-
-    def fix(doc: Doc) -> None:
-        array = doc.get("time_entries", type=Array)
-        for index, reason in marks.items():
-            entry = array[index]
-            if reason is None:
-                del entry["rejected"]
-            else:
-                entry["rejected"] = reason
-
-    added = sum(1 for reason in marks.values() if reason is not None)
     return [
-        Violation(
-            "time_entries_overlap",
-            f"{added} time entr{'y' if added == 1 else 'ies'} overlapping another of the same "
-            "technician marked rejected",
-            fix,
-            notify=added > 0,
+        Correction(
+            lambda doc: _mark(doc.get("time_entries", type=Array), marks),
+            tuple(_told(verdicts, marks)),
         )
     ]
 
@@ -268,3 +352,44 @@ def _span(entry: Any) -> tuple[float, float] | None:
     if not isinstance(start, int | float) or not isinstance(end, int | float) or end <= start:
         return None
     return float(start), float(end)
+
+
+# --- shared by the logs ---------------------------------------------------------------------
+
+
+def _marks(entries: list[Any], verdicts: list[tuple[str, str | None]]) -> dict[int, str | None]:
+    """The `rejected` reasons that differ from what the entries carry, by index (entries that
+    are not maps cannot carry one)."""
+    return {
+        index: reason
+        for index, (entry, (_, reason)) in enumerate(zip(entries, verdicts, strict=True))
+        if isinstance(entry, dict) and entry.get("rejected") != reason
+    }
+
+
+def _told(
+    verdicts: list[tuple[str, str | None]], marks: Mapping[int, str | None]
+) -> list[Violation]:
+    """One violation per rule that rejects entries not rejected before, with their reasons."""
+    reasons: dict[str, list[str]] = {}
+    for index, reason in marks.items():
+        if reason is not None:
+            found = reasons.setdefault(verdicts[index][0], [])
+            if reason not in found:
+                found.append(reason)
+    return [Violation(rule, "; ".join(found)) for rule, found in reasons.items()]
+
+
+def _mark(log: Array, marks: Mapping[int, str | None]) -> None:
+    """Set or clear the `rejected` reason of the log entries at `marks`. An entry written as a
+    plain JSON object cannot take a key: it becomes a shared map with the same content."""
+    for index, reason in marks.items():
+        entry = log[index]
+        if not isinstance(entry, Map):
+            content = {key: value for key, value in dict(entry).items() if key != "rejected"}
+            del log[index]
+            log.insert(index, Map(content if reason is None else {**content, "rejected": reason}))
+        elif reason is None:
+            del entry["rejected"]
+        else:
+            entry["rejected"] = reason

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -36,10 +37,10 @@ class Forbidden(FieldsyncError):
 
 
 class ForbiddenField(FieldsyncError):
-    def __init__(self, doc_id: str, paths: list[str]) -> None:
+    def __init__(self, doc_id: str, paths: list[str], why: str | None = None) -> None:
         super().__init__(
             ErrorCode.FORBIDDEN_FIELD,
-            f"{doc_id}: your role may not write {', '.join(paths)}",
+            f"{doc_id}: {why or 'your role may not write ' + ', '.join(paths)}",
             paths=paths,
         )
 
@@ -206,20 +207,23 @@ class Replicator:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
         checked = False
+        principal = peer.principal
         if not room.exists:
             await self._authorise_creation(peer, room, update)
-        elif not self.policy.writes_everything(peer.principal, room.type.value):
+        elif not self.policy.writes_everything(principal, room.type.value):
             # Read what the update writes on a scratch replica before the room takes it.
-            paths = room.paths_written(update)
-            refused = self.policy.forbidden_paths(peer.principal, room.type.value, paths)
-            if refused:
+            changes = room.written(update)
+            refused = self.policy.forbidden_paths(
+                principal, room.type.value, {change.path for change in changes}
+            )
+            forged = rules.log_problems(changes, principal.subject, principal.roles)
+            if refused or forged:
                 room.forget_scratch()
-                raise ForbiddenField(room.doc_id, refused)
+                if refused:
+                    raise ForbiddenField(room.doc_id, refused)
+                raise ForbiddenField(room.doc_id, sorted(rules.LOGS), "; ".join(forged))
             checked = True
-        existed = room.exists
-        on = self.enforce_rules and existed and room.type is DocType.WORK_ORDER
-        status = room.index.status if room.index is not None else None
-        was = rules.before(room.ydoc, status) if on else None
+        created = not room.exists
         try:
             effective = room.apply(update, checked=checked)
         finally:
@@ -234,10 +238,11 @@ class Replicator:
             return Submitted(room.tail if room.in_flight else None, state_vector)
         touched = room.touched()
         submitted = Submitted(self._commit(room, effective, peer), state_vector)
-        if was is not None:
-            await self._enforce_rules(room, was, peer, touched)
+        if self.enforce_rules and room.type is DocType.WORK_ORDER:
+            await self._enforce_rules(room, peer, touched, created)
         elif self.enforce_rules and room.type is DocType.FORM:
             self._validate_form(room)
+            await self._recheck_work_order(room, peer)
         return submitted
 
     def _validate_form(self, room: Room) -> None:
@@ -258,36 +263,38 @@ class Replicator:
             self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
 
     async def _enforce_rules(
-        self, room: Room, was: rules.Before, author: Peer, touched: frozenset[str]
+        self, room: Room, author: Peer, touched: frozenset[str] | None, created: bool = False
     ) -> None:
         """Correct what the merged state may not keep, as the server's own update, committed
-        after the author's and broadcast to every replica (the author included)."""
-        status = room.ydoc.get("fields", type=Map).get("status")
-        blocking: dict[str, list[str]] = {}
-        if status == "completed" and was.status != "completed":
-            blocking = await self._forms_blocking(room.doc_id)
+        after the author's and broadcast to every replica (the author included); tell the
+        author what was corrected and why, and keep a conflict record of it."""
         principal = author.principal
-        violations = rules.check(
-            was,
+        role = self.policy.acting_role(principal)
+        creator = rules.Creator(principal.subject, role) if created and role else None
+        judge = functools.partial(
+            rules.check,
             room.ydoc,
-            lambda before, after: self.policy.may_transition(principal, before, after),
-            blocking,
-            touched,
+            self.policy.may_move,
+            touched=touched,
+            creator=creator,
+            read=room.read,
         )
-        if not violations:
+        try:
+            corrections = judge(None)
+        except rules.FormsNeeded:
+            corrections = judge(await self._forms_blocking(room.doc_id))
+        if not corrections:
             return
 
         def correct(doc: Doc) -> None:
-            for violation in violations:
-                violation.fix(doc)
+            for correction in corrections:
+                correction.fix(doc)
 
-        correction = room.write(correct)
-        if correction is not None:
-            self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
+        written = room.write(correct)
+        if written is not None:
+            self._commit(room, written, None, actor="server", origin=RULES_ORIGIN)
         index = room.index
-        for violation in violations:
-            if not violation.notify:
-                continue
+        for violation in (v for correction in corrections for v in correction.violations):
             author.rule_violation(room.doc_id, violation.rule, violation.detail)
             self.store.record_conflict(
                 Conflict(
@@ -301,6 +308,17 @@ class Replicator:
                     assignee=index.assignee if index else None,
                 )
             )
+
+    async def _recheck_work_order(self, form: Room, author: Peer) -> None:
+        """A form's answers decide whether its work order's completion stands: judge the work
+        order again when one of its forms changes, so the outcome does not depend on which of
+        the two documents' updates arrived first."""
+        wo_id = form.index.wo if form.index is not None else None
+        if not wo_id:
+            return
+        room = await self.room(wo_id)
+        if room.exists and not room.poisoned:
+            await self._enforce_rules(room, author, frozenset({rules.FORMS}))
 
     async def _forms_blocking(self, wo_id: str) -> dict[str, list[str]]:
         """Per form of the work order, what keeps it from completion: answers of the wrong

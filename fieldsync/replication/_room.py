@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pycrdt import Doc, TransactionEvent, get_update, merge_updates
+from pycrdt import Array, Doc, TransactionEvent, get_update, merge_updates
 
 from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
@@ -97,10 +97,12 @@ class Room:
             self.seq = stored.seq
             self.index = stored.index
         self._emitted.clear()
-        # From here on, every change is recorded for the field history (not the replay above).
+        # From here on, every change is recorded for the field history (not the replay above),
+        # read on the scratch replica: a writer held to paths has it read there already.
+        self._history = history
         self._changes: list[FieldChange] = []
-        if history:
-            self._unwatch = documents.watch(self.ydoc, documents.roots(self.type), self._changes)
+        self._checked: list[FieldChange] = []  # what `written` read of the update `apply` takes
+        self._parsed: dict[str, Any] = {}  # root -> its content as plain data, until it changes
 
     @property
     def exists(self) -> bool:
@@ -113,39 +115,48 @@ class Room:
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._emitted.append(event.update)
 
-    def paths_written(self, update: bytes) -> set[str]:
-        """The paths `update` writes, read on a scratch replica kept beside the document (so a
-        check costs one more apply, not a copy of the document)."""
+    def written(self, update: bytes) -> list[FieldChange]:
+        """What `update` changes, read on a scratch replica kept beside the document (a check
+        costs one more apply, not a copy of the document), before the document takes it. Raises
+        `Incomplete` for an update that builds on changes the room does not have."""
+        changes = self._read(update)
+        if not integrated(update, self._mirror().doc.get_state()):
+            self._scratch = None
+            raise Incomplete(self.doc_id)
+        self._checked = changes
+        return changes
+
+    def _mirror(self) -> documents.Scratch:
         if self._scratch is None:
             self._scratch = documents.Scratch(self.ydoc.get_update(), documents.roots(self.type))
+        return self._scratch
+
+    def _read(self, update: bytes) -> list[FieldChange]:
         try:
-            paths = self._scratch.paths_written(update)
+            return self._mirror().written(update)
         except BaseException as exc:
             if isinstance(exc, _FATAL):
                 raise
             self._scratch = None
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
-        if not integrated(update, self._scratch.doc.get_state()):
-            self._scratch = None
-            raise Incomplete(self.doc_id)
-        return paths
 
     def forget_scratch(self) -> None:
         """The scratch replica took an update the room refused: it no longer mirrors the room."""
         self._scratch = None
+        self._checked = []
 
     def apply(self, update: bytes, *, checked: bool = False) -> bytes | None:
         """Merge `update`; return what it added (the effective update to store and broadcast), or
         None when it added nothing (already known, or waiting on updates not received yet).
-        `checked`: the scratch replica has taken it already (see `paths_written`)."""
+        `checked`: the scratch replica has taken it already (see `written`). Raises
+        `InvalidUpdate`; an update the scratch replica cannot take never reaches the room."""
         self.last_used = time.monotonic()
-        if self._scratch is not None and not checked:
-            try:
-                self._scratch.apply(update)
-            except BaseException as exc:
-                if isinstance(exc, _FATAL):
-                    raise
-                self._scratch = None
+        if checked:
+            changes, self._checked = self._checked, []
+        elif self._history or self._scratch is not None:
+            changes = self._read(update)
+        else:
+            changes = []
         try:
             self.ydoc.apply_update(update)
         except BaseException as exc:
@@ -159,19 +170,41 @@ class Room:
             if not isinstance(exc, ValueError) or self._emitted:
                 self.poisoned = True
             self._emitted.clear()
-            self._changes.clear()
+            self._scratch = None
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
         if not self._emitted:
             return None
+        if self._history:
+            self._record(changes)
         emitted = self._emitted
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted.clear()
         self.size += len(effective)
         return effective
 
+    def _record(self, changes: list[FieldChange]) -> None:
+        roots = documents.roots(self.type)
+        for change in changes:
+            root = change.path.split(".", 1)[0]
+            if root in roots:
+                self._changes.append(change)
+                self._parsed.pop(root, None)
+
+    def read(self, root: str) -> Any:
+        """A root array's content as plain data. Parsed once per change of the root: the rules
+        read the same logs on every update, and most updates change none of them."""
+        if not self._history:  # changes are not recorded: nothing would tell the copy is stale
+            return documents.data(self.ydoc.get(root, type=Array))
+        parsed = self._parsed.get(root)
+        if parsed is None:
+            parsed = self._parsed[root] = documents.data(self.ydoc.get(root, type=Array))
+        return parsed
+
     def write(self, change: Callable[[Doc], Any]) -> bytes | None:
         """Make a server-side change (a rule's correction) in one transaction; returns the
         update it made, None if it changed nothing."""
+        if self._history:
+            self._mirror()  # as the document is before the change, to read the change on
         with self.ydoc.transaction(origin="server"):
             change(self.ydoc)
         if not self._emitted:
@@ -180,13 +213,15 @@ class Room:
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted = []
         self.size += len(effective)
-        if self._scratch is not None:
-            self._scratch.apply(effective)
+        if self._history or self._scratch is not None:
+            changes = self._read(effective)
+            if self._history:
+                self._record(changes)
         return effective
 
     def touched(self) -> frozenset[str]:
-        """The roots changed since the last `take_changes`."""
-        return frozenset(change.path.split(".", 1)[0] for change in self._changes)
+        """The paths changed since the last `take_changes`."""
+        return frozenset(change.path for change in self._changes)
 
     def take_changes(self) -> tuple[FieldChange, ...]:
         """The field changes made since the last call: what the next commit records."""

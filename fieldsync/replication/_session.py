@@ -261,6 +261,12 @@ class V1Session(Connection):
                     "rate": limits.rate,
                 },
                 "token_expires_at": self.principal.expires_at,
+                # Who the server takes the device's user to be: the name and role an app puts
+                # in the log entries it appends (a status change, a meter reading).
+                "principal": {
+                    "subject": self.principal.subject,
+                    "roles": sorted(role.value for role in self.principal.roles),
+                },
             }
         )
         self._schedule_expiry()

@@ -40,8 +40,11 @@ async def history(server: Server) -> Server:
         for day in ("2026-12-01", "2026-12-08", "2026-12-15"):
             await edit(sam, "wo:a1", boss, due_at=day)
         mine = await tina.replica("wo:a1")
-        await edit(tina, "wo:a1", mine, status="en_route")
-        await edit(tina, "wo:a1", mine, status="closed")  # not a technician's to make
+        await tina.move("wo:a1", mine, "en_route", "tina", "technician")
+        await tina.control("ack", doc="wo:a1")
+        # Not a technician's to make.
+        await tina.move("wo:a1", mine, "closed", "tina", "technician")
+        await tina.control("ack", doc="wo:a1")
         await tina.control("error", doc="wo:a1")
     return server
 

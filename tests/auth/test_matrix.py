@@ -119,6 +119,9 @@ def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> D
             {"number": f"{subject}.{name or scope}", "title": "Inspect pump", "status": "assigned"}
             | scope_fields(subject, scope),
             [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
+            # One the matrix holds is a supervisor's; one `subject` creates is its own.
+            by=subject if name else "sam",
+            role=ROLE[subject] if name else "supervisor",
         )
     else:
         wo = doc_id(DocType.WORK_ORDER, subject, scope)
@@ -148,12 +151,19 @@ def write_paths(kind: DocType) -> list[str]:
     return [*paths, NEW_ROOT, LEGACY_ROOT]
 
 
-def mutate(doc: Doc, kind: DocType, path: str, n: int) -> None:
-    """Write exactly `path` of `doc`. A key that is there is set again to its value: a real
-    write (a new item) that moves no document out of anyone's scope and no status anywhere."""
+def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
+    """Write exactly `path` of `doc` as `by`. A key that is there is set again to its value: a
+    real write (a new item) that moves no document out of anyone's scope and no status
+    anywhere. A log gets an entry in the writer's own name that changes nothing: the status it
+    has, a first reading."""
     root, _, key = path.partition(".")
     typ = documents.roots(kind).get(root, Map)
-    if typ is Map:
+    if root == "status_log":
+        status = doc.get("fields", type=Map).get("status")
+        doc.get(root, type=Array).append(Map({"status": status, "by": by, "role": ROLE[by]}))
+    elif root == "meter_readings":
+        doc.get(root, type=Array).append(Map({"value": n, "by": by}))
+    elif typ is Map:
         target = doc.get(root, type=Map)
         key = key or "v"
         target[key] = target.get(key, f"matrix-{n}")
@@ -451,7 +461,7 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                     replica: Doc = Doc()
                     replica.apply_update(mirror.get_update())
                     before = replica.get_state()
-                    mutate(replica, kind, path, n)
+                    mutate(replica, kind, path, n, subject)
                     update = replica.get_update(before)
                     stored_before = await doc_seq(store, doc)
                     await wire.send(DocMessage(doc, encode_sync(step, update)))
@@ -764,10 +774,10 @@ def test_mutate_writes_exactly_the_path_it_names() -> None:
             replica: Doc = Doc()
             replica.apply_update(base.get_update())
             before = replica.get_state()
-            mutate(replica, kind, path, 0)
+            mutate(replica, kind, path, 0, "tina")
             scratch = documents.Scratch(base.get_update(), documents.roots(kind))
-            written = scratch.paths_written(replica.get_update(before))
-            assert written == {path}, (kind, path)
+            written = scratch.written(replica.get_update(before))
+            assert {change.path for change in written} == {path}, (kind, path)
 
 
 # --- a document that comes into existence while a peer waits for it ---------------------------

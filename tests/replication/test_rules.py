@@ -3,6 +3,7 @@ stand, every replica converges on the correction, and the author is told why."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,10 +12,15 @@ from pycrdt import Array, Doc, Map, Text
 from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.auth import DevIssuer
+from fieldsync.client import Client
 from fieldsync.replication import SyncStep
 from fieldsync.storage import ScopeFilter, ScopeKind
-from tests.harness import Server, running_server, stored_doc, work_order
+from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import connect
+
+
+def log_of(doc: Doc) -> list[dict]:
+    return doc.get("status_log", type=Array).to_py() or []
 
 
 def status_is(value: str) -> Callable[[Doc], bool]:
@@ -32,20 +38,63 @@ async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> N
         await sam.control("ack", doc="wo:r1")
         mine = await tina.replica("wo:r1")
         theirs = await sam.replica("wo:r1")
-        await tina.edit("wo:r1", mine, status="closed")  # assigned → closed: not for a technician
+        # assigned → closed: not a technician's to make.
+        await tina.move("wo:r1", mine, "closed", "tina", "technician")
         await tina.control("ack", doc="wo:r1")
         error = await tina.control("error", doc="wo:r1")
         assert (error["code"], error["rule"]) == ("rule_violation", "status_transition")
         await tina.follow("wo:r1", mine, status_is("assigned"))
         await sam.follow("wo:r1", theirs, status_is("assigned"))
-        # A legal step goes through untouched.
+        # The entry is kept, marked with the reason.
+        assert (
+            log_of(mine)[-1]["rejected"]
+            == "assigned → closed is not allowed for the technician role"
+        )
+        # Writing the field without a log entry moves nothing either.
         await tina.edit("wo:r1", mine, status="en_route")
+        error = await tina.control("error", doc="wo:r1")
+        assert error["rule"] == "status_transition" and "status_log" in error["detail"]
+        await tina.follow("wo:r1", mine, status_is("assigned"))
+        # A legal step goes through untouched.
+        await tina.move("wo:r1", mine, "en_route", "tina", "technician")
         await tina.control("ack", doc="wo:r1")
         await sam.follow("wo:r1", theirs, status_is("en_route"))
     conflicts = await server.app[STORE].conflicts(ScopeFilter(ScopeKind.TEAM, "north"), None, 10)
     assert [(c.conflict.rule, c.conflict.actor) for c in conflicts] == [
-        ("status_transition", "tina")
+        ("status_transition", "tina"),
+        ("status_transition", "tina"),
     ]
+
+
+async def test_log_entries_are_appended_in_the_writers_own_name(server: Server) -> None:
+    """A technician may not rewrite the status history: not claim another's name or role, not
+    change or delete an entry. Such an update is refused whole; nothing of it is kept."""
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        await sam.update("wo:r6", work_order("wo:r6", status="assigned").get_update())
+        await sam.control("ack", doc="wo:r6")
+        attempts: list[Callable[[Doc], None]] = [
+            lambda d: documents.work_order.set_status(d, "closed", by="tina", role="supervisor"),
+            lambda d: documents.work_order.set_status(d, "en_route", by="sam", role="supervisor"),
+            lambda d: d.get("status_log", type=Array)[0].__setitem__("status", "closed"),
+            lambda d: d.get("status_log", type=Array).__delitem__(0),
+            lambda d: documents.work_order.record_meter_reading(d, 5, by="tom"),
+        ]
+        for attempt in attempts:
+            mine = await tina.replica("wo:r6")
+            before = mine.get_state()
+            attempt(mine)
+            await tina.update("wo:r6", mine.get_update(before))
+            error = await tina.control("error", doc="wo:r6")
+            assert error["code"] == "forbidden_field", error
+            await tina.control("reset", doc="wo:r6")
+    doc = await stored_doc(server, "wo:r6")
+    assert [e["status"] for e in log_of(doc)] == ["assigned"]
+    assert doc.get("fields", type=Map)["status"] == "assigned"
 
 
 async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Server) -> None:
@@ -64,9 +113,9 @@ async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Serv
             boss = await sam.replica(doc_id)
             # Both edit without seeing each other's edit (tina offline, say).
             before_t, before_s = tech.get_state(), boss.get_state()
-            tech.get("fields", type=Map)["status"] = "completed"
             tech.get("checklist", type=Array)[0]["done"] = True
-            boss.get("fields", type=Map).update({"status": "cancelled", "cancelled": True})
+            documents.work_order.set_status(tech, "completed", by="tina", role="technician")
+            documents.work_order.set_status(boss, "cancelled", by="sam", role="supervisor")
             completion, cancel = tech.get_update(before_t), boss.get_update(before_s)
             writes = [(tina, completion), (sam, cancel)]
             for wire, update in writes if first == "tina" else reversed(writes):
@@ -99,21 +148,22 @@ async def test_completion_needs_the_required_checklist(server: Server) -> None:
             await sam.control("ack", doc="wo:r3")
         await tina.hello()
         mine = await tina.replica("wo:r3")
-        await tina.edit("wo:r3", mine, status="completed")
+        await tina.move("wo:r3", mine, "completed", "tina", "technician")
         await tina.control("ack", doc="wo:r3")
         error = await tina.control("error", doc="wo:r3")
         assert error["rule"] == "completion_requirements"
         assert "Check seals" in error["detail"]
         await tina.follow("wo:r3", mine, status_is("in_progress"))
-        assert "Check seals" in mine.get("fields", type=Map)["status_reason"]
-        # Tick the item: now completion stands.
+        assert "Check seals" in log_of(mine)[-1]["rejected"]
+        # Tick the item: the completion the log holds now stands, its mark is cleared.
         before = mine.get_state()
         mine.get("checklist", type=Array)[0]["done"] = True
-        mine.get("fields", type=Map)["status"] = "completed"
         await tina.update("wo:r3", mine.get_update(before))
         await tina.control("ack", doc="wo:r3")
+        await tina.follow("wo:r3", mine, status_is("completed"))
     doc = await stored_doc(server, "wo:r3")
     assert doc.get("fields", type=Map)["status"] == "completed"
+    assert ["rejected" in e for e in log_of(doc)] == [False, False]
 
 
 async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
@@ -130,11 +180,27 @@ async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
         )
         await sam.control("ack", doc="wo:r4")
         boss = await sam.replica("wo:r4")
+        # Written without a log entry: the field shows the log's reading again.
         await sam.edit("wo:r4", boss, meter_reading=1100)
         assert (await sam.control("error", doc="wo:r4"))["rule"] == "meter_never_decreases"
         await sam.follow(
             "wo:r4", boss, lambda d: d.get("fields", type=Map)["meter_reading"] == 1200
         )
+        # Logged: kept, marked, and the field keeps the highest reading.
+        reading = await tina.replica("wo:r4")
+        before = reading.get_state()
+        documents.work_order.record_meter_reading(reading, 1150, by="tina")
+        await tina.update("wo:r4", reading.get_update(before))
+        error = await tina.control("error", doc="wo:r4")
+        assert (error["rule"], error["detail"]) == (
+            "meter_never_decreases",
+            "meter reading 1150 is below the one recorded before it, 1200",
+        )
+        await tina.follow(
+            "wo:r4", reading, lambda d: d.get("fields", type=Map)["meter_reading"] == 1200
+        )
+        readings = reading.get("meter_readings", type=Array).to_py()
+        assert [(r["value"], "rejected" in r) for r in readings] == [(1200, False), (1150, True)]
 
         mine = await tina.replica("wo:r4")
         before = mine.get_state()
@@ -183,20 +249,20 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         assert form.get("answers", type=Map)["hazards"] == "volcano"
 
         mine = await tina.replica("wo:r5")
-        await tina.edit("wo:r5", mine, status="completed")
+        await tina.move("wo:r5", mine, "completed", "tina", "technician")
         await tina.control("ack", doc="wo:r5")
         error = await tina.control("error", doc="wo:r5")
         assert error["rule"] == "completion_requirements" and "form:r5" in error["detail"]
+        await tina.follow("wo:r5", mine, status_is("in_progress"))
 
+        # Fixing the form lets the completion the log holds stand: the work order is judged
+        # again when its form changes, so which document's update came first does not matter.
         before = form.get_state()
         form.get("answers", type=Map).update({"hazards": "electrical", "ppe_checked": True})
         await tina.update("form:r5", form.get_update(before))
         await tina.control("ack", doc="form:r5")
         await tina.follow("form:r5", form, lambda d: not d.get("validation", type=Map).to_py())
-
-        await tina.follow("wo:r5", mine, status_is("in_progress"))
-        await tina.edit("wo:r5", mine, status="completed")
-        await tina.control("ack", doc="wo:r5")
+        await tina.follow("wo:r5", mine, status_is("completed"))
     doc = await stored_doc(server, "wo:r5")
     assert doc.get("fields", type=Map)["status"] == "completed"
 
@@ -214,7 +280,7 @@ async def test_every_field_change_is_in_the_history_with_its_author(server: Serv
         await sam.edit("wo:h1", theirs, due_at="2026-12-24")
         await sam.control("ack", doc="wo:h1")
         mine = await tina.replica("wo:h1")
-        await tina.edit("wo:h1", mine, status="en_route")
+        await tina.move("wo:h1", mine, "en_route", "tina", "technician")
         ack = await tina.control("ack", doc="wo:h1")
     store = server.app[STORE]
     due = await store.history("wo:h1", "fields.due_at", None, 10)
@@ -255,3 +321,43 @@ async def test_a_device_back_after_the_offline_contract_resyncs_and_keeps_its_wo
         assert str(doc.get("notes", type=Text)) == "replaced the seal"
         await tina.close()
         await sam.close()
+
+
+async def test_real_devices_offline_converge_on_the_rules_outcome(
+    tmp_path: Path, server: Server
+) -> None:
+    """Through `fieldsync.client`: tina completes a work order offline while sam, offline too,
+    cancels it; both come back at once. Every replica ends cancelled with tina's work kept, and
+    the devices log their moves in the name the server's `welcome` gave them."""
+    sam = server.client("sam", path=tmp_path / "sam.db")
+    tina = server.client("tina", path=tmp_path / "tina.db")
+    await sam.start()
+    sam.doc("wo:d1").apply_update(work_order("wo:d1", status="in_progress").get_update())
+    await sam.wait_acked()
+    await tina.start()
+    await tina.wait_synced("wo:d1")
+    assert (tina.subject, tina.roles, sam.roles) == ("tina", ["technician"], ["supervisor"])
+    await tina.go_offline()
+    await sam.go_offline()
+
+    mine, theirs = tina.doc("wo:d1"), sam.doc("wo:d1")
+    mine.get("checklist", type=Array)[0]["done"] = True
+    for status in ("on_hold", "in_progress", "completed"):
+        documents.work_order.set_status(mine, status, by=tina.subject, role=tina.roles[0])
+    documents.work_order.set_status(theirs, "cancelled", by=sam.subject, role=sam.roles[0])
+    await asyncio.gather(tina.start(), sam.start())
+    await asyncio.gather(tina.wait_acked(), sam.wait_acked())
+
+    def settled(client: Client) -> bool:
+        doc = client.doc("wo:d1")
+        return doc.get("fields", type=Map).get("status") == "cancelled" and len(log_of(doc)) == 5
+
+    await eventually(lambda: settled(tina))
+    await eventually(lambda: settled(sam))
+    stored = await stored_doc(server, "wo:d1")
+    for doc in (mine, theirs):
+        assert documents.to_json("wo:d1", doc) == documents.to_json("wo:d1", stored)
+    assert stored.get("checklist", type=Array)[0]["done"] is True  # the work is kept
+    assert sorted(e["by"] for e in log_of(stored)) == ["sam", "sam", "tina", "tina", "tina"]
+    await tina.close()
+    await sam.close()
