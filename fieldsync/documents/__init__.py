@@ -23,6 +23,11 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
     return form.index(doc_id, doc)
 
 
+def index_root(kind: DocType) -> str:
+    """The root `index` reads: a change elsewhere leaves the index as it was."""
+    return work_order.INDEX_ROOT if kind is DocType.WORK_ORDER else form.INDEX_ROOT
+
+
 def roots(kind: DocType) -> dict[str, Any]:
     """The roots of a document type and their pycrdt types."""
     return work_order.ROOTS if kind is DocType.WORK_ORDER else form.ROOTS
@@ -48,6 +53,7 @@ __all__ = [
     "form",
     "form_templates",
     "index",
+    "index_root",
     "roots",
     "to_json",
     "watch",

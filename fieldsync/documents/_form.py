@@ -9,9 +9,11 @@ from pycrdt import Doc, Map
 
 from fieldsync.storage import DocIndex
 
+INDEX_ROOT = "meta"  # the root the index is read from
+
 
 def index(doc_id: str, doc: Doc) -> DocIndex:
-    wo = doc.get("meta", type=Map).get("wo")
+    wo = doc.get(INDEX_ROOT, type=Map).get("wo")
     return DocIndex(doc=doc_id, type="form", wo=wo if isinstance(wo, str) else None)
 
 

@@ -12,7 +12,9 @@ from pycrdt import Array, Doc, Map, Text
 from fieldsync.documents._paths import data
 from fieldsync.storage import DocIndex
 
-# The `fields` keys that scopes and screens filter on (DESIGN.md §2).
+# The root the index is read from, and the keys of it that scopes and screens filter on
+# (DESIGN.md §2).
+INDEX_ROOT = "fields"
 INDEX_FIELDS = (
     "assignee",
     "team",

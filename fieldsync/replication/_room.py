@@ -231,6 +231,10 @@ class Room:
 
     def reindex(self) -> DocIndex | None:
         """The document's index if the last updates changed it, else None."""
+        if self._history and self.index is not None:
+            root = documents.index_root(self.type)
+            if not any(change.path.startswith(root + ".") for change in self._changes):
+                return None  # the changes recorded since the last commit left its root alone
         current = documents.index(self.doc_id, self.ydoc)
         if current == self.index:
             return None
