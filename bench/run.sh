@@ -54,17 +54,18 @@ fi
 LOAD="$PEER_BENCH/.venv/bin/python $PEER_BENCH/ysync_load.py"
 
 # ---------------------------------------------------------------- the fieldsync code measured
-# One run measures one version: a snapshot of fieldsync/ taken now (the work tree, or the commit
-# FIELDSYNC_REF via `git archive`, which changes nothing in the repo) is put first on PYTHONPATH,
-# so edits made in the repo during the run do not leak into it.
+# One run measures one version: a snapshot of fieldsync/ and openapi/ (the contract the package
+# links to) taken now (the work tree, or the commit FIELDSYNC_REF via `git archive`, which
+# changes nothing in the repo) is put first on PYTHONPATH, so edits made in the repo during the
+# run do not leak into it.
 SRC_DIR="$DATA/src"; rm -rf "$SRC_DIR"; mkdir -p "$SRC_DIR"
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n "${FIELDSYNC_REF:-}" ]]; then
-  git -C "$ROOT" archive "$FIELDSYNC_REF" fieldsync | tar -x -C "$SRC_DIR" || exit 2
+  git -C "$ROOT" archive "$FIELDSYNC_REF" fieldsync openapi | tar -x -C "$SRC_DIR" || exit 2
   CODE=$(git -C "$ROOT" rev-parse --short "$FIELDSYNC_REF")
 else
-  cp -r "$ROOT/fieldsync" "$SRC_DIR/"
-  CODE=$COMMIT; [[ -n $(git -C "$ROOT" status --porcelain -- fieldsync 2>/dev/null) ]] && CODE="$COMMIT+worktree"
+  cp -r "$ROOT/fieldsync" "$ROOT/openapi" "$SRC_DIR/"
+  CODE=$COMMIT; [[ -n $(git -C "$ROOT" status --porcelain -- fieldsync openapi 2>/dev/null) ]] && CODE="$COMMIT+worktree"
 fi
 for patch in ${FIELDSYNC_PATCH:-}; do  # optional fixes to measure (bench/patches/*.patch)
   [[ $patch == /* ]] || patch="$CALLER_DIR/$patch"

@@ -11,8 +11,9 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pycrdt import Doc, Map
 
@@ -103,6 +104,9 @@ class Replicator:
         tails = [room.tail for room in self._rooms.values() if room.in_flight and room.tail]
         if tails:
             await asyncio.wait(tails)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
     def loaded(self) -> int:
@@ -242,7 +246,7 @@ class Replicator:
             await self._enforce_rules(room, peer, touched, created)
         elif self.enforce_rules and room.type is DocType.FORM:
             self._validate_form(room)
-            await self._recheck_work_order(room, peer)
+            self._spawn(self._recheck_work_order(room, peer, submitted.committed))
         return submitted
 
     def _validate_form(self, room: Room) -> None:
@@ -309,10 +313,16 @@ class Replicator:
                 )
             )
 
-    async def _recheck_work_order(self, form: Room, author: Peer) -> None:
+    async def _recheck_work_order(
+        self, form: Room, author: Peer, committed: asyncio.Future[Committed] | None
+    ) -> None:
         """A form's answers decide whether its work order's completion stands: judge the work
         order again when one of its forms changes, so the outcome does not depend on which of
-        the two documents' updates arrived first."""
+        the two documents' updates arrived first. After the form's commit: a new form is only
+        listed with its work order once stored."""
+        if committed is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(committed)
         wo_id = form.index.wo if form.index is not None else None
         if not wo_id:
             return
@@ -429,13 +439,22 @@ class Replicator:
         if committed.scope_change is not None:
             self._rescope(committed.scope_change)
         if created and room.pending:
-            task = asyncio.create_task(self._settle_pending(room))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._settle_pending(room))
         message = encode_sync(SyncStep.UPDATE, effective)
         for peer in room.subscribers:
             if peer is not author:
                 peer.send_doc(room.doc_id, message)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own, kept until done (or until `stop`); a failure is logged."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed: %r", task.exception())
 
     async def _settle_pending(self, room: Room) -> None:
         """The document now exists: admit the peers waiting for it that it is for. The others
