@@ -133,7 +133,10 @@ class AuthHelpers:
             if url is not None:
                 self._endpoints[name] = url
         if "authorization_endpoint" not in self._endpoints:
-            log.warning("the OpenID provider names no authorization_endpoint: apps cannot sign in")
+            log.warning(
+                "the OpenID provider names no authorization_endpoint: apps cannot start the "
+                "authorization-code flow that GET /v1/auth/config describes"
+            )
         # No cookie jar: the session is shared by every user's requests, and a cookie the
         # provider sets for one must never travel with another's.
         self._session = aiohttp.ClientSession(

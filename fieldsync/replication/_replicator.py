@@ -160,14 +160,16 @@ class Replicator:
     async def read(self, peer: Peer, room: Room, state_vector: bytes) -> bytes:
         """What a replica at `state_vector` lacks of the document, for a peer that may read it;
         for a waiting peer, what it lacks of an empty document (nothing)."""
-        if await self._check_access(peer, room):
+        if await self._check_access(peer, room, answering=True):
             return room.diff(state_vector)
         return diff(Doc(), state_vector)  # an empty document's, refusing garbage alike
 
-    async def _check_access(self, peer: Peer, room: Room) -> bool:
+    async def _check_access(self, peer: Peer, room: Room, answering: bool = False) -> bool:
         """Every read and write of a room's content passes here: True when `peer` may see the
         content. A waiting peer (see `subscribe`) sees nothing; it is admitted as soon as the
-        document, committed or not, lies in its scope. Raises `Forbidden` for any other peer."""
+        document, committed or not, lies in its scope, and gets the whole document (what it
+        was told before was an empty one) unless the caller is `answering` it with a diff.
+        Raises `Forbidden` for any other peer."""
         if peer in room.subscribers:
             return True
         if peer not in room.pending:
@@ -175,6 +177,8 @@ class Replicator:
         if room.exists and in_scope(peer.scope, await self._live_scope_index(room)):
             room.pending.pop(peer, None)
             self._admit(peer, room)
+            if not answering:
+                peer.confirmed(room.doc_id, room.ydoc.get_update())
             return True
         return False
 

@@ -1,0 +1,89 @@
+"""Peers waiting for a document that does not exist yet: however their first updates interleave
+with its creation, each one ends up with the whole document."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Map
+
+from fieldsync.auth import Principal, Role
+from fieldsync.replication import Replicator, SyncStep, YSync, decode_y
+from fieldsync.storage import ScopeFilter, ScopeKind, SQLiteStore
+
+
+class Replica:
+    """A peer that applies to its own document everything the server sends it."""
+
+    def __init__(self, subject: str) -> None:
+        self.principal = Principal(subject, frozenset({Role.ADMIN}))
+        self.scope = ScopeFilter(ScopeKind.ALL)
+        self.origin = f"device:{subject}"
+        self.doc: Doc = Doc()
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        y = decode_y(message)
+        if isinstance(y, YSync) and y.step in (SyncStep.STEP2, SyncStep.UPDATE):
+            self.doc.apply_update(y.payload)
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        if update is not None:
+            self.doc.apply_update(update)
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        pass
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        raise AssertionError(f"reset {doc_id}: {reason}")
+
+    def edit(self, key: str) -> bytes:
+        before = self.doc.get_state()
+        self.doc.get("fields", type=Map)[key] = self.principal.subject
+        return self.doc.get_update(before)
+
+
+@pytest.fixture
+async def replicator(tmp_path: Path) -> AsyncIterator[Replicator]:
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    await store.open()
+    replicator = Replicator(store)
+    await replicator.start()
+    try:
+        yield replicator
+    finally:
+        await replicator.stop()
+        await store.close()
+
+
+async def test_a_waiting_peer_whose_first_update_follows_the_creation_gets_it(
+    replicator: Replicator,
+) -> None:
+    """A creates the document; B, waiting for it, writes right after A's commit and before the
+    server settles its waiting peers. B is admitted by its write: it must get A's creation too,
+    or every later update of A waits in B's replica forever."""
+    a, b = Replica("a"), Replica("b")
+    room = await replicator.subscribe(a, "wo:p1")
+    await replicator.subscribe(b, "wo:p1")
+    created = (await replicator.submit(a, room, a.edit("created"))).committed
+    assert created is not None
+    await created  # resumes before the task that settles the waiting peers has run
+    done = (await replicator.submit(b, room, b.edit("b"))).committed
+    assert done is not None
+    await done
+    later = (await replicator.submit(a, room, a.edit("later"))).committed
+    assert later is not None
+    await later
+    for replica in (a, b):
+        assert replica.doc.get("fields", type=Map).to_py() == {
+            "created": "a",
+            "b": "b",
+            "later": "a",
+        }, replica.principal.subject
