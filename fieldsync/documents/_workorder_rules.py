@@ -93,7 +93,10 @@ def reads(touched: Collection[str] | None, paths: Iterable[str]) -> bool:
     if touched is None:
         return True
     return any(
-        t == p or t.startswith(p + ".") or p.startswith(t + ".") for t in touched for p in paths
+        t == p or t.startswith(p + ".") or p.startswith(t + ".")
+        for p in paths
+        for t in touched
+        if t[:1] == p[:1]  # most pairs differ at once: no strings built for them
     )
 
 

@@ -277,8 +277,8 @@ class Replicator:
         after the author's and broadcast to every replica (the author included); tell the
         author what was corrected and why, and keep a conflict record of it."""
         principal = author.principal
-        role = self.policy.acting_role(principal)
-        creator = rules.Creator(principal.subject, role) if created and role else None
+        role = self.policy.acting_role(principal) if created else None
+        creator = rules.Creator(principal.subject, role) if role else None
         judge = functools.partial(
             rules.check,
             room.ydoc,
