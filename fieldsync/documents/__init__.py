@@ -11,7 +11,7 @@ from fieldsync.documents import _templates as form_templates
 from fieldsync.documents import _workorder as work_order
 from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
-from fieldsync.documents._paths import Scratch, data, watch
+from fieldsync.documents._paths import Scratch, data, follow, watch
 from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.storage import DocIndex
 
@@ -50,6 +50,7 @@ __all__ = [
     "TemplateError",
     "Templates",
     "doc_type",
+    "follow",
     "form",
     "form_templates",
     "index",

@@ -186,9 +186,14 @@ class Room:
         roots = documents.roots(self.type)
         for change in changes:
             root = change.path.split(".", 1)[0]
-            if root in roots:
-                self._changes.append(change)
-                self._parsed.pop(root, None)
+            if root not in roots:
+                continue
+            self._changes.append(change)
+            parsed = self._parsed.get(root)
+            if parsed is not None and change.path == root and isinstance(change.new, list):
+                documents.follow(parsed, change.new)  # an append to a log, mostly
+            else:
+                self._parsed.pop(root, None)  # read again when next needed
 
     def read(self, root: str) -> Any:
         """A root array's content as plain data. Parsed once per change of the root: the rules
