@@ -195,26 +195,18 @@ def _status(
     ):
         return []  # only the checklist or the forms changed, and only completion reads them
     status, verdicts = replay(entries, may_move, lambda: _completion_problems(read, forms_blocking))
-    marks = _marks(entries, verdicts)
-    told = _told(verdicts, marks)
-    if status is not None and shown != status:
-        if not marks and touched is not None and not reads(touched, ("status_log",)):
-            # The field was written without a log entry: only the log moves the status.
-            told.append(
-                Violation(
-                    "status_transition",
-                    f"a status change is an entry of status_log; the status stays {status}",
-                )
-            )
-    elif not marks:
-        return []
-
-    def fix(doc: Doc) -> None:
-        _mark(doc.get("status_log", type=Array), marks)
-        if status is not None and doc.get("fields", type=Map).get("status") != status:
-            doc.get("fields", type=Map)["status"] = status
-
-    return [Correction(fix, tuple(told))]
+    return _project(
+        doc,
+        ("status_log", "status"),
+        entries,
+        verdicts,
+        status,
+        touched,
+        Violation(
+            "status_transition",
+            f"a status change is an entry of status_log; the status stays {status}",
+        ),
+    )
 
 
 def replay(
@@ -290,26 +282,18 @@ def _meter(doc: Doc, read: Reader, touched: Collection[str] | None) -> list[Corr
         else:
             highest = value
         verdicts.append(("meter_never_decreases", reason))
-    marks = _marks(readings, verdicts)
-    told = _told(verdicts, marks)
-    shown = doc.get("fields", type=Map).get("meter_reading")
-    if highest is not None and shown != highest:
-        if not marks and touched is not None and not reads(touched, ("meter_readings",)):
-            told.append(
-                Violation(
-                    "meter_never_decreases",
-                    f"a meter reading is an entry of meter_readings; the reading stays {highest:g}",
-                )
-            )
-    elif not marks:
-        return []
-
-    def fix(doc: Doc) -> None:
-        _mark(doc.get("meter_readings", type=Array), marks)
-        if highest is not None and doc.get("fields", type=Map).get("meter_reading") != highest:
-            doc.get("fields", type=Map)["meter_reading"] = highest
-
-    return [Correction(fix, tuple(told))]
+    return _project(
+        doc,
+        ("meter_readings", "meter_reading"),
+        readings,
+        verdicts,
+        highest,
+        touched,
+        Violation(
+            "meter_never_decreases",
+            f"a meter reading is an entry of meter_readings; the reading stays {highest}",
+        ),
+    )
 
 
 # --- time entries ---------------------------------------------------------------------------
@@ -358,6 +342,35 @@ def _span(entry: Any) -> tuple[float, float] | None:
 
 
 # --- shared by the logs ---------------------------------------------------------------------
+
+
+def _project(
+    doc: Doc,
+    log_and_field: tuple[str, str],
+    entries: list[Any],
+    verdicts: list[tuple[str, str | None]],
+    outcome: Any,
+    touched: Collection[str] | None,
+    written_directly: Violation,
+) -> list[Correction]:
+    """The correction that marks a log's entries with their verdicts and shows where the log
+    leads (`outcome`, None: nowhere yet) in its field of `fields`; the author of a write to the
+    field without a log entry is told `written_directly`."""
+    log, field = log_and_field
+    marks = _marks(entries, verdicts)
+    told = _told(verdicts, marks)
+    if outcome is not None and doc.get("fields", type=Map).get(field) != outcome:
+        if not marks and touched is not None and not reads(touched, (log,)):
+            told.append(written_directly)
+    elif not marks:
+        return []
+
+    def fix(doc: Doc) -> None:
+        _mark(doc.get(log, type=Array), marks)
+        if outcome is not None and doc.get("fields", type=Map).get(field) != outcome:
+            doc.get("fields", type=Map)[field] = outcome
+
+    return [Correction(fix, tuple(told))]
 
 
 def _marks(entries: list[Any], verdicts: list[tuple[str, str | None]]) -> dict[int, str | None]:
