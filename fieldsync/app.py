@@ -141,6 +141,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         scopes=settings.oidc_scopes,
         public_url=settings.public_url,
         timeout=settings.oidc_timeout,
+        rate=settings.token_rate,
+        burst=settings.token_burst,
     )
     app.cleanup_ctx.append(auth.lifecycle)  # after `lifecycle`: needs the verifier started
     app.router.add_routes(auth.routes())

@@ -184,6 +184,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("oidc_client_id", "fieldsync-app", _name, "client id of the apps at the provider"),
     Setting("oidc_scopes", "openid profile offline_access", _scopes, "scopes the apps ask for"),
     Setting("oidc_timeout", 10.0, _positive_float, "seconds to wait for the token endpoint"),
+    Setting("token_rate", 10.0, _positive_float, "token relay requests per second per address"),
+    Setting("token_burst", 60.0, _positive_float, "token relay request burst per address"),
     Setting("public_url", "", _url, "fieldsync's external base URL (empty: from the request)"),
     Setting("roles_claim", "roles", _name, "claim path of the roles (e.g. realm_access.roles)"),
     Setting("team_claim", "team", _name, "claim path of the team"),

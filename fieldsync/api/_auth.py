@@ -27,6 +27,7 @@ from aiohttp import web
 
 from fieldsync.api._problems import problem
 from fieldsync.errors import ErrorCode
+from fieldsync.rates import PerKey
 
 __all__ = ["AuthHelpers", "Provider"]
 
@@ -109,8 +110,13 @@ class AuthHelpers:
         scopes: str,
         public_url: str = "",
         timeout: float = 10.0,
+        rate: float = 10.0,
+        burst: float = 60.0,
     ) -> None:
         self._provider = provider
+        # Per client address: a flood of token requests reaches neither the provider nor the
+        # relay's session (sign-ins and refreshes of a whole depot behind one address fit).
+        self._limits = PerKey(rate, burst)
         self._client_id = client_id
         self._scopes = scopes.split()
         self._public_url = public_url.rstrip("/")
@@ -166,6 +172,16 @@ class AuthHelpers:
     async def token(self, request: web.Request) -> web.Response:
         """Relay one token request; the answer is the provider's JSON, or a problem document
         whose `error` member carries the RFC 6749 §5.2 name for OAuth client libraries."""
+        wait = self._limits.take(request.remote or "")
+        if wait:
+            log.info("token request refused: rate limited")
+            response = problem(
+                ErrorCode.RATE_LIMITED,
+                f"too many token requests from this address: try again in {wait} s",
+                error="slow_down",
+            )
+            response.headers["Retry-After"] = str(wait)
+            return _no_store(response)
         try:
             upstream = self._upstream_form(await _read_form(request))
         except _BadRequest as bad:

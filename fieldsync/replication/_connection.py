@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError
+from fieldsync.rates import TokenBucket
 from fieldsync.replication._replicator import Replicator, Submitted
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed
@@ -48,25 +49,6 @@ class SessionClosed(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-class TokenBucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-
-    def take(self, count: int = 1) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < count:
-            return False
-        self.tokens -= count
-        return True
 
 
 class Connection:

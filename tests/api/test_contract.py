@@ -320,7 +320,8 @@ async def test_every_operation_answers_as_documented(
     driven = {(m, p, str(status)) for m, p, status in c.exchanges}
     documented = {(m, p, s) for m, p, op in contract.operations() for s in op["responses"]}
     elsewhere = {(m, p, s) for m, p, s in documented if s in ("401", "426")}
-    elsewhere |= {("POST", "/v1/auth/token", "200"), ("POST", "/v1/auth/token", "503")}
+    elsewhere |= {(m, "/v1/auth/token", s) for m, s in (("POST", "200"), ("POST", "503"))}
+    elsewhere.add(("POST", "/v1/auth/token", "429"))  # with a tight limit, in its own test
     assert documented - driven - elsewhere == set()
 
 
@@ -861,6 +862,22 @@ async def test_the_token_relay_answers_as_documented(
             "POST", "/v1/auth/token", 503, body=refresh.encode(), content_type=urlencoded
         )
         assert int(down.headers["Retry-After"]) > 0
+
+
+async def test_the_token_relay_limits_each_address(
+    tmp_path: Path, issuer: DevIssuer, http: aiohttp.ClientSession
+) -> None:
+    """Beyond the burst, a client address is told to slow down (documented as 429), and the
+    request goes no further."""
+    async with running_server(tmp_path, issuer, token_rate=0.01, token_burst=2) as server:
+        c = Contract(server, http, contract.openapi())
+        form = "application/x-www-form-urlencoded"
+        body = b"grant_type=refresh_token&refresh_token=x"
+        for _ in range(2):  # refused by the provider (it grants passwords only), but relayed
+            await c.call("POST", "/v1/auth/token", 400, body=body, content_type=form)
+        limited = await c.call("POST", "/v1/auth/token", 429, body=body, content_type=form)
+        assert limited.json["error"] == "slow_down"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 100
 
 
 def concrete(path: str) -> str:
