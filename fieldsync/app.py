@@ -156,6 +156,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         max_bytes=settings.attachment_max_bytes,
         types=settings.attachment_types,
         max_pixels=settings.attachment_max_pixels,
+        upload_expiry=settings.upload_expiry_hours * 3600,
     )
     app[ATTACHMENTS] = attachments
     app.cleanup_ctx.append(attachments.lifecycle)

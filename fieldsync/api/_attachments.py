@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -48,8 +49,10 @@ from fieldsync.storage._attachments import (
     complete_upload,
     create_upload,
     delete_upload,
+    expire_upload,
     readers_of,
     record_received,
+    stale_uploads,
     stored_among,
     upload,
 )
@@ -140,8 +143,10 @@ class Attachments:
         max_bytes: int,
         types: frozenset[str],
         max_pixels: int,
+        upload_expiry: float = 24 * 3600.0,
     ) -> None:
         self._store = store
+        self.upload_expiry = upload_expiry  # seconds an unfinished upload may sit untouched
         self._tables = tables
         self.blobs = blobs
         self._policy = policy  # read per request: SIGHUP may replace the policy
@@ -153,7 +158,36 @@ class Attachments:
 
     async def lifecycle(self, app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(self.blobs.prepare)
+        sweeper = asyncio.create_task(self._expire_forever(), name="upload-expiry")
         yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.upload_expiry / 4, 3600.0))
+            try:
+                await self.expire()
+            except Exception:
+                log.exception("expiring abandoned uploads failed; trying again later")
+
+    async def expire(self) -> int:
+        """Forget the uploads left unfinished and untouched for `upload_expiry` (a device that
+        gave up, or was wiped), with their staged bytes; a device that comes back to one gets
+        404 and uploads again. Returns how many went."""
+        idle_since = time.time() - self.upload_expiry
+        gone = 0
+        for upload_id in await self._tables.query(lambda db: stale_uploads(db, idle_since)):
+            if upload_id in self._busy:
+                continue  # a chunk is being written to it right now
+            expired = functools.partial(expire_upload, upload_id=upload_id, idle_since=idle_since)
+            if await self._tables.transact(expired):
+                await asyncio.to_thread(self.blobs.discard, upload_id)
+                gone += 1
+        if gone:
+            log.info("expired %d upload(s) left unfinished for %.0f s", gone, self.upload_expiry)
+        return gone
 
     # --- uploads --------------------------------------------------------------------------
 

@@ -26,8 +26,10 @@ __all__ = [
     "complete_upload",
     "create_upload",
     "delete_upload",
+    "expire_upload",
     "readers_of",
     "record_received",
+    "stale_uploads",
     "stored_among",
     "upload",
 ]
@@ -191,7 +193,29 @@ def delete_upload(txn: Transaction, upload_id: str) -> bool:
     return txn.db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount == 1
 
 
+def expire_upload(txn: Transaction, upload_id: str, idle_since: float) -> bool:
+    """Delete an upload still unfinished and untouched since `idle_since`; False when it moved
+    meanwhile (a chunk arrived, it completed) or is gone."""
+    return (
+        txn.db.execute(
+            "DELETE FROM uploads WHERE id = ? AND completed_at IS NULL AND updated_at < ?",
+            (upload_id, idle_since),
+        ).rowcount
+        == 1
+    )
+
+
 # Reads (a reader thread, one snapshot)
+
+
+def stale_uploads(db: Database, idle_since: float, limit: int = 1000) -> list[str]:
+    """Unfinished uploads untouched since `idle_since`, oldest first."""
+    rows = db.execute(
+        "SELECT id FROM uploads WHERE completed_at IS NULL AND updated_at < ?"
+        " ORDER BY updated_at LIMIT ?",
+        (idle_since, limit),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def upload(db: Database, upload_id: str) -> Upload | None:

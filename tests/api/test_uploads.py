@@ -611,3 +611,23 @@ def test_the_type_allow_list_names_only_types_fieldsync_recognises() -> None:
     for bad in ("image/gif", "image/heic", ""):
         with pytest.raises(ConfigError, match="FIELDSYNC_ATTACHMENT_TYPES"):
             Settings.load(None, {"FIELDSYNC_ATTACHMENT_TYPES": bad})
+
+
+async def test_an_upload_left_unfinished_expires_with_its_bytes(
+    seeded: Server, http: aiohttp.ClientSession
+) -> None:
+    """A device that gave up leaves nothing behind for long: after `upload_expiry` untouched,
+    the upload and its staged bytes go; finished content stays."""
+    tina = Tus(seeded, http, "tina")
+    photo, other = jpeg(seed=6), jpeg(seed=7)
+    left = await tina.created(photo, "wo:p1")
+    assert (await tina.patch(left, 0, photo[:1000])).status == 204
+    done = await tina.created(other, "wo:p1")
+    assert (await tina.patch(done, 0, other)).status == 204
+    attachments = seeded.app[ATTACHMENTS]
+    assert await attachments.expire() == 0  # a day is far off
+    attachments.upload_expiry = 0.0
+    assert await attachments.expire() == 1
+    assert (await tina.head(left))[0] == 403  # as for a terminated upload
+    assert staged_files(seeded) == []
+    assert (await tina.get(f"/v1/attachments/{sha256(other)}"))[2] == other
