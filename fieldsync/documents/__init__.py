@@ -28,6 +28,11 @@ def index_root(kind: DocType) -> str:
     return work_order.INDEX_ROOT if kind is DocType.WORK_ORDER else form.INDEX_ROOT
 
 
+def frozen_roots(kind: DocType) -> frozenset[str]:
+    """The roots a document of `kind` is given at creation and never changes after."""
+    return work_order.FROZEN if kind is DocType.WORK_ORDER else form.FROZEN
+
+
 def roots(kind: DocType) -> dict[str, Any]:
     """The roots of a document type and their pycrdt types."""
     return work_order.ROOTS if kind is DocType.WORK_ORDER else form.ROOTS
@@ -53,6 +58,7 @@ __all__ = [
     "follow",
     "form",
     "form_templates",
+    "frozen_roots",
     "index",
     "index_root",
     "roots",

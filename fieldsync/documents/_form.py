@@ -18,6 +18,9 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
 
 
 ROOTS: dict[str, type[Map]] = {"meta": Map, "answers": Map, "validation": Map}
+# Written at creation, never after: a form stays with its work order (whose scope it is seen
+# in) and keeps the template version it was started with.
+FROZEN = frozenset({"meta"})
 
 
 def write(doc: Doc, wo: str, template: str, version: int, answers: Mapping[str, Any]) -> None:

@@ -74,6 +74,9 @@ ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
 }
 
 
+FROZEN: frozenset[str] = frozenset()  # roots written at creation only: none
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pycrdt import Doc, Map
 
+from fieldsync import documents
 from fieldsync.auth import Policy, Principal, in_scope
 from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
@@ -215,22 +216,10 @@ class Replicator:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
         checked = False
-        principal = peer.principal
         if not room.exists:
             await self._authorise_creation(peer, room, update)
-        elif not self.policy.writes_everything(principal, room.type.value):
-            # Read what the update writes on a scratch replica before the room takes it.
-            changes = room.written(update)
-            refused = self.policy.forbidden_paths(
-                principal, room.type.value, {change.path for change in changes}
-            )
-            forged = rules.log_problems(changes, principal.subject, principal.roles)
-            if refused or forged:
-                room.forget_scratch()
-                if refused:
-                    raise ForbiddenField(room.doc_id, refused)
-                raise ForbiddenField(room.doc_id, sorted(rules.LOGS), "; ".join(forged))
-            checked = True
+        else:
+            checked = self._check_paths(peer.principal, room, update)
         created = not room.exists
         try:
             effective = room.apply(update, checked=checked)
@@ -252,6 +241,34 @@ class Replicator:
             self._validate_form(room)
             self._spawn(self._recheck_work_order(room, peer, submitted.committed))
         return submitted
+
+    def _check_paths(self, principal: Principal, room: Room, update: bytes) -> bool:
+        """Read what `update` writes on the room's scratch replica before the room takes it,
+        for a writer held to paths and for a document with roots fixed at creation; raise
+        `ForbiddenField` for what may not be written. False when there was nothing to check."""
+        everything = self.policy.writes_everything(principal, room.type.value)
+        frozen = documents.frozen_roots(room.type)
+        if everything and not frozen:
+            return False
+        changes = room.written(update)
+        paths = {change.path for change in changes}
+        refused = (
+            [] if everything else self.policy.forbidden_paths(principal, room.type.value, paths)
+        )
+        fixed = sorted(path for path in paths if path.split(".", 1)[0] in frozen)
+        forged = (
+            [] if everything else rules.log_problems(changes, principal.subject, principal.roles)
+        )
+        if refused or fixed or forged:
+            room.forget_scratch()
+            if refused:
+                raise ForbiddenField(room.doc_id, refused)
+            if fixed:
+                roots = ", ".join(sorted(frozen))
+                why = f"{roots} is written when the document is created, never after"
+                raise ForbiddenField(room.doc_id, fixed, why)
+            raise ForbiddenField(room.doc_id, sorted(rules.LOGS), "; ".join(forged))
+        return True
 
     def _validate_form(self, room: Room) -> None:
         """Mark wrong, out-of-range and missing answers in the form's `validation` map, for the

@@ -248,6 +248,8 @@ def expected(cell: Cell) -> Expect:
     if cell.message in READS[cell.kind]:
         return Expect("allowed")
     refused = POLICY.forbidden_paths(principal, cell.kind.value, [cell.path])
+    if not refused and cell.path.split(".", 1)[0] in documents.frozen_roots(cell.kind):
+        refused = [cell.path]  # written at creation only, whoever writes
     return Expect("forbidden_field", tuple(refused)) if refused else Expect("allowed")
 
 

@@ -3,12 +3,12 @@ write is refused whole, never stored or broadcast, and the device is told to res
 
 from __future__ import annotations
 
-from pycrdt import Map, Text
+from pycrdt import Doc, Map, Text
 
 from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.replication import SyncStep
-from tests.harness import Server, work_order
+from tests.harness import Server, stored_doc, work_order
 from tests.wire import connect
 
 
@@ -74,3 +74,39 @@ async def test_a_root_outside_the_schema_is_refused(server: Server) -> None:
         theirs.get("payload", type=Map)["x"] = 1
         await tina.update("wo:g", theirs.get_update(before))
         assert (await tina.control("error", doc="wo:g"))["paths"] == ["payload"]
+
+
+async def test_a_form_keeps_its_work_order_and_template_version(server: Server) -> None:
+    """`meta` is written when a form is created, never after, even by a role that writes
+    everything: moving a form to another work order would move it into another scope unseen,
+    and a form keeps the template version it was started with."""
+    async with connect(server.sync_url, server.token("sam")) as sam:
+        await sam.hello()
+        await sam.update("wo:m1", work_order("wo:m1").get_update())
+        await sam.update("wo:m2", work_order("wo:m2", assignee="tom").get_update())
+        form: Doc = Doc()
+        documents.form.write(form, "wo:m1", "safety-check", 1, {"permit_number": "PTW-1"})
+        await sam.update("form:m1", form.get_update())
+        for _ in range(3):
+            await sam.control("ack")
+        for key, value in (("wo", "wo:m2"), ("version", 3)):
+            replica = await sam.replica("form:m1")
+            before = replica.get_state()
+            replica.get("meta", type=Map)[key] = value
+            await sam.update("form:m1", replica.get_update(before))
+            error = await sam.control("error", doc="form:m1")
+            assert (error["code"], error["paths"]) == ("forbidden_field", [f"meta.{key}"])
+            await sam.control("reset", doc="form:m1")
+        # Answers stay writable.
+        replica = await sam.replica("form:m1")
+        before = replica.get_state()
+        replica.get("answers", type=Map)["gloves"] = True
+        await sam.update("form:m1", replica.get_update(before))
+        await sam.control("ack", doc="form:m1")
+    stored = await stored_doc(server, "form:m1")
+    assert stored.get("meta", type=Map).to_py() == {
+        "wo": "wo:m1",
+        "template": "safety-check",
+        "version": 1,
+    }
+    assert stored.get("answers", type=Map)["gloves"] is True
