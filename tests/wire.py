@@ -23,6 +23,7 @@ from fieldsync.replication import (
     encode_frame,
     encode_sync,
 )
+from tests.harness import Server, work_order
 
 
 class Wire:
@@ -167,3 +168,21 @@ async def connect(url: str, token: str | None) -> AsyncIterator[Wire]:
             yield wire
         finally:
             await wire.close()
+
+
+@asynccontextmanager
+async def sam_and_tina(
+    server: Server, doc_id: str | None = None, **fields: Any
+) -> AsyncIterator[tuple[Wire, Wire]]:
+    """sam (a supervisor) and tina (a technician of his team), connected and greeted; with
+    `doc_id`, the work order sam created there first, durably (`work_order(doc_id, **fields)`)."""
+    async with (
+        connect(server.sync_url, server.token("sam")) as sam,
+        connect(server.sync_url, server.token("tina")) as tina,
+    ):
+        await sam.hello()
+        await tina.hello()
+        if doc_id is not None:
+            await sam.update(doc_id, work_order(doc_id, **fields).get_update())
+            await sam.control("ack", doc=doc_id)
+        yield sam, tina

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from pycrdt import Doc
 
-from tests.harness import Server, work_order
-from tests.wire import Wire, connect
+from tests.harness import Server
+from tests.wire import Wire, sam_and_tina
 
 
 async def get(server: Server, path: str, subject: str) -> tuple[int, dict[str, Any]]:
@@ -28,14 +28,7 @@ async def edit(wire: Wire, doc_id: str, doc: Doc, **fields: object) -> dict[str,
 async def history(server: Server) -> Server:
     """wo:a1 (tina's, team north): its due date moved three times by sam, its status once by
     tina, and one status change tina may not make (a conflict)."""
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:a1", work_order("wo:a1", status="assigned").get_update())
-        await sam.control("ack", doc="wo:a1")
+    async with sam_and_tina(server, "wo:a1", status="assigned") as (sam, tina):
         boss = await sam.replica("wo:a1")
         for day in ("2026-12-01", "2026-12-08", "2026-12-15"):
             await edit(sam, "wo:a1", boss, due_at=day)

@@ -9,18 +9,11 @@ from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.replication import SyncStep
 from tests.harness import Server, stored_doc, work_order
-from tests.wire import connect
+from tests.wire import connect, sam_and_tina
 
 
 async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: Server) -> None:
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:f", work_order("wo:f", assignee="tina").get_update())
-        await sam.control("ack", doc="wo:f")
+    async with sam_and_tina(server, "wo:f", assignee="tina") as (sam, tina):
         theirs = await tina.replica("wo:f")
         await sam.replica("wo:f")
         store = server.app[STORE]
@@ -61,14 +54,7 @@ async def test_a_technician_edits_status_and_notes_but_not_the_assignee(server: 
 
 
 async def test_a_root_outside_the_schema_is_refused(server: Server) -> None:
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:g", work_order("wo:g", assignee="tina").get_update())
-        await sam.control("ack", doc="wo:g")
+    async with sam_and_tina(server, "wo:g", assignee="tina") as (_sam, tina):
         theirs = await tina.replica("wo:g")
         before = theirs.get_state()
         theirs.get("payload", type=Map)["x"] = 1

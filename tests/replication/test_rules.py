@@ -16,7 +16,7 @@ from fieldsync.client import Client
 from fieldsync.replication import SyncStep
 from fieldsync.storage import ScopeFilter, ScopeKind
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
-from tests.wire import connect
+from tests.wire import connect, sam_and_tina
 
 
 def log_of(doc: Doc) -> list[dict]:
@@ -28,14 +28,7 @@ def status_is(value: str) -> Callable[[Doc], bool]:
 
 
 async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> None:
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:r1", work_order("wo:r1", status="assigned").get_update())
-        await sam.control("ack", doc="wo:r1")
+    async with sam_and_tina(server, "wo:r1", status="assigned") as (sam, tina):
         mine = await tina.replica("wo:r1")
         theirs = await sam.replica("wo:r1")
         # assigned → closed: not a technician's to make.
@@ -69,14 +62,7 @@ async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> N
 async def test_log_entries_are_appended_in_the_writers_own_name(server: Server) -> None:
     """A technician may not rewrite the status history: not claim another's name or role, not
     change or delete an entry. Such an update is refused whole; nothing of it is kept."""
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:r6", work_order("wo:r6", status="assigned").get_update())
-        await sam.control("ack", doc="wo:r6")
+    async with sam_and_tina(server, "wo:r6", status="assigned") as (_sam, tina):
         attempts: list[Callable[[Doc], None]] = [
             lambda d: documents.work_order.set_status(d, "closed", by="tina", role="supervisor"),
             lambda d: documents.work_order.set_status(d, "en_route", by="sam", role="supervisor"),
@@ -101,14 +87,7 @@ async def test_a_supervisors_cancel_dominates_an_offline_completion(server: Serv
     """Both orders: the completion arriving first, and the cancel arriving first."""
     for first in ("tina", "sam"):
         doc_id = f"wo:cancel-{first}"
-        async with (
-            connect(server.sync_url, server.token("sam")) as sam,
-            connect(server.sync_url, server.token("tina")) as tina,
-        ):
-            await sam.hello()
-            await tina.hello()
-            await sam.update(doc_id, work_order(doc_id, status="in_progress").get_update())
-            await sam.control("ack", doc=doc_id)
+        async with sam_and_tina(server, doc_id, status="in_progress") as (sam, tina):
             tech = await tina.replica(doc_id)
             boss = await sam.replica(doc_id)
             # Both edit without seeing each other's edit (tina offline, say).
@@ -268,14 +247,7 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
 
 
 async def test_every_field_change_is_in_the_history_with_its_author(server: Server) -> None:
-    async with (
-        connect(server.sync_url, server.token("sam")) as sam,
-        connect(server.sync_url, server.token("tina")) as tina,
-    ):
-        await sam.hello()
-        await tina.hello()
-        await sam.update("wo:h1", work_order("wo:h1", status="assigned").get_update())
-        await sam.control("ack", doc="wo:h1")
+    async with sam_and_tina(server, "wo:h1", status="assigned") as (sam, tina):
         theirs = await sam.replica("wo:h1")
         await sam.edit("wo:h1", theirs, due_at="2026-12-24")
         await sam.control("ack", doc="wo:h1")
