@@ -25,7 +25,15 @@ from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
-from fieldsync.storage import Committed, Conflict, DocIndex, ScopeChange, Store, Write
+from fieldsync.storage import (
+    Committed,
+    Conflict,
+    DocIndex,
+    FieldChange,
+    ScopeChange,
+    Store,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +223,14 @@ class Replicator:
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
-        checked = False
+        read = None
         if not room.exists:
             await self._authorise_creation(peer, room, update)
         else:
-            checked = self._check_paths(peer.principal, room, update)
+            read = self._check_paths(peer.principal, room, update)
         created = not room.exists
         try:
-            effective = room.apply(update, checked=checked)
+            effective = room.apply(update, read=read)
         finally:
             # `apply` raises when it poisons the room: drop it here, or its subscribers would
             # go on with a document in memory that storage does not hold (or that panics).
@@ -242,14 +250,17 @@ class Replicator:
             self._spawn(self._recheck_work_order(room, peer, submitted.committed))
         return submitted
 
-    def _check_paths(self, principal: Principal, room: Room, update: bytes) -> bool:
+    def _check_paths(
+        self, principal: Principal, room: Room, update: bytes
+    ) -> list[FieldChange] | None:
         """Read what `update` writes on the room's scratch replica before the room takes it,
         for a writer held to paths and for a document with roots fixed at creation; raise
-        `ForbiddenField` for what may not be written. False when there was nothing to check."""
+        `ForbiddenField` for what may not be written. Returns what it read, None when there was
+        nothing to check."""
         everything = self.policy.writes_everything(principal, room.type.value)
         frozen = documents.frozen_roots(room.type)
         if everything and not frozen:
-            return False
+            return None
         changes = room.written(update)
         paths = {change.path for change in changes}
         refused = (
@@ -268,7 +279,7 @@ class Replicator:
                 why = f"{roots} is written when the document is created, never after"
                 raise ForbiddenField(room.doc_id, fixed, why)
             raise ForbiddenField(room.doc_id, sorted(rules.LOGS), "; ".join(forged))
-        return True
+        return changes
 
     def _validate_form(self, room: Room) -> None:
         """Mark wrong, out-of-range and missing answers in the form's `validation` map, for the

@@ -101,7 +101,6 @@ class Room:
         # read on the scratch replica: a writer held to paths has it read there already.
         self._history = history
         self._changes: list[FieldChange] = []
-        self._checked: list[FieldChange] = []  # what `written` read of the update `apply` takes
         self._parsed: dict[str, Any] = {}  # root -> its content as plain data, until it changes
 
     @property
@@ -123,7 +122,6 @@ class Room:
         if not integrated(update, self._mirror().doc.get_state()):
             self._scratch = None
             raise Incomplete(self.doc_id)
-        self._checked = changes
         return changes
 
     def _mirror(self) -> documents.Scratch:
@@ -143,16 +141,15 @@ class Room:
     def forget_scratch(self) -> None:
         """The scratch replica took an update the room refused: it no longer mirrors the room."""
         self._scratch = None
-        self._checked = []
 
-    def apply(self, update: bytes, *, checked: bool = False) -> bytes | None:
+    def apply(self, update: bytes, *, read: list[FieldChange] | None = None) -> bytes | None:
         """Merge `update`; return what it added (the effective update to store and broadcast), or
         None when it added nothing (already known, or waiting on updates not received yet).
-        `checked`: the scratch replica has taken it already (see `written`). Raises
+        `read`: what `written` read of it (the scratch replica has taken it already). Raises
         `InvalidUpdate`; an update the scratch replica cannot take never reaches the room."""
         self.last_used = time.monotonic()
-        if checked:
-            changes, self._checked = self._checked, []
+        if read is not None:
+            changes = read
         elif self._history or self._scratch is not None:
             changes = self._read(update)
         else:

@@ -769,7 +769,7 @@ def test_every_route_about_a_document_is_in_the_matrix(tmp_path: Path) -> None:
 
 
 def test_mutate_writes_exactly_the_path_it_names() -> None:
-    """The matrix's premise, checked with the write path's own reading (`paths_written`)."""
+    """The matrix's premise, checked with the write path's own reading (`Scratch.written`)."""
     for kind in DocType:
         for path in write_paths(kind):
             base = build(kind, "tina", "assigned")
