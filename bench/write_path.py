@@ -24,8 +24,9 @@ from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
 from fieldsync.auth import Principal, Role
+from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator
-from fieldsync.storage import ScopeFilter, ScopeKind, SQLiteStore
+from fieldsync.storage import SQLiteStore
 
 STEPS = ("en_route", "in_progress", "on_hold", "in_progress")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldsync.auth._principal import Principal, Role
-from fieldsync.storage import DocIndex, ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
 
 DOC_TYPES = ("wo", "form")
 # Wider first: a principal with several roles sees through its widest.

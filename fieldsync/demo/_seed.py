@@ -9,7 +9,8 @@ from fieldsync.demo import _dataset, _devices
 from fieldsync.demo._devices import Device, Fleet
 from fieldsync.demo._report import Progress
 from fieldsync.demo._server import Running
-from fieldsync.storage import ScopeFilter, ScopeKind, Store
+from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.storage import Store
 
 
 async def stored_ids(store: Store) -> set[str]:

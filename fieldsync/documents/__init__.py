@@ -13,7 +13,7 @@ from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
 from fieldsync.documents._paths import Scratch, data, follow, watch
 from fieldsync.documents._templates import TemplateError, Templates
-from fieldsync.storage import DocIndex
+from fieldsync.records import DocIndex
 
 
 def index(doc_id: str, doc: Doc) -> DocIndex:

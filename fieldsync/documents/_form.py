@@ -7,7 +7,7 @@ from typing import Any
 
 from pycrdt import Doc, Map
 
-from fieldsync.storage import DocIndex
+from fieldsync.records import DocIndex
 
 INDEX_ROOT = "meta"  # the root the index is read from
 

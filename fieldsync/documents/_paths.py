@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from pycrdt import Array, Doc, Map, Subscription
 
-from fieldsync.storage import FieldChange
+from fieldsync.records import FieldChange
 
 
 def watch(doc: Doc, roots: dict[str, Any], sink: list[FieldChange]) -> Callable[[], None]:

@@ -10,7 +10,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from fieldsync.documents._paths import data
-from fieldsync.storage import DocIndex
+from fieldsync.records import DocIndex
 
 # The root the index is read from, and the keys of it that scopes and screens filter on
 # (DESIGN.md §2).

@@ -20,7 +20,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map
 
 from fieldsync.documents._paths import data
-from fieldsync.storage import FieldChange
+from fieldsync.records import FieldChange
 
 # The status machine (issue 4): new → assigned → en_route → in_progress ⇄ on_hold → completed →
 # closed; cancelled from any state before closed; a supervisor may reopen a completed work order

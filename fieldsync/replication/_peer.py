@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fieldsync.auth import Principal
-from fieldsync.storage import ScopeFilter
+from fieldsync.records import ScopeFilter
 
 
 class Peer(Protocol):

@@ -22,18 +22,11 @@ from fieldsync.auth import Policy, Principal, in_scope
 from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.records import DocIndex, FieldChange
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
-from fieldsync.storage import (
-    Committed,
-    Conflict,
-    DocIndex,
-    FieldChange,
-    ScopeChange,
-    Store,
-    Write,
-)
+from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
 
 log = logging.getLogger(__name__)
 

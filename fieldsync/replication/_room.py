@@ -11,9 +11,10 @@ from pycrdt import Array, Doc, TransactionEvent, get_update, merge_updates
 
 from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
+from fieldsync.records import DocIndex, FieldChange
 from fieldsync.replication._awareness import Awareness
 from fieldsync.replication._codec import Reader, decode_state_vector
-from fieldsync.storage import DocIndex, FieldChange, StoredDoc
+from fieldsync.storage import StoredDoc
 
 if TYPE_CHECKING:
     from fieldsync.replication._peer import Peer

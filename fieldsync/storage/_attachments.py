@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from sqlite_utils import Database
 
-from fieldsync.storage._types import DocIndex
+from fieldsync.records import DocIndex
 
 if TYPE_CHECKING:  # `_sqlite` imports the migrations, which import SCHEMA from here
     from fieldsync.storage._sqlite import Transaction

@@ -6,7 +6,8 @@ import time
 
 from sqlite_utils import Database
 
-from fieldsync.storage._types import Conflict, ConflictRecord, ScopeFilter, ScopeKind
+from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.storage._types import Conflict, ConflictRecord
 
 SCHEMA = (
     """CREATE TABLE conflicts (

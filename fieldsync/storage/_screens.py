@@ -17,13 +17,12 @@ import orjson
 import pycrdt
 from sqlite_utils import Database
 
+from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.storage._types import (
     Card,
     CardPage,
     MetricsPage,
     Position,
-    ScopeFilter,
-    ScopeKind,
     TeamMetrics,
     WorkOrderRefs,
 )

@@ -23,6 +23,7 @@ import orjson
 import pycrdt
 from sqlite_utils import Database
 
+from fieldsync.records import DocIndex, FieldChange, ScopeFilter, ScopeKind
 from fieldsync.storage import _conflicts, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
@@ -32,12 +33,8 @@ from fieldsync.storage._types import (
     Conflict,
     ConflictRecord,
     DeviceSeen,
-    DocIndex,
-    FieldChange,
     HistoryEntry,
     ScopeChange,
-    ScopeFilter,
-    ScopeKind,
     StoredDoc,
     Write,
 )

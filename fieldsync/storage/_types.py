@@ -4,60 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
-
-class ScopeKind(StrEnum):
-    ASSIGNEE = "assignee"
-    TEAM = "team"
-    REGION = "region"
-    ALL = "all"
-    NONE = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class ScopeFilter:
-    """Which documents a reader may see, in terms storage can query: a work order is visible when
-    its `kind` column equals `value` (`all`: every document, `none`: nothing); a form is visible
-    exactly when its work order is."""
-
-    kind: ScopeKind
-    value: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DocIndex:
-    """The projection of a document's fields that scopes and screens filter on.
-
-    For a work order `wo` is its own id; for a form it is the work order the form belongs to
-    (forms inherit that work order's scope), and the scope columns are None.
-    """
-
-    doc: str
-    type: str
-    wo: str | None
-    assignee: str | None = None
-    team: str | None = None
-    region: str | None = None
-    status: str | None = None
-    number: str | None = None
-    title: str | None = None
-    priority: str | None = None
-    due_at: str | None = None
-    # What the screens show without loading the document (issue 5).
-    site: str | None = None
-    asset_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FieldChange:
-    """One field's change in an update: "fields.status", "checklist.2.done", or a root text or
-    array ("notes") whose `new` is the change's delta."""
-
-    path: str
-    old: Any
-    new: Any
+from fieldsync.records import DocIndex, FieldChange, ScopeFilter
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,9 +43,10 @@ from fieldsync.auth import Policy, Principal, Role, in_scope
 from fieldsync.config import Settings
 from fieldsync.documents import DocType
 from fieldsync.errors import CloseCode
+from fieldsync.records import DocIndex
 from fieldsync.replication import DocMessage, SyncStep, YAwareness, YSync, decode_y, encode_sync
 from fieldsync.replication._awareness import decode_update, encode_update
-from fieldsync.storage import DocIndex, Store
+from fieldsync.storage import Store
 from tests.harness import USERS, Server, eventually, running_issuer, running_server, work_order
 from tests.wire import Wire, connect
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fieldsync.auth import Policy, PolicyError, Principal, Role, in_scope
-from fieldsync.storage import DocIndex, ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
 
 POLICY = Policy.load()
 

@@ -8,7 +8,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
 from fieldsync.documents._paths import root_names
-from fieldsync.storage import FieldChange
+from fieldsync.records import FieldChange
 
 
 def test_root_names_are_the_roots_keys_lists() -> None:

@@ -18,7 +18,7 @@ from pycrdt import Array, Doc, Map
 from fieldsync import documents
 from fieldsync.auth import Policy
 from fieldsync.documents import work_order_rules as rules
-from fieldsync.storage import FieldChange
+from fieldsync.records import FieldChange
 
 POLICY = Policy.load()
 ROLES = {"tina": "technician", "sam": "supervisor"}

@@ -10,8 +10,9 @@ import pytest
 from pycrdt import Doc, Map
 
 from fieldsync.auth import Principal, Role
+from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator, SyncStep, YSync, decode_y
-from fieldsync.storage import ScopeFilter, ScopeKind, SQLiteStore
+from fieldsync.storage import SQLiteStore
 
 
 class Replica:

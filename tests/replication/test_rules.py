@@ -13,8 +13,8 @@ from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
+from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import SyncStep
-from fieldsync.storage import ScopeFilter, ScopeKind
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import connect, sam_and_tina
 

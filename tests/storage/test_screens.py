@@ -12,15 +12,8 @@ import pycrdt
 import pytest
 from sqlite_utils import Database
 
-from fieldsync.storage import (
-    DocIndex,
-    MetricsPage,
-    ScopeFilter,
-    ScopeKind,
-    SQLiteScreens,
-    SQLiteStore,
-    Write,
-)
+from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
+from fieldsync.storage import MetricsPage, SQLiteScreens, SQLiteStore, Write
 from fieldsync.storage._migrations import MIGRATIONS, migrate
 
 EAST = ScopeFilter(ScopeKind.REGION, "east")

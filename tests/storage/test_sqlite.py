@@ -12,7 +12,8 @@ import pycrdt
 import pytest
 from sqlite_utils import Database
 
-from fieldsync.storage import DeviceSeen, DocIndex, SQLiteStore, StorageError, Transaction, Write
+from fieldsync.records import DocIndex
+from fieldsync.storage import DeviceSeen, SQLiteStore, StorageError, Transaction, Write
 from fieldsync.storage._migrations import MIGRATIONS, Migration, migrate
 
 

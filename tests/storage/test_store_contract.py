@@ -12,13 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
 from fieldsync.storage import (
     Committed,
     DeviceSeen,
-    DocIndex,
     ScopeChange,
-    ScopeFilter,
-    ScopeKind,
     StorageError,
     Store,
     StoredDoc,

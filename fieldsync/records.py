@@ -1,0 +1,92 @@
+"""The records several layers share: scopes, the index projection of a document, a field's
+change, and where a change came from. Everything may import this module; it imports nothing of
+fieldsync (DESIGN.md §1: the vocabulary at the bottom)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class ScopeKind(StrEnum):
+    ASSIGNEE = "assignee"
+    TEAM = "team"
+    REGION = "region"
+    ALL = "all"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeFilter:
+    """Which documents a reader may see, in terms storage can query: a work order is visible when
+    its `kind` column equals `value` (`all`: every document, `none`: nothing); a form is visible
+    exactly when its work order is."""
+
+    kind: ScopeKind
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DocIndex:
+    """The projection of a document's fields that scopes and screens filter on.
+
+    For a work order `wo` is its own id; for a form it is the work order the form belongs to
+    (forms inherit that work order's scope), and the scope columns are None.
+    """
+
+    doc: str
+    type: str
+    wo: str | None
+    assignee: str | None = None
+    team: str | None = None
+    region: str | None = None
+    status: str | None = None
+    number: str | None = None
+    title: str | None = None
+    priority: str | None = None
+    due_at: str | None = None
+    # What the screens show without loading the document (issue 5).
+    site: str | None = None
+    asset_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    """One field's change in an update: "fields.status", "checklist.2.done", or a root text or
+    array ("notes") whose `new` is the change's delta."""
+
+    path: str
+    old: Any
+    new: Any
+
+
+class OriginKind(StrEnum):
+    """Who made a change: a device over `fieldsync.v1`, a plain y-websocket client, a REST call,
+    the server's domain rules, or an adapter (ERP, directory, plant floor)."""
+
+    DEVICE = "device"
+    YWS = "yws"
+    REST = "rest"
+    RULES = "rules"
+    ADAPTER = "adapter"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The origin of a change: its kind and, where there are several, which one (a device id, a
+    y-websocket session, an adapter's name). Stored as text, `kind:id` (`kind` alone without an
+    id), and recorded with every update and field change, so that rules never react to their
+    own corrections and an adapter is never sent back what it wrote."""
+
+    kind: OriginKind
+    id: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.id}" if self.id else self.kind.value
+
+    @classmethod
+    def parse(cls, text: str) -> Origin:
+        """The origin stored as `text`; raises ValueError for an unknown kind."""
+        kind, _, ident = text.partition(":")
+        return cls(OriginKind(kind), ident)
