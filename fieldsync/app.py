@@ -1,4 +1,5 @@
-"""Wiring: settings -> store, token verifier, replicator, endpoints -> one aiohttp application."""
+"""Wiring: settings -> storage backend, token verifier, replicator, endpoints -> one aiohttp
+application."""
 
 from __future__ import annotations
 

@@ -24,14 +24,13 @@ def write(doc: str, *changes: FieldChange, actor: str = "tina") -> Write:
 
 async def test_history_is_newest_first_with_who_and_which_commit(store: Store) -> None:
     first = await store.append(write("wo:1", FieldChange("fields.status", None, "assigned")))
-    second = await store.append(
-        write(
-            "wo:1",
-            FieldChange("fields.status", "assigned", "in_progress"),
-            FieldChange("fields.title", "Pump", "Pump 4"),
-            actor="sam",
-        )
+    by_sam = write(
+        "wo:1",
+        FieldChange("fields.status", "assigned", "in_progress"),
+        FieldChange("fields.title", "Pump", "Pump 4"),
+        actor="sam",
     )
+    second = await store.append(by_sam)
     await store.append(write("wo:2", FieldChange("fields.status", None, "assigned")))
     entries = await store.history("wo:1", None, None, 10)
     assert [(e.seq, e.actor, e.change.path) for e in entries] == [
@@ -40,7 +39,7 @@ async def test_history_is_newest_first_with_who_and_which_commit(store: Store) -
         (first.seq, "tina", "fields.status"),
     ]
     assert entries[0].change == FieldChange("fields.title", "Pump", "Pump 4")
-    assert entries[0].origin == "device:sam" and entries[0].at <= time.time()
+    assert entries[0].origin == by_sam.origin and entries[0].at <= time.time()
     assert await store.history("wo:404", None, None, 10) == []
 
 
