@@ -4,7 +4,7 @@
 
 Starts a development issuer and the server on loopback in this process, has the supervisor create
 the work orders over `POST /v1/work-orders` (the demo's realistic content: titles, descriptions,
-checklists, notes), adds the assets' reference rows when the reference-data table exists, then
+checklists, notes), imports the assets' reference rows, then
 measures what the technician's app receives:
 
 - `my-work`, first page (the default page size), per content coding, against the naive
@@ -31,11 +31,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from fieldsync.app import STORE, AccessLogger, create_app
+from fieldsync.app import BACKEND, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
 from fieldsync.demo import _dataset
-from fieldsync.storage import SQLiteStore, Transaction
 
 TECHNICIAN = DevUser("aino", ("technician",), "north", "east", "Aino Virtanen")
 SUPERVISOR = DevUser("sam", ("supervisor",), "north", "east", "Sam Supervisor")
@@ -80,30 +79,14 @@ async def seed(base: str, http: aiohttp.ClientSession, token: str, count: int) -
     return ids
 
 
-async def add_assets(app: web.Application, count: int) -> bool:
-    store = app[STORE]
-    assert isinstance(store, SQLiteStore)
-    exists = await store.query(
-        lambda db: db.execute("SELECT 1 FROM sqlite_master WHERE name = 'ref_rows'").fetchone()
-    )
-    if not exists:
-        return False
+async def add_assets(app: web.Application, count: int) -> None:
     today = date.today()
     rows = {}
     for i in range(count):
         asset_id = _dataset.work_order(i, today).fields["asset_id"]
         rows[asset_id] = {"name": f"Asset {asset_id}", "maker": "Grundfos", "installed": 2019}
-
-    def write(txn: Transaction) -> None:
-        for key, data in rows.items():
-            txn.db.execute(
-                "INSERT OR REPLACE INTO ref_rows (dataset, key, data, seq)"
-                " VALUES ('assets', ?, ?, ?)",
-                (key, json.dumps(data, sort_keys=True), txn.next_seq()),
-            )
-
-    await store.transact(write)
-    return True
+    imported = [{"id": key, **data} for key, data in rows.items()]
+    await app[BACKEND].reference.import_rows("assets", imported, full=False)
 
 
 async def run(count: int) -> int:
@@ -126,7 +109,7 @@ async def run(count: int) -> int:
         try:
             async with aiohttp.ClientSession(auto_decompress=False) as http:
                 await seed(base, http, boss, count)
-                assets = await add_assets(app, count)
+                await add_assets(app, count)
                 my_work = base + "/v1/screens/my-work"
                 plain = await fetch(http, my_work, tech)
                 page = json.loads(plain.body)["items"]
@@ -176,7 +159,7 @@ async def run(count: int) -> int:
     ratio = len(best.body) / naive
     print(
         f"technician with {count} assigned work orders; my-work first page: {len(page)} cards"
-        f" (asset names from reference data: {'yes' if assets else 'no table'})"
+        " (asset names from reference data)"
     )
     print()
     print(f"{'response':52} {'body B':>9} {'headers B':>10}")

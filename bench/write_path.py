@@ -26,7 +26,7 @@ from fieldsync import documents
 from fieldsync.auth import Principal, Role
 from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator
-from fieldsync.storage import SQLiteStore
+from fieldsync.storage import SQLiteBackend
 
 STEPS = ("en_route", "in_progress", "on_hold", "in_progress")
 
@@ -113,9 +113,9 @@ async def run(
     update in µs (every thread: the event loop and the storage writer), which fsync's speed on
     the day does not hide."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = SQLiteStore(Path(tmp) / "bench.db")
-        await store.open()
-        replicator = Replicator(store, enforce_rules=rules)
+        backend = SQLiteBackend(Path(tmp) / "bench.db")
+        await backend.open()
+        replicator = Replicator(backend.store, enforce_rules=rules)
         boss = Device(Principal("sam", frozenset({Role.SUPERVISOR}), team="north", region="east"))
         boss.scope = ScopeFilter(ScopeKind.TEAM, "north")
         tina = Device(Principal("tina", frozenset({Role.TECHNICIAN}), team="north", region="east"))
@@ -136,7 +136,7 @@ async def run(
         await asyncio.gather(*pending)
         elapsed = time.perf_counter() - started
         cpu_us = (time.process_time() - cpu) / len(edits) * 1e6
-        await store.close()
+        await backend.close()
         return len(edits) / elapsed, cpu_us
 
 

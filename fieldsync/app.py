@@ -1,4 +1,5 @@
-"""Wiring: settings -> store, token verifier, replicator, endpoints -> one aiohttp application."""
+"""Wiring: settings -> storage backend, token verifier, replicator, endpoints -> one aiohttp
+application."""
 
 from __future__ import annotations
 
@@ -25,22 +26,22 @@ from fieldsync.api import (
     install_middleware,
     load_spec,
 )
-from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
+from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
 from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import Blobs, ReferenceData, SQLiteScreens, SQLiteStore, Store, Tables
+from fieldsync.storage import Backend, Blobs, SQLiteBackend, Store
 
+SETTINGS = web.AppKey("settings", Settings)
+BACKEND = web.AppKey("backend", Backend)
+# The backend's document store: what the write path commits to (documents, feed, history…).
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
 ENDPOINTS = web.AppKey("endpoints", Endpoints)
-SETTINGS = web.AppKey("settings", Settings)
 # Uploads, downloads, and `describe(doc)` / `unresolved_attachments(doc)` for screens.
 ATTACHMENTS = web.AppKey("attachments", Attachments)
 # Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
 REFERENCE = web.AppKey("reference", ReferenceEndpoints)
-
-Verify = Callable[[str], Awaitable[Principal]]
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -72,25 +73,58 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
-    """The server. It verifies tokens against `settings.oidc_issuer` (started with the app)."""
+def create_app(settings: Settings) -> web.Application:
+    """The server. It verifies tokens against `settings.oidc_issuer` (started with the app).
+
+    Resources start in the order added to `cleanup_ctx` and stop in reverse: the backend first
+    and last, so everything else may use it for as long as it runs."""
     app = web.Application(client_max_size=settings.max_frame)
     app[SETTINGS] = settings
+    backend = backend_for(settings)
+    app[BACKEND], app[STORE] = backend, backend.store
+    app.cleanup_ctx.append(_resource(backend.open, backend.close))
+    verifier = _token_verifier(settings)
+    app.cleanup_ctx.append(_resource(verifier.start, verifier.close))
+    install_middleware(app, settings, verifier.verify)
+    replicator = app[REPLICATOR] = _replicator(settings, backend.store)
+    app.cleanup_ctx.append(_resource(replicator.start, replicator.stop))
+    endpoints = _add_sync(app, settings, replicator, verifier)
+    _add_operations(app, backend.store, replicator, endpoints)
+    _add_auth_helpers(app, settings, verifier)
+    attachments = _add_attachments(app, settings, backend, replicator)
+    _add_screens(app, settings, backend, replicator, attachments)
+    _add_reference(app, settings, backend, replicator)
+    # The contract, read at start: a broken file stops the server rather than serve a lie.
+    app.router.add_routes(ContractRoutes(load_spec()).routes())
+    return app
+
+
+def backend_for(settings: Settings) -> Backend:
+    """The storage backend the settings name (unopened): SQLite in the data directory."""
     settings.data_path.mkdir(parents=True, exist_ok=True)
-    the_store: Store = store or SQLiteStore(
-        settings.data_path / "fieldsync.db", compact_after_updates=settings.compact_after
+    return SQLiteBackend(
+        settings.data_path / "fieldsync.db",
+        compact_after_updates=settings.compact_after,
+        reference_chunk_rows=settings.reference_import_chunk,
     )
-    app[STORE] = the_store
-    replicator = Replicator(
-        the_store,
-        policy=load_policy(settings),
-        templates=load_templates(settings),
-        max_doc_bytes=settings.max_doc_bytes,
-        idle_seconds=settings.idle_seconds,
-        max_rooms=settings.max_rooms,
-    )
-    app[REPLICATOR] = replicator
-    verifier = TokenVerifier(
+
+
+def _resource(
+    start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[object]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A `cleanup_ctx` entry: `stop` runs only if `start` returned (aiohttp then stops the
+    resources started before, in reverse)."""
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await start()
+        yield
+        await stop()
+
+    return lifecycle
+
+
+def _token_verifier(settings: Settings) -> TokenVerifier:
+    return TokenVerifier(
         settings.oidc_issuer,
         settings.oidc_audience,
         ClaimMapping(
@@ -101,40 +135,56 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         ),
         leeway=settings.token_leeway,
     )
-    install_middleware(app, settings, verifier.verify)
-    endpoints = Endpoints(
+
+
+def _replicator(settings: Settings, store: Store) -> Replicator:
+    return Replicator(
+        store,
+        policy=load_policy(settings),
+        templates=load_templates(settings),
+        max_doc_bytes=settings.max_doc_bytes,
+        idle_seconds=settings.idle_seconds,
+        max_rooms=settings.max_rooms,
+    )
+
+
+def _add_sync(
+    app: web.Application, settings: Settings, replicator: Replicator, verifier: TokenVerifier
+) -> Endpoints:
+    endpoints = app[ENDPOINTS] = Endpoints(
         replicator, verifier.verify, limits_from(settings), settings.min_client_versions
     )
-    app[ENDPOINTS] = endpoints
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await the_store.open()
-        await verifier.start()
-        await replicator.start()
-        yield
+    async def drain(app: web.Application) -> None:
         await endpoints.drain()
-        await replicator.stop()
-        await verifier.close()
-        await the_store.close()
 
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(lambda _app: endpoints.drain())
+    # On shutdown, before any resource stops: devices hear 4503 (reconnect elsewhere) while
+    # their last updates can still commit.
+    app.on_shutdown.append(drain)
     app.router.add_get("/v1/sync", endpoints.sync)
     app.router.add_get("/v1/yws/{doc_id}", endpoints.yws)
+    return endpoints
 
+
+def _add_operations(
+    app: web.Application, store: Store, replicator: Replicator, endpoints: Endpoints
+) -> None:
     async def readiness() -> dict[str, object] | None:
         if endpoints.draining:
             return None
-        return {"seq": await the_store.head()}
+        return {"seq": await store.head()}
 
     async def metrics() -> dict[str, object]:
         return {
-            "store": await the_store.stats(),
+            "store": await store.stats(),
             "rooms_loaded": replicator.loaded,
             "connections": len(endpoints.connections),
         }
 
     app.router.add_routes(Operations(readiness, metrics).routes())
+
+
+def _add_auth_helpers(app: web.Application, settings: Settings, verifier: TokenVerifier) -> None:
     auth = AuthHelpers(
         verifier,
         client_id=settings.oidc_client_id,
@@ -144,13 +194,16 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         rate=settings.token_rate,
         burst=settings.token_burst,
     )
-    app.cleanup_ctx.append(auth.lifecycle)  # after `lifecycle`: needs the verifier started
+    app.cleanup_ctx.append(auth.lifecycle)  # after the verifier's start: reads its discovery
     app.router.add_routes(auth.routes())
-    if not isinstance(the_store, Tables):
-        raise TypeError("attachments need a store with tables of its own (transact, query)")
-    attachments = Attachments(
-        the_store,
-        the_store,
+
+
+def _add_attachments(
+    app: web.Application, settings: Settings, backend: Backend, replicator: Replicator
+) -> Attachments:
+    attachments = app[ATTACHMENTS] = Attachments(
+        backend.store,
+        backend.attachments,
         Blobs(settings.data_path / "attachments"),
         lambda: replicator.policy,  # read per request: SIGHUP may replace it
         max_bytes=settings.attachment_max_bytes,
@@ -158,28 +211,36 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         max_pixels=settings.attachment_max_pixels,
         upload_expiry=settings.upload_expiry_hours * 3600,
     )
-    app[ATTACHMENTS] = attachments
     app.cleanup_ctx.append(attachments.lifecycle)
     app.router.add_routes(TusEndpoints(attachments, public_url=settings.public_url).routes())
     app.router.add_routes(Downloads(attachments).routes())
-    if not isinstance(the_store, SQLiteStore):
-        raise TypeError("the screens' queries exist for the SQLite store only (storage._screens)")
-    screens = SQLiteScreens(the_store)
-    app.router.add_routes(ScreenRoutes(replicator, screens, attachments.describe).routes())
+    return attachments
+
+
+def _add_screens(
+    app: web.Application,
+    settings: Settings,
+    backend: Backend,
+    replicator: Replicator,
+    attachments: Attachments,
+) -> None:
+    screens = ScreenRoutes(replicator, backend.screens, attachments.describe)
+    app.router.add_routes(screens.routes())
     app.router.add_routes(WorkOrderRoutes(replicator, changes_page=settings.changes_page).routes())
-    app.router.add_routes(AuditRoutes(replicator, screens.cursor_key).routes())
-    reference = ReferenceEndpoints(
-        ReferenceData(the_store, chunk_rows=settings.reference_import_chunk),
+    app.router.add_routes(AuditRoutes(replicator, backend.screens.cursor_key).routes())
+
+
+def _add_reference(
+    app: web.Application, settings: Settings, backend: Backend, replicator: Replicator
+) -> None:
+    reference = app[REFERENCE] = ReferenceEndpoints(
+        backend.reference,
         lambda: replicator.policy,  # read per request: SIGHUP may replace it
         page=settings.reference_page,
         retention_days=settings.reference_retention_days,
     )
-    app[REFERENCE] = reference
-    app.cleanup_ctx.append(reference.lifecycle)  # after `lifecycle`: compacts through the store
+    app.cleanup_ctx.append(reference.lifecycle)  # compacts through the backend while it runs
     app.router.add_routes(reference.routes())
-    # The contract, read at start: a broken file stops the server rather than serve a lie.
-    app.router.add_routes(ContractRoutes(load_spec()).routes())
-    return app
 
 
 def load_policy(settings: Settings) -> Policy:

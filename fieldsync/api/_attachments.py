@@ -39,6 +39,7 @@ from fieldsync.api._media import ImageTooLarge, MediaType, UnsupportedMediaType
 from fieldsync.auth import Policy, Principal, Role, in_scope
 from fieldsync.documents import DocType, InvalidDocId, doc_type
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.periodic import Periodic
 from fieldsync.storage import Store
 from fieldsync.storage._attachments import (
     Attachment,
@@ -158,19 +159,8 @@ class Attachments:
 
     async def lifecycle(self, app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(self.blobs.prepare)
-        sweeper = asyncio.create_task(self._expire_forever(), name="upload-expiry")
-        yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
-
-    async def _expire_forever(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.upload_expiry / 4, 3600.0))
-            try:
-                await self.expire()
-            except Exception:
-                log.exception("expiring abandoned uploads failed; trying again later")
+        async with Periodic("upload-expiry", min(self.upload_expiry / 4, 3600.0), self.expire):
+            yield
 
     async def expire(self) -> int:
         """Forget the uploads left unfinished and untouched for `upload_expiry` (a device that

@@ -26,7 +26,7 @@ from aiohttp.web_response import StreamResponse
 from fieldsync.api._permissions import PRINCIPAL, Permission, permission_of
 from fieldsync.api._problems import problem
 from fieldsync.api._redaction import redact_aiohttp_logs
-from fieldsync.auth import Principal, bearer_token, required_version
+from fieldsync.auth import Verify, bearer_token, required_version
 from fieldsync.config import Deprecation, Settings
 from fieldsync.errors import AuthError, ErrorCode
 
@@ -35,7 +35,6 @@ __all__ = ["install"]
 log = logging.getLogger(__name__)
 
 _Prepare = Callable[[web.Request, StreamResponse], Awaitable[None]]
-Verify = Callable[[str], Awaitable[Principal]]
 
 CLIENT_PLATFORM = "X-Client-Platform"
 CLIENT_VERSION = "X-Client-Version"

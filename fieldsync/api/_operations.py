@@ -7,10 +7,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from fieldsync.api._problems import problem
-from fieldsync.auth import Principal
 from fieldsync.errors import ErrorCode
 
-Verify = Callable[[str], Awaitable[Principal]]
 Metrics = Callable[[], Awaitable[dict[str, object]]]
 Ready = Callable[[], Awaitable[dict[str, object] | None]]
 

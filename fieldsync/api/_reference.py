@@ -17,7 +17,6 @@ existing or not, is 403 `forbidden`, so dataset names cannot be probed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -37,6 +36,7 @@ from fieldsync.api._paging import page_size
 from fieldsync.api._permissions import PRINCIPAL
 from fieldsync.auth import Policy
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.periodic import Periodic
 from fieldsync.storage import (
     ImportResult,
     InvalidRow,
@@ -147,13 +147,11 @@ class ReferenceEndpoints:
         ]
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._compact_periodically(), name="reference-compaction")
-        try:
+        # At start too: a server that was down past the retention compacts at once.
+        async with Periodic(
+            "reference-compaction", _COMPACT_EVERY, self.compact_expired, at_start=True
+        ):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def compact_expired(self) -> dict[str, int]:
         """Compact the change history older than the retention; each dataset's horizon."""
@@ -163,15 +161,6 @@ class ReferenceEndpoints:
             log.info("reference data history compacted up to %s", moved)
         self._horizons = horizons
         return horizons
-
-    async def _compact_periodically(self) -> None:
-        while True:
-            try:
-                await self.compact_expired()
-            except Exception:
-                # Nothing is lost by a failed run: the log only grows until the next one.
-                log.exception("compacting reference data failed; next try in an hour")
-            await asyncio.sleep(_COMPACT_EVERY)
 
     # Adapters
 

@@ -3,7 +3,7 @@
 from fieldsync.auth._dev_issuer import DevIssuer, DevUser
 from fieldsync.auth._oidc import ClaimMapping, TokenVerifier, bearer_token
 from fieldsync.auth._policy import Grant, Policy, PolicyError, in_scope, path_allowed
-from fieldsync.auth._principal import Principal, Role
+from fieldsync.auth._principal import Principal, Role, Verify
 from fieldsync.auth._versions import required_version, version_tuple
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Principal",
     "Role",
     "TokenVerifier",
+    "Verify",
     "bearer_token",
     "in_scope",
     "path_allowed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,3 +22,8 @@ class Principal:
     region: str | None = None
     name: str | None = None
     expires_at: float | None = None  # epoch seconds of the token's `exp`
+
+
+# How the layers above learn who is asking: a bearer token in, its principal out; raises
+# `fieldsync.errors.AuthError` for a token it refuses (`TokenVerifier.verify` is one).
+Verify = Callable[[str], Awaitable[Principal]]

@@ -9,7 +9,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -20,7 +20,6 @@ from fieldsync.replication._replicator import Replicator, Submitted
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed
 
-Verify = Callable[[str], Awaitable[Principal]]
 _ids = itertools.count(1)
 
 

@@ -22,6 +22,7 @@ from fieldsync.auth import Policy, Principal, in_scope
 from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.periodic import Periodic
 from fieldsync.records import DocIndex, FieldChange
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
@@ -90,17 +91,14 @@ class Replicator:
         self.peers: dict[Peer, None] = {}
         self._rooms: dict[str, Room] = {}
         self._loading: dict[str, asyncio.Future[Room]] = {}
-        self._evictor: asyncio.Task[None] | None = None
+        self._evictor = Periodic("room-evictor", max(idle_seconds / 4, 0.05), self._evict_idle)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._evictor = asyncio.create_task(self._evict_forever(), name="room-evictor")
+        self._evictor.start()
 
     async def stop(self) -> None:
-        if self._evictor:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        await self._evictor.stop()
         # Wait for what is applied but not yet committed: a room's tail commits after all its
         # earlier updates.
         tails = [room.tail for room in self._rooms.values() if room.in_flight and room.tail]
@@ -535,10 +533,8 @@ class Replicator:
 
     # --- memory -------------------------------------------------------------------------
 
-    async def _evict_forever(self) -> None:
-        while True:
-            await asyncio.sleep(max(self.idle_seconds / 4, 0.05))
-            self.evict()
+    async def _evict_idle(self) -> None:
+        self.evict()
 
     def evict(self) -> int:
         """Drop rooms nobody replicates that have been idle long enough, and the least recently

@@ -16,7 +16,7 @@ from typing import Any
 import zstandard
 from pycrdt import get_state
 
-from fieldsync.auth import Principal, version_tuple
+from fieldsync.auth import Principal, Verify, version_tuple
 from fieldsync.documents import MAX_DOC_ID, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._codec import (
@@ -32,7 +32,7 @@ from fieldsync.replication._codec import (
     encode_frame,
     encode_sync,
 )
-from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits, Verify
+from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
 from fieldsync.replication._replicator import Forbidden, Replicator
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed, DeviceSeen

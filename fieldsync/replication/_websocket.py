@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from fieldsync.auth import Principal, bearer_token
+from fieldsync.auth import Verify, bearer_token
 from fieldsync.documents import InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode
 from fieldsync.replication._connection import Connection, Limits, SessionClosed
@@ -19,7 +18,6 @@ from fieldsync.replication._yws import YwsSession
 
 log = logging.getLogger(__name__)
 
-Verify = Callable[[str], Awaitable[Principal]]
 HEARTBEAT = 30.0
 
 

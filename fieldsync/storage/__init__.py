@@ -1,10 +1,10 @@
-"""Durable storage of documents behind one small protocol; SQLite is the embedded default."""
+"""Durable storage: one `typing.Protocol` per concern, the records they exchange, and the
+backends that implement them all (`Backend`; SQLite is the embedded default). Nothing of a
+database driver crosses out of this package."""
 
-from fieldsync.storage._attachments import Attachment, Tables, Upload
-from fieldsync.storage._blobs import Blobs
-from fieldsync.storage._reference import ReferenceData
-from fieldsync.storage._screens import SQLiteScreens
-from fieldsync.storage._sqlite import SQLiteStore, StorageError, Transaction
+from fieldsync.storage._backend import Backend, SQLiteBackend
+from fieldsync.storage._blobs import Blobs  # attachments' bytes: moving to their own package
+from fieldsync.storage._sqlite import StorageError
 from fieldsync.storage._types import (
     Card,
     CardPage,
@@ -12,9 +12,13 @@ from fieldsync.storage._types import (
     ChangesPage,
     Committed,
     Conflict,
+    ConflictLog,
     ConflictRecord,
     DatasetInfo,
+    Devices,
     DeviceSeen,
+    Documents,
+    FieldHistory,
     HistoryEntry,
     ImportResult,
     InvalidRow,
@@ -35,7 +39,7 @@ from fieldsync.storage._types import (
 )
 
 __all__ = [
-    "Attachment",
+    "Backend",
     "Blobs",
     "Card",
     "CardPage",
@@ -43,31 +47,30 @@ __all__ = [
     "ChangesPage",
     "Committed",
     "Conflict",
+    "ConflictLog",
     "ConflictRecord",
     "DatasetInfo",
     "DeviceSeen",
+    "Devices",
+    "Documents",
+    "FieldHistory",
     "HistoryEntry",
     "ImportResult",
     "InvalidRow",
     "MetricsPage",
     "Position",
-    "ReferenceData",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",
     "RowChange",
-    "SQLiteScreens",
-    "SQLiteStore",
+    "SQLiteBackend",
     "ScopeChange",
     "Screens",
     "SnapshotHead",
     "StorageError",
     "Store",
     "StoredDoc",
-    "Tables",
     "TeamMetrics",
-    "Transaction",
-    "Upload",
     "WorkOrderRefs",
     "Write",
 ]

@@ -36,8 +36,7 @@ from typing import Any, TypeVar
 import orjson
 from sqlite_utils import Database
 
-from fieldsync.storage._attachments import Tables
-from fieldsync.storage._sqlite import StorageError, Transaction
+from fieldsync.storage._sqlite import SQLiteStore, StorageError, Transaction
 from fieldsync.storage._types import (
     DatasetInfo,
     ImportResult,
@@ -48,7 +47,7 @@ from fieldsync.storage._types import (
     SnapshotHead,
 )
 
-__all__ = ["ReferenceData"]
+__all__ = ["SQLiteReference"]
 
 _T = TypeVar("_T")
 
@@ -61,7 +60,7 @@ _SCAN_FACTOR = 4
 # Change log entries dropped per compaction job, for the same reason.
 _COMPACT_ENTRIES = 5000
 # Names of the temporary tables of full imports, unique on the writer's one connection however
-# many `ReferenceData` share it.
+# many `SQLiteReference` share it.
 _IMPORT_IDS = itertools.count(1)
 # Keys are names (asset tags, part numbers), not documents.
 _MAX_KEY_CHARS = 256
@@ -100,12 +99,12 @@ class _Chunk:
     seq: int = 0
 
 
-class ReferenceData:
-    """The `ReferenceStore` of a `SQLiteStore`, through its `Tables` seams. Imports into one
+class SQLiteReference:
+    """The `ReferenceStore` of a `SQLiteStore`, through its `transact` and `query`. Imports into one
     dataset are serialised (a full import's deletions must not race another import's rows);
     different datasets import in parallel, chunk by chunk."""
 
-    def __init__(self, store: Tables, *, chunk_rows: int = CHUNK_ROWS) -> None:
+    def __init__(self, store: SQLiteStore, *, chunk_rows: int = CHUNK_ROWS) -> None:
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be at least 1")
         self._store = store

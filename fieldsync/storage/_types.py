@@ -1,4 +1,4 @@
-"""What crosses the storage seam: the records a backend keeps and the `Store` protocol."""
+"""What crosses the storage seam: the records a backend keeps and the Protocols it implements."""
 
 from __future__ import annotations
 
@@ -111,13 +111,10 @@ class ConflictRecord:
     conflict: Conflict
 
 
-class Store(Protocol):
-    """A durable document store. Every method is safe to call on the event loop: blocking work
-    happens on the backend's own threads."""
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
+class Documents(Protocol):
+    """Documents and their change feed: the update log, snapshots, the index row of each
+    document, and the change sequence that numbers every commit. Every method is safe to call on
+    the event loop: blocking work happens on the backend's own threads."""
 
     def append(self, write: Write) -> Awaitable[Committed]:
         """Queue `write` and return an awaitable resolved once it is durably committed.
@@ -143,13 +140,18 @@ class Store(Protocol):
         """The highest committed change sequence number (0 when empty)."""
         ...
 
-    async def last_seen(self, device_id: str, subject: str) -> float | None:
-        """When this subject's device last connected (epoch seconds), None if never."""
+    async def forms(self, wo: str) -> list[str]:
+        """The form documents that belong to work order `wo`."""
         ...
 
-    def touch_device(self, seen: DeviceSeen) -> None:
-        """Record a device's last contact; written with the next group commit, not awaited."""
+    async def stats(self) -> dict[str, int]:
+        """Counts an operator can check: docs, updates (log rows), snapshots, devices, head
+        seq, commits."""
         ...
+
+
+class FieldHistory(Protocol):
+    """Every field change, written with the update that made it (`Write.history`)."""
 
     async def history(
         self, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
@@ -158,9 +160,9 @@ class Store(Protocol):
         first, after the (seq, id) position `before` when given."""
         ...
 
-    async def forms(self, wo: str) -> list[str]:
-        """The form documents that belong to work order `wo`."""
-        ...
+
+class ConflictLog(Protocol):
+    """The corrections domain rules made, for supervisors to review."""
 
     def record_conflict(self, conflict: Conflict) -> None:
         """Keep a rule's correction; written with the next group commit, not awaited."""
@@ -172,9 +174,22 @@ class Store(Protocol):
         """Conflicts of documents in `scope`, newest first, older than `before_id`."""
         ...
 
-    async def stats(self) -> dict[str, int]:
-        """Counts an operator can check: docs, updates (log rows), snapshots, head seq."""
+
+class Devices(Protocol):
+    """When each device last connected, for the offline limit."""
+
+    def touch_device(self, seen: DeviceSeen) -> None:
+        """Record a device's last contact; written with the next group commit, not awaited."""
         ...
+
+    async def last_seen(self, device_id: str, subject: str) -> float | None:
+        """When this subject's device last connected (epoch seconds), None if never."""
+        ...
+
+
+class Store(Documents, FieldHistory, ConflictLog, Devices, Protocol):
+    """What the write path and its sessions use: the four concerns that share the group commit
+    (a field change, a conflict and a device's contact are written with the updates)."""
 
 
 # --- the screens' read model (DESIGN.md §5) ---------------------------------------------------

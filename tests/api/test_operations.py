@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from fieldsync.app import STORE, create_app
+from fieldsync.auth import DevIssuer
+from fieldsync.config import Settings
+from fieldsync.storage import StorageError, Write
 from tests.harness import Server, work_order
 from tests.wire import connect
 
@@ -62,3 +68,21 @@ async def test_a_token_in_the_query_string_never_reaches_the_log(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "/v1/health" in logged  # the access log ran…
     assert token not in logged and token[-20:] not in logged  # …without the token
+
+
+async def test_a_server_that_cannot_start_leaves_its_database_closed(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    # An identity provider that is not there: the token verifier cannot start.
+    await issuer.stop()
+    settings = Settings.load(environ={}, data_dir=str(tmp_path), oidc_issuer=issuer.issuer, port=0)
+    app = create_app(settings)
+    runner = web.AppRunner(app)
+    try:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await runner.setup()
+    finally:
+        await runner.cleanup()
+    # The backend had opened before the verifier failed, and was closed again.
+    with pytest.raises(StorageError):
+        app[STORE].append(Write("wo:1", work_order("wo:1").get_update(), "server", "rules"))

@@ -20,9 +20,9 @@ from pycrdt import Doc, Map
 from fieldsync import documents
 from fieldsync.api._http import MIN_COMPRESSED
 from fieldsync.api._paging import MAX_PAGE
-from fieldsync.app import STORE
+from fieldsync.app import BACKEND
 from fieldsync.auth import DevIssuer
-from fieldsync.storage import SQLiteStore, Transaction
+from fieldsync.storage import SQLiteBackend
 from tests.harness import Server, running_server, work_order
 from tests.wire import connect
 
@@ -99,16 +99,9 @@ def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
 
 
 async def add_asset(server: Server, key: str, data: Mapping[str, Any]) -> None:
-    store = server.app[STORE]
-    assert isinstance(store, SQLiteStore)
-
-    def write(txn: Transaction) -> None:
-        txn.db.execute(
-            "INSERT INTO ref_rows (dataset, key, data, seq) VALUES ('assets', ?, ?, ?)",
-            (key, json.dumps(data), txn.next_seq()),
-        )
-
-    await store.transact(write)
+    """The asset registry's row `key`, as an adapter's import would store it."""
+    row = {"id": key, **data}
+    await server.app[BACKEND].reference.import_rows("assets", [row], full=False)
 
 
 # --- my work --------------------------------------------------------------------------------
@@ -207,7 +200,7 @@ async def test_the_work_order_screen_shows_document_forms_attachments_and_asset(
     (attachment,) = body["attachments"]
     assert attachment["sha256"] == "ab" * 32 and attachment["mime"] == "image/jpeg"
     assert attachment["caption"] == "seal"
-    assert body["asset"] == {"name": "Air handler 7", "floor": 2}
+    assert body["asset"] == {"id": "AHU-7", "name": "Air handler 7", "floor": 2}
 
 
 async def test_absent_and_out_of_scope_work_orders_look_alike(server: Server) -> None:
@@ -508,9 +501,9 @@ async def test_a_supervisor_creates_a_work_order_through_the_write_path(server: 
     assert (await call(server, f"/v1/work-orders/{doc_id}", "tina")).json == body
     (card,) = (await call(server, "/v1/screens/my-work", "tina")).json["items"]
     assert card["due_at"] == "2026-12-24T09:00:00Z" and card["priority"] == "high"
-    store = server.app[STORE]
-    assert isinstance(store, SQLiteStore)
-    rows = await store.query(
+    backend = server.app[BACKEND]
+    assert isinstance(backend, SQLiteBackend)  # the log's columns are SQLite's
+    rows = await backend.store.query(
         lambda db: db.execute(
             "SELECT origin, actor FROM updates WHERE doc = ?", (doc_id,)
         ).fetchall()

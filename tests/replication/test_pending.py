@@ -12,7 +12,7 @@ from pycrdt import Doc, Map
 from fieldsync.auth import Principal, Role
 from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator, SyncStep, YSync, decode_y
-from fieldsync.storage import SQLiteStore
+from fieldsync.storage import SQLiteBackend
 
 
 class Replica:
@@ -53,15 +53,15 @@ class Replica:
 
 @pytest.fixture
 async def replicator(tmp_path: Path) -> AsyncIterator[Replicator]:
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    await store.open()
-    replicator = Replicator(store)
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    await backend.open()
+    replicator = Replicator(backend.store)
     await replicator.start()
     try:
         yield replicator
     finally:
         await replicator.stop()
-        await store.close()
+        await backend.close()
 
 
 async def test_a_waiting_peer_whose_first_update_follows_the_creation_gets_it(

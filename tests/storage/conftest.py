@@ -1,5 +1,6 @@
-"""The backends the storage contract runs against: each test of `test_store_contract.py` runs
-once per entry of `make_store`'s params, so a new backend joins by adding one."""
+"""The backends the storage contract runs against. Every test that takes `backend` (or one of
+the Protocols it gives: `store`, `screens`, `reference`) runs once per entry of `make_backend`'s
+params, so a new backend joins by adding one."""
 
 from __future__ import annotations
 
@@ -8,28 +9,43 @@ from pathlib import Path
 
 import pytest
 
-from fieldsync.storage import SQLiteStore, Store
+from fieldsync.storage import Backend, ReferenceStore, Screens, SQLiteBackend, Store
 
-StoreFactory = Callable[..., Store]
+BackendFactory = Callable[..., Backend]
 
 
 @pytest.fixture(params=["sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Build an unopened store; the same `name` reaches the same data, so a test can reopen it.
-    Keyword options (compaction thresholds, batch size) go to the backend."""
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
+    """Build an unopened backend; the same `name` reaches the same data, so a test can reopen
+    it. Keyword options (compaction thresholds, batch size, import chunk) go to the backend."""
 
-    def make(name: str = "fieldsync", **options: int) -> Store:
+    def make(name: str = "fieldsync", **options: int) -> Backend:
         match request.param:
             case "sqlite":
-                return SQLiteStore(tmp_path / f"{name}.db", **options)
+                return SQLiteBackend(tmp_path / f"{name}.db", **options)
         raise AssertionError(request.param)
 
     return make
 
 
 @pytest.fixture
-async def store(make_store: StoreFactory) -> AsyncIterator[Store]:
-    store = make_store()
-    await store.open()
-    yield store
-    await store.close()
+async def backend(make_backend: BackendFactory) -> AsyncIterator[Backend]:
+    backend = make_backend()
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.store
+
+
+@pytest.fixture
+def screens(backend: Backend) -> Screens:
+    return backend.screens
+
+
+@pytest.fixture
+def reference(backend: Backend) -> ReferenceStore:
+    return backend.reference

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 from sqlite_utils import Database
 
 from fieldsync.records import DocIndex
-from fieldsync.storage import DeviceSeen, SQLiteStore, StorageError, Transaction, Write
+from fieldsync.storage import DeviceSeen, SQLiteBackend, StorageError, Write
 from fieldsync.storage._migrations import MIGRATIONS, Migration, migrate
+from fieldsync.storage._screens import SQLiteScreens
+from fieldsync.storage._sqlite import SQLiteStore, Transaction
 
 
 @pytest.fixture
@@ -176,5 +179,111 @@ async def test_transact_jobs_share_the_group_commit_and_fail_alone(tmp_path: Pat
         rows = await store.query(lambda db: db.execute("SELECT seq, text FROM notes").fetchall())
         assert rows == [(a, "a"), (b, "b")]
         assert await store.head() == b
+    finally:
+        await store.close()
+
+
+async def test_the_reference_log_holds_one_entry_per_changed_field_until_compacted(
+    path: Path, raw: sqlite3.Connection
+) -> None:
+    backend = SQLiteBackend(path)
+    await backend.open()
+    rows = [{"id": f"A{i}", "name": f"Pump {i}", "site": "north"} for i in range(3)]
+    before = await backend.reference.import_rows("assets", rows, full=True)
+    rows[0]["name"] = "Pump 0b"
+    rows[1]["serial"] = "S-1"
+    del rows[2]["site"]
+    await backend.reference.import_rows("assets", rows, full=True)
+    await backend.close()
+    logged = raw.execute(
+        "SELECT key, field FROM ref_changes WHERE seq > ? ORDER BY key", (before.seq,)
+    ).fetchall()
+    assert logged == [("A0", "name"), ("A1", "serial"), ("A2", "site")]
+
+    await backend.open()
+    await backend.reference.compact(time.time())
+    await backend.close()
+    assert raw.execute("SELECT COUNT(*) FROM ref_changes").fetchone() == (0,)
+
+
+class Editing:
+    """Successive updates of work orders, each with the status given in its index."""
+
+    def __init__(self) -> None:
+        self.ydocs: dict[str, pycrdt.Doc] = {}
+
+    def status(self, doc: str, status: str) -> Write:
+        ydoc = self.ydocs.setdefault(doc, pycrdt.Doc())
+        before = ydoc.get_state()
+        ydoc.get("body", type=pycrdt.Text).insert(0, "x")
+        index = DocIndex(doc, "wo", doc, assignee="tina", team="north", status=status)
+        return Write(doc, ydoc.get_update(before), "device:t", "tina", index)
+
+
+async def columns(store: SQLiteStore, doc: str) -> tuple[float, float | None, int]:
+    """What the writer keeps beside the index for the screens' metrics."""
+    rows = await store.query(
+        lambda db: db.execute(
+            "SELECT created_at, completed_at, reopened FROM doc_index WHERE doc = ?", (doc,)
+        ).fetchall()
+    )
+    return rows[0]
+
+
+async def test_the_writer_keeps_creation_completion_and_reopenings(path: Path) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    edit = Editing()
+    for status in ("assigned", "in_progress", "completed"):
+        await store.append(edit.status("wo:1", status))
+    created, completed, reopened = await columns(store, "wo:1")
+    assert completed is not None and created <= completed and reopened == 0
+    # Closing keeps the completion time; going back to work is a reopening; completing
+    # again moves the completion time on.
+    await store.append(edit.status("wo:1", "closed"))
+    assert await columns(store, "wo:1") == (created, completed, 0)
+    await store.append(edit.status("wo:1", "in_progress"))
+    await store.append(edit.status("wo:1", "completed"))
+    again = await columns(store, "wo:1")
+    assert again[0] == created and again[1] is not None and again[1] >= completed
+    assert again[2] == 1
+    # Cancelling a completed work order ends it; it is not a reopening.
+    await store.append(edit.status("wo:2", "completed"))
+    await store.append(edit.status("wo:2", "cancelled"))
+    assert (await columns(store, "wo:2"))[2] == 0
+    await store.close()
+
+
+async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path, isolation_level=None))
+    migrate(db, [m for m in MIGRATIONS if m.version < 3])
+    ydoc = pycrdt.Doc()
+    ydoc.get("fields", type=pycrdt.Map).update({"title": "t", "site": "Depot", "asset_id": 104.0})
+    db.execute(
+        "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (1, 'wo:old', ?, 'x',"
+        " 'sam', 1234.5)",
+        (ydoc.get_update(),),
+    )
+    db.execute(
+        "INSERT INTO doc_index (doc, type, wo, seq, last_seq, created_seq, log_count)"
+        " VALUES ('wo:old', 'wo', 'wo:old', 1, 1, 1, 1)"
+    )
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'seq'")
+    db.close()
+
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        index = await store.index("wo:old")
+        assert index is not None and (index.site, index.asset_id) == ("Depot", "104")
+        rows = await store.query(
+            lambda db: db.execute(
+                "SELECT created_at, reopened FROM doc_index WHERE doc = 'wo:old'"
+            ).fetchall()
+        )
+        assert rows == [(1234.5, 0)]
+        key = await SQLiteScreens(store).cursor_key()
+        assert len(key) == 32
     finally:
         await store.close()

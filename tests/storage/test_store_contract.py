@@ -1,10 +1,10 @@
-"""What every `Store` backend must do, driven with real pycrdt documents."""
+"""The `Documents` contract (updates, snapshots, the index, the change feed) every backend
+must keep, driven with real pycrdt documents."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
 from typing import cast
 
 import pycrdt
@@ -22,8 +22,7 @@ from fieldsync.storage import (
     StoredDoc,
     Write,
 )
-
-StoreFactory = Callable[..., Store]
+from tests.storage.conftest import BackendFactory
 
 ALL = ScopeFilter(ScopeKind.ALL)
 NONE = ScopeFilter(ScopeKind.NONE)
@@ -105,23 +104,25 @@ async def read_all(
 # Sequence and durability
 
 
-async def test_seqs_strictly_increase_and_survive_reopen(make_store: StoreFactory) -> None:
+async def test_seqs_strictly_increase_and_survive_reopen(make_backend: BackendFactory) -> None:
     # Compacting after two updates empties the log, so a seq derived from it would restart.
-    store = make_store(compact_after_updates=2)
-    await store.open()
+    backend = make_backend(compact_after_updates=2)
+    await backend.open()
+    store = backend.store
     editor = Editor("wo:1")
     seqs = [(await store.append(editor.type(c))).seq for c in "abcd"]
     await store.append(put(work_order(2)))
     assert seqs == sorted(set(seqs)) and seqs[0] >= 1
     head = await store.head()
-    await store.close()
+    await backend.close()
 
-    store = make_store(compact_after_updates=2)
-    await store.open()
+    backend = make_backend(compact_after_updates=2)
+    await backend.open()
+    store = backend.store
     assert await store.head() == head
     assert (await store.append(editor.type("e"))).seq > head
     assert same_state(rebuild(await store.load("wo:1")), editor.ydoc)
-    await store.close()
+    await backend.close()
 
 
 async def test_an_empty_store(store: Store) -> None:
@@ -143,10 +144,11 @@ async def test_commit_order_is_append_order(store: Store) -> None:
 
 
 async def test_concurrent_appends_are_group_committed_and_durable(
-    make_store: StoreFactory,
+    make_backend: BackendFactory,
 ) -> None:
-    store = make_store()
-    await store.open()
+    backend = make_backend()
+    await backend.open()
+    store = backend.store
     editors = [Editor(f"form:{n}") for n in range(100)]
 
     async def type_into(editor: Editor) -> list[int]:
@@ -154,17 +156,18 @@ async def test_concurrent_appends_are_group_committed_and_durable(
 
     seqs = [s for run in await asyncio.gather(*map(type_into, editors)) for s in run]
     stats = await store.stats()
-    await store.close()
+    await backend.close()
 
     assert sorted(seqs) == list(range(1, 2001))
     assert stats["commits"] <= 2000 // 10, stats
-    store = make_store()
-    await store.open()
+    backend = make_backend()
+    await backend.open()
+    store = backend.store
     assert (await store.stats())["updates"] == 2000
     assert await store.head() == 2000
     for editor in editors:
         assert same_state(rebuild(await store.load(editor.doc)), editor.ydoc)
-    await store.close()
+    await backend.close()
 
 
 async def test_a_failing_write_fails_its_batch_and_later_writes_commit(store: Store) -> None:
@@ -188,13 +191,14 @@ async def test_a_failing_write_fails_its_batch_and_later_writes_commit(store: St
     assert len(stored.updates) == (2 if isinstance(outcome, Committed) else 1)
 
 
-async def test_appending_to_a_closed_store_raises(make_store: StoreFactory) -> None:
-    store = make_store()
+async def test_appending_to_a_closed_store_raises(make_backend: BackendFactory) -> None:
+    backend = make_backend()
+    store = backend.store
     with pytest.raises(StorageError):
         store.append(put(work_order(1)))
-    await store.open()
-    await store.close()
-    await store.close()  # closing twice is harmless
+    await backend.open()
+    await backend.close()
+    await backend.close()  # closing twice is harmless
     with pytest.raises(StorageError):
         store.append(put(work_order(1)))
 
@@ -382,9 +386,10 @@ async def test_readers_following_upto_never_miss_a_concurrent_commit(store: Stor
 # Compaction
 
 
-async def test_compaction_keeps_the_state_and_bounds_the_log(make_store: StoreFactory) -> None:
-    store = make_store(compact_after_updates=10)
-    await store.open()
+async def test_compaction_keeps_the_state_and_bounds_the_log(make_backend: BackendFactory) -> None:
+    backend = make_backend(compact_after_updates=10)
+    await backend.open()
+    store = backend.store
     editor = Editor("wo:1")
     for i in range(95):
         await store.append(editor.type(f"line {i}\n"))
@@ -398,12 +403,13 @@ async def test_compaction_keeps_the_state_and_bounds_the_log(make_store: StoreFa
     assert len(stored.updates) < 10
     assert same_state(rebuild(stored), editor.ydoc)
     assert (await store.stats())["updates"] < 10 + 1
-    await store.close()
+    await backend.close()
 
 
-async def test_compaction_by_size_keeps_a_pipelined_burst(make_store: StoreFactory) -> None:
-    store = make_store(compact_after_bytes=512)
-    await store.open()
+async def test_compaction_by_size_keeps_a_pipelined_burst(make_backend: BackendFactory) -> None:
+    backend = make_backend(compact_after_bytes=512)
+    await backend.open()
+    store = backend.store
     editor = Editor("wo:1")
     await asyncio.gather(*(store.append(editor.type("x" * 40)) for _ in range(50)))
     await store.append(put(work_order(2)))
@@ -411,14 +417,15 @@ async def test_compaction_by_size_keeps_a_pipelined_burst(make_store: StoreFacto
     assert stored is not None and stored.snapshot is not None
     assert sum(map(len, stored.updates)) < 512
     assert same_state(rebuild(stored), editor.ydoc)
-    await store.close()
+    await backend.close()
 
 
 async def test_compaction_keeps_edits_waiting_for_a_missing_update(
-    make_store: StoreFactory,
+    make_backend: BackendFactory,
 ) -> None:
-    store = make_store(compact_after_updates=2)
-    await store.open()
+    backend = make_backend(compact_after_updates=2)
+    await backend.open()
+    store = backend.store
     editor = Editor("wo:1")
     first, missing, third = (editor.type(text) for text in ("a", "b", "c"))
     await store.append(first)
@@ -428,7 +435,7 @@ async def test_compaction_keeps_edits_waiting_for_a_missing_update(
 
     await store.append(missing)
     assert same_state(rebuild(await store.load("wo:1")), editor.ydoc)
-    await store.close()
+    await backend.close()
 
 
 # Random interleavings against a model
@@ -492,10 +499,11 @@ class Model:
 )
 @given(ops=st.lists(st.one_of(writes, reads), max_size=40))
 async def test_any_interleaving_of_writes_and_paged_reads_matches_the_model(
-    make_store: StoreFactory, ops: list[tuple[object, ...]]
+    make_backend: BackendFactory, ops: list[tuple[object, ...]]
 ) -> None:
-    store = make_store(f"model-{next(names)}")
-    await store.open()
+    backend = make_backend(f"model-{next(names)}")
+    await backend.open()
+    store = backend.store
     model = Model()
     queued: list[asyncio.Future[Committed]] = []
     try:
@@ -517,7 +525,7 @@ async def test_any_interleaving_of_writes_and_paged_reads_matches_the_model(
             assert upto == model.head
     finally:
         await asyncio.gather(*queued)
-        await store.close()
+        await backend.close()
 
 
 def put_doc(doc: str, index: DocIndex | None) -> Write:

@@ -1,0 +1,79 @@
+"""A backend: one database's implementations of the storage Protocols, opened and closed as one.
+
+The application asks a `Backend` for each concern's Protocol and never learns which database
+holds them; a second backend (PostgreSQL) is a second class with the same attributes, passing
+the same contract suite (tests/storage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from fieldsync.storage._attachments import Tables
+from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
+from fieldsync.storage._screens import SQLiteScreens
+from fieldsync.storage._sqlite import SQLiteStore
+from fieldsync.storage._types import ReferenceStore, Screens, Store
+
+__all__ = ["Backend", "SQLiteBackend"]
+
+
+class Backend(Protocol):
+    """Every concern's Protocol on one database. Nothing works before `open()` returns; after
+    `close()`, whatever was queued is committed and nothing more is accepted."""
+
+    @property
+    def store(self) -> Store:
+        """Documents and their change feed, field history, conflicts, devices."""
+        ...
+
+    @property
+    def screens(self) -> Screens: ...
+
+    @property
+    def reference(self) -> ReferenceStore: ...
+
+    @property
+    def attachments(self) -> Tables:
+        """Attachments' metadata. Still the SQLite store's raw tables: attachments' own Protocol
+        takes this place (the attachments issue)."""
+        ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SQLiteBackend:
+    """The embedded default: every concern in one SQLite file, written by one writer thread in
+    group commits and read on reader threads (see `SQLiteStore`). `reference_chunk_rows` rows of
+    an import share one job of the writer; the other options are `SQLiteStore`'s."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        compact_after_updates: int = 500,
+        compact_after_bytes: int = 1 << 20,
+        batch_max: int = 1000,
+        reference_chunk_rows: int = CHUNK_ROWS,
+    ) -> None:
+        self.store = SQLiteStore(
+            path,
+            compact_after_updates=compact_after_updates,
+            compact_after_bytes=compact_after_bytes,
+            batch_max=batch_max,
+        )
+        self.screens = SQLiteScreens(self.store)
+        self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)
+
+    @property
+    def attachments(self) -> SQLiteStore:
+        return self.store
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def close(self) -> None:
+        await self.store.close()
