@@ -12,7 +12,6 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from fieldsync.api import (
-    Attachments,
     AuditRoutes,
     AuthHelpers,
     ContractRoutes,
@@ -25,11 +24,12 @@ from fieldsync.api import (
     install_middleware,
     load_spec,
 )
+from fieldsync.attachments import Attachments
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
 from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import Blobs, ReferenceData, SQLiteScreens, SQLiteStore, Store, Tables
+from fieldsync.storage import ReferenceData, SQLiteAttachments, SQLiteScreens, SQLiteStore, Store
 
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
@@ -146,12 +146,12 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     )
     app.cleanup_ctx.append(auth.lifecycle)  # after `lifecycle`: needs the verifier started
     app.router.add_routes(auth.routes())
-    if not isinstance(the_store, Tables):
-        raise TypeError("attachments need a store with tables of its own (transact, query)")
+    if not isinstance(the_store, SQLiteStore):
+        raise TypeError("attachments keep their records in the SQLite store only, so far")
     attachments = Attachments(
         the_store,
-        the_store,
-        Blobs(settings.data_path / "attachments"),
+        SQLiteAttachments(the_store),
+        settings.data_path / "attachments",
         lambda: replicator.policy,  # read per request: SIGHUP may replace it
         max_bytes=settings.attachment_max_bytes,
         types=settings.attachment_types,

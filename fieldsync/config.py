@@ -159,8 +159,8 @@ def _deprecations(text: str) -> dict[str, Deprecation]:
     return result
 
 
-# The attachment types fieldsync can recognise from their bytes (`fieldsync.api._media`, which
-# holds their magic numbers); `attachment_types` chooses among them.
+# The attachment types fieldsync can recognise from their bytes (`fieldsync.attachments._media`,
+# which holds their magic numbers); `attachment_types` chooses among them.
 ATTACHMENT_TYPES = ("image/jpeg", "image/png", "image/webp", "application/pdf")
 
 

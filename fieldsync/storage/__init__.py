@@ -1,10 +1,11 @@
 """Durable storage of documents behind one small protocol; SQLite is the embedded default."""
 
-from fieldsync.storage._attachments import Attachment, Tables, Upload
-from fieldsync.storage._blobs import Blobs
+from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
 from fieldsync.storage._reference import ReferenceData
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore, StorageError, Transaction
+from fieldsync.storage._sqlite_attachments import SQLiteAttachments
+from fieldsync.storage._tables import Tables
 from fieldsync.storage._types import (
     Card,
     CardPage,
@@ -36,7 +37,7 @@ from fieldsync.storage._types import (
 
 __all__ = [
     "Attachment",
-    "Blobs",
+    "AttachmentStore",
     "Card",
     "CardPage",
     "ChangedDoc",
@@ -56,6 +57,7 @@ __all__ = [
     "ReferenceStore",
     "ResyncRequired",
     "RowChange",
+    "SQLiteAttachments",
     "SQLiteScreens",
     "SQLiteStore",
     "ScopeChange",

@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 import orjson
 from sqlite_utils import Database
 
-from fieldsync.storage._attachments import Tables
 from fieldsync.storage._sqlite import StorageError, Transaction
+from fieldsync.storage._tables import Tables
 from fieldsync.storage._types import (
     DatasetInfo,
     ImportResult,
