@@ -19,7 +19,8 @@ is stored. Its records persist through a `storage.AttachmentStore`; its bytes ar
   scope), the upload completes at creation without a byte sent; anyone else sends the bytes,
   so that knowing a hash never grants the content.
 - A principal may download content that a work order in its scope references; thumbnails are
-  for supervisors and above. Content absent and content out of scope answer alike.
+  for supervisors and above. Content absent and content out of scope answer alike, on a
+  download as on a screen's `missing` flag.
 """
 
 from __future__ import annotations
@@ -447,24 +448,26 @@ class Attachments:
 
     # --- references from documents -------------------------------------------------------
 
-    async def unresolved_attachments(self, doc: Doc) -> list[str]:
-        """The keys of a work order's `attachments` map that reference no stored content: an
-        unknown hash, or an upload not finished yet. They are flagged, never dropped: the
-        upload may still come."""
+    async def unresolved_attachments(self, principal: Principal, doc: Doc) -> list[str]:
+        """The keys of a work order's `attachments` map that reference no content `principal`
+        may read: an unknown hash, an upload not finished yet, or content that only work orders
+        out of its scope reference. The last looks like the others, so that naming a hash in a
+        work order one may write never tells whether someone stored that content (the rule of
+        `readable`). They are flagged, never dropped: the upload may still come."""
         keys = attachment_hashes(doc)  # read on the loop: a pycrdt Doc stays on its thread
         valid = [key for key in keys if is_sha256(key)]
-        stored = set(await self._records.readers(valid)) if valid else set()
-        return [key for key in keys if key not in stored]
+        readable = await self.readable_among(principal, valid) if valid else set()
+        return [key for key in keys if key not in readable]
 
-    async def describe(self, doc: Doc) -> dict[str, dict[str, Any]]:
-        """A work order's `attachments` map as JSON for a screen: each entry as the document
-        holds it (mime, size, caption, by, at) plus `missing`, true when no stored content
-        answers it yet (`unresolved_attachments`)."""
+    async def describe(self, principal: Principal, doc: Doc) -> dict[str, dict[str, Any]]:
+        """A work order's `attachments` map as JSON for `principal`'s screen: each entry as the
+        document holds it (mime, size, caption, by, at) plus `missing`, true unless the content
+        is stored and `principal` may read it (`unresolved_attachments`)."""
         entries = {
             key: value if isinstance(value, dict) else {}
             for key, value in doc.get("attachments", type=Map).to_py().items()
         }
-        missing = set(await self.unresolved_attachments(doc))
+        missing = set(await self.unresolved_attachments(principal, doc))
         return {key: {**entry, "missing": key in missing} for key, entry in entries.items()}
 
 
