@@ -157,6 +157,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         types=settings.attachment_types,
         max_pixels=settings.attachment_max_pixels,
         upload_expiry=settings.upload_expiry_hours * 3600,
+        thumbnail_memory=settings.thumbnail_memory,
     )
     app[ATTACHMENTS] = attachments
     app.cleanup_ctx.append(attachments.lifecycle)

@@ -217,6 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
         "attachment types accepted, as read from the bytes",
     ),
     Setting("attachment_max_pixels", 64_000_000, _positive_int, "largest image accepted (pixels)"),
+    Setting("thumbnail_memory", 64 << 20, _positive_int, "memory a thumbnail may take (bytes)"),
     Setting("upload_expiry_hours", 24.0, _positive_float, "unfinished uploads kept this long idle"),
     Setting(
         "reference_retention_days",

@@ -40,6 +40,7 @@ from pycrdt import Doc, Map
 from fieldsync.attachments import _media
 from fieldsync.attachments._blobs import Blobs, ChunkWriter, is_sha256
 from fieldsync.attachments._media import ImageTooLarge, MediaType, UnsupportedMediaType
+from fieldsync.attachments._thumbnails import Thumbnails
 from fieldsync.auth import Policy, Principal, Role, in_scope
 from fieldsync.documents import DocType, InvalidDocId, doc_type
 from fieldsync.errors import ErrorCode, FieldsyncError
@@ -63,8 +64,6 @@ CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # hops, not thousands, and little is held in memory when the connection drops (aiohttp raises
 # the loss before it hands over what it had buffered, so what was written is what is kept).
 _FLUSH_BYTES = 256 * 1024
-# Thumbnails decode images: at most this many at once, whatever the number of supervisors.
-_RENDERERS = 2
 _THUMBNAIL_ROLES = frozenset({Role.SUPERVISOR, Role.MANAGER, Role.ADMIN})
 
 
@@ -136,6 +135,7 @@ class Attachments:
         types: frozenset[str],
         max_pixels: int,
         upload_expiry: float = 24 * 3600.0,
+        thumbnail_memory: int = 64 << 20,
     ) -> None:
         self._store = store
         self.upload_expiry = upload_expiry  # seconds an unfinished upload may sit untouched
@@ -146,7 +146,7 @@ class Attachments:
         self.types = types
         self.max_pixels = max_pixels
         self._busy: set[str] = set()
-        self._renderers = asyncio.Semaphore(_RENDERERS)
+        self._thumbnails = Thumbnails(self.blobs, max_pixels=max_pixels, memory=thumbnail_memory)
 
     async def lifecycle(self, app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(self.blobs.prepare)
@@ -155,6 +155,7 @@ class Attachments:
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
+        await self._thumbnails.close()
 
     async def _expire_forever(self) -> None:
         while True:
@@ -423,28 +424,26 @@ class Attachments:
             await asyncio.to_thread(pieces.close)
 
     async def thumbnail(self, principal: Principal, sha256: str) -> bytes:
-        """A small JPEG of a photo, for supervisors and above; made once, then cached."""
+        """A small JPEG of a photo, for supervisors and above; made once, then cached, in
+        bounded memory (`no_thumbnail` for an image too large to decode within it)."""
         if not principal.roles & _THUMBNAIL_ROLES:
             raise FieldsyncError(ErrorCode.FORBIDDEN, "thumbnails are for supervisors")
         found = await self.readable(principal, sha256)
         media = _media.TYPES.get(found.mime)
         if media is None or media.image is None:
             raise NoThumbnail(found.mime)
-        cached = await asyncio.to_thread(self.blobs.read_thumbnail, sha256)
-        if cached is not None:
-            return cached
-        async with self._renderers:
-            try:
-                made = await asyncio.to_thread(
-                    _media.thumbnail, self.blobs.path(sha256), media, self.max_pixels
-                )
-            except (FieldsyncError, OSError, ValueError) as failed:
-                # Stored before a lower pixel limit, or an image Pillow cannot render (a
-                # truncated JPEG, an exotic PNG mode): the content stays downloadable.
-                log.warning("no thumbnail of %s…: %r", sha256[:12], failed)
+        try:
+            return await self._thumbnails.get(sha256, media)
+        except FieldsyncError as refused:
+            if refused.code is not ErrorCode.NO_THUMBNAIL:
+                # Stored before a lower pixel limit: the content stays downloadable.
+                log.warning("no thumbnail of %s…: %s", sha256[:12], refused.code)
                 raise NoThumbnail(found.mime) from None
-            await asyncio.to_thread(self.blobs.write_thumbnail, sha256, made)
-        return made
+            raise
+        except (OSError, ValueError, MemoryError) as failed:
+            # An image Pillow cannot render (a truncated JPEG, an exotic PNG mode).
+            log.warning("no thumbnail of %s…: %r", sha256[:12], failed)
+            raise NoThumbnail(found.mime) from None
 
     # --- references from documents -------------------------------------------------------
 
