@@ -58,10 +58,13 @@ class ServerProcess:
 
 @asynccontextmanager
 async def server_process(data_dir: Path, issuer: DevIssuer) -> AsyncIterator[ServerProcess]:
-    root = Path(fieldsync.__file__).parents[1]  # the fieldsync these tests import, and tests/
+    repository = Path(__file__).parents[2]  # where `tests` is importable from
+    package = Path(fieldsync.__file__).parents[1]  # the fieldsync these tests import
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(package), str(repository), os.environ.get("PYTHONPATH", "")]
+        ),
         "FIELDSYNC_DATA_DIR": str(data_dir),
         "FIELDSYNC_OIDC_ISSUER": issuer.issuer,
         "FIELDSYNC_LOG_LEVEL": "WARNING",
@@ -70,7 +73,7 @@ async def server_process(data_dir: Path, issuer: DevIssuer) -> AsyncIterator[Ser
         sys.executable,
         "-m",
         "tests.attachments.serve",
-        cwd=root,
+        cwd=repository,
         env=env,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
