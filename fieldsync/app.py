@@ -13,7 +13,6 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from fieldsync.api import (
-    Attachments,
     AuditRoutes,
     AuthHelpers,
     ContractRoutes,
@@ -26,11 +25,12 @@ from fieldsync.api import (
     install_middleware,
     load_spec,
 )
+from fieldsync.attachments import Attachments
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
 from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import Backend, Blobs, SQLiteBackend, Store
+from fieldsync.storage import Backend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
@@ -204,12 +204,13 @@ def _add_attachments(
     attachments = app[ATTACHMENTS] = Attachments(
         backend.store,
         backend.attachments,
-        Blobs(settings.data_path / "attachments"),
+        settings.data_path / "attachments",
         lambda: replicator.policy,  # read per request: SIGHUP may replace it
         max_bytes=settings.attachment_max_bytes,
         types=settings.attachment_types,
         max_pixels=settings.attachment_max_pixels,
         upload_expiry=settings.upload_expiry_hours * 3600,
+        thumbnail_memory=settings.thumbnail_memory,
     )
     app.cleanup_ctx.append(attachments.lifecycle)
     app.router.add_routes(TusEndpoints(attachments, public_url=settings.public_url).routes())

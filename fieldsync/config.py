@@ -159,8 +159,8 @@ def _deprecations(text: str) -> dict[str, Deprecation]:
     return result
 
 
-# The attachment types fieldsync can recognise from their bytes (`fieldsync.api._media`, which
-# holds their magic numbers); `attachment_types` chooses among them.
+# The attachment types fieldsync can recognise from their bytes (`fieldsync.attachments._media`,
+# which holds their magic numbers); `attachment_types` chooses among them.
 ATTACHMENT_TYPES = ("image/jpeg", "image/png", "image/webp", "application/pdf")
 
 
@@ -217,6 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
         "attachment types accepted, as read from the bytes",
     ),
     Setting("attachment_max_pixels", 64_000_000, _positive_int, "largest image accepted (pixels)"),
+    Setting("thumbnail_memory", 64 << 20, _positive_int, "memory a thumbnail may take (bytes)"),
     Setting("upload_expiry_hours", 24.0, _positive_float, "unfinished uploads kept this long idle"),
     Setting(
         "reference_retention_days",

@@ -38,7 +38,8 @@ class ErrorCode(StrEnum):
     # a whole upload that does not match its checksum (460, tus 1.0 checksum extension), a PATCH
     # at an offset that is not the upload's (409: HEAD, then resume from there), an upload
     # another request is writing (423: retry), a client of another tus version (412), a `Range`
-    # outside the content (416, RFC 9110 §15.5.17), a thumbnail asked of a non-image (404).
+    # outside the content (416, RFC 9110 §15.5.17), a thumbnail asked of a non-image or of an
+    # image too large to decode within `thumbnail_memory` (404: show the content's own icon).
     UPLOAD_TOO_LARGE = "upload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     IMAGE_TOO_LARGE = "image_too_large"

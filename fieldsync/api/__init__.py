@@ -1,7 +1,6 @@
 """The HTTP API: operator endpoints, RFC 9457 problem responses, the per-request checks
 (client version, WebSocket origins, deprecations) and every route's declared permission."""
 
-from fieldsync.api._attachments import Attachments, attachment_hashes
 from fieldsync.api._audit import AuditRoutes
 from fieldsync.api._auth import AuthHelpers
 from fieldsync.api._contract import ContractRoutes, load_spec
@@ -24,7 +23,6 @@ from fieldsync.api._work_orders import WorkOrderRoutes
 __all__ = [
     "PRINCIPAL",
     "ROUTE_PERMISSIONS",
-    "Attachments",
     "AuditRoutes",
     "AuthHelpers",
     "ContractRoutes",
@@ -35,7 +33,6 @@ __all__ = [
     "ScreenRoutes",
     "TusEndpoints",
     "WorkOrderRoutes",
-    "attachment_hashes",
     "install_middleware",
     "load_spec",
     "permission_of",

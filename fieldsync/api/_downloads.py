@@ -14,9 +14,9 @@ import re
 
 from aiohttp import hdrs, web
 
-from fieldsync.api._attachments import Attachments
 from fieldsync.api._permissions import PRINCIPAL
 from fieldsync.api._problems import problem
+from fieldsync.attachments import Attachments
 from fieldsync.errors import ErrorCode, FieldsyncError
 
 __all__ = ["ByteRange", "Downloads", "RangeNotSatisfiable", "byte_range"]

@@ -73,9 +73,9 @@ def _filter(request: web.Request, name: str) -> str | None:
     return value
 
 
-# A work order's `attachments` as a screen shows them, by sha256 (the attachments' own module
-# adds whether the content has arrived: `Attachments.describe`).
-Describe = Callable[[Doc], Awaitable[dict[str, dict[str, Any]]]]
+# A work order's `attachments` as a principal's screen shows them, by sha256 (the attachments'
+# own module adds whether that principal may read the content: `Attachments.describe`).
+Describe = Callable[[Principal, Doc], Awaitable[dict[str, dict[str, Any]]]]
 
 
 class ScreenRoutes:
@@ -194,7 +194,7 @@ class ScreenRoutes:
                 }
             )
         described = (
-            await self._describe(room.ydoc)
+            await self._describe(principal, room.ydoc)
             if self._describe is not None
             else content.get("attachments", {})
         )

@@ -26,12 +26,17 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from fieldsync.api._attachments import CHECKSUM_ALGORITHMS, Attachments, Checksum, Interrupted
 from fieldsync.api._permissions import PRINCIPAL
 from fieldsync.api._problems import problem
+from fieldsync.attachments import (
+    CHECKSUM_ALGORITHMS,
+    Attachments,
+    Checksum,
+    Interrupted,
+    Upload,
+    is_sha256,
+)
 from fieldsync.errors import ErrorCode, FieldsyncError
-from fieldsync.storage._attachments import Upload
-from fieldsync.storage._blobs import is_sha256
 
 __all__ = ["TUS_VERSION", "TusEndpoints"]
 

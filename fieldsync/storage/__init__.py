@@ -2,8 +2,8 @@
 backends that implement them all (`Backend`; SQLite is the embedded default). Nothing of a
 database driver crosses out of this package."""
 
+from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
 from fieldsync.storage._backend import Backend, SQLiteBackend
-from fieldsync.storage._blobs import Blobs  # attachments' bytes: moving to their own package
 from fieldsync.storage._sqlite import StorageError
 from fieldsync.storage._types import (
     Card,
@@ -39,8 +39,9 @@ from fieldsync.storage._types import (
 )
 
 __all__ = [
+    "Attachment",
+    "AttachmentStore",
     "Backend",
-    "Blobs",
     "Card",
     "CardPage",
     "ChangedDoc",
@@ -71,6 +72,7 @@ __all__ = [
     "Store",
     "StoredDoc",
     "TeamMetrics",
+    "Upload",
     "WorkOrderRefs",
     "Write",
 ]

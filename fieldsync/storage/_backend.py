@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from fieldsync.storage._attachments import Tables
+from fieldsync.storage._attachments import AttachmentStore
 from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore
+from fieldsync.storage._sqlite_attachments import SQLiteAttachments
 from fieldsync.storage._types import ReferenceStore, Screens, Store
 
 __all__ = ["Backend", "SQLiteBackend"]
@@ -35,9 +36,8 @@ class Backend(Protocol):
     def reference(self) -> ReferenceStore: ...
 
     @property
-    def attachments(self) -> Tables:
-        """Attachments' metadata. Still the SQLite store's raw tables: attachments' own Protocol
-        takes this place (the attachments issue)."""
+    def attachments(self) -> AttachmentStore:
+        """Uploads, stored content and the work orders that reference it."""
         ...
 
     async def open(self) -> None: ...
@@ -67,10 +67,7 @@ class SQLiteBackend:
         )
         self.screens = SQLiteScreens(self.store)
         self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)
-
-    @property
-    def attachments(self) -> SQLiteStore:
-        return self.store
+        self.attachments = SQLiteAttachments(self.store)
 
     async def open(self) -> None:
         await self.store.open()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
-from fieldsync.storage import _attachments, _conflicts, _screens
+from fieldsync.storage import _conflicts, _screens, _sqlite_attachments
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +140,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(3, "screens: site, asset, times and keyset indexes of doc_index", _screens.migrate_3),
-    Migration(4, "attachments: stored content, references, tus uploads", _attachments.SCHEMA),
+    Migration(
+        4, "attachments: stored content, references, tus uploads", _sqlite_attachments.SCHEMA
+    ),
     Migration(5, "conflicts: the corrections domain rules made", _conflicts.SCHEMA),
     Migration(
         6,

@@ -24,7 +24,7 @@ from pycrdt import Doc, Map
 
 from fieldsync.api._downloads import RangeNotSatisfiable, byte_range
 from fieldsync.app import ATTACHMENTS
-from fieldsync.auth import DevIssuer
+from fieldsync.auth import DevIssuer, Principal, Role
 from fieldsync.config import ConfigError, Settings
 from tests.harness import Server, eventually, running_server, work_order
 from tests.wire import connect
@@ -592,14 +592,67 @@ async def test_unknown_or_unfinished_references_are_flagged_not_dropped(
     for key in (sha256(stored), sha256(unfinished), "f" * 64, "not-a-hash"):
         attachments[key] = Map(meta)
     service = seeded.app[ATTACHMENTS]
-    assert await service.unresolved_attachments(doc) == sorted(
+    tina_principal = Principal("tina", frozenset({Role.TECHNICIAN}), "north", "east")
+    assert await service.unresolved_attachments(tina_principal, doc) == sorted(
         [sha256(unfinished), "f" * 64, "not-a-hash"]
     )
-    described = await service.describe(doc)
+    described = await service.describe(tina_principal, doc)
     assert len(described) == 4
     assert described[sha256(stored)] == {**meta, "missing": False}
     assert described[sha256(unfinished)]["missing"] is True
-    assert await service.unresolved_attachments(Doc()) == []
+    assert await service.unresolved_attachments(tina_principal, Doc()) == []
+
+
+async def screen_attachments(
+    server: Server, http: aiohttp.ClientSession, subject: str, wo: str
+) -> dict[str, bool]:
+    """`missing` of each entry of the work order's `attachments`, as `subject`'s screen shows."""
+    headers = {"Authorization": f"Bearer {server.token(subject)}"}
+    async with http.get(f"{server.url}/v1/screens/work-order/{wo}", headers=headers) as response:
+        assert response.status == 200, await response.text()
+        body = await response.json()
+    return {entry["sha256"]: entry["missing"] for entry in body["attachments"]}
+
+
+async def attach(server: Server, subject: str, wo: str, *hashes: str) -> None:
+    """What a device does once a photo is taken: an entry in the work order's `attachments`."""
+    doc: Doc = Doc()
+    for digest in hashes:
+        doc.get("attachments", type=Map)[digest] = Map({"mime": "image/png", "by": subject})
+    async with connect(server.sync_url, server.token(subject)) as wire:
+        await wire.hello()
+        await wire.update(wo, doc.get_update())
+        await wire.control("ack", doc=wo)
+
+
+async def test_a_screen_never_tells_whether_content_it_may_not_read_is_stored(
+    seeded: Server, http: aiohttp.ClientSession
+) -> None:
+    """Security finding 5: naming someone else's hash in one's own work order must not reveal
+    that the content exists. `missing` is false only for content the caller may download."""
+    tina, ulla = Tus(seeded, http, "tina"), Tus(seeded, http, "ulla")
+    photo, never_sent = png(color="purple"), "e" * 64
+    await tina.upload(photo, "wo:p1")
+    await attach(seeded, "tina", "wo:p1", sha256(photo))
+    # Ulla probes: her own work order names Tina's photo and a hash nobody stored.
+    await attach(seeded, "ulla", "wo:p2", sha256(photo), never_sent)
+    probe = await screen_attachments(seeded, http, "ulla", "wo:p2")
+    assert probe == {sha256(photo): True, never_sent: True}  # alike: nothing to learn
+    assert (await ulla.get(f"/v1/attachments/{sha256(photo)}"))[0] == 403  # as downloads say
+    # Her supervisor sees wo:p2 but not wo:p1: missing for her too.
+    assert await screen_attachments(seeded, http, "sue", "wo:p2") == probe
+    # Whoever sees wo:p1 (Tina, Sam, the admin) sees the photo there and on wo:p2 alike.
+    assert await screen_attachments(seeded, http, "tina", "wo:p1") == {sha256(photo): False}
+    assert await screen_attachments(seeded, http, "ada", "wo:p2") == {
+        sha256(photo): False,
+        never_sent: True,
+    }
+    # Once Ulla sends the bytes for her work order, she may read them, and the screen says so.
+    await ulla.upload(photo, "wo:p2")
+    assert await screen_attachments(seeded, http, "ulla", "wo:p2") == {
+        sha256(photo): False,
+        never_sent: True,
+    }
 
 
 # --- settings -----------------------------------------------------------------------------------

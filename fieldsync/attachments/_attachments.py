@@ -1,9 +1,11 @@
 """Attachments: photos and signed documents captured offline, sent over tus 1.0 when the device is
 back, stored once under their sha256, and read by whoever may see a work order they belong to.
 
-This is the core, free of HTTP (`_tus.py` and `_downloads.py` are its adapters): uploads are
-created, written chunk by chunk at their offset, verified and published; content is found for a
-principal, and a work order's `attachments` map is checked against what is stored.
+This is the core, free of HTTP (the tus and download endpoints of `fieldsync.api` are its
+faces): uploads are created, written chunk by chunk at their offset, verified and published;
+content is found for a principal, and a work order's `attachments` map is checked against what
+is stored. Its records persist through a `storage.AttachmentStore`; its bytes are files
+(`Blobs`).
 
 - An upload belongs to the principal that created it and to one work order that principal may
   see and whose `attachments` it may write (the policy's `attachments` path). Its bytes are
@@ -17,51 +19,38 @@ principal, and a work order's `attachments` map is checked against what is store
   scope), the upload completes at creation without a byte sent; anyone else sends the bytes,
   so that knowing a hash never grants the content.
 - A principal may download content that a work order in its scope references; thumbnails are
-  for supervisors and above. Content absent and content out of scope answer alike.
+  for supervisors and above. Content absent and content out of scope answer alike, on a
+  download as on a screen's `missing` flag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pycrdt import Doc, Map
 
-from fieldsync.api import _media
-from fieldsync.api._media import ImageTooLarge, MediaType, UnsupportedMediaType
+from fieldsync.attachments import _media
+from fieldsync.attachments._blobs import Blobs, ChunkWriter, is_sha256
+from fieldsync.attachments._media import ImageTooLarge, MediaType, UnsupportedMediaType
+from fieldsync.attachments._thumbnails import Thumbnails
 from fieldsync.auth import Policy, Principal, Role, in_scope
 from fieldsync.documents import DocType, InvalidDocId, doc_type
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.storage import Store
-from fieldsync.storage._attachments import (
-    Attachment,
-    Tables,
-    Upload,
-    add_reference,
-    attachment,
-    complete_upload,
-    create_upload,
-    delete_upload,
-    expire_upload,
-    readers_of,
-    record_received,
-    stale_uploads,
-    stored_among,
-    upload,
-)
-from fieldsync.storage._blobs import Blobs, ChunkWriter, is_sha256
+from fieldsync.storage import Attachment, AttachmentStore, Store, Upload
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "Attachments",
+    "Checksum",
     "Interrupted",
     "attachment_hashes",
 ]
@@ -76,8 +65,6 @@ CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # hops, not thousands, and little is held in memory when the connection drops (aiohttp raises
 # the loss before it hands over what it had buffered, so what was written is what is kept).
 _FLUSH_BYTES = 256 * 1024
-# Thumbnails decode images: at most this many at once, whatever the number of supervisors.
-_RENDERERS = 2
 _THUMBNAIL_ROLES = frozenset({Role.SUPERVISOR, Role.MANAGER, Role.ADMIN})
 
 
@@ -134,33 +121,39 @@ def attachment_hashes(doc: Doc) -> list[str]:
 
 
 class Attachments:
+    """Uploads, content and references for the principals of one server. `store` answers which
+    work orders exist and their scope; `records` keeps the attachments' own rows; the files live
+    under `root` (README "Attachments")."""
+
     def __init__(
         self,
         store: Store,
-        tables: Tables,
-        blobs: Blobs,
+        records: AttachmentStore,
+        root: Path,
         policy: Callable[[], Policy],
         *,
         max_bytes: int,
         types: frozenset[str],
         max_pixels: int,
         upload_expiry: float = 24 * 3600.0,
+        thumbnail_memory: int = 64 << 20,
     ) -> None:
         self._store = store
         self.upload_expiry = upload_expiry  # seconds an unfinished upload may sit untouched
-        self._tables = tables
-        self.blobs = blobs
+        self._records = records
+        self.blobs = Blobs(root)
         self._policy = policy  # read per request: SIGHUP may replace the policy
         self.max_bytes = max_bytes
         self.types = types
         self.max_pixels = max_pixels
         self._busy: set[str] = set()
-        self._renderers = asyncio.Semaphore(_RENDERERS)
+        self._thumbnails = Thumbnails(self.blobs, max_pixels=max_pixels, memory=thumbnail_memory)
 
     async def lifecycle(self, app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(self.blobs.prepare)
         async with Periodic("upload-expiry", min(self.upload_expiry / 4, 3600.0), self.expire):
             yield
+        await self._thumbnails.close()
 
     async def expire(self) -> int:
         """Forget the uploads left unfinished and untouched for `upload_expiry` (a device that
@@ -168,11 +161,10 @@ class Attachments:
         404 and uploads again. Returns how many went."""
         idle_since = time.time() - self.upload_expiry
         gone = 0
-        for upload_id in await self._tables.query(lambda db: stale_uploads(db, idle_since)):
+        for upload_id in await self._records.stale_uploads(idle_since):
             if upload_id in self._busy:
                 continue  # a chunk is being written to it right now
-            expired = functools.partial(expire_upload, upload_id=upload_id, idle_since=idle_since)
-            if await self._tables.transact(expired):
+            if await self._records.expire_upload(upload_id, idle_since):
                 await asyncio.to_thread(self.blobs.discard, upload_id)
                 gone += 1
         if gone:
@@ -190,17 +182,12 @@ class Attachments:
             raise UploadTooLarge(self.max_bytes)
         await self._authorise_attaching(principal, wo)
         now = time.time()
-        stored = await self._tables.query(lambda db: attachment(db, sha256))
+        stored = await self._records.attachment(sha256)
         if stored is not None and stored.size == length and await self.may_read(principal, sha256):
             done = Upload(
                 _new_id(), principal.subject, wo, sha256, length, length, metadata, now, now
             )
-
-            def record_done(txn: Any) -> None:
-                create_upload(txn, done)
-                add_reference(txn, sha256, wo, principal.subject, now)
-
-            await self._tables.transact(record_done)
+            await self._records.create_upload(done)  # and wo's reference to the content
             log.info("upload %s: %s… already stored, complete at creation", done.id, sha256[:12])
             return done
         if length == 0:
@@ -208,7 +195,7 @@ class Attachments:
         created = Upload(_new_id(), principal.subject, wo, sha256, length, 0, metadata, now)
         await asyncio.to_thread(self.blobs.create, created.id)
         try:
-            await self._tables.transact(lambda txn: create_upload(txn, created))
+            await self._records.create_upload(created)
         except BaseException:
             await asyncio.to_thread(self.blobs.discard, created.id)
             raise
@@ -219,7 +206,7 @@ class Attachments:
         """The principal's upload (`Forbidden` for one absent or another's)."""
         found = None
         if upload_id.isalnum() and len(upload_id) <= 64:
-            found = await self._tables.query(lambda db: upload(db, upload_id))
+            found = await self._records.upload(upload_id)
         if found is None or found.owner != principal.subject:
             raise Forbidden("this upload")
         return found
@@ -325,8 +312,8 @@ class Attachments:
             raise Forbidden(wo)
 
     async def _record(self, current: Upload, received: int) -> Upload:
-        moved = await self._tables.transact(
-            lambda txn: record_received(txn, current.id, current.received, received, time.time())
+        moved = await self._records.record_received(
+            current.id, current.received, received, time.time()
         )
         if not moved:  # terminated meanwhile
             raise Forbidden("this upload")
@@ -364,9 +351,7 @@ class Attachments:
             current.sha256, current.length, media.mime, width, height, now, principal.subject
         )
         new = await asyncio.to_thread(self.blobs.publish, current.id, current.sha256)
-        done = await self._tables.transact(
-            lambda txn: complete_upload(txn, current, before, content, now)
-        )
+        done = await self._records.complete_upload(current, before, content, now)
         if not done:
             raise Forbidden("this upload")
         log.info(
@@ -390,22 +375,31 @@ class Attachments:
         return media
 
     async def _drop(self, current: Upload) -> None:
-        await self._tables.transact(lambda txn: delete_upload(txn, current.id))
+        await self._records.delete_upload(current.id)
         await asyncio.to_thread(self.blobs.discard, current.id)
 
     # --- content --------------------------------------------------------------------------
 
     async def may_read(self, principal: Principal, sha256: str) -> bool:
         """Whether a work order in the principal's scope references the content."""
-        readers = await self._tables.query(lambda db: readers_of(db, sha256))
+        return sha256 in await self.readable_among(principal, [sha256])
+
+    async def readable_among(self, principal: Principal, hashes: list[str]) -> set[str]:
+        """Those of `hashes` whose content the principal may read: stored, and referenced by a
+        work order in its scope."""
+        readers = await self._records.readers(hashes)
         scope = self._policy().scope(principal)
-        return any(in_scope(scope, index) for index in readers)
+        return {
+            sha256
+            for sha256, indexes in readers.items()
+            if any(in_scope(scope, index) for index in indexes)
+        }
 
     async def readable(self, principal: Principal, sha256: str) -> Attachment:
         """The stored content `principal` may read (`Forbidden` otherwise, absent alike)."""
         if not is_sha256(sha256):
             raise Forbidden("this attachment")
-        found = await self._tables.query(lambda db: attachment(db, sha256))
+        found = await self._records.attachment(sha256)
         if found is None or not await self.may_read(principal, sha256):
             raise Forbidden("this attachment")
         return found
@@ -420,49 +414,49 @@ class Attachments:
             await asyncio.to_thread(pieces.close)
 
     async def thumbnail(self, principal: Principal, sha256: str) -> bytes:
-        """A small JPEG of a photo, for supervisors and above; made once, then cached."""
+        """A small JPEG of a photo, for supervisors and above; made once, then cached, in
+        bounded memory (`no_thumbnail` for an image too large to decode within it)."""
         if not principal.roles & _THUMBNAIL_ROLES:
             raise FieldsyncError(ErrorCode.FORBIDDEN, "thumbnails are for supervisors")
         found = await self.readable(principal, sha256)
         media = _media.TYPES.get(found.mime)
         if media is None or media.image is None:
             raise NoThumbnail(found.mime)
-        cached = await asyncio.to_thread(self.blobs.read_thumbnail, sha256)
-        if cached is not None:
-            return cached
-        async with self._renderers:
-            try:
-                made = await asyncio.to_thread(
-                    _media.thumbnail, self.blobs.path(sha256), media, self.max_pixels
-                )
-            except (FieldsyncError, OSError, ValueError) as failed:
-                # Stored before a lower pixel limit, or an image Pillow cannot render (a
-                # truncated JPEG, an exotic PNG mode): the content stays downloadable.
-                log.warning("no thumbnail of %s…: %r", sha256[:12], failed)
+        try:
+            return await self._thumbnails.get(sha256, media)
+        except FieldsyncError as refused:
+            if refused.code is not ErrorCode.NO_THUMBNAIL:
+                # Stored before a lower pixel limit: the content stays downloadable.
+                log.warning("no thumbnail of %s…: %s", sha256[:12], refused.code)
                 raise NoThumbnail(found.mime) from None
-            await asyncio.to_thread(self.blobs.write_thumbnail, sha256, made)
-        return made
+            raise
+        except (OSError, ValueError, MemoryError) as failed:
+            # An image Pillow cannot render (a truncated JPEG, an exotic PNG mode).
+            log.warning("no thumbnail of %s…: %r", sha256[:12], failed)
+            raise NoThumbnail(found.mime) from None
 
     # --- references from documents -------------------------------------------------------
 
-    async def unresolved_attachments(self, doc: Doc) -> list[str]:
-        """The keys of a work order's `attachments` map that reference no stored content: an
-        unknown hash, or an upload not finished yet. They are flagged, never dropped: the
-        upload may still come."""
+    async def unresolved_attachments(self, principal: Principal, doc: Doc) -> list[str]:
+        """The keys of a work order's `attachments` map that reference no content `principal`
+        may read: an unknown hash, an upload not finished yet, or content that only work orders
+        out of its scope reference. The last looks like the others, so that naming a hash in a
+        work order one may write never tells whether someone stored that content (the rule of
+        `readable`). They are flagged, never dropped: the upload may still come."""
         keys = attachment_hashes(doc)  # read on the loop: a pycrdt Doc stays on its thread
         valid = [key for key in keys if is_sha256(key)]
-        stored = await self._tables.query(lambda db: stored_among(db, valid)) if valid else set()
-        return [key for key in keys if key not in stored]
+        readable = await self.readable_among(principal, valid) if valid else set()
+        return [key for key in keys if key not in readable]
 
-    async def describe(self, doc: Doc) -> dict[str, dict[str, Any]]:
-        """A work order's `attachments` map as JSON for a screen: each entry as the document
-        holds it (mime, size, caption, by, at) plus `missing`, true when no stored content
-        answers it yet (`unresolved_attachments`)."""
+    async def describe(self, principal: Principal, doc: Doc) -> dict[str, dict[str, Any]]:
+        """A work order's `attachments` map as JSON for `principal`'s screen: each entry as the
+        document holds it (mime, size, caption, by, at) plus `missing`, true unless the content
+        is stored and `principal` may read it (`unresolved_attachments`)."""
         entries = {
             key: value if isinstance(value, dict) else {}
             for key, value in doc.get("attachments", type=Map).to_py().items()
         }
-        missing = set(await self.unresolved_attachments(doc))
+        missing = set(await self.unresolved_attachments(principal, doc))
         return {key: {**entry, "missing": key in missing} for key, entry in entries.items()}
 
 

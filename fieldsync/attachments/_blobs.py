@@ -10,6 +10,10 @@ stored once under its sha256.
 Staging and content share one file system, so publishing is one atomic `os.replace`: a reader
 sees all of a file or none of it. Every method here blocks (file I/O, fsync, hashing): call them
 from a worker thread, never on the event loop.
+
+The files belong to attachments, not to `storage`: their layout (a tus staging area, a thumbnail
+cache) is the attachments' own, and it is the same whichever database backend keeps the records
+(`storage.AttachmentStore`), so it is no backend's to implement.
 """
 
 from __future__ import annotations

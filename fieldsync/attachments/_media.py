@@ -7,6 +7,12 @@ without libheif, so its dimensions could not be checked nor a thumbnail made; th
 Which of the known types a server accepts is the `attachment_types` setting.
 
 Everything here blocks (file reads, image decoding): run it in a worker thread.
+
+Memory: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size for a thumbnail, but PNG and WebP can
+only be decoded whole, four bytes a pixel in Pillow (an 8000 x 8000 PNG of 250 KB is 244 MiB
+decoded). `thumbnail_cost` tells from the header what a thumbnail will hold at its peak, so the
+caller can refuse or queue it before anything is decoded (imgproxy refuses sources above a pixel
+limit for the same reason).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ __all__ = [
     "TYPES",
     "ImageTooLarge",
     "MediaType",
+    "ThumbnailTooLarge",
     "UnsupportedMediaType",
     "inspect",
     "sniff",
     "thumbnail",
+    "thumbnail_cost",
 ]
 
 
@@ -83,6 +91,18 @@ class ImageTooLarge(FieldsyncError):
         )
 
 
+class ThumbnailTooLarge(FieldsyncError):
+    """An image accepted (under `attachment_max_pixels`) whose thumbnail would take more memory
+    than thumbnailing may use: it stays downloadable, without a thumbnail."""
+
+    def __init__(self, cost: int, limit: int) -> None:
+        super().__init__(
+            ErrorCode.NO_THUMBNAIL,
+            f"the image is too large to thumbnail: decoding it takes {cost >> 20} MiB, "
+            f"thumbnails may use {limit >> 20} MiB",
+        )
+
+
 def sniff(head: bytes) -> MediaType | None:
     """The known type whose magic number `head` (the content's first bytes) starts with."""
     for media in TYPES.values():
@@ -101,21 +121,55 @@ def inspect(path: Path, media: MediaType, max_pixels: int) -> tuple[int, int] | 
         return image.size
 
 
-def thumbnail(path: Path, media: MediaType, max_pixels: int) -> bytes:
-    """A JPEG at most `THUMBNAIL_SIZE` pixels on its longer side, turned as the camera's Exif
-    orientation says."""
+def thumbnail_cost(path: Path, media: MediaType, max_pixels: int) -> int:
+    """The bytes `thumbnail` holds at its peak for this image, read from its header alone."""
     if media.image is None:
         raise ValueError(f"{media.mime} is not an image")
     with _open(path, media, max_pixels) as image:
-        # JPEG decodes straight at 1/2, 1/4 or 1/8 scale: a 48-megapixel photo never exists in
-        # memory at full size (`draft` does nothing for other formats).
-        image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        return _decode_reduced(image)
+
+
+def thumbnail(path: Path, media: MediaType, max_pixels: int, max_cost: int) -> bytes:
+    """A JPEG at most `THUMBNAIL_SIZE` pixels on its longer side, turned as the camera's Exif
+    orientation says. Raises `ThumbnailTooLarge`, before decoding, when that would hold more than
+    `max_cost` bytes (`thumbnail_cost`)."""
+    if media.image is None:
+        raise ValueError(f"{media.mime} is not an image")
+    with _open(path, media, max_pixels) as image:
+        cost = _decode_reduced(image)
+        if cost > max_cost:
+            raise ThumbnailTooLarge(cost, max_cost)
+        # Shrunk first, in place, and turned once small: turning (`exif_transpose`) copies the
+        # whole image, which at full size doubled what a PNG cost.
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
         turned = ImageOps.exif_transpose(image)
-        turned.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
         flat = _on_white(turned)
         out = io.BytesIO()
         flat.save(out, "JPEG", quality=_THUMBNAIL_QUALITY, optimize=True)
         return out.getvalue()
+
+
+def _decode_reduced(image: Image.Image) -> int:
+    """Ask for the smallest decoding a thumbnail can be made from (JPEG decodes straight at 1/2,
+    1/4 or 1/8 scale: a 48-megapixel photo never exists in memory at full size; `draft` does
+    nothing for other formats), and return the bytes making the thumbnail will then hold."""
+    # Twice the thumbnail: `Image.thumbnail`'s reducing gap, so the last resampling has pixels
+    # to average.
+    image.draft("RGB", (2 * THUMBNAIL_SIZE, 2 * THUMBNAIL_SIZE))
+    width, height = image.size
+    copies = 1
+    if image.mode in _PREMULTIPLIED:
+        copies += 1  # Pillow resamples these premultiplied: a converted copy (`Image.resize`)
+    if image.format == "WEBP":
+        # libwebp's frame buffer, the bytes Pillow is handed, the image, and one more (as
+        # measured with Pillow 13: peak four times the decoded frame, with or without alpha).
+        copies = 4
+    return width * height * _PIXEL_BYTES.get(image.mode, 4) * copies
+
+
+# Bytes a pixel takes in Pillow's memory, by mode: everything else (RGB included) takes four.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+_PREMULTIPLIED = frozenset({"LA", "RGBA"})
 
 
 def _open(path: Path, media: MediaType, max_pixels: int) -> Image.Image:
