@@ -65,7 +65,7 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
     """Wait until `check()` holds: the outbox's state, read back (it has no event of its own
     outside the server's process)."""
     async with asyncio.timeout(timeout):
-        while not await check():
+        while not await check():  # noqa: ASYNC110 - read back over HTTP, no event here
             await asyncio.sleep(0.02)
 
 
