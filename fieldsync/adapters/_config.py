@@ -180,9 +180,10 @@ class Table:
             raise self.error(key, f"scheme must be one of {', '.join(allowed)} (got {shown})")
         return value
 
-    def table(self, key: str, default: Any = _MISSING) -> Table:
-        """A sub-table (`[adapters.<name>.<key>]`), read with the same readers."""
-        value, _ = self._get(key, {} if default is not _MISSING else default)
+    def table(self, key: str, *, optional: bool = False) -> Table:
+        """A sub-table (`[adapters.<name>.<key>]`), read with the same readers; an `optional`
+        one that is absent reads as empty."""
+        value, _ = self._get(key, {} if optional else _MISSING)
         if not isinstance(value, dict):
             raise self.error(key, "must be a table")
         child = Table(self.adapter, value, self._environ, self._where(key))
@@ -274,7 +275,9 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 
 # The kinds fieldsync ships: kind -> "module:factory", imported when an adapters file names
 # the kind (a kind's client libraries load only where it is used). One line per kind.
-KINDS: dict[str, str] = {}
+KINDS: dict[str, str] = {
+    # "erp_sql": "fieldsync.adapters._erp_sql:build",
+}
 
 _registered: dict[str, Factory] = {}
 
