@@ -149,9 +149,11 @@ class Table:
 
     def choice(self, key: str, choices: Iterable[str], default: Any = _MISSING) -> str:
         allowed = tuple(choices)
-        value = self.text(key, default)
-        if value is not default and value not in allowed:
-            raise self.error(key, f"must be one of {', '.join(allowed)} (got {value!r})")
+        value, secret = self._get(key, default)
+        if value is default:
+            return value
+        if value not in allowed:
+            raise self._wrong(key, f"one of {', '.join(allowed)}", value, secret)
         return value
 
     def texts(self, key: str, default: Any = _MISSING) -> tuple[str, ...]:
