@@ -12,12 +12,14 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from fieldsync.adapters import AdapterContext, Adapters
 from fieldsync.api import (
     AuditRoutes,
     AuthHelpers,
     ContractRoutes,
     Downloads,
     Operations,
+    OutboxRoutes,
     ReferenceEndpoints,
     ScreenRoutes,
     TusEndpoints,
@@ -42,6 +44,8 @@ ENDPOINTS = web.AppKey("endpoints", Endpoints)
 ATTACHMENTS = web.AppKey("attachments", Attachments)
 # Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
 REFERENCE = web.AppKey("reference", ReferenceEndpoints)
+# The configured adapters and their outbox runner (`FIELDSYNC_ADAPTERS`).
+ADAPTERS = web.AppKey("adapters", Adapters)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -94,6 +98,7 @@ def create_app(settings: Settings) -> web.Application:
     attachments = _add_attachments(app, settings, backend, replicator)
     _add_screens(app, settings, backend, replicator, attachments)
     _add_reference(app, settings, backend, replicator)
+    _add_adapters(app, settings, backend)
     # The contract, read at start: a broken file stops the server rather than serve a lie.
     app.router.add_routes(ContractRoutes(load_spec()).routes())
     return app
@@ -172,13 +177,14 @@ def _add_operations(
     async def readiness() -> dict[str, object] | None:
         if endpoints.draining:
             return None
-        return {"seq": await store.head()}
+        return {"seq": await store.head(), "adapters": app[ADAPTERS].health()}
 
     async def metrics() -> dict[str, object]:
         return {
             "store": await store.stats(),
             "rooms_loaded": replicator.loaded,
             "connections": len(endpoints.connections),
+            "adapters": await app[ADAPTERS].metrics(),
         }
 
     app.router.add_routes(Operations(readiness, metrics).routes())
@@ -242,6 +248,20 @@ def _add_reference(
     )
     app.cleanup_ctx.append(reference.lifecycle)  # compacts through the backend while it runs
     app.router.add_routes(reference.routes())
+
+
+def _add_adapters(app: web.Application, settings: Settings, backend: Backend) -> None:
+    """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
+    started after the backend and stopped before it; the operators' outbox routes."""
+    context = AdapterContext(settings.data_path, backend.outbox, backend.reference)
+    path = Path(settings.adapters) if settings.adapters else None
+    adapters = Adapters.load(
+        path, context, backend.store, retention_days=settings.outbox_retention_days
+    )
+    app[ADAPTERS] = adapters
+    app.cleanup_ctx.append(adapters.lifecycle)
+    cursor_key = backend.screens.cursor_key
+    app.router.add_routes(OutboxRoutes(backend.outbox, cursor_key, adapters.runner.wake).routes())
 
 
 def load_policy(settings: Settings) -> Policy:

@@ -4,6 +4,15 @@ database driver crosses out of this package."""
 
 from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
 from fieldsync.storage._backend import Backend, SQLiteBackend
+from fieldsync.storage._outbox import (
+    DueDoc,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    OutboxState,
+    OutboxStats,
+    Routes,
+)
 from fieldsync.storage._sqlite import StorageError
 from fieldsync.storage._types import (
     Card,
@@ -54,15 +63,22 @@ __all__ = [
     "DeviceSeen",
     "Devices",
     "Documents",
+    "DueDoc",
     "FieldHistory",
     "HistoryEntry",
     "ImportResult",
     "InvalidRow",
     "MetricsPage",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "OutboxState",
+    "OutboxStats",
     "Position",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",
+    "Routes",
     "RowChange",
     "SQLiteBackend",
     "ScopeChange",

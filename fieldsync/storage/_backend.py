@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fieldsync.storage._attachments import AttachmentStore
+from fieldsync.storage._outbox import Outbox, SQLiteOutbox
 from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore
@@ -38,6 +39,11 @@ class Backend(Protocol):
     @property
     def attachments(self) -> AttachmentStore:
         """Uploads, stored content and the work orders that reference it."""
+        ...
+
+    @property
+    def outbox(self) -> Outbox:
+        """What committed changes owe the outbound adapters (DESIGN.md §7)."""
         ...
 
     async def open(self) -> None: ...
@@ -68,6 +74,7 @@ class SQLiteBackend:
         self.screens = SQLiteScreens(self.store)
         self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)
         self.attachments = SQLiteAttachments(self.store)
+        self.outbox = SQLiteOutbox(self.store)
 
     async def open(self) -> None:
         await self.store.open()
