@@ -22,7 +22,7 @@ from fieldsync.auth import Policy, Principal, in_scope
 from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
-from fieldsync.records import DocIndex, FieldChange
+from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
@@ -31,7 +31,7 @@ from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
 log = logging.getLogger(__name__)
 
 _EMPTY_STATE = b"\x00"  # the state vector of an empty document
-RULES_ORIGIN = "server:rules"  # rules never run on updates of this origin: no self-reaction
+RULES_ORIGIN = Origin(OriginKind.RULES)  # rules never run on updates of this origin
 
 
 class Forbidden(FieldsyncError):
@@ -236,6 +236,8 @@ class Replicator:
             return Submitted(room.tail if room.in_flight else None, state_vector)
         touched = room.touched()
         submitted = Submitted(self._commit(room, effective, peer), state_vector)
+        if peer.origin.kind is OriginKind.RULES:
+            return submitted  # a correction the rules made: they never judge their own
         if self.enforce_rules and room.type is DocType.WORK_ORDER:
             await self._enforce_rules(room, peer, touched, created)
         elif self.enforce_rules and room.type is DocType.FORM:
@@ -392,7 +394,7 @@ class Replicator:
         return self.policy.may_create(principal, room.type.value, scope_index)
 
     async def create(
-        self, doc_id: str, update: bytes, principal: Principal, origin: str
+        self, doc_id: str, update: bytes, principal: Principal, origin: Origin
     ) -> Committed:
         """Bring a document the server built into existence on behalf of `principal` (a REST
         creation): the creation rights a device's first update is held to, then the same commit
@@ -434,12 +436,12 @@ class Replicator:
         effective: bytes,
         author: Peer | None,
         actor: str | None = None,
-        origin: str | None = None,
+        origin: Origin | None = None,
     ) -> asyncio.Future[Committed]:
         write = Write(
             doc=room.doc_id,
             data=effective,
-            origin=origin or (author.origin if author else "server"),
+            origin=origin or (author.origin if author else RULES_ORIGIN),
             actor=actor or (author.principal.subject if author else "server"),
             index=room.reindex(),
             history=room.take_changes(),
