@@ -5,6 +5,7 @@ subpackage only through its `__init__`, never through one of its private modules
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,6 +149,15 @@ def foreign(found: Import) -> bool:
 def test_every_layer_is_in_the_table() -> None:
     layers = {layer(module_name(path, PACKAGE)) for path in PACKAGE.rglob("*.py")}
     assert layers - MAY_IMPORT.keys() == set(), "a new layer: say in MAY_IMPORT what it may use"
+
+
+def test_the_readme_names_every_layer() -> None:
+    """The README's layout names every subpackage and top-level module, and no other."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("Layout of `fieldsync/`:", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)(?:\.py)?`", layout))
+    layers = {layer(module_name(path, PACKAGE)) for path in PACKAGE.rglob("*.py")}
+    assert layers - {"fieldsync", "__main__"} == named - {"fieldsync"}
 
 
 def test_imports_point_down_the_diagram() -> None:

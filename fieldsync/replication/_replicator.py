@@ -1,7 +1,10 @@
 """The one write path for documents, and the rooms it keeps in memory.
 
-authorise -> apply -> commit -> ack -> fan-out (DESIGN.md §1): every writer, a device over v1, a
-Yjs client over y-websocket, or later a REST call or an adapter, goes through `submit`.
+authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1). A connected replica (a
+device over v1, a Yjs client over y-websocket) writes through `submit`; a document the server
+builds for someone (REST's `POST /v1/work-orders`) comes into existence through `create`, held to
+the creation rights a device's first update is, and committed and fanned out the same way. Every
+write carries its `Origin`, and the rules never judge their own corrections.
 """
 
 from __future__ import annotations
