@@ -1,15 +1,23 @@
-"""A real fieldsync server on loopback with a development OpenID issuer, for tests."""
+"""What the tests share: a real fieldsync server on loopback with a development OpenID issuer and
+its users, work orders to seed it with, a peer of the replicator without a socket, HTTP answers
+and their problem documents, and images to upload. The fixtures built on it are in conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import gzip
+import io
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+import brotli
+import zstandard
 from aiohttp import web
+from PIL import Image
 from pycrdt import Doc, Map
 
 from fieldsync import documents
@@ -70,8 +78,8 @@ class Server(Generic[IssuerT]):
 
 
 @asynccontextmanager
-async def running_issuer() -> AsyncIterator[DevIssuer]:
-    issuer = DevIssuer(USERS)
+async def running_issuer(users: Mapping[str, DevUser] = USERS) -> AsyncIterator[DevIssuer]:
+    issuer = DevIssuer(users)
     await issuer.start()
     try:
         yield issuer
@@ -185,3 +193,43 @@ class Replica:
         before = self.doc.get_state()
         self.doc.get("fields", type=Map)[key] = value or self.principal.subject
         return self.doc.get_update(before)
+
+
+# --- HTTP answers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes  # as sent: still compressed when Content-Encoding says so
+
+    @property
+    def json(self) -> Any:
+        return json.loads(decoded(self))
+
+
+def decoded(reply: Reply) -> bytes:
+    coding = reply.headers.get("Content-Encoding")
+    if coding is None:
+        return reply.body
+    return {
+        "br": brotli.decompress,
+        "gzip": gzip.decompress,
+        "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b),
+    }[coding](reply.body)
+
+
+def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """`reply` is an RFC 9457 problem document with this status and stable `code`."""
+    assert reply.status == status, reply.body
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = reply.json
+    assert (body["status"], body["code"]) == (status, code)
+    return body
+
+
+def png(width: int = 640, height: int = 480, color: str = "teal") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()
