@@ -24,7 +24,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
 from fieldsync.auth import Principal, Role
-from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator
 from fieldsync.storage import SQLiteBackend
 
@@ -37,7 +37,7 @@ class Device:
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.scope = ScopeFilter(ScopeKind.ASSIGNEE, principal.subject)
-        self.origin = f"device:{principal.subject}"
+        self.origin = Origin(OriginKind.DEVICE, principal.subject)
         self.violations = 0
 
     def send_doc(self, doc_id: str, message: bytes) -> None:

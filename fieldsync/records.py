@@ -87,6 +87,16 @@ class Origin:
 
     @classmethod
     def parse(cls, text: str) -> Origin:
-        """The origin stored as `text`; raises ValueError for an unknown kind."""
+        """The origin stored as `text`, also in the untyped forms databases written before
+        origins were typed still hold; raises ValueError for an unknown kind."""
         kind, _, ident = text.partition(":")
+        legacy = _LEGACY.get(kind)
+        if legacy is not None:
+            return cls(legacy) if legacy is OriginKind.RULES else cls(legacy, ident)
         return cls(OriginKind(kind), ident)
+
+
+# Read, never written: "server" and "server:rules" were the rules' corrections; "session:<id>" a
+# connection's origin until its `hello` named the device (whose id then defaulted to the session
+# id). Old rows are kept as they are: the field history and the conflicts are an audit trail.
+_LEGACY = {"server": OriginKind.RULES, "session": OriginKind.DEVICE}

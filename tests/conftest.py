@@ -2,28 +2,52 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from fieldsync.auth import DevIssuer
+from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.replication import V1Session
 from tests import contract
-from tests.harness import Server, running_issuer, running_server
+from tests.harness import USERS, Issuer, Server, running_issuer, running_server
+
+# The server most tests run against: `server`, trusting `issuer`, which signs in `users`. A folder
+# or a module that needs other users or settings overrides `users` or `server_settings` (or
+# `issuer`, for another kind of OpenID provider), never the server itself.
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[DevIssuer]:
-    async with running_issuer() as issuer:
+def users() -> Mapping[str, DevUser]:
+    return USERS
+
+
+@pytest.fixture
+async def issuer(users: Mapping[str, DevUser]) -> AsyncIterator[DevIssuer]:
+    async with running_issuer(users) as issuer:
         yield issuer
 
 
 @pytest.fixture
-async def server(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server]:
-    async with running_server(tmp_path / "data", issuer) as server:
+def server_settings() -> dict[str, Any]:
+    """Settings beyond the defaults, as keyword arguments of `Settings.load`."""
+    return {}
+
+
+@pytest.fixture
+async def server(
+    tmp_path: Path, issuer: Issuer, server_settings: dict[str, Any]
+) -> AsyncIterator[Server[Any]]:
+    async with running_server(tmp_path / "data", issuer, **server_settings) as server:
         yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 class _TokenWatch(logging.Handler):

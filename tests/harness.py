@@ -1,22 +1,32 @@
-"""A real fieldsync server on loopback with a development OpenID issuer, for tests."""
+"""What the tests share: a real fieldsync server on loopback with a development OpenID issuer and
+its users, work orders to seed it with, a peer of the replicator without a socket, HTTP answers
+and their problem documents, and images to upload. The fixtures built on it are in conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import gzip
+import io
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+import brotli
+import zstandard
 from aiohttp import web
-from pycrdt import Doc
+from PIL import Image
+from pycrdt import Doc, Map
 
 from fieldsync import documents
 from fieldsync.app import STORE, AccessLogger, create_app
-from fieldsync.auth import DevIssuer, DevUser
+from fieldsync.auth import DevIssuer, DevUser, Principal, Role
 from fieldsync.client import Client
 from fieldsync.config import Settings
+from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.replication import SyncStep, YSync, decode_y
 
 USERS = {
     u.subject: u
@@ -68,8 +78,8 @@ class Server(Generic[IssuerT]):
 
 
 @asynccontextmanager
-async def running_issuer() -> AsyncIterator[DevIssuer]:
-    issuer = DevIssuer(USERS)
+async def running_issuer(users: Mapping[str, DevUser] = USERS) -> AsyncIterator[DevIssuer]:
+    issuer = DevIssuer(users)
     await issuer.start()
     try:
         yield issuer
@@ -144,3 +154,82 @@ async def eventually(predicate: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 - the state polled here has no event
             await asyncio.sleep(0.005)
+
+
+class Replica:
+    """A peer of the replicator, without a socket: it applies to its own document everything
+    the server sends it, and keeps the rule violations it is told of."""
+
+    def __init__(self, subject: str, origin: Origin | None = None) -> None:
+        self.principal = Principal(subject, frozenset({Role.ADMIN}))
+        self.scope = ScopeFilter(ScopeKind.ALL)
+        self.origin = origin or Origin(OriginKind.DEVICE, subject)
+        self.doc: Doc = Doc()
+        self.violations: list[tuple[str, str]] = []  # (doc, rule)
+
+    def send_doc(self, doc_id: str, message: bytes) -> None:
+        y = decode_y(message)
+        if isinstance(y, YSync) and y.step in (SyncStep.STEP2, SyncStep.UPDATE):
+            self.doc.apply_update(y.payload)
+
+    def confirmed(self, doc_id: str, update: bytes | None) -> None:
+        if update is not None:
+            self.doc.apply_update(update)
+
+    def scope_added(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def scope_removed(self, doc_ids: Sequence[str]) -> None:
+        pass
+
+    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
+        self.violations.append((doc_id, rule))
+
+    def reset(self, doc_id: str, reason: str) -> None:
+        raise AssertionError(f"reset {doc_id}: {reason}")
+
+    def edit(self, key: str, value: str | None = None) -> bytes:
+        """Set `fields.<key>` (to the subject by default); returns the update."""
+        before = self.doc.get_state()
+        self.doc.get("fields", type=Map)[key] = value or self.principal.subject
+        return self.doc.get_update(before)
+
+
+# --- HTTP answers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes  # as sent: still compressed when Content-Encoding says so
+
+    @property
+    def json(self) -> Any:
+        return json.loads(decoded(self))
+
+
+def decoded(reply: Reply) -> bytes:
+    coding = reply.headers.get("Content-Encoding")
+    if coding is None:
+        return reply.body
+    return {
+        "br": brotli.decompress,
+        "gzip": gzip.decompress,
+        "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b),
+    }[coding](reply.body)
+
+
+def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """`reply` is an RFC 9457 problem document with this status and stable `code`."""
+    assert reply.status == status, reply.body
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = reply.json
+    assert (body["status"], body["code"]) == (status, code)
+    return body
+
+
+def png(width: int = 640, height: int = 480, color: str = "teal") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()

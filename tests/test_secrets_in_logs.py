@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,9 @@ def capture_every_logger() -> Iterator[Everything]:
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[DevIssuer]:
+def users() -> Mapping[str, DevUser]:
     """The test issuer's users, and one whose password is a secret worth finding."""
-    users = {**USERS, "pat": DevUser("pat", ("technician",), "north", "east", "Pat", PASSWORD)}
-    async with DevIssuer(users) as issuer:
-        yield issuer
+    return {**USERS, "pat": DevUser("pat", ("technician",), "north", "east", "Pat", PASSWORD)}
 
 
 def tampered(token: str) -> str:

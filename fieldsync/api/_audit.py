@@ -66,7 +66,7 @@ class AuditRoutes:
                 "seq": e.seq,
                 "at": e.at,
                 "actor": e.actor,
-                "origin": e.origin,
+                "origin": str(e.origin),
                 "path": e.change.path,
                 "old": e.change.old,
                 "new": e.change.new,
@@ -99,7 +99,7 @@ class AuditRoutes:
                 "rule": r.conflict.rule,
                 "detail": r.conflict.detail,
                 "actor": r.conflict.actor,
-                "origin": r.conflict.origin,
+                "origin": str(r.conflict.origin),
             }
             for r in records
         ]

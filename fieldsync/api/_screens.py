@@ -28,7 +28,7 @@ from fieldsync.replication import Replicator
 from fieldsync.storage import Card, Position, Screens
 
 if TYPE_CHECKING:
-    from fieldsync.replication._room import Room
+    from fieldsync.replication import Room
 
 __all__ = ["ScreenRoutes", "card", "not_visible"]
 

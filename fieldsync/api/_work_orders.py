@@ -25,12 +25,13 @@ from fieldsync.api._screens import not_visible, visible_work_order
 from fieldsync.auth import Principal, in_scope
 from fieldsync.documents import DocType, InvalidDocId, doc_type
 from fieldsync.errors import ErrorCode, FieldsyncError
+from fieldsync.records import Origin, OriginKind
 from fieldsync.replication import AlreadyExists, Replicator
 
 __all__ = ["WorkOrderRoutes", "parse_new_work_order"]
 
 WORK_ORDERS = "/v1/work-orders"
-ORIGIN = "rest"  # the origin of what REST writes, beside "device:<id>" and "adapter:<name>"
+ORIGIN = Origin(OriginKind.REST)  # the origin of what REST writes
 
 _MAX_BODY = 64 * 1024
 _MAX_CHECKLIST = 100

@@ -23,6 +23,7 @@ from fieldsync.replication._replicator import (
     InvalidUpdate,
     Replicator,
 )
+from fieldsync.replication._room import Room
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidUpdate",
     "Limits",
     "Replicator",
+    "Room",
     "SessionClosed",
     "SyncStep",
     "V1Session",

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError
 from fieldsync.rates import TokenBucket
+from fieldsync.records import Origin, OriginKind
 from fieldsync.replication._replicator import Replicator, Submitted
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed
@@ -60,7 +61,8 @@ class Connection:
         self.principal: Principal = principal or Principal("", frozenset())
         self.authenticated = principal is not None
         self.scope = replicator.policy.scope(self.principal)
-        self.origin = f"session:{self.id}"
+        # Until `hello` names the device (v1), whose id defaults to this one; yws sets its own.
+        self.origin = Origin(OriginKind.DEVICE, self.id)
         self.rooms: dict[str, Room] = {}
         self._out: deque[bytes] = deque()
         self._wake = asyncio.Event()

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fieldsync.auth import Principal
-from fieldsync.records import ScopeFilter
+from fieldsync.records import Origin, ScopeFilter
 
 
 class Peer(Protocol):
     principal: Principal
     scope: ScopeFilter
-    origin: str  # recorded with every update this peer writes: "device:<id>" or "yws:<session>"
+    origin: Origin  # recorded with every update this peer writes: a device, a yws session
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
         """Queue one y-protocols message about `doc_id`; never suspends."""

@@ -1,7 +1,10 @@
 """The one write path for documents, and the rooms it keeps in memory.
 
-authorise -> apply -> commit -> ack -> fan-out (DESIGN.md §1): every writer, a device over v1, a
-Yjs client over y-websocket, or later a REST call or an adapter, goes through `submit`.
+authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1). A connected replica (a
+device over v1, a Yjs client over y-websocket) writes through `submit`; a document the server
+builds for someone (REST's `POST /v1/work-orders`) comes into existence through `create`, held to
+the creation rights a device's first update is, and committed and fanned out the same way. Every
+write carries its `Origin`, and the rules never judge their own corrections.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.records import DocIndex, FieldChange
+from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
 from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
@@ -32,7 +35,7 @@ from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
 log = logging.getLogger(__name__)
 
 _EMPTY_STATE = b"\x00"  # the state vector of an empty document
-RULES_ORIGIN = "server:rules"  # rules never run on updates of this origin: no self-reaction
+RULES_ORIGIN = Origin(OriginKind.RULES)  # rules never run on updates of this origin
 
 
 class Forbidden(FieldsyncError):
@@ -234,6 +237,8 @@ class Replicator:
             return Submitted(room.tail if room.in_flight else None, state_vector)
         touched = room.touched()
         submitted = Submitted(self._commit(room, effective, peer), state_vector)
+        if peer.origin.kind is OriginKind.RULES:
+            return submitted  # a correction the rules made: they never judge their own
         if self.enforce_rules and room.type is DocType.WORK_ORDER:
             await self._enforce_rules(room, peer, touched, created)
         elif self.enforce_rules and room.type is DocType.FORM:
@@ -390,7 +395,7 @@ class Replicator:
         return self.policy.may_create(principal, room.type.value, scope_index)
 
     async def create(
-        self, doc_id: str, update: bytes, principal: Principal, origin: str
+        self, doc_id: str, update: bytes, principal: Principal, origin: Origin
     ) -> Committed:
         """Bring a document the server built into existence on behalf of `principal` (a REST
         creation): the creation rights a device's first update is held to, then the same commit
@@ -432,12 +437,12 @@ class Replicator:
         effective: bytes,
         author: Peer | None,
         actor: str | None = None,
-        origin: str | None = None,
+        origin: Origin | None = None,
     ) -> asyncio.Future[Committed]:
         write = Write(
             doc=room.doc_id,
             data=effective,
-            origin=origin or (author.origin if author else "server"),
+            origin=origin or (author.origin if author else RULES_ORIGIN),
             actor=actor or (author.principal.subject if author else "server"),
             index=room.reindex(),
             history=room.take_changes(),

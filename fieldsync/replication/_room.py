@@ -11,7 +11,7 @@ from pycrdt import Array, Doc, TransactionEvent, get_update, merge_updates
 
 from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
-from fieldsync.records import DocIndex, FieldChange
+from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
 from fieldsync.replication._awareness import Awareness
 from fieldsync.replication._codec import Reader, decode_state_vector
 from fieldsync.storage import StoredDoc
@@ -208,7 +208,7 @@ class Room:
         update it made, None if it changed nothing."""
         if self._history:
             self._mirror()  # as the document is before the change, to read the change on
-        with self.ydoc.transaction(origin="server"):
+        with self.ydoc.transaction(origin=Origin(OriginKind.RULES)):
             change(self.ydoc)
         if not self._emitted:
             return None

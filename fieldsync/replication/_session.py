@@ -19,6 +19,7 @@ from pycrdt import get_state
 from fieldsync.auth import Principal, Verify, version_tuple
 from fieldsync.documents import MAX_DOC_ID, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
+from fieldsync.records import Origin, OriginKind
 from fieldsync.replication._codec import (
     Control,
     DocMessage,
@@ -226,7 +227,7 @@ class V1Session(Connection):
         platform = _text(client.get("platform"), 32)
         version = _text(client.get("version"), 32)
         self.device_id = _text(client.get("device_id"), 128) or self.id
-        self.origin = f"device:{self.device_id}"
+        self.origin = Origin(OriginKind.DEVICE, self.device_id)
         minimum = self.min_versions.get(platform)
         if minimum and version_tuple(version) < version_tuple(minimum):
             self.close(CloseCode.UPGRADE_REQUIRED, ErrorCode.CLIENT_UPGRADE_REQUIRED)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
+from fieldsync.records import Origin, OriginKind
 from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
 from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
 from fieldsync.replication._replicator import Replicator
@@ -26,7 +27,7 @@ class YwsSession(Connection):
     ) -> None:
         super().__init__(replicator, principal, limits)
         self.doc_id = doc_id
-        self.origin = f"yws:{self.id}"
+        self.origin = Origin(OriginKind.YWS, self.id)
         self._room: Room | None = None
 
     async def open(self) -> None:

@@ -6,7 +6,7 @@ import time
 
 from sqlite_utils import Database
 
-from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.records import Origin, ScopeFilter, ScopeKind
 from fieldsync.storage._types import Conflict, ConflictRecord
 
 SCHEMA = (
@@ -43,7 +43,7 @@ def record(db: Database, seq: int, conflict: Conflict) -> None:
             conflict.rule,
             conflict.detail,
             conflict.actor,
-            conflict.origin,
+            str(conflict.origin),
             conflict.team,
             conflict.region,
             conflict.assignee,
@@ -66,4 +66,9 @@ def page(
         f" FROM conflicts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
-    return [ConflictRecord(row[0], row[1], row[2], Conflict(*row[3:])) for row in rows]
+    return [
+        ConflictRecord(
+            key, seq, at, Conflict(doc, rule, detail, actor, Origin.parse(origin), *scope)
+        )
+        for key, seq, at, doc, rule, detail, actor, origin, *scope in rows
+    ]

@@ -23,7 +23,7 @@ import orjson
 import pycrdt
 from sqlite_utils import Database
 
-from fieldsync.records import DocIndex, FieldChange, ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, FieldChange, Origin, ScopeFilter, ScopeKind
 from fieldsync.storage import _conflicts, _outbox, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
@@ -473,9 +473,10 @@ def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int,
     after = write.index or before or _new_index(write.doc)
     db.execute(
         "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
-        (seq, write.doc, write.data, write.origin, write.actor, job.at),
+        (seq, write.doc, write.data, str(write.origin), write.actor, job.at),
     )
     if write.history:
+        origin = str(write.origin)
         # In the update's own transaction: the history never lacks a stored change, and never
         # holds one that was not stored.
         db.conn.executemany(
@@ -489,7 +490,7 @@ def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int,
                     _json(c.old),
                     _json(c.new),
                     write.actor,
-                    write.origin,
+                    origin,
                     job.at,
                 )
                 for c in write.history
@@ -526,7 +527,12 @@ def _history(
     ).fetchall()
     return [
         HistoryEntry(
-            rowid, seq, at, actor, origin, FieldChange(p, orjson.loads(old), orjson.loads(new))
+            rowid,
+            seq,
+            at,
+            actor,
+            Origin.parse(origin),
+            FieldChange(p, orjson.loads(old), orjson.loads(new)),
         )
         for rowid, seq, at, actor, origin, p, old, new in rows
     ]

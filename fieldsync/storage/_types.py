@@ -6,7 +6,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from fieldsync.records import DocIndex, FieldChange, ScopeFilter
+from fieldsync.records import DocIndex, FieldChange, Origin, ScopeFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,7 @@ class HistoryEntry:
     seq: int
     at: float
     actor: str
-    origin: str
+    origin: Origin
     change: FieldChange
 
 
@@ -26,7 +26,7 @@ class Write:
 
     doc: str
     data: bytes
-    origin: str  # "device:<device id>", "server", "adapter:<name>"
+    origin: Origin
     actor: str  # principal subject
     index: DocIndex | None = None
     history: tuple[FieldChange, ...] = ()  # what changed, for `field_history`
@@ -97,7 +97,7 @@ class Conflict:
     rule: str
     detail: str
     actor: str
-    origin: str
+    origin: Origin  # the author's: the device (or other writer) whose update was corrected
     team: str | None = None
     region: str | None = None
     assignee: str | None = None

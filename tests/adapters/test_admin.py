@@ -17,6 +17,7 @@ from fieldsync.adapters import DeliveryError
 from fieldsync.app import ADAPTERS
 from fieldsync.auth import DevIssuer
 from fieldsync.cli import main
+from fieldsync.records import Origin, OriginKind
 from fieldsync.storage import OutboxError, Write
 from fieldsync.storage._outbox import SQLiteOutbox
 from fieldsync.storage._sqlite import SQLiteStore
@@ -186,7 +187,9 @@ async def prepare(data: Path) -> dict[str, int]:
         seqs = {}
         for n in (1, 2, 3):
             doc = work_order(f"wo:{n}")
-            committed = await store.append(Write(f"wo:{n}", doc.get_update(), "rest", "sam"))
+            committed = await store.append(
+                Write(f"wo:{n}", doc.get_update(), Origin(OriginKind.REST), "sam")
+            )
             seqs[f"wo:{n}"] = committed.seq
         await outbox.delivered("erp", "wo:1", seqs["wo:1"], 1.0)
         error = OutboxError("rejected_by_erp", "closed", "order/4711")

@@ -21,6 +21,8 @@ from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters.recorder import Recorder
 from tests.harness import work_order
 
+PHONE = Origin(OriginKind.DEVICE, "phone")
+
 
 class Clock:
     def __init__(self, start: float = 1_800_000_000.0) -> None:
@@ -38,7 +40,7 @@ class Documents:
         self.store = store
         self.docs: dict[str, Doc] = {}
 
-    async def write(self, doc_id: str, origin: Any = "device:phone", **fields: Any) -> int:
+    async def write(self, doc_id: str, origin: Any = PHONE, **fields: Any) -> int:
         doc = self.docs.get(doc_id)
         if doc is None:
             doc = self.docs[doc_id] = work_order(doc_id)
@@ -99,7 +101,9 @@ async def test_an_acknowledged_update_has_its_entry_in_the_same_transaction(
     # Forms are not routed to `erp`: no entry.
     form = Doc()
     form.get("answers", type=Map)["a"] = 1
-    await sqlite_store.append(Write("form:1", form.get_update(), "device:phone", "tina"))
+    await sqlite_store.append(
+        Write("form:1", form.get_update(), Origin(OriginKind.DEVICE, "phone"), "tina")
+    )
     assert len(await entries(outbox)) == 1
     # An entry that cannot be written takes its update down with it: the transaction holding
     # both is rolled back, so the update is not acknowledged and not stored.
@@ -294,7 +298,7 @@ async def test_an_adapter_is_never_sent_back_what_it_wrote(
     origin = str(Origin(OriginKind.ADAPTER, "erp"))
     await docs.write("wo:1", origin=origin)
     await docs.write("wo:1", origin=origin, title="t")
-    await docs.write("wo:2", origin="adapter:projection")
+    await docs.write("wo:2", origin=Origin(OriginKind.ADAPTER, "projection"))
     made = [(e.adapter, e.doc) for e in await entries(outbox)]
     assert made == [("projection", "wo:1"), ("projection", "wo:1"), ("erp", "wo:2")]
     await runner.deliver_due()
@@ -360,6 +364,7 @@ async def test_delivered_entries_are_purged_after_the_retention(
 _WRITER = """
 import asyncio, sys
 from pathlib import Path
+from fieldsync.records import Origin, OriginKind
 from fieldsync.storage import SQLiteBackend, Write
 from tests.harness import work_order
 
@@ -371,7 +376,9 @@ async def main():
     n = 0
     while True:
         batch = [f"wo:k{n + i}" for i in range(20)]
-        acks = [store.append(Write(d, work_order(d).get_update(), "rest", "sam")) for d in batch]
+        rest = Origin(OriginKind.REST)
+        writes = [Write(d, work_order(d).get_update(), rest, "sam") for d in batch]
+        acks = [store.append(write) for write in writes]
         for ack in acks:
             print((await ack).seq, flush=True)
         n += 20

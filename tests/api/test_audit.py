@@ -52,7 +52,13 @@ async def test_who_changed_the_due_date_and_when(history: Server) -> None:
     ]
     seqs = [i["seq"] for i in body["items"]]
     assert seqs == sorted(seqs, reverse=True)
-    assert all(i["origin"].startswith("device:") for i in body["items"])
+    assert {i["origin"] for i in body["items"]} == {"device:wire"}  # `hello`'s device id
+    # The correction of tina's closing is the rules' own change.
+    _, status = await get(history, "/v1/work-orders/wo:a1/history?path=fields.status", "sam")
+    assert [(i["new"], i["origin"]) for i in status["items"]][:2] == [
+        ("en_route", "rules"),
+        ("closed", "device:wire"),
+    ]
 
 
 async def test_history_pages_cover_every_change_once(history: Server) -> None:
@@ -85,8 +91,8 @@ async def test_history_is_for_auditors_of_the_scope(
 async def test_conflicts_are_listed_for_the_team(history: Server) -> None:
     status, body = await get(history, "/v1/conflicts", "sam")
     assert status == 200
-    assert [(i["doc"], i["rule"], i["actor"]) for i in body["items"]] == [
-        ("wo:a1", "status_transition", "tina")
+    assert [(i["doc"], i["rule"], i["actor"], i["origin"]) for i in body["items"]] == [
+        ("wo:a1", "status_transition", "tina", "device:wire")
     ]
     assert (await get(history, "/v1/conflicts", "sue"))[1]["items"] == []  # another team
     assert (await get(history, "/v1/conflicts", "tina"))[0] == 403

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import copy
 import hashlib
-import io
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from multidict import CIMultiDictProxy
 from openapi_core import OpenAPI
 from openapi_core.exceptions import OpenAPIError
 from openapi_core.testing import MockRequest, MockResponse
-from PIL import Image
 
 from fieldsync.api import ROUTE_PERMISSIONS, Permission, load_spec
 from fieldsync.api._problems import STATUS
@@ -47,7 +45,7 @@ from tests.api.test_middleware import parsed, upgrade_headers
 from tests.api.test_uploads import bomb_png
 from tests.auth.provider import CLIENT_ID, REDIRECT_URI, OpenIDProvider
 from tests.auth.test_flows import PEOPLE, authorize
-from tests.harness import Server, running_server
+from tests.harness import Server, png, running_server
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
@@ -281,18 +279,6 @@ def _parsed(data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return data[:300]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (64, 48), "teal").save(out, "PNG")
-    return out.getvalue()
 
 
 def metadata(data: bytes, wo: str) -> str:
@@ -613,7 +599,7 @@ async def _outbox(c: Contract) -> None:
 
 async def _uploads_and_attachments(c: Contract) -> None:
     await c.call("OPTIONS", "/v1/uploads", 204)
-    photo = png()
+    photo = png(64, 48)
     sha = hashlib.sha256(photo).hexdigest()
     tus = {**TUS, "Upload-Length": str(len(photo)), "Upload-Metadata": metadata(photo, "wo:c1")}
     created = await c.call("POST", "/v1/uploads", 201, subject="tina", headers=tus)

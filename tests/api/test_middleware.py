@@ -23,6 +23,7 @@ from fieldsync.app import BACKEND, STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, Role
 from fieldsync.config import SETTINGS, Settings
 from fieldsync.errors import CloseCode
+from fieldsync.records import Origin, OriginKind
 from fieldsync.replication import Control
 from fieldsync.storage import Write
 from tests.harness import USERS, Server, running_server, work_order
@@ -337,7 +338,9 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
     checked = set()
     # Outbox entry 1, for the admin routes that act on one entry.
     server.app[BACKEND].outbox.route({"wo": ["perm"]})
-    await server.app[STORE].append(Write("wo:perm0", work_order("wo:perm0").get_update(), "", ""))
+    await server.app[STORE].append(
+        Write("wo:perm0", work_order("wo:perm0").get_update(), Origin(OriginKind.REST), "sam")
+    )
     for route in server.app.router.routes():
         permission = permission_of(route)
         assert permission is not None and route.resource is not None

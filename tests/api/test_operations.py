@@ -12,6 +12,7 @@ from aiohttp import web
 from fieldsync.app import STORE, create_app
 from fieldsync.auth import DevIssuer
 from fieldsync.config import Settings
+from fieldsync.records import Origin, OriginKind
 from fieldsync.storage import StorageError, Write
 from tests.harness import Server, work_order
 from tests.wire import connect
@@ -85,4 +86,6 @@ async def test_a_server_that_cannot_start_leaves_its_database_closed(
         await runner.cleanup()
     # The backend had opened before the verifier failed, and was closed again.
     with pytest.raises(StorageError):
-        app[STORE].append(Write("wo:1", work_order("wo:1").get_update(), "server", "rules"))
+        app[STORE].append(
+            Write("wo:1", work_order("wo:1").get_update(), Origin(OriginKind.RULES), "rules")
+        )

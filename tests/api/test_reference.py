@@ -30,17 +30,14 @@ PAGE = 50  # the server's `reference_page` here: the default and the maximum `li
 
 
 @pytest.fixture
-async def server(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server]:
+def server_settings() -> dict[str, Any]:
     # A retention of about a tenth of a millisecond: whatever the test committed before it
     # calls `compact_expired()` is expired, so compaction is driven by the test, not a clock.
-    async with running_server(
-        tmp_path / "data",
-        issuer,
-        reference_retention_days=1e-9,
-        reference_page=PAGE,
-        reference_import_chunk=300,
-    ) as server:
-        yield server
+    return {
+        "reference_retention_days": 1e-9,
+        "reference_page": PAGE,
+        "reference_import_chunk": 300,
+    }
 
 
 def assets(n: int, **changed: Any) -> list[dict[str, Any]]:

@@ -3,18 +3,13 @@ order of each screen, scope per role, pagination, compression, ETags and problem
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import brotli
 import pytest
-import zstandard
-from multidict import CIMultiDictProxy
 from pycrdt import Doc, Map
 
 from fieldsync import documents
@@ -23,32 +18,10 @@ from fieldsync.api._paging import MAX_PAGE
 from fieldsync.app import BACKEND
 from fieldsync.auth import DevIssuer
 from fieldsync.storage import SQLiteBackend
-from tests.harness import Server, running_server, work_order
+from tests.harness import Reply, Server, assert_problem, decoded, running_server, work_order
 from tests.wire import connect
 
 # --- talking to the server ----------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes  # as sent: still compressed when Content-Encoding says so
-
-    @property
-    def json(self) -> Any:
-        return json.loads(decoded(self))
-
-
-def decoded(reply: Reply) -> bytes:
-    coding = reply.headers.get("Content-Encoding")
-    if coding is None:
-        return reply.body
-    return {
-        "br": brotli.decompress,
-        "gzip": gzip.decompress,
-        "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b),
-    }[coding](reply.body)
 
 
 async def call(
@@ -88,14 +61,6 @@ def wo(doc_id: str, **fields: Any) -> tuple[str, Doc]:
 
 def ids(reply: Reply) -> list[str]:
     return [item["id"] for item in reply.json["items"]]
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.body
-    assert reply.headers["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = reply.json
-    assert (body["status"], body["code"]) == (status, code)
-    return body
 
 
 async def add_asset(server: Server, key: str, data: Mapping[str, Any]) -> None:

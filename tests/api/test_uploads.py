@@ -26,7 +26,7 @@ from fieldsync.api._downloads import RangeNotSatisfiable, byte_range
 from fieldsync.app import ATTACHMENTS
 from fieldsync.auth import DevIssuer, Principal, Role
 from fieldsync.config import ConfigError, Settings
-from tests.harness import Server, eventually, running_server, work_order
+from tests.harness import Server, eventually, png, running_server, work_order
 from tests.wire import connect
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -34,12 +34,6 @@ PATCH_TYPE = {"Content-Type": "application/offset+octet-stream"}
 
 
 # --- content to send ----------------------------------------------------------------------------
-
-
-def png(width: int = 640, height: int = 480, color: str = "teal") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "PNG")
-    return out.getvalue()
 
 
 def jpeg(width: int = 1600, height: int = 1200, seed: int = 0) -> bytes:
@@ -148,12 +142,6 @@ class Tus:
 
 async def _problem(response: aiohttp.ClientResponse) -> str:
     return f"{response.status} {response.headers.get('Content-Type')}"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def seed(server: Server, *orders: tuple[str, dict[str, Any]]) -> None:

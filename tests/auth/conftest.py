@@ -1,8 +1,9 @@
-"""A real DevIssuer on a loopback port and a TokenVerifier that trusts it, over real HTTP."""
+"""A real DevIssuer on a loopback port (tests/conftest.py's `issuer`) with users of its own, and
+a TokenVerifier that trusts it, over real HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
@@ -17,9 +18,9 @@ USERS = {
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[DevIssuer]:
-    async with DevIssuer(USERS) as issuer:
-        yield issuer
+def users() -> Mapping[str, DevUser]:
+    """Subjects unlike the names they sign in with, a password, a team-less manager."""
+    return USERS
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from tests.auth.provider import (
     OpenIDProvider,
     User,
 )
-from tests.harness import USERS, Server, running_server
+from tests.harness import USERS, Reply, Server, assert_problem, running_server
 from tests.wire import connect
 
 PEOPLE = {
@@ -52,25 +52,18 @@ async def idp() -> AsyncIterator[OpenIDProvider]:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, idp: OpenIDProvider) -> AsyncIterator[IdPServer]:
-    async with running_server(tmp_path / "data", idp, oidc_client_id=CLIENT_ID) as server:
-        yield server
+def issuer(idp: OpenIDProvider) -> OpenIDProvider:
+    """The provider `server` (tests/conftest.py) trusts: this one, with its authorization code
+    flow, rather than the DevIssuer."""
+    return idp
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
+def server_settings() -> dict[str, Any]:
+    return {"oidc_client_id": CLIENT_ID}
 
 
 # --- the app's side of the flow -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    headers: Mapping[str, str]
-    body: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -117,14 +110,14 @@ async def authorize(
     return Authorization(returned["code"][0], verifier)
 
 
-async def post_form(http: aiohttp.ClientSession, url: str, **form: str) -> Answer:
+async def post_form(http: aiohttp.ClientSession, url: str, **form: str) -> Reply:
     async with http.post(url, data=form) as response:
-        return Answer(response.status, response.headers, await response.json(content_type=None))
+        return Reply(response.status, response.headers, await response.read())
 
 
 async def exchange(
     http: aiohttp.ClientSession, config: Mapping[str, Any], grant: Authorization
-) -> Answer:
+) -> Reply:
     return await post_form(
         http,
         config["token_endpoint"],
@@ -138,7 +131,7 @@ async def exchange(
 
 async def refresh(
     http: aiohttp.ClientSession, config: Mapping[str, Any], refresh_token: str
-) -> Answer:
+) -> Reply:
     return await post_form(
         http,
         config["token_endpoint"],
@@ -155,7 +148,7 @@ async def sign_in(
     config = await auth_config(http, server)
     answer = await exchange(http, config, await authorize(http, config, subject))
     assert answer.status == 200, answer.body
-    return config, answer.body
+    return config, answer.json
 
 
 def jwt_part(token: str, index: int) -> dict[str, Any]:
@@ -171,20 +164,18 @@ async def syncs_with(server: IdPServer, access_token: str) -> None:
         assert welcome["token_expires_at"] == jwt_part(access_token, 1)["exp"]
 
 
-def assert_tokens(answer: Answer) -> None:
+def assert_tokens(answer: Reply) -> None:
     assert answer.status == 200, answer.body
     # RFC 6749 §5.1: token responses are never cached.
     assert answer.headers["Cache-Control"] == "no-store"
     assert answer.headers["Content-Type"].startswith("application/json")
-    assert answer.body["token_type"] == "Bearer"
+    assert answer.json["token_type"] == "Bearer"
 
 
-def assert_problem(answer: Answer, status: int, code: str, error: str | None = None) -> None:
-    assert answer.status == status, answer.body
-    assert answer.headers["Content-Type"].startswith("application/problem+json")
+def assert_refused(answer: Reply, status: int, code: str, error: str | None = None) -> None:
+    """A problem document that carries the OAuth `error` too, never cached (RFC 6749 §5.2)."""
+    assert assert_problem(answer, status, code).get("error") == error
     assert answer.headers["Cache-Control"] == "no-store"
-    assert answer.body["code"] == code
-    assert answer.body.get("error") == error
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -234,7 +225,7 @@ async def test_sign_in_sync_refresh_then_revocation_means_sign_in_again(
     grant = await authorize(http, config)
     signed_in = await exchange(http, config, grant)
     assert_tokens(signed_in)
-    tokens = signed_in.body
+    tokens = signed_in.json
     claims = jwt_part(tokens["access_token"], 1)
     assert jwt_part(tokens["access_token"], 0)["typ"] == "at+jwt"  # RFC 9068 §2.1
     assert claims["iss"] == idp.issuer and claims["aud"] == "fieldsync"
@@ -243,20 +234,20 @@ async def test_sign_in_sync_refresh_then_revocation_means_sign_in_again(
 
     refreshed = await refresh(http, config, tokens["refresh_token"])
     assert_tokens(refreshed)
-    assert refreshed.body["access_token"] != tokens["access_token"]
-    await syncs_with(server, refreshed.body["access_token"])
+    assert refreshed.json["access_token"] != tokens["access_token"]
+    await syncs_with(server, refreshed.json["access_token"])
 
     # The user signs out elsewhere: the app's refresh token is revoked at the provider.
     revoked = await post_form(
         http,
         idp.metadata()["revocation_endpoint"],
-        token=refreshed.body["refresh_token"],
+        token=refreshed.json["refresh_token"],
         token_type_hint="refresh_token",
         client_id=CLIENT_ID,
     )
     assert revoked.status == 200
-    again = await refresh(http, config, refreshed.body["refresh_token"])
-    assert_problem(again, 401, "reauthenticate", "invalid_grant")
+    again = await refresh(http, config, refreshed.json["refresh_token"])
+    assert_refused(again, 401, "reauthenticate", "invalid_grant")
     assert again.headers["WWW-Authenticate"] == 'Bearer error="reauthenticate"'
 
     # Nothing secret reached a log line, at any level.
@@ -264,7 +255,7 @@ async def test_sign_in_sync_refresh_then_revocation_means_sign_in_again(
         grant.code,
         grant.verifier,
         *(tokens[k] for k in ("access_token", "refresh_token", "id_token")),
-        *(refreshed.body[k] for k in ("access_token", "refresh_token")),
+        *(refreshed.json[k] for k in ("access_token", "refresh_token")),
     }
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "/v1/auth/token" in logged  # the access log saw the requests
@@ -291,7 +282,7 @@ async def test_signing_out_at_the_provider_means_sign_in_again(
         assert response.status == 302
         assert response.headers["Location"] == f"{POST_LOGOUT_REDIRECT_URI}?state=bye"
     answer = await refresh(http, config, tokens["refresh_token"])
-    assert_problem(answer, 401, "reauthenticate", "invalid_grant")
+    assert_refused(answer, 401, "reauthenticate", "invalid_grant")
 
 
 async def test_signing_key_rotation_at_the_provider(
@@ -304,13 +295,13 @@ async def test_signing_key_rotation_at_the_provider(
 
     refreshed = await refresh(http, config, tokens["refresh_token"])
     assert_tokens(refreshed)
-    assert jwt_part(refreshed.body["access_token"], 0)["kid"] == idp.kid != old_kid
+    assert jwt_part(refreshed.json["access_token"], 0)["kid"] == idp.kid != old_kid
     # fieldsync has never seen the new kid: it fetches the JWKS once, and the token verifies.
-    await syncs_with(server, refreshed.body["access_token"])
+    await syncs_with(server, refreshed.json["access_token"])
     assert idp.served("/jwks") == jwks_fetches + 1
     # The previous key is still published, so tokens it signed stay good until they expire.
     await syncs_with(server, tokens["access_token"])
-    await syncs_with(server, refreshed.body["access_token"])
+    await syncs_with(server, refreshed.json["access_token"])
     assert idp.served("/jwks") == jwks_fetches + 1
 
 
@@ -321,7 +312,7 @@ async def test_a_wrong_code_verifier_means_sign_in_again(
     grant = await authorize(http, config)
     # Well-formed (RFC 7636 §4.1) but not the one the challenge was made from: RFC 7636 §4.6.
     stolen = Authorization(grant.code, secrets.token_urlsafe(48))
-    assert_problem(await exchange(http, config, stolen), 401, "reauthenticate", "invalid_grant")
+    assert_refused(await exchange(http, config, stolen), 401, "reauthenticate", "invalid_grant")
 
 
 async def test_a_code_used_twice_is_refused_and_ends_its_grant(
@@ -332,10 +323,10 @@ async def test_a_code_used_twice_is_refused_and_ends_its_grant(
     first = await exchange(http, config, grant)
     assert_tokens(first)
     replay = await exchange(http, config, grant)
-    assert_problem(replay, 401, "reauthenticate", "invalid_grant")
+    assert_refused(replay, 401, "reauthenticate", "invalid_grant")
     # RFC 6749 §4.1.2: the provider revoked what the code had granted.
-    dead = await refresh(http, config, first.body["refresh_token"])
-    assert_problem(dead, 401, "reauthenticate", "invalid_grant")
+    dead = await refresh(http, config, first.json["refresh_token"])
+    assert_refused(dead, 401, "reauthenticate", "invalid_grant")
 
 
 async def test_a_replayed_refresh_token_is_refused_and_ends_its_grant(
@@ -345,10 +336,10 @@ async def test_a_replayed_refresh_token_is_refused_and_ends_its_grant(
     rotated = await refresh(http, config, tokens["refresh_token"])
     assert_tokens(rotated)
     replay = await refresh(http, config, tokens["refresh_token"])
-    assert_problem(replay, 401, "reauthenticate", "invalid_grant")
+    assert_refused(replay, 401, "reauthenticate", "invalid_grant")
     # RFC 9700 §4.14.2: the rotated token is dead too, whoever holds it.
-    dead = await refresh(http, config, rotated.body["refresh_token"])
-    assert_problem(dead, 401, "reauthenticate", "invalid_grant")
+    dead = await refresh(http, config, rotated.json["refresh_token"])
+    assert_refused(dead, 401, "reauthenticate", "invalid_grant")
 
 
 async def test_an_id_token_is_not_an_access_token(
@@ -366,7 +357,7 @@ async def test_the_provider_refusing_the_client_is_not_a_sign_in_problem(
     async with running_server(tmp_path, idp, oidc_client_id="not-registered") as server:
         config = await auth_config(http, server)
         answer = await refresh(http, config, "any-refresh-token")
-    assert_problem(answer, 400, "protocol_error", "invalid_client")
+    assert_refused(answer, 400, "protocol_error", "invalid_client")
 
 
 class ReshapedDiscovery:
@@ -452,7 +443,7 @@ async def test_a_provider_outage_is_503_with_retry_after_and_signs_nobody_out(
         idp.fail_token_requests(int(outage.split()[0]))
 
     answer = await refresh(http, config, tokens["refresh_token"])
-    assert_problem(answer, 503, "idp_unavailable")
+    assert_refused(answer, 503, "idp_unavailable")
     assert answer.headers["Retry-After"] == retry_after
     assert "/elsewhere" not in idp.requests  # a redirect is never followed with the token
 
@@ -470,7 +461,7 @@ async def test_a_provider_that_never_answers_is_503_after_the_timeout(
         config, tokens = await sign_in(http, server)
         idp.hold_token_requests()
         answer = await refresh(http, config, tokens["refresh_token"])
-        assert_problem(answer, 503, "idp_unavailable")
+        assert_refused(answer, 503, "idp_unavailable")
         assert answer.headers["Retry-After"] == "5"
         idp.heal()
 
@@ -542,8 +533,8 @@ async def test_a_request_the_relay_does_not_forward_is_400(
     body, content_type, error = NOT_RELAYED[case]
     headers = {"Content-Type": content_type} if content_type else {}
     async with http.post(f"{server.url}/v1/auth/token", data=body, headers=headers) as response:
-        answer = Answer(response.status, response.headers, await response.json(content_type=None))
-    assert_problem(answer, 400, "protocol_error", error)
+        answer = Reply(response.status, response.headers, await response.read())
+    assert_refused(answer, 400, "protocol_error", error)
     assert idp.served("/token") == 0  # refused before anything reached the provider
 
 

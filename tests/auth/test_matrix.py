@@ -27,7 +27,7 @@ import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from pycrdt import Array, Doc, Map, Text
 from fieldsync import documents
 from fieldsync.api._audit import AUDITORS
 from fieldsync.app import REPLICATOR, STORE, create_app
-from fieldsync.auth import Policy, Principal, Role, in_scope
+from fieldsync.auth import DevUser, Policy, Principal, Role, in_scope
 from fieldsync.config import Settings
 from fieldsync.documents import DocType
 from fieldsync.errors import CloseCode
@@ -573,8 +573,10 @@ async def run_matrix(data_dir: Path) -> Run:
             rows = (await store.stats())["updates"]
             seeding = updates_of(observer)
             await asyncio.gather(*(run_principal(server, observer, s, run) for s in USERS))
-            # What an allowed write broadcast was queued before its ack: give it a moment.
-            await asyncio.sleep(0.05)
+            # An allowed write's broadcast was queued before its ack: one more round trip and
+            # all of them have arrived.
+            await observer.step1(some)
+            await observer.doc_message(some, SyncStep.STEP2)
             run.stored_rows = (await store.stats())["updates"] - rows
             run.broadcasts = updates_of(observer) - seeding
     return run
@@ -787,11 +789,10 @@ def test_mutate_writes_exactly_the_path_it_names() -> None:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    """`tests/conftest.py`'s server, with the users of `tests.harness` (this directory's conftest
-    gives its issuer other users)."""
-    async with running_issuer() as issuer, running_server(tmp_path / "data", issuer) as server:
-        yield server
+def users() -> Mapping[str, DevUser]:
+    """The users of `tests.harness`, whom the matrix is about (this folder's conftest gives its
+    token tests others)."""
+    return USERS
 
 
 @pytest.fixture

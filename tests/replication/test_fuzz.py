@@ -20,9 +20,8 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,7 +31,6 @@ import zstandard
 from pycrdt import Array, Doc, Map, Text
 
 from fieldsync import documents
-from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.errors import CloseCode, ProtocolError
 from fieldsync.replication import Control, DocMessage, SyncStep, decode_frame, decode_y
@@ -51,7 +49,7 @@ from fieldsync.replication._codec import (
     write_varbytes,
     write_varuint,
 )
-from tests.harness import Server, eventually, running_server, stored_doc, work_order
+from tests.harness import Server, eventually, stored_doc, work_order
 from tests.wire import connect
 
 SEED = int(os.environ.get("FIELDSYNC_FUZZ_SEED", "20261130"))
@@ -80,12 +78,9 @@ ONE_ERROR = frozenset({"invalid_update"})
 
 
 @pytest.fixture
-async def server(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server]:
+def server_settings() -> dict[str, Any]:
     # A low rate limit and a short auth timeout, so that 4429 and 4408 are cheap to reach.
-    async with running_server(
-        tmp_path / "data", issuer, rate=RATE, burst=BURST, auth_timeout=AUTH_TIMEOUT
-    ) as server:
-        yield server
+    return {"rate": RATE, "burst": BURST, "auth_timeout": AUTH_TIMEOUT}
 
 
 # --- what was sent, what came back ---------------------------------------------------------

@@ -3,52 +3,15 @@ with its creation, each one ends up with the whole document."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pycrdt import Doc, Map
+from pycrdt import Map
 
-from fieldsync.auth import Principal, Role
-from fieldsync.records import ScopeFilter, ScopeKind
-from fieldsync.replication import Replicator, SyncStep, YSync, decode_y
+from fieldsync.replication import Replicator
 from fieldsync.storage import SQLiteBackend
-
-
-class Replica:
-    """A peer that applies to its own document everything the server sends it."""
-
-    def __init__(self, subject: str) -> None:
-        self.principal = Principal(subject, frozenset({Role.ADMIN}))
-        self.scope = ScopeFilter(ScopeKind.ALL)
-        self.origin = f"device:{subject}"
-        self.doc: Doc = Doc()
-
-    def send_doc(self, doc_id: str, message: bytes) -> None:
-        y = decode_y(message)
-        if isinstance(y, YSync) and y.step in (SyncStep.STEP2, SyncStep.UPDATE):
-            self.doc.apply_update(y.payload)
-
-    def confirmed(self, doc_id: str, update: bytes | None) -> None:
-        if update is not None:
-            self.doc.apply_update(update)
-
-    def scope_added(self, doc_ids: Sequence[str]) -> None:
-        pass
-
-    def scope_removed(self, doc_ids: Sequence[str]) -> None:
-        pass
-
-    def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
-        pass
-
-    def reset(self, doc_id: str, reason: str) -> None:
-        raise AssertionError(f"reset {doc_id}: {reason}")
-
-    def edit(self, key: str) -> bytes:
-        before = self.doc.get_state()
-        self.doc.get("fields", type=Map)[key] = self.principal.subject
-        return self.doc.get_update(before)
+from tests.harness import Replica
 
 
 @pytest.fixture

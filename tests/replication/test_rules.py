@@ -13,9 +13,10 @@ from fieldsync import documents
 from fieldsync.app import STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
-from fieldsync.records import ScopeFilter, ScopeKind
-from fieldsync.replication import SyncStep
-from tests.harness import Server, eventually, running_server, stored_doc, work_order
+from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.replication import Replicator, SyncStep
+from fieldsync.storage import SQLiteBackend
+from tests.harness import Replica, Server, eventually, running_server, stored_doc, work_order
 from tests.wire import connect, sam_and_tina
 
 
@@ -52,11 +53,43 @@ async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> N
         await tina.move("wo:r1", mine, "en_route", "tina", "technician")
         await tina.control("ack", doc="wo:r1")
         await sam.follow("wo:r1", theirs, status_is("en_route"))
-    conflicts = await server.app[STORE].conflicts(ScopeFilter(ScopeKind.TEAM, "north"), None, 10)
+    store = server.app[STORE]
+    conflicts = await store.conflicts(ScopeFilter(ScopeKind.TEAM, "north"), None, 10)
     assert [(c.conflict.rule, c.conflict.actor) for c in conflicts] == [
         ("status_transition", "tina"),
         ("status_transition", "tina"),
     ]
+    # A conflict names the device whose update was corrected; the correction is the rules' own.
+    assert {c.conflict.origin.kind for c in conflicts} == {OriginKind.DEVICE}
+    status = await store.history("wo:r1", "fields.status", None, 10)
+    assert [e.origin for e in status if e.change.new == "assigned"][:2] == [
+        Origin(OriginKind.RULES)
+    ] * 2
+
+
+async def test_the_rules_never_judge_their_own_corrections(tmp_path: Path) -> None:
+    """What the rules wrote is not judged by them again, or a correction could chase itself:
+    the same update that is put back when a device sends it stands when its origin is the
+    rules' (as when another node relays a correction it made)."""
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    await backend.open()
+    replicator = Replicator(backend.store)
+    device, rules = Replica("sam"), Replica("sam", Origin(OriginKind.RULES))
+    try:
+        for doc_id, writer in (("wo:own1", device), ("wo:own2", rules)):
+            room = await replicator.subscribe(writer, doc_id)
+            created = work_order(doc_id, status="assigned").get_update()
+            writer.doc.apply_update(created)
+            await replicator.submit(writer, room, created)
+            # The status field written without a status_log entry: a rule puts it back.
+            await replicator.submit(writer, room, writer.edit("status", "closed"))
+            if room.tail is not None:
+                await room.tail
+        assert status_is("assigned")(device.doc) and status_is("closed")(rules.doc)
+        assert (device.violations, rules.violations) == ([("wo:own1", "status_transition")], [])
+    finally:
+        await replicator.stop()
+        await backend.close()
 
 
 async def test_log_entries_are_appended_in_the_writers_own_name(server: Server) -> None:
@@ -263,7 +296,7 @@ async def test_every_field_change_is_in_the_history_with_its_author(server: Serv
         "assigned",
         "en_route",
     )
-    assert status[0].seq == ack["seq"] and status[0].origin.startswith("device:")
+    assert status[0].seq == ack["seq"] and status[0].origin.kind is OriginKind.DEVICE
     everything = await store.history("wo:h1", None, None, 100)
     assert {"fields.title", "checklist", "fields.status"} <= {e.change.path for e in everything}
     newest = everything[0]

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pycrdt
 import pytest
 
-from fieldsync.records import DocIndex
+from fieldsync.records import DocIndex, Origin, OriginKind
 from fieldsync.storage import Attachment, AttachmentStore, Backend, Store, Upload, Write
 from tests.storage.conftest import BackendFactory
 
@@ -51,7 +51,9 @@ def work_order(n: int, assignee: str | None, team: str | None, region: str | Non
 async def put_work_order(store: Store, index: DocIndex) -> None:
     ydoc = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, index.doc)
-    await store.append(Write(index.doc, ydoc.get_update(), "device:d-1", "sam", index))
+    await store.append(
+        Write(index.doc, ydoc.get_update(), Origin(OriginKind.DEVICE, "d-1"), "sam", index)
+    )
 
 
 def new_upload(

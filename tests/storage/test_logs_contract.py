@@ -7,7 +7,7 @@ import time
 
 import pycrdt
 
-from fieldsync.records import FieldChange, ScopeFilter, ScopeKind
+from fieldsync.records import FieldChange, Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.storage import Conflict, DeviceSeen, Store, Write
 
 NORTH = ScopeFilter(ScopeKind.TEAM, "north")
@@ -16,7 +16,7 @@ NORTH = ScopeFilter(ScopeKind.TEAM, "north")
 def write(doc: str, *changes: FieldChange, actor: str = "tina") -> Write:
     ydoc: pycrdt.Doc = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, doc)
-    return Write(doc, ydoc.get_update(), f"device:{actor}", actor, None, changes)
+    return Write(doc, ydoc.get_update(), Origin(OriginKind.DEVICE, actor), actor, None, changes)
 
 
 # --- FieldHistory -------------------------------------------------------------------------------
@@ -78,7 +78,9 @@ async def test_history_of_a_path_covers_what_lies_below_it_and_pages(store: Stor
 
 
 def conflict(doc: str, team: str, rule: str = "illegal_transition") -> Conflict:
-    return Conflict(doc, rule, "reverted", "tina", "device:tina", team, "east", "tina")
+    return Conflict(
+        doc, rule, "reverted", "tina", Origin(OriginKind.DEVICE, "tina"), team, "east", "tina"
+    )
 
 
 async def test_conflicts_are_written_with_the_next_commit_and_listed_by_scope(

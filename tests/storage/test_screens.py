@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 import pycrdt
 import pytest
 
-from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.storage import MetricsPage, Screens, Store, Write
 
 EAST = ScopeFilter(ScopeKind.REGION, "east")
+TINA_PHONE = Origin(OriginKind.DEVICE, "t")
 _edits: dict[str, pycrdt.Doc] = {}
 
 
@@ -25,7 +26,7 @@ def edit(doc: str, **fields: str | None) -> Write:
     ydoc.get("body", type=pycrdt.Text).insert(0, "x")
     values = {"team": "north", "region": "east", "assignee": "tina", **fields}
     return Write(
-        doc, ydoc.get_update(before), "device:t", "tina", DocIndex(doc, "wo", doc, **values)
+        doc, ydoc.get_update(before), TINA_PHONE, "tina", DocIndex(doc, "wo", doc, **values)
     )
 
 
@@ -92,7 +93,7 @@ async def test_forms_never_appear_in_a_list(store: Store, screens: Screens) -> N
     form = pycrdt.Doc()
     form.get("body", type=pycrdt.Text).insert(0, "f")
     await store.append(
-        Write("form:1", form.get_update(), "device:t", "tina", DocIndex("form:1", "form", "wo:1"))
+        Write("form:1", form.get_update(), TINA_PHONE, "tina", DocIndex("form:1", "form", "wo:1"))
     )
     page = await screens.my_work("tina", ScopeFilter(ScopeKind.ALL), None, 10)
     assert [card.id for card in page.cards] == ["wo:1"]

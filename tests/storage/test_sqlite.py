@@ -13,8 +13,8 @@ import pycrdt
 import pytest
 from sqlite_utils import Database
 
-from fieldsync.records import DocIndex
-from fieldsync.storage import DeviceSeen, SQLiteBackend, StorageError, Write
+from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.storage import Conflict, DeviceSeen, SQLiteBackend, StorageError, Write
 from fieldsync.storage._migrations import MIGRATIONS, Migration, migrate
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore, Transaction
@@ -31,6 +31,9 @@ def raw(path: Path) -> Iterator[sqlite3.Connection]:
     conn = sqlite3.connect(path, isolation_level=None)
     yield conn
     conn.close()
+
+
+RULES = Origin(OriginKind.RULES)
 
 
 def update(text: str) -> bytes:
@@ -103,18 +106,18 @@ async def test_the_file_is_sound_after_compaction_and_reassignment(
     for i in range(40):
         who = ("u-tom", "u-sue")[i % 2]
         store.append(
-            Write("wo:1", update(str(i)), "server", "rules", DocIndex("wo:1", "wo", "wo:1", who))
+            Write("wo:1", update(str(i)), RULES, "rules", DocIndex("wo:1", "wo", "wo:1", who))
         )
         store.append(
             Write(
                 f"form:{i % 3}",
                 update(str(i)),
-                "server",
+                RULES,
                 "rules",
                 DocIndex(f"form:{i % 3}", "form", "wo:1"),
             )
         )
-    await store.append(Write("wo:2", update("x"), "server", "rules"))
+    await store.append(Write("wo:2", update("x"), RULES, "rules"))
     await store.close()
 
     assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -126,7 +129,7 @@ async def test_the_file_is_sound_after_compaction_and_reassignment(
 async def test_batch_max_bounds_a_transaction(path: Path) -> None:
     store = SQLiteStore(path, batch_max=4)
     await store.open()
-    writes = [Write(f"wo:{i}", update("x"), "server", "rules") for i in range(40)]
+    writes = [Write(f"wo:{i}", update("x"), RULES, "rules") for i in range(40)]
     await asyncio.gather(*map(store.append, writes))
     assert (await store.stats())["commits"] >= 10
     await store.close()
@@ -149,7 +152,9 @@ async def test_an_update_row_keeps_its_origin_and_actor(
 ) -> None:
     store = SQLiteStore(path)
     await store.open()
-    committed = await store.append(Write("wo:1", update("x"), "device:d-1", "u-tom"))
+    committed = await store.append(
+        Write("wo:1", update("x"), Origin(OriginKind.DEVICE, "d-1"), "u-tom")
+    )
     await store.close()
     row = raw.execute("SELECT seq, doc, origin, actor FROM updates").fetchone()
     assert row == (committed.seq, "wo:1", "device:d-1", "u-tom")
@@ -217,7 +222,7 @@ class Editing:
         before = ydoc.get_state()
         ydoc.get("body", type=pycrdt.Text).insert(0, "x")
         index = DocIndex(doc, "wo", doc, assignee="tina", team="north", status=status)
-        return Write(doc, ydoc.get_update(before), "device:t", "tina", index)
+        return Write(doc, ydoc.get_update(before), Origin(OriginKind.DEVICE, "t"), "tina", index)
 
 
 async def columns(store: SQLiteStore, doc: str) -> tuple[float, float | None, int]:
@@ -287,3 +292,56 @@ async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -
         assert len(key) == 32
     finally:
         await store.close()
+
+
+async def test_a_database_from_before_typed_origins_still_reads(
+    path: Path, raw: sqlite3.Connection
+) -> None:
+    """Rows written when origins were free text keep their text (the field history and the
+    conflicts are an audit trail) and read back as typed origins."""
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    old = [("server:rules", 3), ("server", 2), ("session:c1-ab12", 1)]
+    raw.executemany(
+        "INSERT INTO field_history (seq, doc, path, old, new, actor, origin, at)"
+        " VALUES (?, 'wo:1', 'fields.status', '\"a\"', '\"b\"', 'tina', ?, 0)",
+        [(seq, origin) for origin, seq in old],
+    )
+    raw.execute(
+        "INSERT INTO conflicts (seq, at, doc, rule, detail, actor, origin, team)"
+        " VALUES (1, 0, 'wo:1', 'status_transition', 'x', 'tina', 'session:c1-ab12', 'north')"
+    )
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        history = await store.history("wo:1", None, None, 10)
+        (conflict,) = await store.conflicts(ScopeFilter(ScopeKind.ALL), None, 10)
+    finally:
+        await store.close()
+    assert [entry.origin for entry in history] == [
+        RULES,
+        RULES,
+        Origin(OriginKind.DEVICE, "c1-ab12"),
+    ]
+    assert conflict.conflict.origin == Origin(OriginKind.DEVICE, "c1-ab12")
+
+
+async def test_origins_are_stored_as_text_and_read_back_typed(path: Path) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        for origin in (Origin(OriginKind.YWS, "c7-ff00"), Origin(OriginKind.ADAPTER, "erp")):
+            change = FieldChange("fields.title", None, origin.kind.value)
+            await store.append(Write("wo:1", update("x"), origin, "sam", history=(change,)))
+        store.record_conflict(Conflict("wo:1", "rule", "detail", "sam", Origin(OriginKind.REST)))
+        await store.append(Write("wo:2", update("x"), RULES, "rules"))  # commits the conflict
+        history = await store.history("wo:1", None, None, 10)
+        (conflict,) = await store.conflicts(ScopeFilter(ScopeKind.ALL), None, 10)
+    finally:
+        await store.close()
+    assert [entry.origin for entry in history] == [
+        Origin(OriginKind.ADAPTER, "erp"),
+        Origin(OriginKind.YWS, "c7-ff00"),
+    ]
+    assert conflict.conflict.origin == Origin(OriginKind.REST)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.storage import (
     Committed,
     DeviceSeen,
@@ -61,7 +61,9 @@ class Editor:
         return self._write(before, None)
 
     def _write(self, before: bytes, index: DocIndex | None) -> Write:
-        return Write(self.doc, self.ydoc.get_update(before), "device:d-1", "u-tom", index)
+        return Write(
+            self.doc, self.ydoc.get_update(before), Origin(OriginKind.DEVICE, "d-1"), "u-tom", index
+        )
 
 
 def put(index: DocIndex) -> Write:
@@ -173,7 +175,9 @@ async def test_concurrent_appends_are_group_committed_and_durable(
 async def test_a_failing_write_fails_its_batch_and_later_writes_commit(store: Store) -> None:
     editor = Editor("wo:1")
     before = store.append(editor.type("kept? "))
-    bad = store.append(Write("wo:2", cast(bytes, {"not": "bytes"}), "server", "rules"))
+    bad = store.append(
+        Write("wo:2", cast(bytes, {"not": "bytes"}), Origin(OriginKind.RULES), "rules")
+    )
     with pytest.raises(StorageError) as failure:
         await bad
     assert failure.value.__cause__ is not None
