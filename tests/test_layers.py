@@ -52,17 +52,6 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 # root's JSON at once): no web framework, no database.
 THIRD_PARTY = {"documents": frozenset({"pycrdt", "orjson"})}
 
-# Imports of private modules that work under way removes (each entry fails the test once it is
-# gone, so the list only shrinks): the attachments move out of api/ into fieldsync/attachments/,
-# behind storage's public surface.
-KNOWN = {
-    ("fieldsync.api._attachments", "fieldsync.storage._attachments"),
-    ("fieldsync.api._attachments", "fieldsync.storage._blobs"),
-    ("fieldsync.api._tus", "fieldsync.storage._attachments"),
-    ("fieldsync.api._tus", "fieldsync.storage._blobs"),
-}
-
-
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module: "fieldsync.api._audit"
@@ -167,10 +156,8 @@ def test_imports_point_down_the_diagram() -> None:
 
 def test_subpackages_are_used_through_their_surface() -> None:
     reaching = [found for found in all_imports() if private(found)]
-    wrong = [str(f) for f in reaching if (f.module, f.target) not in KNOWN]
+    wrong = [str(found) for found in reaching]
     assert wrong == [], "private modules of another subpackage:\n" + "\n".join(wrong)
-    gone = KNOWN - {(f.module, f.target) for f in reaching}
-    assert gone == set(), "no longer imported: remove them from KNOWN"
 
 
 def test_the_documents_use_no_library_but_pycrdt() -> None:
