@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
@@ -30,15 +29,14 @@ from pycrdt import Doc, Map
 from yarl import URL
 
 from fieldsync.adapters._base import (
-    AdapterConfigError,
     Delivery,
     DeliveryError,
     DocumentWriter,
     Health,
     HealthState,
 )
-from fieldsync.adapters._erp_config import Table
-from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError, ProjectionError
+from fieldsync.adapters._config import DEFAULT_MAX_ATTEMPTS, AdapterContext, Table
+from fieldsync.adapters._erp_mapping import ErpMapping, ProjectionError, read_mapping
 from fieldsync.records import Origin, OriginKind
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ class ErpHttpConfig:
     base_url: URL
     mapping: ErpMapping
     timeout_s: float = 10.0
-    max_attempts: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     token: str | None = None  # sent as `Authorization: Bearer …`
     username: str | None = None  # with password: HTTP basic
     password: str | None = None
@@ -60,38 +58,41 @@ class ErpHttpConfig:
     breaker_cooldown_s: float = 30.0
 
     @classmethod
-    def from_table(cls, name: str, table: Mapping[str, Any]) -> Self:
-        read = Table(name, table)
-        text = read.text("base_url", required=True)
-        base = URL(text or "")
-        if base.scheme not in ("http", "https") or not base.host:
-            raise AdapterConfigError(name, "base_url", "an http:// or https:// URL")
+    def from_table(cls, table: Table) -> Self:
+        base = URL(table.url("base_url", ("http", "https")))
+        if not base.host:
+            raise table.error("base_url", "names no host")
         if base.scheme == "http" and not _loopback(base.host):
             # Credentials and business data travel in it: plain HTTP only to this machine.
-            raise AdapterConfigError(name, "base_url", "https:// unless the ERP is on loopback")
-        token, username, password = read.text("token"), read.text("username"), read.text("password")
+            raise table.error("base_url", "must be https:// unless the ERP is on loopback")
+        token: str | None = table.secret("token", None)
+        username: str | None = table.text("username", None)
+        password: str | None = table.secret("password", None)
         if (username is None) != (password is None):
-            raise AdapterConfigError(name, "password", "username and password go together")
+            raise table.error("password", "username and password go together")
         if token is not None and username is not None:
-            raise AdapterConfigError(name, "token", "a token or a username and password, not both")
-        path = read.text("mapping", str(SHIPPED))
-        try:
-            mapping = ErpMapping.load(Path(path or ""))
-        except MappingError as error:
-            raise AdapterConfigError(name, "mapping", str(error)) from None
-        config = cls(
+            raise table.error("token", "a token or a username and password, not both")
+        return cls(
             base_url=base if base.path.endswith("/") else base.with_path(base.path + "/"),
-            mapping=mapping,
-            timeout_s=read.number("timeout_s", 10.0),
-            max_attempts=read.integer("max_attempts", 10),
+            mapping=read_mapping(table),
+            timeout_s=table.number("timeout_s", 10.0, minimum=0.001),
+            max_attempts=table.max_attempts(),
             token=token,
             username=username,
             password=password,
-            breaker_failures=read.integer("breaker_failures", 5),
-            breaker_cooldown_s=read.number("breaker_cooldown_s", 30.0),
+            breaker_failures=table.integer("breaker_failures", 5, minimum=1),
+            breaker_cooldown_s=table.number("breaker_cooldown_s", 30.0, minimum=0),
         )
-        read.done()
-        return config
+
+
+def erp_http(name: str, table: Table, context: AdapterContext) -> ErpHttpAdapter:
+    """The `erp_http` kind's factory (`KINDS`): it needs the write path for the write-back."""
+    config = ErpHttpConfig.from_table(table)
+    if context.writer is None:
+        raise table.error(
+            "kind", "erp_http writes the ERP's answer into documents: no write path here"
+        )
+    return ErpHttpAdapter(name, config, context.writer)
 
 
 def _loopback(host: str) -> bool:

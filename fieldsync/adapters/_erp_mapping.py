@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from fieldsync.adapters._config import Table
 from fieldsync.documents import work_order_rules
 
 SHIPPED = Path(__file__).with_name("erp_mapping.toml")
@@ -246,6 +247,15 @@ class ErpMapping:
             except ValueError as error:
                 raise ProjectionError(entity.name_row(raw), f"{column.name}: {error}") from None
         return row
+
+
+def read_mapping(table: Table) -> ErpMapping:
+    """The adapter's `mapping` key: a mapping file's path, the shipped one by default."""
+    path = table.text("mapping", str(SHIPPED))
+    try:
+        return ErpMapping.load(Path(path))
+    except MappingError as error:
+        raise table.error("mapping", str(error)) from None
 
 
 def _entity(kind: str, table: Any, where: str) -> Entity:

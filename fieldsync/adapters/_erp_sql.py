@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Self
 
 import sqlalchemy as sa
@@ -25,21 +24,19 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from fieldsync.adapters._base import (
-    AdapterConfigError,
     Delivery,
     DeliveryError,
     Health,
     HealthState,
 )
-from fieldsync.adapters._erp_config import Table
+from fieldsync.adapters._config import DEFAULT_MAX_ATTEMPTS, AdapterContext, Table
 from fieldsync.adapters._erp_mapping import (
-    SHIPPED,
     ColumnType,
     Entity,
     ErpMapping,
-    MappingError,
     ProjectionError,
     Row,
+    read_mapping,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +45,7 @@ KIND = "erp_sql"
 APPLIED = "fieldsync_erp_applied"  # the adapter's own record: (adapter, doc) → last seq
 # The drivers this adapter ships with, for a URL that names none.
 DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql", "sqlite": "pysqlite"}
+SCHEMES = (*DRIVERS, *(f"{backend}+{driver}" for backend, driver in DRIVERS.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,38 +53,29 @@ class ErpSqlConfig:
     url: URL
     mapping: ErpMapping
     create_schema: bool = False
-    max_attempts: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     @classmethod
-    def from_table(cls, name: str, table: Mapping[str, Any]) -> Self:
-        read = Table(name, table)
-        text = read.text("url", required=True)
-        assert text is not None
+    def from_table(cls, table: Table) -> Self:
+        text = table.url("url", SCHEMES)
         try:
             url = make_url(text)
         except exc.ArgumentError:
-            raise AdapterConfigError(name, "url", "is not a SQLAlchemy database URL") from None
+            raise table.error("url", "is not a SQLAlchemy database URL") from None
         backend = url.get_backend_name()
-        if backend not in DRIVERS:
-            raise AdapterConfigError(
-                name, "url", f"{backend}: one of postgresql, mariadb, mysql or sqlite"
-            )
-        if url.get_driver_name() in ("", None) or "+" not in url.drivername:
+        if "+" not in url.drivername:
             url = url.set(drivername=f"{backend}+{DRIVERS[backend]}")
-        path = read.text("mapping", str(SHIPPED))
-        assert path is not None
-        try:
-            mapping = ErpMapping.load(Path(path))
-        except MappingError as error:
-            raise AdapterConfigError(name, "mapping", str(error)) from None
-        config = cls(
+        return cls(
             url=url,
-            mapping=mapping,
-            create_schema=read.flag("create_schema", False),
-            max_attempts=read.integer("max_attempts", 10),
+            mapping=read_mapping(table),
+            create_schema=table.flag("create_schema", False),
+            max_attempts=table.max_attempts(),
         )
-        read.done()
-        return config
+
+
+def erp_sql(name: str, table: Table, context: AdapterContext) -> ErpSqlAdapter:
+    """The `erp_sql` kind's factory (`KINDS`)."""
+    return ErpSqlAdapter(name, ErpSqlConfig.from_table(table))
 
 
 def tables(mapping: ErpMapping, metadata: sa.MetaData | None = None) -> dict[str, sa.Table]:

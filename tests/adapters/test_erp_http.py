@@ -8,6 +8,7 @@ change to a real pycrdt Doc: the one over the replicator's write path is built e
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,9 +16,26 @@ import pytest
 from pycrdt import Doc, Map
 
 from fieldsync import documents
-from fieldsync.adapters import AdapterConfigError, Delivery, DeliveryError, HealthState
-from fieldsync.adapters._erp_http import ErpHttpAdapter, ErpHttpConfig, _retry_after
+from fieldsync.adapters import (
+    AdapterConfigError,
+    AdapterContext,
+    Delivery,
+    DeliveryError,
+    HealthState,
+    Table,
+    build_adapter,
+    register_kind,
+)
+from fieldsync.adapters._erp_http import (
+    KIND,
+    ErpHttpAdapter,
+    ErpHttpConfig,
+    _retry_after,
+    erp_http,
+)
 from fieldsync.records import Origin, OriginKind
+from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
+from tests.adapters.contract import AdapterContract
 from tests.adapters.fake_erp import FakeErp, running_fake_erp
 
 TOKEN = "erp-secret-token"
@@ -78,8 +96,8 @@ async def make(
     started: list[ErpHttpAdapter] = []
 
     async def make(**settings: Any) -> ErpHttpAdapter:
-        table = {"kind": "erp_http", "base_url": fake.url, "token": TOKEN, **settings}
-        adapter = ErpHttpAdapter("erp", ErpHttpConfig.from_table("erp", table), writer, clock)
+        table = Table("erp", {"base_url": fake.url, "token": TOKEN, **settings}, {})
+        adapter = ErpHttpAdapter("erp", ErpHttpConfig.from_table(table), writer, clock)
         await adapter.start()
         started.append(adapter)
         return adapter
@@ -289,8 +307,8 @@ async def test_the_breaker_opens_probes_and_closes(
 async def test_credentials_the_erp_refuses_count_against_the_erp_not_the_order(
     fake: FakeErp, writer: DocsWriter
 ) -> None:
-    table = {"base_url": fake.url, "token": "wrong", "breaker_failures": 1}
-    adapter = ErpHttpAdapter("erp", ErpHttpConfig.from_table("erp", table), writer)
+    table = Table("erp", {"base_url": fake.url, "token": "wrong", "breaker_failures": 1}, {})
+    adapter = ErpHttpAdapter("erp", ErpHttpConfig.from_table(table), writer)
     await adapter.start()
     try:
         with pytest.raises(DeliveryError) as refused:
@@ -301,20 +319,43 @@ async def test_credentials_the_erp_refuses_count_against_the_erp_not_the_order(
     assert adapter.health().state is HealthState.DOWN
 
 
-def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    def config(**table: Any) -> ErpHttpConfig:
-        return ErpHttpConfig.from_table("erp", table)
+register_kind(KIND, erp_http)  # until KINDS lists it
 
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.base_url: is required"):
-        config()
-    with pytest.raises(AdapterConfigError, match=r"base_url: https:// unless"):
-        config(base_url="http://erp.example.com/")
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.timeout_s"):
-        config(base_url="https://erp.example.com/", timeout_s=0)
-    with pytest.raises(AdapterConfigError, match=r"username and password go together"):
-        config(base_url="https://erp.example.com/", username="fs")
-    with pytest.raises(AdapterConfigError, match=r"ERP_TOKEN is not set"):
-        config(base_url="https://erp.example.com/", token={"env": "ERP_TOKEN"})
-    monkeypatch.setenv("ERP_TOKEN", "t0k")
-    found = config(base_url="https://erp.example.com/sap", token={"env": "ERP_TOKEN"})
+
+class TestErpHttpContract(AdapterContract):
+    kind = KIND
+
+    @pytest.fixture
+    def adapter_context(self, tmp_path: Path, sqlite_store: SQLiteStore) -> AdapterContext:
+        """With a write path: erp_http writes the ERP's answer back."""
+        outbox, reference = SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store)
+        return AdapterContext(tmp_path, outbox, reference, DocsWriter())
+
+    def good_table(self) -> dict[str, Any]:
+        return {"base_url": "https://erp.example.com/sap/", "token": "t"}
+
+    def bad_tables(self) -> list[tuple[dict[str, Any], str]]:
+        return [
+            ({"base_url": "ftp://erp.example.com/"}, "base_url"),
+            ({"base_url": "http://erp.example.com/"}, "base_url"),  # plain HTTP off loopback
+            ({"timeout_s": 0}, "timeout_s"),
+            ({"token": None, "username": "fs"}, "password"),
+            ({"username": "fs", "password": "pw"}, "token"),
+            ({"breaker_failures": 0}, "breaker_failures"),
+            ({"mapping": "/no/such/mapping.toml"}, "mapping"),
+        ]
+
+
+def test_without_a_write_path_erp_http_is_refused(adapter_context: AdapterContext) -> None:
+    table = Table("erp", {"kind": KIND, "base_url": "https://erp.example.com/"}, {})
+    with pytest.raises(AdapterConfigError, match="no write path"):
+        build_adapter(table, adapter_context)
+
+
+def test_credentials_come_from_the_environment() -> None:
+    environ = {"ERP_TOKEN": "t0k"}
+    table = {"base_url": "https://erp.example.com/sap", "token": {"env": "ERP_TOKEN"}}
+    found = ErpHttpConfig.from_table(Table("erp", table, environ))
     assert (found.token, str(found.base_url)) == ("t0k", "https://erp.example.com/sap/")
+    with pytest.raises(AdapterConfigError, match="ERP_TOKEN is not set"):
+        ErpHttpConfig.from_table(Table("erp", table, {}))

@@ -4,6 +4,7 @@ life, exactly-once delivery through killed connections and replays, refused data
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,16 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map
 
 from fieldsync import documents
-from fieldsync.adapters import AdapterConfigError, Delivery, DeliveryError, HealthState
-from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping
-from fieldsync.adapters._erp_sql import ErpSqlAdapter, ErpSqlConfig, tables
+from fieldsync.adapters import (
+    Delivery,
+    DeliveryError,
+    HealthState,
+    Table,
+    register_kind,
+)
+from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError
+from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, erp_sql, tables
+from tests.adapters.contract import AdapterContract
 from tests.adapters.erp_targets import DIALECTS, Target, _key, rows, target
 
 MAPPING = ErpMapping.load()
@@ -29,14 +37,16 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]
         yield found
 
 
+register_kind(KIND, erp_sql)  # until KINDS lists it
+
+
 def _adapter(database: Target, **settings: Any) -> ErpSqlAdapter:
     table = {
-        "kind": "erp_sql",
         "url": database.url.render_as_string(hide_password=False),
         "create_schema": True,
         **settings,
     }
-    return ErpSqlAdapter("erp", ErpSqlConfig.from_table("erp", table))
+    return ErpSqlAdapter("erp", ErpSqlConfig.from_table(Table("erp", table, {})))
 
 
 @pytest.fixture
@@ -243,31 +253,55 @@ async def test_a_value_the_database_refuses_is_not_retried(dialect: str, tmp_pat
         assert stored(database, "wo:narrow")["operation"] == []
 
 
-def test_settings_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.url: is required"):
-        ErpSqlConfig.from_table("erp", {"kind": "erp_sql"})
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.url: oracle"):
-        ErpSqlConfig.from_table("erp", {"url": "oracle://x"})
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.max_attempts"):
-        ErpSqlConfig.from_table("erp", {"url": "sqlite://", "max_attempts": 0})
-    with pytest.raises(AdapterConfigError, match=r"adapters\.erp\.tables: is not a setting"):
-        ErpSqlConfig.from_table("erp", {"url": "sqlite://", "tables": 1})
-    with pytest.raises(AdapterConfigError, match=r"ERP_DB_URL is not set"):
-        ErpSqlConfig.from_table("erp", {"url": {"env": "ERP_DB_URL"}})
-    bad = tmp_path / "mapping.toml"
-    bad.write_text(SHIPPED.read_text().replace('cancelled = "DLFL"', ""))
-    with pytest.raises(
-        AdapterConfigError, match=r"adapters\.erp\.mapping: .*no code for cancelled"
-    ):
-        ErpSqlConfig.from_table("erp", {"url": "sqlite://", "mapping": str(bad)})
+class TestErpSqlContract(AdapterContract):
+    kind = KIND
+
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Path) -> None:
+        self.url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+        self.mapping = tmp_path / "mapping.toml"
+        self.mapping.write_text(SHIPPED.read_text().replace('cancelled = "DLFL"', ""))
+
+    def good_table(self) -> dict[str, Any]:
+        return {"url": self.url, "create_schema": True}
+
+    def bad_tables(self) -> list[tuple[dict[str, Any], str]]:
+        return [
+            ({"url": "oracle://erp/x"}, "url"),
+            ({"url": 7}, "url"),
+            ({"create_schema": "yes"}, "create_schema"),
+            ({"mapping": str(self.mapping)}, "mapping"),  # a status without its code
+            ({"mapping": "/no/such/mapping.toml"}, "mapping"),
+        ]
 
 
-def test_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ERP_DB_URL", "postgresql://erp:secret@db/erp")
-    config = ErpSqlConfig.from_table("erp", {"url": {"env": "ERP_DB_URL"}, "create_schema": True})
-    assert config.url.drivername == "postgresql+psycopg"
+def test_the_url_may_come_from_the_environment() -> None:
+    environ = {"ERP_DB_URL": "postgresql://erp:secret@db/erp"}
+    table = Table("erp", {"url": {"env": "ERP_DB_URL"}, "create_schema": True}, environ)
+    config = ErpSqlConfig.from_table(table)
+    assert config.url.drivername == "postgresql+psycopg"  # the driver shipped
     assert config.url.password == "secret"
     assert config.create_schema is True
+
+
+def test_a_mapping_file_is_checked(tmp_path: Path) -> None:
+    shipped = SHIPPED.read_text()
+    for broken, message in (
+        (shipped.replace('cancelled = "DLFL"', ""), "status_codes: no code for cancelled"),
+        (shipped.replace('statuses = ["completed", "closed"]', 'statuses = ["done"]'), "posting"),
+        (shipped.replace('from = "fields.title"', 'from = "title"'), "columns.title.from"),
+        (shipped.replace('table = "pm_operation"', 'table = "pm_order"'), "a table of its own"),
+        (shipped.replace(", length = 200 }", " }", 1), "columns.title.length"),
+        (
+            shipped.replace("length = 80, key = true", "length = 80", 1),
+            "a key column from order_id",
+        ),
+        (shipped + "[", "cannot be read"),
+    ):
+        path = tmp_path / "mapping.toml"
+        path.write_text(broken)
+        with pytest.raises(MappingError, match=re.escape(message)):
+            ErpMapping.load(path)
 
 
 @pytest.mark.slow
