@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from fieldsync.adapters import (
 )
 from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError
 from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, erp_sql, tables
+from tests.adapters import erp_burst
 from tests.adapters.contract import AdapterContract
 from tests.adapters.erp_targets import DIALECTS, Target, _key, rows, target
 
@@ -361,6 +364,57 @@ async def test_connections_killed_mid_burst_end_exact(dialect: str, tmp_path: Pa
                 assert stored(database, order.id) == projected(order.id, last.seq, last.document)
         finally:
             await adapter.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
+async def test_fieldsync_killed_mid_burst_then_redelivery_ends_exact(
+    dialect: str, tmp_path: Path
+) -> None:
+    """A process delivering a burst is killed with SIGKILL once 10 of 80 deliveries are
+    through; what it had in flight is rolled back by the database, and delivering everything
+    again (the outbox's at-least-once) leaves each order's rows equal to its projection."""
+    count = 80
+    with target(dialect, tmp_path) as database:
+        url = database.url.render_as_string(hide_password=False)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.adapters.erp_burst",
+            url,
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).parent.parent.parent,
+        )
+        assert child.stdout is not None
+        through = 0
+        while through < 10:
+            line = await child.stdout.readline()
+            assert line, "the burst ended before it was killed"
+            through += line.startswith(b"delivered ")
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+
+        adapter = erp_burst.adapter(url)
+        await adapter.start()
+        try:
+            applied = await asyncio.to_thread(_applied, database)
+            assert 10 <= applied < count  # killed mid-way
+            for i in range(count):
+                await adapter.deliver(erp_burst.burst_delivery(i))
+        finally:
+            await adapter.stop()
+        for i in range(count):
+            delivery = erp_burst.burst_delivery(i)
+            expected = projected(delivery.doc, delivery.seq, dict(delivery.document))
+            assert stored(database, delivery.doc) == expected
+
+
+def _applied(database: Target) -> int:
+    with database.engine.connect() as connection:
+        return int(
+            connection.exec_driver_sql("SELECT count(*) FROM fieldsync_erp_applied").scalar()
+        )
 
 
 # --- any sequence of states, delivered with duplicates and replays --------------------------
