@@ -56,19 +56,24 @@ class FakeErp:
         self._locks: dict[str, asyncio.Lock] = {}
         self._release = asyncio.Event()
         self._served = asyncio.Condition()
+        self._arrived = 0
 
     def fail(self, *entries: dict[str, Any]) -> None:
         """Queue failures for the next API requests (`POST /_fake/failures` does the same)."""
         for entry in entries:
             self.failures.extend([entry] * int(entry.get("times", 1)))
 
+    async def release(self) -> None:
+        """Let the answers held by `{"hold": true}` go."""
+        self._release.set()
+
     def by_ref(self, external_ref: str) -> list[StoredOrder]:
         return [o for o in self.orders.values() if o.external_ref == external_ref]
 
-    async def served(self, count: int) -> None:
-        """Wait until `count` API requests have been answered (or dropped)."""
+    async def arrived(self, count: int) -> None:
+        """Wait until `count` API requests have arrived (answered or not)."""
         async with self._served:
-            await self._served.wait_for(lambda: len(self.requests) >= count)
+            await self._served.wait_for(lambda: self._arrived >= count)
 
     # --- the app ----------------------------------------------------------------------------
 
@@ -106,6 +111,9 @@ class FakeErp:
             self._served.notify_all()
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
+        async with self._served:
+            self._arrived += 1
+            self._served.notify_all()
         failure = self.failures.pop(0) if self.failures else {}
         if "status" in failure:
             headers = (

@@ -7,6 +7,7 @@ change to a real pycrdt Doc: the one over the replicator's write path is built e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,78 @@ def test_credentials_come_from_the_environment() -> None:
     assert (found.token, str(found.base_url)) == ("t0k", "https://erp.example.com/sap/")
     with pytest.raises(AdapterConfigError, match="ERP_TOKEN is not set"):
         ErpHttpConfig.from_table(Table("erp", table, {}))
+
+
+async def test_a_probe_in_flight_is_the_only_call_a_half_open_breaker_lets_through(
+    make: Callable[..., Any], fake: FakeErp, writer: DocsWriter, clock: Clock
+) -> None:
+    adapter = await make(breaker_failures=1, breaker_cooldown_s=30)
+    fake.fail({"status": 500})
+    with pytest.raises(DeliveryError, match="erp_unavailable"):
+        await adapter.deliver(order(writer, "wo:20", 1))
+    clock.now += 30
+    fake.fail({"hold": True})
+    probe = asyncio.create_task(adapter.deliver(order(writer, "wo:20", 1)))
+    await fake.arrived(2)
+    assert adapter.health().state is HealthState.DEGRADED
+    with pytest.raises(DeliveryError, match="erp_circuit_open"):
+        await adapter.deliver(order(writer, "wo:21", 1))
+    await fake.release()
+    await probe
+    assert adapter.health().state is HealthState.OK
+    await adapter.deliver(order(writer, "wo:21", 1))
+    assert len(fake.orders) == 2
+
+
+# --- the fake ERP keeps its contract (FAKE_ERP.md) -------------------------------------------
+
+
+async def test_the_fake_erp_keeps_its_idempotency_contract(fake: FakeErp) -> None:
+    url = f"{fake.url}/api/v1/maintenance-orders"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"external_ref": "wo:c", "order": {"title": "t", "status_code": "REL"}}
+    async with aiohttp.ClientSession(headers=auth) as client:
+        async with client.post(url, json=body) as answer:
+            assert answer.status == 400
+            assert (await answer.json())["error"]["code"] == "IDEMPOTENCY_KEY_MISSING"
+        fake.fail({"status": 503})
+        async with client.post(url, json=body, headers={"Idempotency-Key": "k1"}) as answer:
+            assert answer.status == 503  # not stored: the key may be used again
+        fake.fail({"delay_s": 0.05})
+        answers = await asyncio.gather(
+            *(_post(client, url, body, "k1") for _ in range(2))  # the same key, at once
+        )
+        assert [status for status, _, _ in answers] == [201, 201]
+        assert (
+            answers[0][1]
+            == answers[1][1]
+            == {
+                "order_number": "40000001",
+                "status": "REL",
+                "external_ref": "wo:c",
+            }
+        )
+        assert sorted(str(replayed) for _, _, replayed in answers) == ["None", "true"]
+        status, error, _ = await _post(client, url, {**body, "order": {"title": "u"}}, "k1")
+        assert (status, error["error"]["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+        status, error, _ = await _post(client, url, body, "k2")
+        assert (status, error["error"]["order_number"]) == (409, "40000001")
+        closed = {**body, "order": {"title": "t", "status_code": "CLSD"}}
+        async with client.patch(
+            f"{url}/40000001", json=closed, headers={"Idempotency-Key": "k3"}
+        ) as answer:
+            assert answer.status == 200
+        changed = {**body, "order": {"title": "v", "status_code": "CLSD"}}
+        headers = {"Idempotency-Key": "k4"}
+        async with client.patch(f"{url}/40000001", json=changed, headers=headers) as answer:
+            assert (answer.status, (await answer.json())["error"]["code"]) == (422, "ORDER_CLOSED")
+    async with aiohttp.ClientSession() as stranger, stranger.get(f"{url}/40000001") as answer:
+        assert answer.status == 401
+    assert len(fake.orders) == 1
+
+
+async def _post(
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str
+) -> tuple[int, Any, str | None]:
+    async with client.post(url, json=body, headers={"Idempotency-Key": key}) as answer:
+        return answer.status, await answer.json(), answer.headers.get("Idempotent-Replayed")
