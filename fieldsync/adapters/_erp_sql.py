@@ -181,6 +181,7 @@ class ErpSqlAdapter:
             await asyncio.to_thread(self._prepare)
         except DeliveryError as error:
             # Not fatal: deliveries wait (retryable) until the database answers.
+            self._failures, self._last_error = self._failures + 1, str(error)
             log.warning("erp_sql %s: the database is not ready yet: %s", self.name, error)
 
     async def stop(self) -> None:
@@ -244,25 +245,25 @@ class ErpSqlAdapter:
         where = (applied.c.adapter == self.name) & (applied.c.doc == delivery.doc)
         step = f"{APPLIED}({delivery.doc})"
         with _database_errors(lambda: step), self._live_engine().begin() as connection:
-            # Locks the record (where the dialect can) until commit: of two deliveries of one
-            # document racing, the second waits and then sees the first's seq.
+            # The record is claimed before the rows are written: an existing one is locked
+            # until commit (a racing delivery of the document waits, then sees this seq); a new
+            # one is inserted, and a racing insert of the same document fails on its key and is
+            # retried. So an older seq never overwrites a newer one's rows.
             done = connection.execute(sa.select(applied.c.seq).where(where).with_for_update())
             last = done.scalar()
             if last is not None and last >= delivery.seq:
                 return None
+            if last is None:
+                record = {"adapter": self.name, "doc": delivery.doc, "seq": delivery.seq}
+                connection.execute(sa.insert(applied).values(**record, applied_at=_utcnow()))
+            else:
+                claim = sa.update(applied).where(where)
+                connection.execute(claim.values(seq=delivery.seq, applied_at=_utcnow()))
             written = 0
             for kind, entity in self.config.mapping.entities.items():
                 step = f"{entity.table}({delivery.doc})"
                 rows = projection[kind]
                 written += self._replace(connection, delivery.doc, entity, self._tables[kind], rows)
-            step = f"{APPLIED}({delivery.doc})"
-            record = {
-                "adapter": self.name,
-                "doc": delivery.doc,
-                "seq": delivery.seq,
-                "applied_at": _utcnow(),
-            }
-            _upsert(connection, applied, [record], ("adapter", "doc"))
             return written
 
     def _replace(
@@ -327,8 +328,12 @@ def _database_errors(entity: Callable[[], str | None] = lambda: None) -> Iterato
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
         # A duplicate key on the applied record is a race with another delivery of the same
         # document (retried: it then sees that seq); any other refused value is the data's.
-        refused = isinstance(error, exc.IntegrityError) and not str(where).startswith(APPLIED)
-        if isinstance(error, exc.DataError) or refused:
+        racing = isinstance(error, exc.IntegrityError) and str(where).startswith(APPLIED)
+        if isinstance(error, exc.DataError | exc.IntegrityError) and not racing:
             raise DeliveryError("unprojectable", reason, retryable=False, entity=where) from None
-        code = "erp_db_schema" if isinstance(error, exc.ProgrammingError) else "erp_db_unavailable"
+        code = "erp_db_unavailable"
+        if racing:
+            code = "erp_db_concurrent_delivery"
+        elif isinstance(error, exc.ProgrammingError):
+            code = "erp_db_schema"
         raise DeliveryError(code, reason, entity=where) from None

@@ -219,6 +219,35 @@ async def test_a_delivery_not_newer_than_the_last_applied_changes_nothing(
     assert adapter.metrics()["unchanged"] == 2
 
 
+async def test_racing_deliveries_of_one_document_end_at_the_newer(
+    database: Target, adapter: ErpSqlAdapter
+) -> None:
+    """Two nodes delivering seq 1 and seq 2 of a new order at once: whichever commits first,
+    the loser is refused on the applied record (retried) or sees the newer seq, and the rows
+    end as seq 2 projects them."""
+    orders = [new_order(f"wo:race{i}") for i in range(6)]
+    for order in orders:
+        order.delivery()
+        order.status("assigned")
+        order.doc.get("fields", type=Map)["title"] = "Newer"
+        order.delivery()
+
+    async def until_done(delivery: Delivery) -> None:
+        for _ in range(5):  # as the outbox retries
+            try:
+                await adapter.deliver(delivery)
+                return
+            except DeliveryError as error:
+                assert error.retryable and error.code == "erp_db_concurrent_delivery", error
+        raise AssertionError(f"{delivery.key} never went through")
+
+    await asyncio.gather(*(until_done(d) for order in orders for d in reversed(order.sent)))
+    for order in orders:
+        newer = order.sent[-1]
+        assert stored(database, order.id) == projected(order.id, newer.seq, newer.document)
+        assert stored(database, order.id)["order"][0]["title"] == "Newer"
+
+
 async def test_a_value_that_does_not_fit_is_refused_naming_the_entity(
     database: Target, adapter: ErpSqlAdapter
 ) -> None:
