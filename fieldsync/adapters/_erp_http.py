@@ -62,6 +62,9 @@ class ErpHttpConfig:
         base = URL(table.url("base_url", ("http", "https")))
         if not base.host:
             raise table.error("base_url", "names no host")
+        if base.user is not None or base.password is not None:
+            # Kept out of the URL, which error messages and health details may show.
+            raise table.error("base_url", "credentials go in token, or username and password")
         if base.scheme == "http" and not _loopback(base.host):
             # Credentials and business data travel in it: plain HTTP only to this machine.
             raise table.error("base_url", "must be https:// unless the ERP is on loopback")

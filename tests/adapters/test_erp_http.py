@@ -339,6 +339,7 @@ class TestErpHttpContract(AdapterContract):
         return [
             ({"base_url": "ftp://erp.example.com/"}, "base_url"),
             ({"base_url": "http://erp.example.com/"}, "base_url"),  # plain HTTP off loopback
+            ({"base_url": "https://fs:pw@erp.example.com/"}, "base_url"),
             ({"timeout_s": 0}, "timeout_s"),
             ({"token": None, "username": "fs"}, "password"),
             ({"username": "fs", "password": "pw"}, "token"),
