@@ -7,6 +7,7 @@ import asyncio
 import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,17 @@ from fieldsync.adapters import (
     Delivery,
     DeliveryError,
     HealthState,
+    OutboxRunner,
     Table,
     register_kind,
 )
 from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError
 from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, erp_sql, tables
+from fieldsync.storage import SQLiteOutbox, SQLiteStore, Write
 from tests.adapters import erp_burst
 from tests.adapters.contract import AdapterContract
 from tests.adapters.erp_targets import DIALECTS, Target, _key, rows, target
+from tests.harness import work_order
 
 MAPPING = ErpMapping.load()
 TABLES = tables(MAPPING)
@@ -283,6 +287,41 @@ async def test_a_value_the_database_refuses_is_not_retried(dialect: str, tmp_pat
         finally:
             await adapter.stop()
         assert stored(database, "wo:narrow")["operation"] == []
+
+
+async def test_through_the_outbox(
+    database: Target, adapter: ErpSqlAdapter, sqlite_store: SQLiteStore
+) -> None:
+    """Work orders committed to fieldsync's store reach the ERP's tables by the outbox runner:
+    pending changes coalesced, a replay of everything changing nothing, the ERP's rows the
+    projection of each document's latest state."""
+    outbox = SQLiteOutbox(sqlite_store)
+    runner = OutboxRunner(outbox, sqlite_store, [adapter], draw=lambda: 0.0)
+    runner.subscribe()
+    docs = {doc_id: work_order(doc_id) for doc_id in ("wo:o1", "wo:o2")}
+    seqs = {}
+    for doc_id, doc in docs.items():
+        written = await sqlite_store.append(Write(doc_id, doc.get_update(), "device:phone", "sam"))
+        seqs[doc_id] = written.seq
+    doc = docs["wo:o1"]
+    before = doc.get_state()
+    documents.work_order.set_status(doc, "en_route", by="tina", role="technician")
+    doc.get("fields", type=Map)["title"] = "Inspect pump and valve"
+    written = await sqlite_store.append(
+        Write("wo:o1", doc.get_update(before), "device:phone", "tina")
+    )
+    seqs["wo:o1"] = written.seq
+    assert await runner.deliver_due() == 2  # wo:o1's two changes coalesced into one delivery
+    for doc_id, doc in docs.items():
+        content = documents.to_json(doc_id, doc)
+        assert stored(database, doc_id) == projected(doc_id, seqs[doc_id], content)
+    assert stored(database, "wo:o1")["order"][0]["title"] == "Inspect pump and valve"
+    assert adapter.metrics()["delivered"] == 2
+
+    assert await outbox.replay(adapter.name, 0, time.time()) == 3
+    await runner.deliver_due()
+    assert adapter.metrics()["unchanged"] == 2
+    assert (await runner.metrics())["erp"]["pending"] == 0
 
 
 class TestErpSqlContract(AdapterContract):
