@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 
 KIND = "erp_http"
 ORDERS = "api/v1/maintenance-orders"  # relative to base_url
+# The body's key for each entity's rows.
+BODY_KEYS = {
+    "order": "order",
+    "operation": "operations",
+    "confirmation": "confirmations",
+    "goods_issue": "goods_issues",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,15 +256,13 @@ class ErpHttpAdapter:
         number = fields.get("erp_ref") if isinstance(fields, Mapping) else None
         try:
             if isinstance(number, str) and number:
-                answer = await self._call("PATCH", f"{ORDERS}/{number}", body, delivery)
+                answer = await self._call("PATCH", number, body, delivery)
             else:
                 try:
-                    answer = await self._call("POST", ORDERS, body, delivery)
+                    answer = await self._call("POST", None, body, delivery)
                     self._counts["created"] += 1
                 except _Duplicate as duplicate:
-                    answer = await self._call(
-                        "PATCH", f"{ORDERS}/{duplicate.number}", body, delivery
-                    )
+                    answer = await self._call("PATCH", duplicate.number, body, delivery)
         except DeliveryError as error:
             self._counts["refused" if not error.retryable else "failed"] += 1
             if error.retryable:
@@ -275,23 +281,23 @@ class ErpHttpAdapter:
                 {k: _json(v) for k, v in row.items() if k not in skipped}
                 for row in projection[kind]
             ]
-            body[kind] = rows[0] if kind == "order" else rows
-        body["operations"] = body.pop("operation")
-        body["confirmations"] = body.pop("confirmation")
-        body["goods_issues"] = body.pop("goods_issue")
+            body[BODY_KEYS[kind]] = rows[0] if kind == "order" else rows
         return body
 
     async def _call(
-        self, method: str, path: str, body: dict[str, Any], delivery: Delivery
+        self, method: str, number: str | None, body: dict[str, Any], delivery: Delivery
     ) -> _Answer:
+        """Create (`number` None) or update the order; raises `_Duplicate` for a create of an
+        order the ERP holds already."""
         if self._session is None:
             raise DeliveryError("adapter_stopped", f"{self.name} is not running")
         self.breaker.enter()
-        entity = path.rsplit("/", 1)[-1] if method == "PATCH" else delivery.doc
+        path = ORDERS if number is None else f"{ORDERS}/{quote(number, safe='')}"
+        entity = number or delivery.doc
         try:
             async with self._session.request(
                 method,
-                self.config.base_url.join(URL(path)),
+                self.config.base_url.join(URL(path, encoded=True)),
                 json=body,
                 headers={"Idempotency-Key": delivery.key},
             ) as response:
@@ -317,7 +323,7 @@ class ErpHttpAdapter:
                 )
             return _Answer(answer["order_number"], str(answer.get("status") or ""))
         code, message, error_body = _error_of(answer, status)
-        if status == 409 and method == "POST" and isinstance(error_body.get("order_number"), str):
+        if status == 409 and number is None and isinstance(error_body.get("order_number"), str):
             self.breaker.succeeded()
             raise _Duplicate(error_body["order_number"])
         if status in (401, 403, 408, 429) or status >= 500:

@@ -103,7 +103,7 @@ class FakeErp:
             self.requests.append(
                 {
                     "method": request.method,
-                    "path": request.path,
+                    "path": request.raw_path,  # as sent, still percent-encoded
                     "key": request.headers.get("Idempotency-Key"),
                     "status": status,
                 }

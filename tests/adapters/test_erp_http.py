@@ -161,6 +161,18 @@ async def test_create_then_update_and_the_answer_is_written_back(
     assert adapter.metrics()["written_back"] == 2
 
 
+async def test_an_erp_ref_is_one_path_segment(
+    make: Callable[..., Any], fake: FakeErp, writer: DocsWriter
+) -> None:
+    """A reference typed by a supervisor stays inside the orders' collection."""
+    adapter = await make()
+    with pytest.raises(DeliveryError) as refused:
+        await adapter.deliver(order(writer, "wo:esc", 1, erp_ref="../../_fake/release"))
+    assert (refused.value.code, refused.value.retryable) == ("erp_refused", False)
+    assert "ORDER_NOT_FOUND" in refused.value.message
+    assert fake.requests[-1]["path"] == "/api/v1/maintenance-orders/..%2F..%2F_fake%2Frelease"
+
+
 async def test_accepted_but_connection_lost_then_the_retry_creates_nothing_more(
     make: Callable[..., Any], fake: FakeErp, writer: DocsWriter
 ) -> None:
