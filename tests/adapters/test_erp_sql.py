@@ -324,6 +324,20 @@ async def test_through_the_outbox(
     assert (await runner.metrics())["erp"]["pending"] == 0
 
 
+async def test_an_unreachable_database_is_down_and_retried() -> None:
+    url = "postgresql://erp@127.0.0.1:1/erp"  # nothing listens on port 1
+    adapter = ErpSqlAdapter("erp", ErpSqlConfig.from_table(Table("erp", {"url": url}, {})))
+    await adapter.start()  # not fatal: the outbox waits
+    try:
+        assert adapter.health().state is HealthState.DOWN
+        with pytest.raises(DeliveryError) as failed:
+            await adapter.deliver(new_order("wo:down").delivery())
+        assert (failed.value.code, failed.value.retryable) == ("erp_db_unavailable", True)
+        assert "2 failed in a row" in adapter.health().detail
+    finally:
+        await adapter.stop()
+
+
 class TestErpSqlContract(AdapterContract):
     kind = KIND
 
