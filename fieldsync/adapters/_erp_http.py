@@ -96,7 +96,7 @@ class ErpHttpConfig:
         )
 
 
-def erp_http(name: str, table: Table, context: AdapterContext) -> ErpHttpAdapter:
+def build(name: str, table: Table, context: AdapterContext) -> ErpHttpAdapter:
     """The `erp_http` kind's factory (`KINDS`): it needs the write path for the write-back."""
     config = ErpHttpConfig.from_table(table)
     if context.writer is None:

@@ -73,7 +73,7 @@ class ErpSqlConfig:
         )
 
 
-def erp_sql(name: str, table: Table, context: AdapterContext) -> ErpSqlAdapter:
+def build(name: str, table: Table, context: AdapterContext) -> ErpSqlAdapter:
     """The `erp_sql` kind's factory (`KINDS`)."""
     return ErpSqlAdapter(name, ErpSqlConfig.from_table(table))
 

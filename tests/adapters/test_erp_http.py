@@ -32,7 +32,7 @@ from fieldsync.adapters._erp_http import (
     ErpHttpAdapter,
     ErpHttpConfig,
     _retry_after,
-    erp_http,
+    build,
 )
 from fieldsync.records import Origin, OriginKind
 from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
@@ -332,7 +332,7 @@ async def test_credentials_the_erp_refuses_count_against_the_erp_not_the_order(
     assert adapter.health().state is HealthState.DOWN
 
 
-register_kind(KIND, erp_http)  # until KINDS lists it
+register_kind(KIND, build)  # until KINDS lists it
 
 
 class TestErpHttpContract(AdapterContract):

@@ -27,7 +27,7 @@ from fieldsync.adapters import (
     register_kind,
 )
 from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError
-from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, erp_sql, tables
+from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, build, tables
 from fieldsync.storage import SQLiteOutbox, SQLiteStore, Write
 from tests.adapters import erp_burst
 from tests.adapters.contract import AdapterContract
@@ -44,7 +44,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]
         yield found
 
 
-register_kind(KIND, erp_sql)  # until KINDS lists it
+register_kind(KIND, build)  # until KINDS lists it
 
 
 def _adapter(database: Target, **settings: Any) -> ErpSqlAdapter:
