@@ -149,9 +149,11 @@ class Table:
 
     def choice(self, key: str, choices: Iterable[str], default: Any = _MISSING) -> str:
         allowed = tuple(choices)
-        value = self.text(key, default)
-        if value is not default and value not in allowed:
-            raise self.error(key, f"must be one of {', '.join(allowed)} (got {value!r})")
+        value, secret = self._get(key, default)
+        if value is default:
+            return value
+        if value not in allowed:
+            raise self._wrong(key, f"one of {', '.join(allowed)}", value, secret)
         return value
 
     def texts(self, key: str, default: Any = _MISSING) -> tuple[str, ...]:
@@ -180,9 +182,10 @@ class Table:
             raise self.error(key, f"scheme must be one of {', '.join(allowed)} (got {shown})")
         return value
 
-    def table(self, key: str, default: Any = _MISSING) -> Table:
-        """A sub-table (`[adapters.<name>.<key>]`), read with the same readers."""
-        value, _ = self._get(key, {} if default is not _MISSING else default)
+    def table(self, key: str, *, optional: bool = False) -> Table:
+        """A sub-table (`[adapters.<name>.<key>]`), read with the same readers; an `optional`
+        one that is absent reads as empty."""
+        value, _ = self._get(key, {} if optional else _MISSING)
         if not isinstance(value, dict):
             raise self.error(key, "must be a table")
         child = Table(self.adapter, value, self._environ, self._where(key))
@@ -274,7 +277,9 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 
 # The kinds fieldsync ships: kind -> "module:factory", imported when an adapters file names
 # the kind (a kind's client libraries load only where it is used). One line per kind.
-KINDS: dict[str, str] = {}
+KINDS: dict[str, str] = {
+    # "erp_sql": "fieldsync.adapters._erp_sql:build",
+}
 
 _registered: dict[str, Factory] = {}
 

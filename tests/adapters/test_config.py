@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from fieldsync.adapters import (
+    KINDS,
     AdapterConfigError,
     AdapterContext,
     Table,
     build_adapters,
+    factory_of,
     redact_url,
 )
 from tests.adapters.contract import AdapterContract
@@ -129,6 +131,7 @@ def test_the_typed_readers() -> None:
     assert table.secret("token") == "t0ken"
     assert table.integer("batch", 100) == 100  # absent: the default
     mapping = table.table("mapping")
+    assert table.table("defaults", optional=True).keys() == []
     assert mapping.text("number") == "AUFNR"
     with pytest.raises(AdapterConfigError) as error:
         table.finish()  # `mapping.typo` was never read
@@ -138,6 +141,11 @@ def test_the_typed_readers() -> None:
     assert "hunter2" not in str(error.value) and error.value.key == "url"
     with pytest.raises(AdapterConfigError, match="one of insert, append"):
         table.choice("mode", ["insert", "append"])
+
+
+def test_every_shipped_kind_has_its_factory() -> None:
+    for kind in KINDS:
+        assert callable(factory_of(kind)), kind
 
 
 def test_a_url_is_shown_without_its_password() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -359,3 +360,52 @@ async def test_delivered_entries_are_purged_after_the_retention(
     clock.now += 86_400
     assert await runner.purge() == 1
     assert await entries(outbox) == []
+
+
+_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from fieldsync.storage import SQLiteOutbox, SQLiteStore, Write
+from tests.harness import work_order
+
+async def main():
+    store = SQLiteStore(Path(sys.argv[1]))
+    await store.open()
+    SQLiteOutbox(store).route({"wo": ["erp"]})
+    n = 0
+    while True:
+        batch = [f"wo:k{n + i}" for i in range(20)]
+        acks = [store.append(Write(d, work_order(d).get_update(), "rest", "sam")) for d in batch]
+        for ack in acks:
+            print((await ack).seq, flush=True)
+        n += 20
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_writer_leaves_an_entry_for_every_acknowledged_update(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "killed.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WRITER,
+        str(path),
+        cwd=Path(__file__).parent.parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    acked: list[int] = []
+    async with asyncio.timeout(60):
+        while len(acked) < 150:
+            acked.append(int(await child.stdout.readline()))
+    child.kill()  # SIGKILL, mid-stream: writes in flight, batches half-built
+    await child.wait()
+    with sqlite3.connect(path) as db:
+        updates = {seq for (seq,) in db.execute("SELECT seq FROM updates")}
+        entries = {seq for (seq,) in db.execute("SELECT seq FROM outbox WHERE adapter = 'erp'")}
+    assert set(acked) <= entries
+    # And the other way round: no entry without its update, no update without its entry.
+    assert entries == updates
