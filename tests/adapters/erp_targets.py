@@ -102,8 +102,8 @@ def target(dialect: str, tmp_path: Path) -> Iterator[Target]:
 def rows(connection: sa.Connection, table: sa.Table, order_id: str) -> list[dict[str, Any]]:
     """The rows of `table` for one order, as plain dicts in key order."""
     result = connection.execute(sa.select(table).where(table.c.order_id == order_id))
-    return sorted((dict(row._mapping) for row in result), key=_key)
+    return sorted((dict(row._mapping) for row in result), key=row_key)
 
 
-def _key(row: dict[str, Any]) -> tuple[str, ...]:
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(row.get(k)) for k in ("order_id", "op_id", "entry_id", "line_id", "reversal"))

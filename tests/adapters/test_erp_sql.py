@@ -31,7 +31,7 @@ from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, build
 from fieldsync.storage import SQLiteOutbox, SQLiteStore, Write
 from tests.adapters import erp_burst
 from tests.adapters.contract import AdapterContract
-from tests.adapters.erp_targets import DIALECTS, Target, _key, rows, target
+from tests.adapters.erp_targets import DIALECTS, Target, row_key, rows, target
 from tests.harness import work_order
 
 MAPPING = ErpMapping.load()
@@ -73,7 +73,7 @@ def stored(database: Target, doc: str) -> dict[str, list[dict[str, Any]]]:
 
 def projected(doc: str, seq: int, content: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {
-        kind: sorted(found, key=_key) for kind, found in MAPPING.project(doc, seq, content).items()
+        kind: sorted(found, key=row_key) for kind, found in MAPPING.project(doc, seq, content).items()
     }
 
 
