@@ -72,9 +72,8 @@ def stored(database: Target, doc: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def projected(doc: str, seq: int, content: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    return {
-        kind: sorted(found, key=row_key) for kind, found in MAPPING.project(doc, seq, content).items()
-    }
+    projection = MAPPING.project(doc, seq, content)
+    return {kind: sorted(found, key=row_key) for kind, found in projection.items()}
 
 
 class Order:
