@@ -278,7 +278,8 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 # The kinds fieldsync ships: kind -> "module:factory", imported when an adapters file names
 # the kind (a kind's client libraries load only where it is used). One line per kind.
 KINDS: dict[str, str] = {
-    # "erp_sql": "fieldsync.adapters._erp_sql:build",
+    "erp_sql": "fieldsync.adapters._erp_sql:build",
+    "erp_http": "fieldsync.adapters._erp_http:build",
 }
 
 _registered: dict[str, Factory] = {}

@@ -35,7 +35,9 @@ from fieldsync.adapters._erp_http import (
     build,
 )
 from fieldsync.records import Origin, OriginKind
-from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
+from fieldsync.storage._outbox import SQLiteOutbox
+from fieldsync.storage._reference import SQLiteReference
+from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters.contract import AdapterContract
 from tests.adapters.fake_erp import FakeErp, running_fake_erp
 
@@ -341,7 +343,7 @@ class TestErpHttpContract(AdapterContract):
     @pytest.fixture
     def adapter_context(self, tmp_path: Path, sqlite_store: SQLiteStore) -> AdapterContext:
         """With a write path: erp_http writes the ERP's answer back."""
-        outbox, reference = SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store)
+        outbox, reference = SQLiteOutbox(sqlite_store), SQLiteReference(sqlite_store)
         return AdapterContext(tmp_path, outbox, reference, DocsWriter())
 
     def good_table(self) -> dict[str, Any]:

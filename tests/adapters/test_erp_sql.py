@@ -28,7 +28,10 @@ from fieldsync.adapters import (
 )
 from fieldsync.adapters._erp_mapping import SHIPPED, ErpMapping, MappingError
 from fieldsync.adapters._erp_sql import KIND, ErpSqlAdapter, ErpSqlConfig, build, tables
-from fieldsync.storage import SQLiteOutbox, SQLiteStore, Write
+from fieldsync.records import Origin, OriginKind
+from fieldsync.storage import Write
+from fieldsync.storage._outbox import SQLiteOutbox
+from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters import erp_burst
 from tests.adapters.contract import AdapterContract
 from tests.adapters.erp_targets import DIALECTS, Target, row_key, rows, target
@@ -36,6 +39,8 @@ from tests.harness import work_order
 
 MAPPING = ErpMapping.load()
 TABLES = tables(MAPPING)
+
+PHONE = Origin(OriginKind.DEVICE, "phone")
 
 
 @pytest.fixture(params=DIALECTS)
@@ -300,15 +305,13 @@ async def test_through_the_outbox(
     docs = {doc_id: work_order(doc_id) for doc_id in ("wo:o1", "wo:o2")}
     seqs = {}
     for doc_id, doc in docs.items():
-        written = await sqlite_store.append(Write(doc_id, doc.get_update(), "device:phone", "sam"))
+        written = await sqlite_store.append(Write(doc_id, doc.get_update(), PHONE, "sam"))
         seqs[doc_id] = written.seq
     doc = docs["wo:o1"]
     before = doc.get_state()
     documents.work_order.set_status(doc, "en_route", by="tina", role="technician")
     doc.get("fields", type=Map)["title"] = "Inspect pump and valve"
-    written = await sqlite_store.append(
-        Write("wo:o1", doc.get_update(before), "device:phone", "tina")
-    )
+    written = await sqlite_store.append(Write("wo:o1", doc.get_update(before), PHONE, "tina"))
     seqs["wo:o1"] = written.seq
     assert await runner.deliver_due() == 2  # wo:o1's two changes coalesced into one delivery
     for doc_id, doc in docs.items():
