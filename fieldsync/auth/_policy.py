@@ -44,15 +44,15 @@ _SEGMENT = re.compile(r"\*|[A-Za-z0-9_-]+")
 
 
 def path_allowed(path: str, patterns: Iterable[str]) -> bool:
-    """Whether a pattern covers `path`: the path it names, and everything below it."""
+    """Whether a pattern covers `path`: the path it names, and everything below it ("*" alone
+    is any root, so everything)."""
     steps = path.split(".")
-    return any(
-        pattern == "*"
-        or (
-            len(parts := pattern.split(".")) <= len(steps)
-            and all(part in ("*", step) for part, step in zip(parts, steps, strict=False))
-        )
-        for pattern in patterns
+    return any(_covers(pattern.split("."), steps) for pattern in patterns)
+
+
+def _covers(parts: list[str], steps: list[str]) -> bool:
+    return len(parts) <= len(steps) and all(
+        part in ("*", step) for part, step in zip(parts, steps, strict=False)
     )
 
 
