@@ -59,7 +59,9 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     # Per-document (the `error` control message).
     RULE_VIOLATION = "rule_violation"  # the server corrected the merged state (a domain rule)
-    FORBIDDEN_FIELD = "forbidden_field"  # the update writes paths the role may not write
+    # The update writes `paths` the role may not write, or that would leave the document outside
+    # the writer's scope, or a creation the documents' creation rule refuses (README).
+    FORBIDDEN_FIELD = "forbidden_field"
     INVALID_UPDATE = "invalid_update"
     INVALID_DOC_ID = "invalid_doc_id"
     DOC_TOO_LARGE = "doc_too_large"

@@ -87,12 +87,13 @@ async def converged(peer: YjsPeer, doc: Doc, timeout: float = 10.0) -> dict[str,
 
 
 def random_ops(rng: random.Random, side: str, round_: int, count: int = 6) -> list[dict[str, Any]]:
-    """Concurrent edits of every kind a technician may make: both sides set the status (a real
-    conflict), insert text at random places, push checklist items, and tick items nested in the
-    array."""
+    """Concurrent edits: both sides set the status (a real conflict), insert text at random
+    places, and tick items nested in the array; the supervisor's device (py) also adds items,
+    which a technician (js) may not."""
+    kinds = ("set", "insert", "insert", "check") + (("push",) if side == "py" else ())
     ops: list[dict[str, Any]] = []
     for i in range(count):
-        kind = rng.choice(("set", "insert", "insert", "push", "check"))
+        kind = rng.choice(kinds)
         if kind == "set":
             ops.append({"set": ["status", f"{side}-{round_}-{i}"]})
         elif kind == "insert":
@@ -191,7 +192,7 @@ async def test_yjs_and_pycrdt_converge_online_and_offline(
         # and both sides converged on the correction.
         assert dump["json"]["fields"]["status"] in work_order_rules.STATUSES
         ids = {item["id"] for item in dump["json"]["checklist"]}
-        assert any(i.startswith("js") for i in ids) and any(i.startswith("py") for i in ids)
+        assert any(i.startswith("py") for i in ids)
         assert len(dump["json"]["notes"]) > 0
         # Three writers: the seed document the work order was built in, Sam's device, Tina's Yjs.
         assert {dump["client"], doc.client_id} < js_state_vector(dump).keys()
