@@ -61,10 +61,10 @@ class YwsSession(Connection):
         except ProtocolError as exc:
             self.close(CloseCode.PROTOCOL_ERROR, exc.message)
         except FieldsyncError as exc:
-            code = (
-                CloseCode.FORBIDDEN if exc.code is ErrorCode.FORBIDDEN else CloseCode.PROTOCOL_ERROR
-            )
-            self.close(code, exc.code)
+            # README: 4403 for what the principal may not do (the document, or a path of it),
+            # 4400 for what is invalid.
+            refused = exc.code in (ErrorCode.FORBIDDEN, ErrorCode.FORBIDDEN_FIELD)
+            self.close(CloseCode.FORBIDDEN if refused else CloseCode.PROTOCOL_ERROR, exc.code)
 
     # --- Peer ---------------------------------------------------------------------------
 
