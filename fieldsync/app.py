@@ -69,12 +69,19 @@ def limits_from(settings: Settings) -> Limits:
         auth_timeout=settings.auth_timeout,
         changes_page=settings.changes_page,
         max_offline=settings.max_offline_days * 86_400,
+        max_sockets_per_subject=settings.max_sockets_per_subject,
     )
 
 
 def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
     """The server. It verifies tokens against `settings.oidc_issuer` (started with the app)."""
-    app = web.Application(client_max_size=settings.max_frame)
+    # aiohttp closes a connection whose next request head is not complete within its keep-alive
+    # timeout, counted from the connection's opening or the previous answer: the bound on a
+    # client that trickles its headers (slowloris). Set here, so that every runner has it.
+    app = web.Application(
+        client_max_size=settings.max_frame,
+        handler_args={"keepalive_timeout": settings.header_timeout},
+    )
     app[SETTINGS] = settings
     settings.data_path.mkdir(parents=True, exist_ok=True)
     the_store: Store = store or SQLiteStore(

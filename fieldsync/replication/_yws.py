@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
-from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
+from fieldsync.replication._connection import (
+    DEFAULT_LIMITS,
+    Connection,
+    Limits,
+    SubjectSockets,
+)
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._room import Room
 
@@ -23,15 +28,19 @@ class YwsSession(Connection):
         principal: Principal,
         doc_id: str,
         limits: Limits = DEFAULT_LIMITS,
+        sockets: SubjectSockets | None = None,
     ) -> None:
-        super().__init__(replicator, principal, limits)
+        super().__init__(replicator, principal, limits, sockets)
         self.doc_id = doc_id
         self.origin = f"yws:{self.id}"
         self._room: Room | None = None
 
     async def open(self) -> None:
         """Authorise the document and greet the client with the server's state vector, as the
-        y-websocket server does. Raises `SessionClosed` when the document is not in scope."""
+        y-websocket server does. Raises `SessionClosed` when the document is not in scope, or
+        when the subject holds too many sockets already."""
+        if self.closed is not None:
+            raise self.closed
         try:
             self._room = await self._subscribe(self.doc_id)
         except FieldsyncError:
