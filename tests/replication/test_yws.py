@@ -84,6 +84,10 @@ class Yws:
     async def send_update(self, update: bytes) -> None:
         await self.ws.send_bytes(encode_sync(SyncStep.UPDATE, update))
 
+    async def answer_step1(self) -> None:
+        """What a stock provider answers the server's SyncStep1 with while it holds nothing."""
+        await self.ws.send_bytes(encode_sync(SyncStep.STEP2, b"\x00\x00"))
+
     async def announce(self, client: int, clock: int, state: str) -> None:
         await self.ws.send_bytes(encode_update([(client, clock, state)]))
 
@@ -134,13 +138,15 @@ async def test_a_path_the_role_may_not_write_closes_4403_forbidden_field(server:
 
 
 async def test_presence_before_the_document_exists_is_held_not_fatal(server: Server) -> None:
-    """Every Yjs provider announces its presence on connecting. To a role that may create, a
-    new document is an open, empty y-websocket: its presence waits for the document, the
-    socket stays open, and the document can be created from it."""
+    """Every Yjs provider answers the server's SyncStep1 with its (empty) state and announces
+    its presence on connecting. To a role that may create, a new document is an open, empty
+    y-websocket: neither is refused, its presence waits for the document, the socket stays
+    open, and the document can be created from it (here by ada, for sam's team)."""
     doc_id = "wo:new-1"
     async with yws(server, doc_id, "ada") as ada, yws(server, doc_id, "sam") as sam:
         for peer, client in ((ada, 7), (sam, 8)):
             assert await peer.step1() == b"\x00"  # an empty document
+            await peer.answer_step1()
             await peer.announce(client, 1, f'{{"user":"{client}"}}')
         created = work_order(doc_id, assignee="tina", team="north")
         await ada.send_update(created.get_update())
@@ -163,6 +169,7 @@ async def test_presence_of_a_peer_that_may_not_see_the_document_never_reaches_it
     doc_id = "wo:new-2"
     async with yws(server, doc_id, "sue") as sue, yws(server, doc_id, "sam") as sam:
         await sue.step1()
+        await sue.answer_step1()
         await sue.announce(9, 1, '{"user":"sue"}')
         await sam.step1()
         await sam.announce(8, 1, '{"user":"sam"}')
