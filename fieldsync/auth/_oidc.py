@@ -233,6 +233,16 @@ class TokenVerifier:
         self._algorithms = frozenset(algorithms)
         self._leeway = leeway
         self._cooldown = jwks_cooldown
+        # RFC 8725 §3.8/§3.9: the issuer must match exactly and the audience must name us; exp,
+        # nbf and iat are NumericDates (finite numbers) within the leeway of the time of each
+        # check.
+        self._claims = jwt.JWTClaimsRegistry(
+            leeway=leeway,
+            iss={"essential": True, "value": issuer},
+            sub={"essential": True},
+            aud={"essential": True, "values": [audience]},
+            exp={"essential": True},
+        )
         self._min_age = jwks_min_age
         self._max_age = jwks_max_age
         self._scheduled: asyncio.Task[None] | None = None
@@ -346,20 +356,11 @@ class TokenVerifier:
         missing = [claim for claim in _REQUIRED_CLAIMS if claims.get(claim) is None]
         if missing:
             _reauthenticate(f"token claim missing: {', '.join(missing)}")
-        # RFC 8725 §3.8/§3.9: the issuer must match exactly and the audience must name us; exp,
-        # nbf and iat are NumericDates (finite numbers) within the leeway.
-        registry = jwt.JWTClaimsRegistry(
-            leeway=self._leeway,
-            iss={"essential": True, "value": self._issuer},
-            sub={"essential": True},
-            aud={"essential": True, "values": [self._audience]},
-            exp={"essential": True},
-        )
         # joserfc checks claims in the token's order; `exp` goes last, so that `token_expired`
         # is only said of a token that a refresh would fix (not of one for another audience).
         ordered = dict(sorted(claims.items(), key=lambda item: item[0] == "exp"))
         try:
-            registry.validate(ordered)
+            self._claims.validate(ordered)
         except ExpiredTokenError:
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "token expired") from None
         except MissingClaimError:
