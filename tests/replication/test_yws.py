@@ -58,18 +58,19 @@ class Yws:
 
     async def step1(self) -> bytes:
         """The server's greeting: its state vector (SyncStep1)."""
-        await self.wait("SyncStep1", lambda: self._sync(SyncStep.STEP1))
-        return self._sync(SyncStep.STEP1)[0]
+        await self.wait("SyncStep1", lambda: self.synced(SyncStep.STEP1))
+        return self.synced(SyncStep.STEP1)[0]
 
     async def replica(self) -> Doc:
         """The document as the server gives it to a replica that has nothing (its SyncStep2)."""
         await self.ws.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
-        await self.wait("SyncStep2", lambda: self._sync(SyncStep.STEP2))
+        await self.wait("SyncStep2", lambda: self.synced(SyncStep.STEP2))
         doc: Doc = Doc()
-        doc.apply_update(self._sync(SyncStep.STEP2)[0])
+        doc.apply_update(self.synced(SyncStep.STEP2)[0])
         return doc
 
-    def _sync(self, step: SyncStep) -> list[bytes]:
+    def synced(self, step: SyncStep) -> list[bytes]:
+        """The payloads of the sync messages of `step` received so far."""
         return [y.payload for y in self.received if isinstance(y, YSync) and y.step is step]
 
     def presence(self) -> dict[int, str]:
@@ -155,7 +156,7 @@ async def test_presence_before_the_document_exists_is_held_not_fatal(server: Ser
         for peer, other in ((ada, 8), (sam, 7)):
             await peer.wait("the other's presence", lambda p=peer, o=other: o in p.presence())
             assert peer.presence()[other] == f'{{"user":"{other}"}}'
-        await sam.wait("the document", lambda: sam._sync(SyncStep.UPDATE))
+        await sam.wait("the document", lambda: sam.synced(SyncStep.UPDATE))
         assert ada.close_code is None and sam.close_code is None
     stored = await stored_doc(server, doc_id)
     assert stored.get("fields", type=Map)["assignee"] == "tina"
@@ -174,7 +175,7 @@ async def test_presence_of_a_peer_that_may_not_see_the_document_never_reaches_it
         await sam.step1()
         await sam.announce(8, 1, '{"user":"sam"}')
         await sam.send_update(work_order(doc_id, team="north").get_update())
-        await sam.wait("the document", lambda: sam._sync(SyncStep.UPDATE))  # sam is admitted
+        await sam.wait("the document", lambda: sam.synced(SyncStep.UPDATE))  # sam is admitted
         async with connect(server.sync_url, server.token("ada")) as ada:
             await ada.hello()
             await ada.step1(doc_id)
