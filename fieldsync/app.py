@@ -74,6 +74,7 @@ def limits_from(settings: Settings) -> Limits:
         auth_timeout=settings.auth_timeout,
         changes_page=settings.changes_page,
         max_offline=settings.max_offline_days * 86_400,
+        max_sockets_per_subject=settings.max_sockets_per_subject,
     )
 
 
@@ -82,7 +83,13 @@ def create_app(settings: Settings) -> web.Application:
 
     Resources start in the order added to `cleanup_ctx` and stop in reverse: the backend first
     and last, so everything else may use it for as long as it runs."""
-    app = web.Application(client_max_size=settings.max_frame)
+    # aiohttp closes a connection whose next request head is not complete within its keep-alive
+    # timeout, counted from the connection's opening or the previous answer: the bound on a
+    # client that trickles its headers (slowloris). Set here, so that every runner has it.
+    app = web.Application(
+        client_max_size=settings.max_frame,
+        handler_args={"keepalive_timeout": settings.header_timeout},
+    )
     app[SETTINGS] = settings
     backend = backend_for(settings)
     app[BACKEND], app[STORE] = backend, backend.store

@@ -19,6 +19,9 @@ class ErrorCode(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     FRAME_TOO_LARGE = "frame_too_large"
     RATE_LIMITED = "rate_limited"
+    # The token's subject already holds FIELDSYNC_MAX_SOCKETS_PER_SUBJECT WebSockets (close
+    # 4429): close one (another tab, another device of the same user) before opening more.
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     AUTH_TIMEOUT = "auth_timeout"
     DRAINING = "draining"
     # The identity provider did not answer (down, timed out, 5xx) when fieldsync relayed a token

@@ -26,7 +26,7 @@ from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
 from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
-from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
+from fieldsync.replication._codec import SyncStep, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview
 from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
@@ -206,6 +206,7 @@ class Replicator:
         present = room.awareness.snapshot()
         if present is not None:
             peer.send_doc(room.doc_id, present)
+        self._relay(room, peer, room.awareness.release(peer))  # announced while it waited
 
     def unsubscribe(self, peer: Peer, room: Room) -> None:
         room.subscribers.pop(peer, None)
@@ -551,14 +552,22 @@ class Replicator:
     # --- awareness ----------------------------------------------------------------------
 
     def relay_awareness(self, peer: Peer, room: Room, payload: bytes) -> None:
-        """Awareness (cursors, presence) goes to the other replicas and is never stored."""
-        if peer not in room.subscribers:
+        """Awareness (cursors, presence) goes to the other replicas and is never stored. A
+        replica changes only the client ids it announced first (`Awareness`). A peer still
+        waiting for the document (see `subscribe`) is held to be heard once it is admitted:
+        every Yjs provider announces itself on connecting, before any document exists."""
+        if peer in room.pending:
+            room.awareness.hold(peer, payload)
+        elif peer in room.subscribers:
+            self._relay(room, peer, room.awareness.apply(peer, payload))
+        else:
             raise Forbidden(room.doc_id)
-        room.awareness.apply(peer, payload)
-        message = encode_awareness(payload)
-        for other in room.subscribers:
-            if other is not peer:
-                other.send_doc(room.doc_id, message)
+
+    def _relay(self, room: Room, sender: Peer, message: bytes | None) -> None:
+        if message is not None:
+            for other in room.subscribers:
+                if other is not sender:
+                    other.send_doc(room.doc_id, message)
 
     def leave(self, peer: Peer, rooms: Iterable[Room]) -> None:
         for room in rooms:

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 from fieldsync.auth import Verify, bearer_token
 from fieldsync.documents import InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode
-from fieldsync.replication._connection import Connection, Limits, SessionClosed
+from fieldsync.replication._connection import Connection, Limits, SessionClosed, SubjectSockets
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._yws import YwsSession
@@ -36,6 +36,7 @@ class Endpoints:
         self.limits = limits
         self.min_versions = min_versions
         self.connections: dict[Connection, web.WebSocketResponse] = {}
+        self.sockets = SubjectSockets(limits.max_sockets_per_subject)
         self.draining = False
 
     def _socket(self) -> web.WebSocketResponse:
@@ -65,6 +66,7 @@ class Endpoints:
             principal=principal,
             limits=self.limits,
             min_versions=self.min_versions,
+            sockets=self.sockets,
         )
         session.spawn(self._hello_deadline(session))
         await self._serve(ws, session)
@@ -93,7 +95,7 @@ class Endpoints:
         except AuthError as exc:
             await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
             return ws
-        session = YwsSession(self.replicator, principal, doc_id, self.limits)
+        session = YwsSession(self.replicator, principal, doc_id, self.limits, self.sockets)
         try:
             await session.open()
         except SessionClosed as closed:

@@ -271,7 +271,9 @@ class Expect:
     paths: tuple[str, ...] = ()
 
 
-LOOKS_ABSENT = ("sync_step1", "yws_connect")
+# To a principal that may create such documents, what looks absent: an empty document, and a
+# place where its presence waits (every Yjs provider announces itself on connecting).
+LOOKS_ABSENT = ("sync_step1", "yws_connect", "awareness")
 ALL_WRITES = (*WRITES, "as_other", *MOVE_WRITES)
 EMPTY = {kind: documents.to_json(f"{kind.value}:x", Doc()) for kind in DocType}
 EMPTY_STEP2 = b"\x00\x00"  # no structs, no deletions
@@ -539,7 +541,25 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                 for doc, client in clients.items()
             )
         )
+        # Presence on a document that looks absent is held, heard by nobody, and answers
+        # nothing: a round trip after it shows the server has handled it.
+        probe = f"wo:matrix-probe-{subject}"
+        await wire.step1(probe)
+        await eventually(lambda: answered(wire, probe))
         for doc, client in clients.items():
+            if expected(cell[doc, "awareness", ""]).outcome == "absent":
+                run.seen[cell[doc, "awareness", ""]] = {
+                    "reply": next(
+                        (
+                            c
+                            for c in wire.controls
+                            if c.get("type") == "error" and c.get("doc") == doc
+                        ),
+                        None,
+                    ),
+                    "relayed": client in awareness_of(observer, doc),
+                }
+                continue
             await eventually(
                 lambda doc=doc, client=client: (
                     wire.closed
@@ -743,7 +763,11 @@ def test_v1_read(run: Run, cell: Cell) -> None:
             assert seen["relayed"]
         return
     if expected(cell).outcome == "absent":
-        assert seen["reply"] is None and seen["content"] == EMPTY[cell.kind]
+        assert seen["reply"] is None
+        if cell.message == "sync_step1":
+            assert seen["content"] == EMPTY[cell.kind]
+        else:
+            assert not seen["relayed"]  # held: heard by nobody while it waits
         assert run.doc_bytes[cell.subject, cell.doc] == 0
         return
     assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
