@@ -23,6 +23,7 @@ from fieldsync.replication._replicator import (
     InvalidUpdate,
     Replicator,
 )
+from fieldsync.replication._service import ServiceWriter, service_principal
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidUpdate",
     "Limits",
     "Replicator",
+    "ServiceWriter",
     "SessionClosed",
     "SyncStep",
     "V1Session",
@@ -50,4 +52,5 @@ __all__ = [
     "encode_body",
     "encode_frame",
     "encode_sync",
+    "service_principal",
 ]
