@@ -9,6 +9,7 @@ commit and fan-out run as for any device, and the field history names the adapte
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -94,7 +95,9 @@ class ServiceWriter:
             submitted = await replicator.submit(peer, room, update)
             if submitted.committed is None:
                 return None
-            committed = await submitted.committed
+            # Shielded: an adapter stopped mid-edit must not cancel the store's commit future
+            # (the replicator would take that for a failed commit and reset the room).
+            committed = await asyncio.shield(submitted.committed)
             return committed.seq
         finally:
             replicator.unsubscribe(peer, room)

@@ -1,0 +1,290 @@
+"""What the polling inbound adapters (`erp_inbound_sql`, `reference_sql`) share: reading their
+`[adapters.<name>]` table, the polling task with its health and metrics, the adapter's own small
+durable state, and reading a foreign SQL database off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import decimal
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from fieldsync.adapters._base import AdapterConfigError, Health, HealthState
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_MISSING: Any = object()
+
+
+class ConfigReader:
+    """One `[adapters.<name>]` table read key by key: each error names its key, a value may be
+    `{ env = "NAME" }` (read from the environment, so secrets stay out of the file), and keys
+    nobody read are refused at the end (a typo must not pass for a default)."""
+
+    def __init__(self, name: str, table: Mapping[str, Any]) -> None:
+        self.name = name
+        self._table = table
+        self._read = {"kind"}
+
+    def _raw(self, key: str, default: Any) -> Any:
+        self._read.add(key)
+        value = self._table.get(key, _MISSING)
+        if isinstance(value, Mapping) and set(value) == {"env"}:
+            variable = value["env"]
+            if not isinstance(variable, str) or variable not in os.environ:
+                raise AdapterConfigError(self.name, key, f"environment variable {variable} unset")
+            value = os.environ[variable]
+        if value is _MISSING:
+            if default is _MISSING:
+                raise AdapterConfigError(self.name, key, "required")
+            return default
+        return value
+
+    def text(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._raw(key, default)
+        if value is not default and (not isinstance(value, str) or not value.strip()):
+            raise AdapterConfigError(self.name, key, "must be non-empty text")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._raw(key, default)
+        if isinstance(value, str):  # from the environment
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise AdapterConfigError(self.name, key, "must be a number")
+        if value < minimum:
+            raise AdapterConfigError(self.name, key, f"must be at least {minimum:g}")
+        return float(value)
+
+    def whole(self, key: str, default: int, *, minimum: int = 1) -> int:
+        value = self.number(key, default, minimum=minimum)
+        if not value.is_integer():
+            raise AdapterConfigError(self.name, key, "must be a whole number")
+        return int(value)
+
+    def names(
+        self, key: str, default: Mapping[str, str], allowed: frozenset[str] | None = None
+    ) -> dict[str, str]:
+        """A table of text to text (merged over `default`); with `allowed`, its keys must be
+        among those."""
+        value = self._raw(key, {})
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+        ):
+            raise AdapterConfigError(self.name, key, "must be a table of names")
+        unknown = sorted(set(value) - allowed) if allowed is not None else []
+        if unknown:
+            raise AdapterConfigError(
+                self.name, key, f"unknown {unknown}; known: {sorted(allowed or ())}"
+            )
+        return {**default, **value}
+
+    def url(self, key: str = "url") -> str:
+        value = self.text(key)
+        try:
+            sa.engine.make_url(value)
+        except sa.exc.ArgumentError:
+            # The URL holds a password: never repeat it in the message.
+            raise AdapterConfigError(self.name, key, "not a SQLAlchemy database URL") from None
+        return str(value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._table) - self._read)
+        if unknown:
+            raise AdapterConfigError(self.name, unknown[0], "unknown key")
+
+
+def engine(url: str) -> sa.Engine:
+    """An engine for a foreign database that fails fast when the database is unreachable (the
+    poll reports it and tries again), checking pooled connections before use."""
+    made = sa.engine.make_url(url)
+    args: dict[str, Any] = {}
+    if made.get_backend_name() in ("postgresql", "mysql", "mariadb"):
+        args["connect_timeout"] = 10
+    return sa.create_engine(made, pool_pre_ping=True, pool_size=1, connect_args=args)
+
+
+def table(name: str, *columns: str) -> sa.TableClause:
+    """A table of a foreign database by name (`schema.table` allowed), with just the columns
+    named: no reflection, so nothing is read from the database before the first poll."""
+    schema, _, bare = name.rpartition(".")
+    return sa.table(bare, *(sa.column(c) for c in columns), schema=schema or None)
+
+
+def plain(value: Any) -> Any:
+    """A value read from a foreign database as JSON holds it: times as ISO 8601 text, decimals
+    as numbers, bytes as hex."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+class StateFile:
+    """An adapter's own durable memory (its cursor, what it applied), a SQLite file in the data
+    dir beside the store: small, written by this adapter only, every call on a thread."""
+
+    def __init__(self, path: Path, schema: tuple[str, ...]) -> None:
+        self.path = path
+        self._schema = schema
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # one statement sequence at a time on the connection
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value)")
+            for statement in self._schema:
+                conn.execute(statement)
+            return conn
+
+        self._conn = await asyncio.to_thread(connect)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
+
+    async def run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `work` in one transaction on a thread."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"{self.path} is not open")
+
+        def transaction() -> _T:
+            with self._lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+
+        return await asyncio.to_thread(transaction)
+
+    async def get(self, name: str) -> Any:
+        def read(conn: sqlite3.Connection) -> Any:
+            row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            return row[0] if row else None
+
+        return await self.run(read)
+
+    async def put(self, name: str, value: Any) -> None:
+        await self.run(
+            lambda conn: conn.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        )
+
+
+class Poller:
+    """The periodic task of a polling adapter: `poll` every `interval_s` seconds until stopped,
+    a failed poll reported in `health` (degraded, with its error) and retried at the next tick,
+    while what the last good poll brought stays in place."""
+
+    def __init__(
+        self, name: str, interval_s: float | None, poll: Callable[[], Awaitable[None]]
+    ) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self._poll = poll
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._gate = asyncio.Lock()  # one poll at a time, whoever asks for it
+        self.errors = 0
+        self.last_error: str | None = None
+        self.last_success: float | None = None  # epoch seconds when the last good poll began
+
+    @property
+    def stopping(self) -> bool:
+        """A poll checks this between items and returns early: stop waits for that."""
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        if self.interval_s is None or (self._task is not None and not self._task.done()):
+            return
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name=f"adapter-{self.name}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let the poll in hand finish its current item (it checks `stopping`), then end; a
+        poll still waiting on its database after `grace` seconds is cancelled."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _run(self) -> None:
+        assert self.interval_s is not None
+        while not self._stop.is_set():
+            await self.poll_now()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+
+    async def poll_now(self) -> bool:
+        """Poll once now (after the poll in progress, if any); False when it failed, its error
+        logged and kept for `health`."""
+        async with self._gate:
+            began = time.time()
+            try:
+                await self._poll()
+            except Exception as exc:
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {_safe(exc)}"
+                log.warning("adapter %s: poll failed: %s", self.name, self.last_error)
+                return False
+            self.last_error = None
+            self.last_success = began
+            return True
+
+    def health(self) -> Health:
+        if self.last_error is not None:
+            kept = "; keeping what the last good poll brought" if self.last_success else ""
+            return Health(HealthState.DEGRADED, self.last_error + kept)
+        if self.last_success is None:
+            return Health(HealthState.OK, "not polled yet")
+        return Health(HealthState.OK)
+
+    def lag(self) -> float:
+        """Seconds since the last good poll began: how stale fieldsync's copy may be."""
+        return time.time() - self.last_success if self.last_success is not None else math.inf
+
+
+def _safe(exc: Exception) -> str:
+    """An error's message without what a driver may echo of the URL (its password): SQLAlchemy
+    errors carry the statement and parameters too, which are kept out of the log."""
+    if isinstance(exc, sa.exc.StatementError):
+        return str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

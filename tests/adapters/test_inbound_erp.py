@@ -1,0 +1,300 @@
+"""`erp_inbound_sql` against a real PostgreSQL ERP table and a real server: released orders
+become work orders through the write path, each ERP version applied once however the ERP's
+transactions commit, merged with what technicians did offline meanwhile."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pycrdt import Map, Text
+
+from fieldsync import documents
+from fieldsync.adapters import AdapterConfigError, HealthState
+from fieldsync.adapters._erp_inbound_sql import ErpInboundSql, ErpInboundSqlConfig
+from fieldsync.app import REPLICATOR, STORE
+from fieldsync.replication import ServiceWriter
+from tests.adapters.inbound_databases import foreign_database
+from tests.harness import Server, eventually, stored_doc
+
+ORDERS = """CREATE TABLE orders (
+    order_no text PRIMARY KEY,
+    number text,
+    short_text text,
+    priority text,
+    asset_id text,
+    site text,
+    team text,
+    region text,
+    due_at timestamptz,
+    status text,
+    changed_at timestamptz NOT NULL
+)"""
+# The ERP names its title column its own way: the `columns` key maps it.
+COLUMNS = {"title": "short_text"}
+
+
+@pytest.fixture
+def erp() -> Iterator[sa.Engine]:
+    with foreign_database("postgresql") as url:
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(ORDERS)
+        yield engine
+        engine.dispose()
+
+
+def release(conn: sa.Connection, order_no: str, **values: Any) -> None:
+    """An ERP write as ERPs make them: stamped with its transaction's start time (`now()`)."""
+    row = {
+        "order_no": order_no,
+        "number": order_no,
+        "short_text": f"Service pump {order_no}",
+        "priority": "normal",
+        "team": "north",
+        "region": "east",
+        "status": "released",
+        **values,
+    }
+    names = ", ".join(row)
+    conn.execute(
+        sa.text(
+            f"INSERT INTO orders ({names}, changed_at) VALUES"
+            f" ({', '.join(':' + n for n in row)}, now())"
+            " ON CONFLICT (order_no) DO UPDATE SET"
+            f" {', '.join(f'{n} = excluded.{n}' for n in row)}, changed_at = now()"
+        ),
+        row,
+    )
+
+
+@pytest.fixture
+async def adapter(tmp_path: Path, server: Server, erp: sa.Engine) -> AsyncIterator[ErpInboundSql]:
+    adapter = make(tmp_path, server, erp)
+    yield adapter
+    await adapter.stop()
+
+
+def make(tmp_path: Path, server: Server, erp: sa.Engine, **keys: Any) -> ErpInboundSql:
+    table = {
+        "kind": "erp_inbound_sql",
+        "url": erp.url.render_as_string(hide_password=False),
+        "table": "orders",
+        "interval_s": 60,
+        "lookback_s": 120,
+        "columns": COLUMNS,
+        **keys,
+    }
+    config = ErpInboundSqlConfig.from_table("erp", table)
+    return ErpInboundSql("erp", config, ServiceWriter(server.app[REPLICATOR]), tmp_path / "state")
+
+
+async def titles(server: Server, doc_id: str) -> list[tuple[str, str, str]]:
+    history = await server.app[STORE].history(doc_id, "fields.title", None, 100)
+    return [(h.actor, h.origin, h.change.new) for h in reversed(history)]
+
+
+async def test_orders_committed_out_of_order_are_each_applied_once(
+    server: Server, erp: sa.Engine, adapter: ErpInboundSql
+) -> None:
+    """A long ERP transaction stamps order A before order B is written, and commits after B was
+    read: the look-back window finds A; B, read again, is not applied again."""
+    with erp.connect() as long_running:
+        long_running.begin()
+        release(long_running, "A")  # stamped now, committed later
+        with erp.begin() as quick:
+            release(quick, "B")
+        assert await adapter.poll_now()
+        assert await ServiceWriter(server.app[REPLICATOR]).read("wo:erp-A") is None
+        long_running.commit()
+    assert await adapter.poll_now()
+    head = await server.app[STORE].head()
+    assert await adapter.poll_now()  # the window reads both again: nothing new
+    assert await server.app[STORE].head() == head
+    for key in ("A", "B"):
+        assert await titles(server, f"wo:erp-{key}") == [
+            ("adapter:erp", "adapter:erp", f"Service pump {key}")
+        ]
+    doc = await stored_doc(server, "wo:erp-B")
+    fields = doc.get("fields", type=Map).to_py()
+    assert fields is not None
+    assert (fields["status"], fields["erp_ref"], fields["team"]) == ("new", "B", "north")
+
+    with erp.begin() as conn:
+        release(conn, "B", short_text="Service pump B, urgently", priority="urgent")
+    assert await adapter.poll_now()
+    assert await adapter.poll_now()
+    assert await titles(server, "wo:erp-B") == [
+        ("adapter:erp", "adapter:erp", "Service pump B"),
+        ("adapter:erp", "adapter:erp", "Service pump B, urgently"),
+    ]
+    metrics = adapter.metrics()
+    assert (metrics["effects"], metrics["errors"], metrics["failed"]) == (3, 0, 0)
+    assert adapter.health().state is HealthState.OK
+
+
+async def test_an_order_not_released_waits_and_a_cancellation_cancels(
+    server: Server, erp: sa.Engine, adapter: ErpInboundSql
+) -> None:
+    with erp.begin() as conn:
+        release(conn, "P", status="planned")
+    assert await adapter.poll_now()
+    writer = ServiceWriter(server.app[REPLICATOR])
+    assert await writer.read("wo:erp-P") is None
+    with erp.begin() as conn:
+        release(conn, "P")
+    assert await adapter.poll_now()
+    assert ((await writer.read("wo:erp-P")) or {})["fields"]["status"] == "new"
+    with erp.begin() as conn:
+        release(conn, "P", status="cancelled")
+    assert await adapter.poll_now()
+    document = await writer.read("wo:erp-P")
+    assert document is not None and document["fields"]["status"] == "cancelled"
+    assert [(e["status"], e["by"], e["role"]) for e in document["status_log"]] == [
+        ("new", "adapter:erp", "service"),
+        ("cancelled", "adapter:erp", "service"),
+    ]
+
+
+async def test_an_erp_change_merges_with_a_technicians_offline_edit(
+    tmp_path: Path, server: Server, erp: sa.Engine, adapter: ErpInboundSql
+) -> None:
+    with erp.begin() as conn:
+        release(conn, "T1")
+    assert await adapter.poll_now()
+    # The supervisor assigns it; the technician syncs it, then works offline.
+    sam = server.client("sam", path=tmp_path / "sam.db")
+    tina = server.client("tina", path=tmp_path / "tina.db")
+    try:
+        await sam.start()
+        await sam.wait_synced("wo:erp-T1")
+        theirs = sam.doc("wo:erp-T1")
+        theirs.get("fields", type=Map)["assignee"] = "tina"
+        documents.work_order.set_status(theirs, "assigned", by="sam", role="supervisor")
+        await sam.wait_acked()
+        await tina.start()
+        await tina.wait_synced("wo:erp-T1")
+        await tina.go_offline()
+        mine = tina.doc("wo:erp-T1")
+        assert mine.get("fields", type=Map)["status"] == "assigned"
+        mine.get("notes", type=Text).insert(0, "seal replaced, pump primed")
+        documents.work_order.set_status(mine, "en_route", by="tina", role="technician")
+
+        with erp.begin() as conn:
+            release(conn, "T1", short_text="Service pump T1 and its motor", priority="high")
+        assert await adapter.poll_now()
+
+        await tina.start()
+        await tina.wait_acked("wo:erp-T1")
+
+        def merged(doc: Any) -> bool:
+            fields = doc.get("fields", type=Map)
+            return fields["title"] == "Service pump T1 and its motor" and fields["status"] == (
+                "en_route"
+            )
+
+        await eventually(lambda: merged(mine))
+        stored = await stored_doc(server, "wo:erp-T1")
+        assert merged(stored)
+        assert str(stored.get("notes", type=Text)) == "seal replaced, pump primed"
+        fields = stored.get("fields", type=Map)
+        assert (fields["priority"], fields["assignee"]) == ("high", "tina")
+        assert documents.to_json("wo:erp-T1", mine) == documents.to_json("wo:erp-T1", stored)
+    finally:
+        await tina.close()
+        await sam.close()
+
+
+async def test_a_bad_order_is_retried_then_set_aside_without_holding_the_rest(
+    tmp_path: Path, server: Server, erp: sa.Engine
+) -> None:
+    adapter = make(tmp_path, server, erp, max_attempts=2)
+    try:
+        with erp.begin() as conn:
+            release(conn, "bad/key")  # no work order id can hold a slash
+        with erp.begin() as conn:
+            release(conn, "G1")
+        assert await adapter.poll_now()
+        with erp.begin() as conn:
+            release(conn, "G2")
+        assert await adapter.poll_now()
+        assert await adapter.poll_now()
+        metrics = adapter.metrics()
+        assert (metrics["failed"], metrics["dead"], metrics["effects"]) == (2, 1, 2)
+        writer = ServiceWriter(server.app[REPLICATOR])
+        assert await writer.read("wo:erp-G1") is not None
+        assert await writer.read("wo:erp-G2") is not None
+    finally:
+        await adapter.stop()
+
+
+async def test_an_unreachable_erp_degrades_health_and_keeps_what_was_applied(
+    server: Server, erp: sa.Engine, adapter: ErpInboundSql
+) -> None:
+    with erp.begin() as conn:
+        release(conn, "H1")
+    assert await adapter.poll_now()
+    with erp.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE orders RENAME TO orders_moved")
+    assert not await adapter.poll_now()
+    health = adapter.health()
+    assert health.state is HealthState.DEGRADED and "orders" in health.detail
+    assert adapter.metrics()["errors"] == 1
+    assert await ServiceWriter(server.app[REPLICATOR]).read("wo:erp-H1") is not None
+    with erp.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE orders_moved RENAME TO orders")
+    assert await adapter.poll_now()
+    assert adapter.health().state is HealthState.OK
+
+
+async def test_the_polling_task_starts_and_stops_cleanly(
+    tmp_path: Path, server: Server, erp: sa.Engine
+) -> None:
+    adapter = make(tmp_path, server, erp, interval_s=0.1)
+    with erp.begin() as conn:
+        release(conn, "S1")
+    await adapter.start()
+    try:
+        await eventually(lambda: adapter.metrics()["effects"] == 1)
+        with erp.begin() as conn:
+            release(conn, "S2")
+        await eventually(lambda: adapter.metrics()["effects"] == 2)
+    finally:
+        await adapter.stop()
+    assert adapter.health().state is HealthState.OK
+    # Stopped: its state survives a restart, so nothing is applied twice.
+    again = make(tmp_path, server, erp)
+    try:
+        assert await again.poll_now()
+        assert (again.metrics()["effects"], again.metrics()["skipped"]) == (0, 2)
+    finally:
+        await again.stop()
+
+
+def test_the_configuration_is_checked_key_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"kind": "erp_inbound_sql", "url": "postgresql+psycopg://erp@db/erp", "table": "o"}
+    config = ErpInboundSqlConfig.from_table("erp", {**base, "columns": {"title": "ktext"}})
+    assert config.columns["title"] == "ktext" and config.columns["team"] == "team"
+    assert (config.key_column, config.lookback_s, config.statuses["released"]) == (
+        "order_no",
+        300.0,
+        "new",
+    )
+    monkeypatch.setenv("ERP_URL", "postgresql+psycopg://erp:secret@db/erp")
+    from_env = ErpInboundSqlConfig.from_table("erp", {**base, "url": {"env": "ERP_URL"}})
+    assert from_env.url.endswith("secret@db/erp")
+    wrong: list[tuple[dict[str, Any], str]] = [
+        ({"table": "o", "kind": "erp_inbound_sql"}, "adapters.erp.url: required"),
+        ({**base, "url": {"env": "NO_SUCH_VARIABLE"}}, "adapters.erp.url"),
+        ({**base, "url": "not a url"}, "adapters.erp.url"),
+        ({**base, "lookback_s": -1}, "adapters.erp.lookback_s"),
+        ({**base, "max_attempts": 1.5}, "adapters.erp.max_attempts"),
+        ({**base, "columns": {"colour": "c"}}, "adapters.erp.columns"),
+        ({**base, "intervall_s": 5}, "adapters.erp.intervall_s: unknown key"),
+    ]
+    for table, message in wrong:
+        with pytest.raises(AdapterConfigError, match=message):
+            ErpInboundSqlConfig.from_table("erp", table)
