@@ -18,7 +18,6 @@ dead letter) until the ERP changes it again: one bad order never holds up the re
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import sqlite3
@@ -34,7 +33,17 @@ import sqlalchemy as sa
 from pycrdt import Doc, Map
 
 from fieldsync.adapters._base import DocumentWriter, Health
-from fieldsync.adapters._inbound import ConfigReader, Poller, StateFile, engine, plain, table
+from fieldsync.adapters._inbound import (
+    ConfigReader,
+    Poller,
+    StateFile,
+    cursor_text,
+    cursor_value,
+    engine,
+    plain,
+    table,
+    window_start,
+)
 from fieldsync.auth import Role
 from fieldsync.documents import work_order
 from fieldsync.records import Origin, OriginKind
@@ -190,7 +199,8 @@ class ErpInboundSql:
         """Apply every order changed since the window start; move the cursor past what is
         settled (applied, or set aside), never past an order still to be retried."""
         cursor = await self._state.get("cursor")
-        since = None if cursor is None else _window(_unstamp(cursor), self.config.lookback_s)
+        lookback = self.config.lookback_s
+        since = None if cursor is None else window_start(cursor_value(cursor), lookback)
         after: tuple[Any, Any] | None = None
         newest: Any = None
         retry_from: Any = None
@@ -216,8 +226,8 @@ class ErpInboundSql:
             after = (rows[-1][1], rows[-1][0])
         if newest is not None:
             stop_at = newest if retry_from is None else min(newest, retry_from)
-            if cursor is None or stop_at > _unstamp(cursor):
-                await self._state.put("cursor", _stamp(stop_at))
+            if cursor is None or stop_at > cursor_value(cursor):
+                await self._state.put("cursor", cursor_text(stop_at))
 
     def _read_page(self, since: Any, after: tuple[Any, Any] | None) -> list[tuple[Any, ...]]:
         assert self._engine is not None
@@ -270,7 +280,7 @@ class ErpInboundSql:
                 memory, failed_hash=digest, attempts=attempts, error=error, dead=dead
             ), not dead
         self._counts["effects"] += seq is not None
-        return _Memory(key, _stamp(changed), digest, text), False
+        return _Memory(key, cursor_text(changed), digest, text), False
 
     def _change(
         self, key: str, row: Mapping[str, Any], before: Mapping[str, Any] | None
@@ -300,26 +310,6 @@ class ErpInboundSql:
                 work_order.set_status(doc, status, by=by, role=Role.SERVICE)
 
         return change
-
-
-def _window(cursor: Any, seconds: float) -> Any:
-    """Where a poll starts reading: `seconds` before the cursor."""
-    if isinstance(cursor, dt.datetime):
-        return cursor - dt.timedelta(seconds=seconds)
-    return cursor - seconds
-
-
-def _stamp(value: Any) -> str:
-    """A change column's value as the cursor keeps it: a time, or a number (epoch seconds or a
-    row version), tagged so it comes back as what it was."""
-    if isinstance(value, dt.datetime):
-        return "t:" + value.isoformat()
-    return "n:" + repr(float(value))
-
-
-def _unstamp(stamp: str) -> Any:
-    kind, _, text = stamp.partition(":")
-    return dt.datetime.fromisoformat(text) if kind == "t" else float(text)
 
 
 def _remembered(keys: list[str], conn: sqlite3.Connection) -> dict[str, _Memory]:
