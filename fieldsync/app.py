@@ -11,6 +11,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from fieldsync.adapters import AdapterContext, Adapters
 from fieldsync.api import (
     Attachments,
     AuditRoutes,
@@ -18,6 +19,7 @@ from fieldsync.api import (
     ContractRoutes,
     Downloads,
     Operations,
+    OutboxRoutes,
     ReferenceEndpoints,
     ScreenRoutes,
     TusEndpoints,
@@ -29,7 +31,16 @@ from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVe
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
 from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import Blobs, ReferenceData, SQLiteScreens, SQLiteStore, Store, Tables
+from fieldsync.storage import (
+    Blobs,
+    ReferenceData,
+    ReferenceStore,
+    SQLiteOutbox,
+    SQLiteScreens,
+    SQLiteStore,
+    Store,
+    Tables,
+)
 
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
@@ -39,6 +50,8 @@ SETTINGS = web.AppKey("settings", Settings)
 ATTACHMENTS = web.AppKey("attachments", Attachments)
 # Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
 REFERENCE = web.AppKey("reference", ReferenceEndpoints)
+# The configured adapters and their outbox runner (`FIELDSYNC_ADAPTERS`).
+ADAPTERS = web.AppKey("adapters", Adapters)
 
 Verify = Callable[[str], Awaitable[Principal]]
 
@@ -125,13 +138,14 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     async def readiness() -> dict[str, object] | None:
         if endpoints.draining:
             return None
-        return {"seq": await the_store.head()}
+        return {"seq": await the_store.head(), "adapters": app[ADAPTERS].health()}
 
     async def metrics() -> dict[str, object]:
         return {
             "store": await the_store.stats(),
             "rooms_loaded": replicator.loaded,
             "connections": len(endpoints.connections),
+            "adapters": await app[ADAPTERS].metrics(),
         }
 
     app.router.add_routes(Operations(readiness, metrics).routes())
@@ -177,9 +191,29 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[REFERENCE] = reference
     app.cleanup_ctx.append(reference.lifecycle)  # after `lifecycle`: compacts through the store
     app.router.add_routes(reference.routes())
+    add_adapters(app, settings, SQLiteOutbox(the_store), reference.store, screens.cursor_key)
     # The contract, read at start: a broken file stops the server rather than serve a lie.
     app.router.add_routes(ContractRoutes(load_spec()).routes())
     return app
+
+
+def add_adapters(
+    app: web.Application,
+    settings: Settings,
+    outbox: SQLiteOutbox,
+    reference: ReferenceStore,
+    cursor_key: Callable[[], Awaitable[bytes]],
+) -> None:
+    """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
+    started after the store and stopped before it; the operators' outbox routes."""
+    context = AdapterContext(settings.data_path, outbox, reference)
+    path = Path(settings.adapters) if settings.adapters else None
+    adapters = Adapters.load(
+        path, context, app[STORE], retention_days=settings.outbox_retention_days
+    )
+    app[ADAPTERS] = adapters
+    app.cleanup_ctx.append(adapters.lifecycle)
+    app.router.add_routes(OutboxRoutes(outbox, cursor_key, adapters.runner.wake).routes())
 
 
 def load_policy(settings: Settings) -> Policy:

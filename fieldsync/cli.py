@@ -1,4 +1,5 @@
-"""`fieldsync serve` runs the server; `fieldsync demo` runs it with a seeded realistic demo."""
+"""`fieldsync serve` runs the server; `fieldsync demo` runs it with a seeded realistic demo;
+`fieldsync outbox` lets an operator read and act on the outbox (server running or not)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
+from fieldsync.adapters import AdapterConfigError
+from fieldsync.api import entry_json
 from fieldsync.app import (
     AccessLogger,
     configure_logging,
@@ -25,6 +29,7 @@ from fieldsync.app import (
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 from fieldsync.documents import TemplateError
+from fieldsync.storage import OutboxEntry, OutboxState, SQLiteOutbox, SQLiteStore
 
 if TYPE_CHECKING:
     from fieldsync.adapters._reference_sql import ReferenceSqlConfig
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--exit", action="store_true", help="stop after the summary")
     commands.add_parser("settings", help="list every setting with its variable and default")
     _add_reference_commands(commands)
+    _outbox_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "settings":
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "reference":
         return _reference_import(args)
+    if args.command == "outbox":
+        return _outbox(args)
     if args.command == "demo":
         from fieldsync.demo import run_demo
 
@@ -75,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)  # builds the adapters: a bad entry stops here, named
+    except AdapterConfigError as exc:
+        print(f"fieldsync: {exc}", file=sys.stderr)
+        return 2
 
     async def reload_on_sighup(app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, app)
@@ -179,6 +191,85 @@ async def _run_reference_import(
         f" in {time.monotonic() - began:.1f} s (seq {result.seq})"
     )
     return 0
+
+
+def _outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    outbox = commands.add_parser(
+        "outbox", help="list the outbox, retry or skip an entry, replay an adapter from a seq"
+    )
+    outbox.add_argument("--config", type=Path, help="TOML file (FIELDSYNC_* variables override it)")
+    outbox.add_argument("--data-dir", type=Path, help="the server's data folder")
+    actions = outbox.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="entries by id, oldest first")
+    listing.add_argument("--state", choices=[s.value for s in OutboxState])
+    listing.add_argument("--adapter")
+    listing.add_argument("--doc")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    for action, what in (("retry", "deliver again now"), ("skip", "never deliver")):
+        acting = actions.add_parser(action, help=f"{what}: the entry and its document's dead ones")
+        acting.add_argument("id", type=int)
+    replay = actions.add_parser("replay", help="deliver again an adapter's entries from a seq")
+    replay.add_argument("--adapter", required=True)
+    replay.add_argument("--from-seq", type=int, required=True)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    """On the data folder's database through the store: SQLite in WAL mode lets this run beside
+    a running server, whose runner sees the change within its poll period."""
+    try:
+        settings = Settings.load(args.config)
+    except ConfigError as exc:
+        print(f"fieldsync: {exc}", file=sys.stderr)
+        return 2
+    path = (args.data_dir or settings.data_path) / "fieldsync.db"
+    if not path.exists():
+        print(f"fieldsync: no database at {path}", file=sys.stderr)
+        return 2
+    return asyncio.run(_outbox_action(args, path))
+
+
+async def _outbox_action(args: argparse.Namespace, path: Path) -> int:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        outbox = SQLiteOutbox(store)
+        now = time.time()
+        if args.action == "list":
+            entries = await outbox.entries(
+                adapter=args.adapter,
+                state=OutboxState(args.state) if args.state else None,
+                doc=args.doc,
+                limit=args.limit,
+            )
+            if args.json:
+                print(orjson.dumps([entry_json(e) for e in entries]).decode())
+            else:
+                for entry in entries:
+                    print(_entry_line(entry))
+            return 0
+        if args.action == "replay":
+            count = await outbox.replay(args.adapter, args.from_seq, now)
+            print(f"{count} entries of {args.adapter} from seq {args.from_seq} to deliver again")
+            return 0
+        act = outbox.retry if args.action == "retry" else outbox.skip
+        acted = await act(args.id, now)
+        if acted is None:
+            print(f"fieldsync: no outbox entry {args.id}", file=sys.stderr)
+            return 1
+        print(_entry_line(acted))
+        return 0
+    finally:
+        await store.close()
+
+
+def _entry_line(entry: OutboxEntry) -> str:
+    error = entry.error
+    failed = f" {error.code} [{error.entity or '-'}] {error.message}" if error else ""
+    return (
+        f"{entry.id:>8} {entry.state.value:9} {entry.adapter:12} {entry.doc:24} seq {entry.seq}"
+        f" attempts {entry.attempts}{failed}"
+    )
 
 
 if __name__ == "__main__":

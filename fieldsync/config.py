@@ -226,6 +226,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("reference_page", 1000, _positive_int, "row changes per reference `changes` page"),
     Setting("reference_import_chunk", 2000, _positive_int, "rows per reference import commit"),
+    Setting("adapters", "", str, "adapters TOML file, [adapters.<name>] tables (empty: none)"),
+    Setting(
+        "outbox_retention_days",
+        7.0,
+        _positive_float,
+        "days delivered and skipped outbox entries are kept (for replay)",
+    ),
     Setting("log_level", "INFO", _name, "DEBUG, INFO, WARNING or ERROR"),
 )
 

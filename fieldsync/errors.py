@@ -53,6 +53,9 @@ class ErrorCode(StrEnum):
     # server committed (restored from a backup): HTTP 410 naming the `snapshot` to download, whose
     # `seq` the device then continues from with `changes?since=`.
     RESYNC_REQUIRED = "resync_required"
+    # Operators (README "Adapters and the outbox"): what an admin route names by id, such as an
+    # outbox entry, does not exist (404; purged, or never was).
+    NOT_FOUND = "not_found"
     # Per-document (the `error` control message).
     RULE_VIOLATION = "rule_violation"  # the server corrected the merged state (a domain rule)
     FORBIDDEN_FIELD = "forbidden_field"  # the update writes paths the role may not write

@@ -11,14 +11,43 @@ from fieldsync.adapters._base import (
     HealthState,
     OutboundAdapter,
 )
+from fieldsync.adapters._config import (
+    DEFAULT_MAX_ATTEMPTS,
+    KINDS,
+    AdapterContext,
+    Factory,
+    Table,
+    build_adapter,
+    build_adapters,
+    factory_of,
+    read_file,
+    redact_url,
+    register_kind,
+)
+from fieldsync.adapters._lifecycle import Adapters
+from fieldsync.adapters._runner import Backoff, OutboxRunner
 
 __all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "KINDS",
     "Adapter",
     "AdapterConfigError",
+    "AdapterContext",
+    "Adapters",
+    "Backoff",
     "Delivery",
     "DeliveryError",
     "DocumentWriter",
+    "Factory",
     "Health",
     "HealthState",
     "OutboundAdapter",
+    "OutboxRunner",
+    "Table",
+    "build_adapter",
+    "build_adapters",
+    "factory_of",
+    "read_file",
+    "redact_url",
+    "register_kind",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pycrdt import Doc
 
@@ -86,6 +86,7 @@ class DeliveryError(Exception):
         self.entity = entity
 
 
+@runtime_checkable  # the outbox tells outbound adapters from the others by their shape
 class OutboundAdapter(Adapter, Protocol):
     """An adapter the outbox feeds: every committed change of a document of `doc_types` that did
     not come from this adapter itself."""

@@ -8,6 +8,7 @@ from fieldsync.api._contract import ContractRoutes, load_spec
 from fieldsync.api._downloads import Downloads
 from fieldsync.api._middleware import install as install_middleware
 from fieldsync.api._operations import Operations
+from fieldsync.api._outbox import OutboxRoutes, entry_json
 from fieldsync.api._permissions import (
     PRINCIPAL,
     ROUTE_PERMISSIONS,
@@ -30,12 +31,14 @@ __all__ = [
     "ContractRoutes",
     "Downloads",
     "Operations",
+    "OutboxRoutes",
     "Permission",
     "ReferenceEndpoints",
     "ScreenRoutes",
     "TusEndpoints",
     "WorkOrderRoutes",
     "attachment_hashes",
+    "entry_json",
     "install_middleware",
     "load_spec",
     "permission_of",

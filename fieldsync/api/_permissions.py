@@ -84,6 +84,11 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     # Audit (issue 4): supervisors, managers and admins, checked in the handler per document.
     ("GET", "/v1/work-orders/{doc_id}/history"): Permission.SIGNED_IN,
     ("GET", "/v1/conflicts"): Permission.SIGNED_IN,
+    # The outbox (adapters): its entries, dead letters among them, and an operator's acts on
+    # them, for admins only (they name documents of every scope, and change what the ERP gets).
+    ("GET", "/v1/admin/outbox"): Permission.ADMIN,
+    ("POST", "/v1/admin/outbox/{entry_id}/retry"): Permission.ADMIN,
+    ("POST", "/v1/admin/outbox/{entry_id}/skip"): Permission.ADMIN,
     # The contract (issue 5): the OpenAPI document and its reference page, for anyone who
     # builds a client, before any token.
     ("GET", "/v1/openapi.json"): Permission.PUBLIC,

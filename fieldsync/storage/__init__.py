@@ -2,6 +2,16 @@
 
 from fieldsync.storage._attachments import Attachment, Tables, Upload
 from fieldsync.storage._blobs import Blobs
+from fieldsync.storage._outbox import (
+    DueDoc,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    OutboxState,
+    OutboxStats,
+    Routes,
+    SQLiteOutbox,
+)
 from fieldsync.storage._reference import ReferenceData
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore, StorageError, Transaction
@@ -46,16 +56,24 @@ __all__ = [
     "ConflictRecord",
     "DatasetInfo",
     "DeviceSeen",
+    "DueDoc",
     "HistoryEntry",
     "ImportResult",
     "InvalidRow",
     "MetricsPage",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "OutboxState",
+    "OutboxStats",
     "Position",
     "ReferenceData",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",
+    "Routes",
     "RowChange",
+    "SQLiteOutbox",
     "SQLiteScreens",
     "SQLiteStore",
     "ScopeChange",

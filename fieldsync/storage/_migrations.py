@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
-from fieldsync.storage import _attachments, _conflicts, _screens
+from fieldsync.storage import _attachments, _conflicts, _outbox, _screens
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX field_history_path ON field_history (doc, path, seq)",
         ),
     ),
+    Migration(7, "outbox: an entry per change an outbound adapter receives", _outbox.SCHEMA),
 )
 
 

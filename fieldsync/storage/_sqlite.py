@@ -24,7 +24,7 @@ import pycrdt
 from sqlite_utils import Database
 
 from fieldsync.records import DocIndex, FieldChange, ScopeFilter, ScopeKind
-from fieldsync.storage import _conflicts, _screens
+from fieldsync.storage import _conflicts, _outbox, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
     ChangedDoc,
@@ -180,6 +180,9 @@ class SQLiteStore:
         self._reader_dbs: list[Database] = []
         self._reader_dbs_lock = threading.Lock()
         self._commits = 0
+        # The outbox's subscriptions (`set_outbox_routes`), read by the writer thread per batch.
+        self._outbox_routes: _outbox.Routes = {}
+        self._outbox_notify: Callable[[], None] | None = None
 
     # Lifecycle
 
@@ -232,6 +235,14 @@ class SQLiteStore:
         future: asyncio.Future[Committed] = self._loop.create_future()
         self._queue.put(_Append(write, future, time.time()))
         return future
+
+    def set_outbox_routes(
+        self, routes: _outbox.Routes, notify: Callable[[], None] | None = None
+    ) -> None:
+        """The outbox hook (`storage.Outbox.route`): from the next batch on, each committed
+        update writes the outbox entries of `routes` in its own transaction."""
+        self._outbox_notify = notify
+        self._outbox_routes = {kind: tuple(names) for kind, names in routes.items()}
 
     def touch_device(self, seen: DeviceSeen) -> None:
         if self._writer is None:
@@ -379,6 +390,7 @@ class SQLiteStore:
         settled = [job for job in batch if not isinstance(job, _Touch)]
         results: list[Any] = []
         to_compact: set[str] = set()
+        routes, outboxed = self._outbox_routes, False
         try:
             db.execute("BEGIN IMMEDIATE")
             # Read under the write lock rather than cached: another process may have written.
@@ -392,6 +404,11 @@ class SQLiteStore:
                 else:
                     committed, log_count, log_bytes = _write_update(db, job, txn.next_seq())
                     results.append(committed)
+                    # Outbox: in the update's transaction, so an ack implies its entries.
+                    if routes and _outbox.write_entries(
+                        db, routes, job.write.doc, committed.seq, str(job.write.origin), job.at
+                    ):
+                        outboxed = True
                     if (
                         log_count >= self._compact_after_updates
                         or log_bytes >= self._compact_after_bytes
@@ -406,6 +423,8 @@ class SQLiteStore:
             return
         self._commits += 1
         self._to_loop(_resolve, [job.future for job in settled], results)
+        if outboxed and self._outbox_notify is not None:
+            self._to_loop(self._outbox_notify)
         for doc in sorted(to_compact):
             self._compact(db, doc)
 

@@ -38,10 +38,11 @@ from PIL import Image
 
 from fieldsync.api import ROUTE_PERMISSIONS, Permission, load_spec
 from fieldsync.api._problems import STATUS
-from fieldsync.app import ENDPOINTS, create_app
+from fieldsync.app import ENDPOINTS, STORE, create_app
 from fieldsync.auth import DevIssuer
 from fieldsync.config import Settings
 from fieldsync.errors import ErrorCode
+from fieldsync.storage import SQLiteOutbox
 from tests import contract
 from tests.api.test_middleware import parsed, upgrade_headers
 from tests.api.test_uploads import bomb_png
@@ -309,6 +310,7 @@ async def test_every_operation_answers_as_documented(
     await _reference(c)
     await _screens(c)
     await _audit(c)
+    await _outbox(c)
     await _uploads_and_attachments(c)
     await _websockets(c)
     await _the_contract_itself(c)
@@ -576,6 +578,38 @@ async def _audit(c: Contract) -> None:
     )
     await c.call("GET", "/v1/conflicts", 200, subject="sam")
     await c.call("GET", "/v1/conflicts", 403, subject="tina")
+
+
+async def _outbox(c: Contract) -> None:
+    # An outbound adapter no runner serves: the entry of the work order created next stays.
+    SQLiteOutbox(c.server.app[STORE]).route({"wo": ["contract"]})
+    new = {"id": "wo:o1", "fields": {"number": "O1", "title": "Outbox", "assignee": "tina"}}
+    await c.call(
+        "POST",
+        "/v1/work-orders",
+        201,
+        subject="sam",
+        body=orjson.dumps(new),
+        content_type="application/json",
+    )
+    listed = await c.call(
+        "GET", "/v1/admin/outbox", 200, subject="ada", params={"adapter": "contract", "limit": "1"}
+    )
+    (entry,) = listed.json["items"]
+    assert (entry["doc"], entry["state"]) == ("wo:o1", "pending")
+    await c.call("GET", "/v1/admin/outbox", 403, subject="mia")
+    await c.call(
+        "GET", "/v1/admin/outbox", 400, subject="ada", params={"state": "lost"}, request_valid=False
+    )
+    etag = {"If-None-Match": listed.headers["ETag"]}
+    params = {"adapter": "contract", "limit": "1"}
+    await c.call("GET", "/v1/admin/outbox", 304, subject="ada", params=params, headers=etag)
+    for action, state in (("skip", "skipped"), ("retry", "pending")):
+        path = f"/v1/admin/outbox/{entry['id']}/{action}"
+        answer = await c.call("POST", path, 200, subject="ada")
+        assert answer.json["state"] == state
+        await c.call("POST", path, 403, subject="sam")
+        await c.call("POST", f"/v1/admin/outbox/999999/{action}", 404, subject="ada")
 
 
 async def _uploads_and_attachments(c: Contract) -> None:
@@ -887,6 +921,7 @@ def concrete(path: str) -> str:
         .replace("{dataset}", "assets")
         .replace("{upload_id}", "0" * 32)
         .replace("{sha256}", "0" * 64)
+        .replace("{entry_id}", "1")
     )
 
 

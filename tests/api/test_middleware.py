@@ -19,12 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from fieldsync.api import ROUTE_PERMISSIONS, Permission, permission_of, undeclared
-from fieldsync.app import AccessLogger, create_app
+from fieldsync.app import STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, Role
 from fieldsync.config import SETTINGS, Settings
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control
-from tests.harness import USERS, Server, running_server
+from fieldsync.storage import SQLiteOutbox, Write
+from tests.harness import USERS, Server, running_server, work_order
 from tests.wire import Wire, connect
 
 
@@ -334,6 +335,9 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
     with the token of every test user; WebSocket routes are told apart by accepting the
     upgrade."""
     checked = set()
+    # Outbox entry 1, for the admin routes that act on one entry.
+    SQLiteOutbox(server.app[STORE]).route({"wo": ["perm"]})
+    await server.app[STORE].append(Write("wo:perm0", work_order("wo:perm0").get_update(), "", ""))
     for route in server.app.router.routes():
         permission = permission_of(route)
         assert permission is not None and route.resource is not None
@@ -342,6 +346,7 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
         path = route.resource.canonical.replace("{doc_id}", "wo:perm1")
         path = path.replace("{dataset}", "perm1")
         path = path.replace("{upload_id}", "perm1").replace("{sha256}", "perm1")
+        path = path.replace("{entry_id}", "1")
         checked.add(permission)
         if route.method == "GET":
             anonymous = await _anonymous(server, path)
