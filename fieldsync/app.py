@@ -30,7 +30,7 @@ from fieldsync.api import (
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, Principal, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
-from fieldsync.replication import Endpoints, Limits, Replicator
+from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter
 from fieldsync.storage import (
     Blobs,
     ReferenceData,
@@ -206,7 +206,10 @@ def add_adapters(
 ) -> None:
     """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
     started after the store and stopped before it; the operators' outbox routes."""
-    context = AdapterContext(settings.data_path, outbox, reference)
+    # Inbound kinds write documents through the device write path, as service principals.
+    context = AdapterContext(
+        settings.data_path, outbox, reference, writer=ServiceWriter(app[REPLICATOR])
+    )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(
         path, context, app[STORE], retention_days=settings.outbox_retention_days

@@ -1,22 +1,21 @@
 """`fieldsync serve` runs the server; `fieldsync demo` runs it with a seeded realistic demo;
-`fieldsync outbox` lets an operator read and act on the outbox (server running or not)."""
+`fieldsync outbox` lets an operator read and act on the outbox, and `fieldsync reference import`
+runs a reference_sql adapter's import now (both with the server running or not)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from fieldsync.adapters import AdapterConfigError
+from fieldsync.adapters import AdapterConfigError, AdapterContext, Table, build_adapter, read_file
 from fieldsync.api import entry_json
 from fieldsync.app import (
     AccessLogger,
@@ -29,10 +28,14 @@ from fieldsync.app import (
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 from fieldsync.documents import TemplateError
-from fieldsync.storage import OutboxEntry, OutboxState, SQLiteOutbox, SQLiteStore
-
-if TYPE_CHECKING:
-    from fieldsync.adapters._reference_sql import ReferenceSqlConfig
+from fieldsync.storage import (
+    ImportResult,
+    OutboxEntry,
+    OutboxState,
+    ReferenceData,
+    SQLiteOutbox,
+    SQLiteStore,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,75 +118,67 @@ def _add_reference_commands(commands: Any) -> None:
     run.add_argument("adapter", help="its name in the adapters file ([adapters.<name>])")
     run.add_argument("--full", action="store_true", help="every row; delete the rows it lacks")
     run.add_argument("--config", type=Path, help="TOML file (FIELDSYNC_* variables override it)")
-    run.add_argument(
-        "--adapters",
-        type=Path,
-        default=os.environ.get("FIELDSYNC_ADAPTERS") or None,
-        help="the adapters file (default: FIELDSYNC_ADAPTERS)",
-    )
 
 
 def _reference_import(args: argparse.Namespace) -> int:
-    """Run one import of a `reference_sql` adapter into the store of the data dir, the server
-    running or not (SQLite serialises the two writers), showing rows/s and done/total."""
-    from fieldsync.adapters import AdapterConfigError
-    from fieldsync.adapters._reference_sql import KIND, ReferenceSqlConfig
-
+    """One import of a `reference_sql` adapter of the adapters file into the data folder's
+    store, the server running or not (SQLite serialises the two writers), with a progress bar
+    (done/total, rows/s)."""
     try:
         settings = Settings.load(args.config)
-        if args.adapters is None:
-            raise ConfigError("FIELDSYNC_ADAPTERS", "required: the adapters file (or --adapters)")
-        try:
-            tables = tomllib.loads(args.adapters.read_text()).get("adapters", {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(str(args.adapters), str(exc)) from None
-        table = tables.get(args.adapter) if isinstance(tables, dict) else None
-        if not isinstance(table, dict) or table.get("kind") != KIND:
-            raise AdapterConfigError(args.adapter, "kind", f"no {KIND} adapter of this name")
-        config = ReferenceSqlConfig.from_table(args.adapter, table)
+        if not settings.adapters:
+            raise ConfigError("FIELDSYNC_ADAPTERS", "required: the adapters file")
+        table = read_file(Path(settings.adapters)).get(args.adapter)
+        if table is None:
+            raise AdapterConfigError(args.adapter, None, f"not in {settings.adapters}")
     except (ConfigError, AdapterConfigError) as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run_reference_import(settings, args.adapter, config, args.full))
+    return asyncio.run(_run_reference_import(settings, table, args.full))
 
 
-async def _run_reference_import(
-    settings: Settings, name: str, config: ReferenceSqlConfig, full: bool
-) -> int:
+async def _run_reference_import(settings: Settings, table: Table, full: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from fieldsync.adapters._reference_sql import ReferenceSql
-    from fieldsync.storage import ImportResult, ReferenceData, SQLiteStore
 
     settings.data_path.mkdir(parents=True, exist_ok=True)
     store = SQLiteStore(settings.data_path / "fieldsync.db")
     await store.open()
-    reference = ReferenceData(store, chunk_rows=settings.reference_import_chunk)
-    adapter = ReferenceSql(name, config, reference, settings.data_path / "adapters")
-    console = Console(stderr=True)
-    began = time.monotonic()
     try:
-        total = await adapter.count(full=full)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>10,.0f} rows/s"),
-            console=console,
-        ) as bar:
-            task = bar.add_task(adapter.config.dataset, total=total, rate=0.0)
+        reference = ReferenceData(store, chunk_rows=settings.reference_import_chunk)
+        context = AdapterContext(settings.data_path, SQLiteOutbox(store), reference)
+        try:
+            adapter = build_adapter(table, context)
+            if not isinstance(adapter, ReferenceSql):
+                raise table.error("kind", f"{adapter.kind} has no rows to import")
+        except AdapterConfigError as exc:
+            print(f"fieldsync: {exc}", file=sys.stderr)
+            return 2
+        began = time.monotonic()
+        try:
+            total = await adapter.count(full=full)
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>10,.0f} rows/s"),
+                console=Console(stderr=True),
+            ) as bar:
+                task = bar.add_task(adapter.config.dataset, total=total, rate=0.0)
 
-            def progress(result: ImportResult) -> None:
-                elapsed = max(time.monotonic() - began, 1e-6)
-                bar.update(task, completed=result.rows, rate=result.rows / elapsed)
+                def progress(result: ImportResult) -> None:
+                    elapsed = max(time.monotonic() - began, 1e-6)
+                    bar.update(task, completed=result.rows, rate=result.rows / elapsed)
 
-            result = await adapter.import_rows(full=full, progress=progress)
-    except Exception as exc:
-        print(f"fieldsync: the import stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+                result = await adapter.import_rows(full=full, progress=progress)
+        except Exception as exc:
+            print(f"fieldsync: the import stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await adapter.stop()
     finally:
-        await adapter.stop()
         await store.close()
     print(
         f"{result.dataset}: {result.rows} rows read, {result.created} created,"

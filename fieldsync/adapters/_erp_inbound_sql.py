@@ -33,22 +33,23 @@ import sqlalchemy as sa
 from pycrdt import Doc, Map
 
 from fieldsync.adapters._base import DocumentWriter, Health
+from fieldsync.adapters._config import DEFAULT_MAX_ATTEMPTS, AdapterContext, Table
 from fieldsync.adapters._inbound import (
-    ConfigReader,
     Poller,
     StateFile,
     cursor_text,
     cursor_value,
     engine,
     plain,
+    sql_url,
     table,
     window_start,
 )
 from fieldsync.auth import Role
-from fieldsync.documents import work_order
+from fieldsync.documents import work_order, work_order_rules
 from fieldsync.records import Origin, OriginKind
 
-__all__ = ["ErpInboundSql", "ErpInboundSqlConfig"]
+__all__ = ["ErpInboundSql", "ErpInboundSqlConfig", "erp_inbound_sql"]
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +106,42 @@ class ErpInboundSqlConfig:
     changed_column: str = "changed_at"
     interval_s: float = 30.0
     lookback_s: float = 300.0  # longer than the ERP's longest transaction
-    max_attempts: int = 5
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     columns: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
     statuses: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_STATUSES))
 
     @classmethod
-    def from_table(cls, name: str, table: Mapping[str, Any]) -> ErpInboundSqlConfig:
+    def from_table(cls, table: Table) -> ErpInboundSqlConfig:
         """The configuration in `[adapters.<name>]`; raises `AdapterConfigError` naming the key."""
-        keys = ConfigReader(name, table)
-        config = cls(
-            url=keys.url(),
-            table=keys.text("table"),
-            key_column=keys.text("key_column", cls.key_column),
-            changed_column=keys.text("changed_column", cls.changed_column),
-            interval_s=keys.number("interval_s", cls.interval_s, minimum=0.1),
-            lookback_s=keys.number("lookback_s", cls.lookback_s),
-            max_attempts=keys.whole("max_attempts", cls.max_attempts),
-            columns=keys.names("columns", DEFAULT_COLUMNS, FIELDS),
-            statuses=keys.names("statuses", DEFAULT_STATUSES),
+        columns = table.table("columns", optional=True)
+        fields = columns.keys()  # a Table is not a dict: its keys are a list
+        for name in fields:
+            if name not in FIELDS:
+                raise columns.error(name, f"not a work-order field an ERP feeds: {sorted(FIELDS)}")
+        statuses = table.table("statuses", optional=True)
+        erp_statuses = statuses.keys()
+        return cls(
+            url=sql_url(table),
+            table=table.text("table"),
+            key_column=table.text("key_column", cls.key_column),
+            changed_column=table.text("changed_column", cls.changed_column),
+            interval_s=table.number("interval_s", cls.interval_s, minimum=0.1),
+            lookback_s=table.number("lookback_s", cls.lookback_s, minimum=0),
+            max_attempts=table.max_attempts(),
+            columns={**DEFAULT_COLUMNS, **{k: columns.text(k) for k in fields}},
+            statuses={
+                **DEFAULT_STATUSES,
+                **{k: statuses.choice(k, work_order_rules.STATUSES) for k in erp_statuses},
+            },
         )
-        keys.done()
-        return config
+
+
+def erp_inbound_sql(name: str, table: Table, context: AdapterContext) -> ErpInboundSql:
+    """The `erp_inbound_sql` kind's factory (`KINDS`): it needs the write path."""
+    config = ErpInboundSqlConfig.from_table(table)
+    if context.writer is None:
+        raise table.error(None, "erp_inbound_sql writes work orders: it needs the write path")
+    return ErpInboundSql(name, config, context.writer, context.data_dir / "adapters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
-"""What the polling inbound adapters (`erp_inbound_sql`, `reference_sql`) share: reading their
-`[adapters.<name>]` table, the polling task with its health and metrics, the adapter's own small
-durable state, and reading a foreign SQL database off the event loop."""
+"""What the polling inbound adapters (`erp_inbound_sql`, `reference_sql`) share: the polling
+task with its health and metrics, the adapter's own small durable state, and reading a foreign
+SQL database off the event loop."""
 
 from __future__ import annotations
 
@@ -10,103 +10,33 @@ import datetime as dt
 import decimal
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from fieldsync.adapters._base import AdapterConfigError, Health, HealthState
+from fieldsync.adapters._base import Health, HealthState
+from fieldsync.adapters._config import Table
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_MISSING: Any = object()
 
 
-class ConfigReader:
-    """One `[adapters.<name>]` table read key by key: each error names its key, a value may be
-    `{ env = "NAME" }` (read from the environment, so secrets stay out of the file), and keys
-    nobody read are refused at the end (a typo must not pass for a default)."""
-
-    def __init__(self, name: str, table: Mapping[str, Any]) -> None:
-        self.name = name
-        self._table = table
-        self._read = {"kind"}
-
-    def _raw(self, key: str, default: Any) -> Any:
-        self._read.add(key)
-        value = self._table.get(key, _MISSING)
-        if isinstance(value, Mapping) and set(value) == {"env"}:
-            variable = value["env"]
-            if not isinstance(variable, str) or variable not in os.environ:
-                raise AdapterConfigError(self.name, key, f"environment variable {variable} unset")
-            value = os.environ[variable]
-        if value is _MISSING:
-            if default is _MISSING:
-                raise AdapterConfigError(self.name, key, "required")
-            return default
-        return value
-
-    def text(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._raw(key, default)
-        if value is not default and (not isinstance(value, str) or not value.strip()):
-            raise AdapterConfigError(self.name, key, "must be non-empty text")
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self._raw(key, default)
-        if isinstance(value, str):  # from the environment
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or not math.isfinite(value):
-            raise AdapterConfigError(self.name, key, "must be a number")
-        if value < minimum:
-            raise AdapterConfigError(self.name, key, f"must be at least {minimum:g}")
-        return float(value)
-
-    def whole(self, key: str, default: int, *, minimum: int = 1) -> int:
-        value = self.number(key, default, minimum=minimum)
-        if not value.is_integer():
-            raise AdapterConfigError(self.name, key, "must be a whole number")
-        return int(value)
-
-    def names(
-        self, key: str, default: Mapping[str, str], allowed: frozenset[str] | None = None
-    ) -> dict[str, str]:
-        """A table of text to text (merged over `default`); with `allowed`, its keys must be
-        among those."""
-        value = self._raw(key, {})
-        if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
-        ):
-            raise AdapterConfigError(self.name, key, "must be a table of names")
-        unknown = sorted(set(value) - allowed) if allowed is not None else []
-        if unknown:
-            raise AdapterConfigError(
-                self.name, key, f"unknown {unknown}; known: {sorted(allowed or ())}"
-            )
-        return {**default, **value}
-
-    def url(self, key: str = "url") -> str:
-        value = self.text(key)
-        try:
-            sa.engine.make_url(value)
-        except sa.exc.ArgumentError:
-            # The URL holds a password: never repeat it in the message.
-            raise AdapterConfigError(self.name, key, "not a SQLAlchemy database URL") from None
-        return str(value)
-
-    def done(self) -> None:
-        unknown = sorted(set(self._table) - self._read)
-        if unknown:
-            raise AdapterConfigError(self.name, unknown[0], "unknown key")
+def sql_url(table: Table, key: str = "url") -> str:
+    """A SQLAlchemy database URL (`postgresql+psycopg://…`, `mariadb+pymysql://…`); it may hold
+    a password, so it is read as a secret, never quoted back."""
+    text = table.secret(key)
+    try:
+        sa.engine.make_url(text)
+    except sa.exc.ArgumentError:
+        raise table.error(key, "is not a SQLAlchemy database URL") from None
+    return text
 
 
 def engine(url: str) -> sa.Engine:

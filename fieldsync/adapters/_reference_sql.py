@@ -19,20 +19,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fieldsync.adapters._base import AdapterConfigError, Health
+from fieldsync.adapters._base import Health
+from fieldsync.adapters._config import AdapterContext, Table
 from fieldsync.adapters._inbound import (
-    ConfigReader,
     Poller,
     StateFile,
     cursor_text,
     cursor_value,
     engine,
     plain,
+    sql_url,
     window_start,
 )
 from fieldsync.storage import ImportResult, ReferenceStore
 
-__all__ = ["ReferenceSql", "ReferenceSqlConfig"]
+__all__ = ["ReferenceSql", "ReferenceSqlConfig", "reference_sql"]
 
 KIND = "reference_sql"
 CHUNK_ROWS = 2000  # rows fetched from the server-side cursor per trip to the database
@@ -50,28 +51,31 @@ class ReferenceSqlConfig:
     lookback_s: float = 300.0
 
     @classmethod
-    def from_table(cls, name: str, table: Mapping[str, Any]) -> ReferenceSqlConfig:
+    def from_table(cls, table: Table) -> ReferenceSqlConfig:
         """The configuration in `[adapters.<name>]`; raises `AdapterConfigError` naming the key."""
-        keys = ConfigReader(name, table)
-        source_table = keys.text("table", None)
-        query = keys.text("query", None)
+        source_table = table.text("table", None)
+        query = table.text("query", None)
         if (source_table is None) == (query is None):
-            raise AdapterConfigError(name, "table", "give either `table` or `query`, not both")
+            raise table.error("table", "give either `table` or `query`")
         if query is not None and not query.lstrip().lower().startswith(("select", "with")):
-            raise AdapterConfigError(name, "query", "must be a SELECT")
-        interval = keys.number("interval_s", 0.0, minimum=0.0)
-        config = cls(
-            url=keys.url(),
-            dataset=keys.text("dataset"),
+            raise table.error("query", "must be a SELECT")
+        interval = table.number("interval_s", None, minimum=0.1)
+        return cls(
+            url=sql_url(table),
+            dataset=table.text("dataset"),
             table=source_table,
             query=query.rstrip().rstrip(";") if query else None,
-            key=keys.text("key", cls.key),
-            interval_s=interval or None,
-            changed_column=keys.text("changed_column", None),
-            lookback_s=keys.number("lookback_s", cls.lookback_s),
+            key=table.text("key", cls.key),
+            interval_s=interval,
+            changed_column=table.text("changed_column", None),
+            lookback_s=table.number("lookback_s", cls.lookback_s, minimum=0),
         )
-        keys.done()
-        return config
+
+
+def reference_sql(name: str, table: Table, context: AdapterContext) -> ReferenceSql:
+    """The `reference_sql` kind's factory (`KINDS`)."""
+    config = ReferenceSqlConfig.from_table(table)
+    return ReferenceSql(name, config, context.reference, context.data_dir / "adapters")
 
 
 class ReferenceSql:

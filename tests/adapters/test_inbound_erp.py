@@ -13,10 +13,12 @@ import sqlalchemy as sa
 from pycrdt import Map, Text
 
 from fieldsync import documents
-from fieldsync.adapters import AdapterConfigError, HealthState
+from fieldsync.adapters import AdapterConfigError, AdapterContext, HealthState, Table
 from fieldsync.adapters._erp_inbound_sql import ErpInboundSql, ErpInboundSqlConfig
 from fieldsync.app import REPLICATOR, STORE
-from fieldsync.replication import ServiceWriter
+from fieldsync.replication import Replicator, ServiceWriter
+from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
+from tests.adapters.contract import AdapterContract
 from tests.adapters.inbound_databases import foreign_database
 from tests.harness import Server, eventually, stored_doc
 
@@ -88,7 +90,7 @@ def make(tmp_path: Path, server: Server, erp: sa.Engine, **keys: Any) -> ErpInbo
         "columns": COLUMNS,
         **keys,
     }
-    config = ErpInboundSqlConfig.from_table("erp", table)
+    config = ErpInboundSqlConfig.from_table(Table("erp", table, {}))
     return ErpInboundSql("erp", config, ServiceWriter(server.app[REPLICATOR]), tmp_path / "state")
 
 
@@ -274,27 +276,57 @@ async def test_the_polling_task_starts_and_stops_cleanly(
         await again.stop()
 
 
-def test_the_configuration_is_checked_key_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    base = {"kind": "erp_inbound_sql", "url": "postgresql+psycopg://erp@db/erp", "table": "o"}
-    config = ErpInboundSqlConfig.from_table("erp", {**base, "columns": {"title": "ktext"}})
+def test_the_configuration_is_checked_key_by_key() -> None:
+    base = {"url": "postgresql+psycopg://erp@db/erp", "table": "o"}
+    config = ErpInboundSqlConfig.from_table(Table("erp", {**base, "columns": {"title": "ktext"}}))
     assert config.columns["title"] == "ktext" and config.columns["team"] == "team"
     assert (config.key_column, config.lookback_s, config.statuses["released"]) == (
         "order_no",
         300.0,
         "new",
     )
-    monkeypatch.setenv("ERP_URL", "postgresql+psycopg://erp:secret@db/erp")
-    from_env = ErpInboundSqlConfig.from_table("erp", {**base, "url": {"env": "ERP_URL"}})
-    assert from_env.url.endswith("secret@db/erp")
-    wrong: list[tuple[dict[str, Any], str]] = [
-        ({"table": "o", "kind": "erp_inbound_sql"}, "adapters.erp.url: required"),
-        ({**base, "url": {"env": "NO_SUCH_VARIABLE"}}, "adapters.erp.url"),
-        ({**base, "url": "not a url"}, "adapters.erp.url"),
-        ({**base, "lookback_s": -1}, "adapters.erp.lookback_s"),
-        ({**base, "max_attempts": 1.5}, "adapters.erp.max_attempts"),
-        ({**base, "columns": {"colour": "c"}}, "adapters.erp.columns"),
-        ({**base, "intervall_s": 5}, "adapters.erp.intervall_s: unknown key"),
-    ]
-    for table, message in wrong:
-        with pytest.raises(AdapterConfigError, match=message):
-            ErpInboundSqlConfig.from_table("erp", table)
+    environ = {"ERP_URL": "postgresql+psycopg://erp:secret@db/erp"}
+    table = Table("erp", {**base, "url": {"env": "ERP_URL"}}, environ)
+    assert ErpInboundSqlConfig.from_table(table).url.endswith("secret@db/erp")
+
+
+def _sqlite_orders(path: Path) -> str:
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ORDERS.replace("timestamptz", "timestamp"))
+    engine.dispose()
+    return f"sqlite:///{path}"
+
+
+class TestErpInboundSqlContract(AdapterContract):
+    kind = "erp_inbound_sql"
+
+    @pytest.fixture(autouse=True)
+    def _erp(self, tmp_path: Path) -> None:
+        self.url = _sqlite_orders(tmp_path / "erp.sqlite")
+
+    @pytest.fixture
+    def adapter_context(self, tmp_path: Path, sqlite_store: SQLiteStore) -> AdapterContext:
+        writer = ServiceWriter(Replicator(sqlite_store))
+        return AdapterContext(
+            tmp_path, SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store), writer
+        )
+
+    def good_table(self) -> dict[str, Any]:
+        return {"url": self.url, "table": "orders", "columns": COLUMNS}
+
+    def bad_tables(self) -> list[tuple[dict[str, Any], str]]:
+        return [
+            ({"url": "not a url"}, "url"),
+            ({"url": {"env": "NO_SUCH_VARIABLE"}}, "url"),
+            ({"table": ""}, "table"),
+            ({"lookback_s": -1}, "lookback_s"),
+            ({"interval_s": "often"}, "interval_s"),
+            ({"columns": {"colour": "c"}}, "columns.colour"),
+            ({"statuses": {"released": "done"}}, "statuses.released"),
+        ]
+
+    def test_it_needs_the_write_path(self, tmp_path: Path, sqlite_store: SQLiteStore) -> None:
+        context = AdapterContext(tmp_path, SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store))
+        with pytest.raises(AdapterConfigError, match="write path"):
+            self.build(context, self.good_table())

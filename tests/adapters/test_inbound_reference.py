@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fieldsync.adapters import AdapterConfigError, HealthState
+from fieldsync.adapters import AdapterConfigError, HealthState, Table
 from fieldsync.adapters._reference_sql import ReferenceSql, ReferenceSqlConfig
 from fieldsync.storage import ReferenceData, SQLiteStore
+from tests.adapters.contract import AdapterContract
 from tests.adapters.inbound_databases import foreign_database
 from tests.harness import eventually
 
@@ -61,7 +62,6 @@ def put(conn: sa.Connection, tag: str, name: str, at: str, **values: Any) -> Non
 
 def make(tmp_path: Path, legacy: sa.Engine, reference: ReferenceData, **keys: Any) -> ReferenceSql:
     table = {
-        "kind": "reference_sql",
         "url": legacy.url.render_as_string(hide_password=False),
         "table": "assets",
         "dataset": "assets",
@@ -69,7 +69,7 @@ def make(tmp_path: Path, legacy: sa.Engine, reference: ReferenceData, **keys: An
         **keys,
     }
     given = {key: value for key, value in table.items() if value is not None}
-    config = ReferenceSqlConfig.from_table("legacy", given)
+    config = ReferenceSqlConfig.from_table(Table("legacy", given, {}))
     return ReferenceSql("legacy", config, reference, tmp_path / "state")
 
 
@@ -146,7 +146,7 @@ async def test_the_polling_task_imports_until_stopped(
 ) -> None:
     with legacy.begin() as conn:
         put(conn, "K-1", "Compressor", "2026-11-01 10:00:00")
-    adapter = make(tmp_path, legacy, reference, interval_s=0.05)
+    adapter = make(tmp_path, legacy, reference, interval_s=0.1)
     await adapter.start()
     try:
         await eventually(lambda: adapter.metrics()["imports"] >= 2)
@@ -157,26 +157,47 @@ async def test_the_polling_task_imports_until_stopped(
     assert adapter.metrics()["imports"] == imports  # stopped means stopped
 
 
-def test_the_configuration_is_checked_key_by_key() -> None:
-    base = {"kind": "reference_sql", "url": "mariadb+pymysql://u@db/legacy", "dataset": "parts"}
-    config = ReferenceSqlConfig.from_table("parts", {**base, "table": "inv.parts"})
+def test_the_configuration_reads_a_table_or_a_query() -> None:
+    base = {"url": "mariadb+pymysql://u@db/legacy", "dataset": "parts"}
+    config = ReferenceSqlConfig.from_table(Table("parts", {**base, "table": "inv.parts"}))
     assert (config.table, config.key, config.interval_s, config.changed_column) == (
         "inv.parts",
         "id",
         None,
         None,
     )
-    wrong: list[tuple[dict[str, Any], str]] = [
-        (base, "adapters.parts.table: give either"),
-        ({**base, "table": "t", "query": "SELECT 1"}, "adapters.parts.table: give either"),
-        ({**base, "query": "DELETE FROM parts"}, "adapters.parts.query: must be a SELECT"),
-        ({"kind": "reference_sql", "url": base["url"], "table": "t"}, "adapters.parts.dataset"),
-        ({**base, "table": "t", "interval_s": "often"}, "adapters.parts.interval_s"),
-        ({**base, "table": "t", "since": 1}, "adapters.parts.since: unknown key"),
-    ]
-    for table, message in wrong:
-        with pytest.raises(AdapterConfigError, match=message):
-            ReferenceSqlConfig.from_table("parts", table)
+    query = "SELECT no AS id, text FROM parts;"
+    config = ReferenceSqlConfig.from_table(Table("parts", {**base, "query": query}))
+    assert (config.table, config.query) == (None, "SELECT no AS id, text FROM parts")
+    for wrong, key in (({"query": "DELETE FROM parts"}, "query"), ({}, "table")):
+        with pytest.raises(AdapterConfigError) as error:
+            ReferenceSqlConfig.from_table(Table("parts", {**base, **wrong}))
+        assert error.value.key == key
+
+
+class TestReferenceSqlContract(AdapterContract):
+    kind = "reference_sql"
+
+    @pytest.fixture(autouse=True)
+    def _legacy(self, tmp_path: Path) -> None:
+        path = tmp_path / "legacy.sqlite"
+        engine = sa.create_engine(f"sqlite:///{path}")
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE parts (id TEXT PRIMARY KEY, text TEXT)")
+        engine.dispose()
+        self.url = f"sqlite:///{path}"
+
+    def good_table(self) -> dict[str, Any]:
+        return {"url": self.url, "table": "parts", "dataset": "parts", "interval_s": 60}
+
+    def bad_tables(self) -> list[tuple[dict[str, Any], str]]:
+        return [
+            ({"url": "not a url"}, "url"),
+            ({"table": "t", "query": "SELECT 1"}, "table"),
+            ({"dataset": ""}, "dataset"),
+            ({"interval_s": 0}, "interval_s"),
+            ({"lookback_s": "long"}, "lookback_s"),
+        ]
 
 
 @pytest.mark.slow
@@ -214,4 +235,4 @@ def test_the_cli_backfills_a_hundred_thousand_rows_with_a_progress_bar(
     missing = subprocess.run(
         [*command[:-2], "nobody"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert missing.returncode == 2 and "adapters.nobody.kind" in missing.stderr
+    assert missing.returncode == 2 and "adapters.nobody: not in" in missing.stderr
