@@ -45,9 +45,9 @@ from fieldsync.adapters._inbound import (
     table,
     window_start,
 )
-from fieldsync.auth import Role
 from fieldsync.documents import work_order, work_order_rules
 from fieldsync.records import Origin, OriginKind
+from fieldsync.replication import SERVICE_ROLE
 
 __all__ = ["ErpInboundSql", "ErpInboundSqlConfig", "erp_inbound_sql"]
 
@@ -316,14 +316,14 @@ class ErpInboundSql:
                     return  # not released: no work order yet
                 created = {k: v for k, v in values.items() if v is not None}
                 created.update(status=status, erp_ref=key)
-                work_order.write(doc, created, by=by, role=Role.SERVICE)
+                work_order.write(doc, created, by=by, role=SERVICE_ROLE)
                 return
             for name, value in values.items():
                 if (before is None or before.get(name) != value) and fields.get(name) != value:
                     fields[name] = value
             erp_status_changed = before is None or before.get("status") != row.get("status")
             if status is not None and erp_status_changed and fields.get("status") != status:
-                work_order.set_status(doc, status, by=by, role=Role.SERVICE)
+                work_order.set_status(doc, status, by=by, role=SERVICE_ROLE)
 
         return change
 

@@ -23,12 +23,13 @@ from fieldsync.replication._replicator import (
     InvalidUpdate,
     Replicator,
 )
-from fieldsync.replication._service import ServiceWriter, service_principal
+from fieldsync.replication._service import SERVICE_ROLE, ServiceWriter, service_principal
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
 
 __all__ = [
+    "SERVICE_ROLE",
     "AlreadyExists",
     "Control",
     "DocMessage",

@@ -20,9 +20,13 @@ from fieldsync.auth import Principal, Role
 from fieldsync.records import Origin, ScopeFilter
 from fieldsync.replication._replicator import Replicator
 
-__all__ = ["ServiceWriter", "service_principal"]
+__all__ = ["SERVICE_ROLE", "ServiceWriter", "service_principal"]
 
 log = logging.getLogger(__name__)
+
+# The role an adapter's log entries (`status_log`, `meter_readings`) name beside its subject
+# `adapter:<name>`: the write path accepts entries in the writer's own name and role only.
+SERVICE_ROLE: str = Role.SERVICE.value
 
 
 def service_principal(origin: Origin) -> Principal:

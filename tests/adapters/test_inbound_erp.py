@@ -96,7 +96,7 @@ def make(tmp_path: Path, server: Server, erp: sa.Engine, **keys: Any) -> ErpInbo
 
 async def titles(server: Server, doc_id: str) -> list[tuple[str, str, str]]:
     history = await server.app[STORE].history(doc_id, "fields.title", None, 100)
-    return [(h.actor, h.origin, h.change.new) for h in reversed(history)]
+    return [(h.actor, str(h.origin), h.change.new) for h in reversed(history)]
 
 
 async def test_orders_committed_out_of_order_are_each_applied_once(

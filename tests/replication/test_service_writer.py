@@ -61,7 +61,7 @@ async def test_an_adapter_creates_and_edits_as_its_service_principal(server: Ser
         ("new", "adapter:erp", "service")
     ]
     history = await store.history("wo:erp-4711", "fields.title", None, 10)
-    assert [(h.seq, h.actor, h.origin, h.change.new) for h in history] == [
+    assert [(h.seq, h.actor, str(h.origin), h.change.new) for h in history] == [
         (edited, "adapter:erp", "adapter:erp", "Replace the valve and the seal"),
         (created, "adapter:erp", "adapter:erp", "Replace the valve"),
     ]
@@ -129,7 +129,7 @@ async def test_the_rules_judge_an_adapters_status_moves(server: Server) -> None:
     assert (await writer.read("wo:erp-3") or {})["fields"]["status"] == "cancelled"
     # Committed by now: a conflict is written with the next group commit, the cancel's.
     conflicts = await server.app[STORE].conflicts(ScopeFilter(ScopeKind.ALL), None, 10)
-    assert [(c.conflict.rule, c.conflict.actor, c.conflict.origin) for c in conflicts] == [
+    assert [(c.conflict.rule, c.conflict.actor, str(c.conflict.origin)) for c in conflicts] == [
         ("status_transition", "adapter:erp", "adapter:erp")
     ]
 
