@@ -9,7 +9,6 @@ import contextlib
 import datetime as dt
 import decimal
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -177,6 +176,7 @@ class Poller:
         self.errors = 0
         self.last_error: str | None = None
         self.last_success: float | None = None  # epoch seconds when the last good poll began
+        self._made = time.time()
 
     @property
     def stopping(self) -> bool:
@@ -234,8 +234,9 @@ class Poller:
         return Health(HealthState.OK)
 
     def lag(self) -> float:
-        """Seconds since the last good poll began: how stale fieldsync's copy may be."""
-        return time.time() - self.last_success if self.last_success is not None else math.inf
+        """Seconds since the last good poll began (since the adapter was made, before one):
+        how stale fieldsync's copy may be."""
+        return time.time() - (self.last_success or self._made)
 
 
 def _safe(exc: Exception) -> str:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import sqlalchemy as sa
 from pycrdt import Map, Text
@@ -15,12 +16,13 @@ from pycrdt import Map, Text
 from fieldsync import documents
 from fieldsync.adapters import AdapterConfigError, AdapterContext, HealthState, Table
 from fieldsync.adapters._erp_inbound_sql import ErpInboundSql, ErpInboundSqlConfig
-from fieldsync.app import REPLICATOR, STORE
+from fieldsync.app import ADAPTERS, REPLICATOR, STORE
+from fieldsync.auth import DevIssuer
 from fieldsync.replication import Replicator, ServiceWriter
 from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
 from tests.adapters.contract import AdapterContract
 from tests.adapters.inbound_databases import foreign_database
-from tests.harness import Server, eventually, stored_doc
+from tests.harness import Server, eventually, running_server, stored_doc
 
 ORDERS = """CREATE TABLE orders (
     order_no text PRIMARY KEY,
@@ -330,3 +332,39 @@ class TestErpInboundSqlContract(AdapterContract):
         context = AdapterContext(tmp_path, SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store))
         with pytest.raises(AdapterConfigError, match="write path"):
             self.build(context, self.good_table())
+
+
+async def test_the_server_runs_it_from_the_adapters_file(
+    tmp_path: Path, issuer: DevIssuer, erp: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wired as operators wire it: the adapters file names it, the server starts it with the
+    write path, and its health and figures are in `/v1/ready` and `/v1/metrics`."""
+    with erp.begin() as conn:
+        release(conn, "W1")
+    path = tmp_path / "adapters.toml"
+    path.write_text(
+        "[adapters.erp]\n"
+        'kind = "erp_inbound_sql"\n'
+        'url = { env = "FIELDSYNC_TEST_ERP_URL" }\n'
+        'table = "orders"\n'
+        "interval_s = 0.1\n"
+        "[adapters.erp.columns]\n"
+        'title = "short_text"\n'
+    )
+    monkeypatch.setenv("FIELDSYNC_TEST_ERP_URL", erp.url.render_as_string(hide_password=False))
+    async with running_server(tmp_path / "data", issuer, adapters=str(path)) as server:
+        (adapter,) = server.app[ADAPTERS].adapters
+        await eventually(lambda: adapter.metrics()["effects"] == 1)
+        assert await titles(server, "wo:erp-W1") == [
+            ("adapter:erp", "adapter:erp", "Service pump W1")
+        ]
+        headers = {"Authorization": f"Bearer {server.token('ada')}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(server.url + "/v1/ready") as response:
+                ready = await response.json()
+            async with http.get(server.url + "/v1/metrics") as response:
+                metrics = await response.json()
+        assert ready["adapters"]["erp"]["state"] == "ok"
+        assert metrics["adapters"]["erp"]["kind"] == "erp_inbound_sql"
+        assert metrics["adapters"]["erp"]["effects"] == 1
+    assert (tmp_path / "data" / "adapters" / "erp.sqlite").exists()  # its memory, durable
