@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -173,11 +173,11 @@ class ErpInboundSql:
         self._state = StateFile(state_dir / f"{name}.sqlite", _SCHEMA)
         self._engine: sa.Engine | None = None
         self._poller = Poller(name, config.interval_s, self._poll)
-        mapped = dict(config.columns)
-        self._fields = list(mapped)
-        self._table = table(
-            config.table, config.key_column, config.changed_column, *dict.fromkeys(mapped.values())
+        # Each column once, however many fields read it (`number` may be the key column).
+        self._columns = list(
+            dict.fromkeys((config.key_column, config.changed_column, *config.columns.values()))
         )
+        self._table = table(config.table, *self._columns)
         self._counts = {"rows_read": 0, "effects": 0, "skipped": 0, "failed": 0, "dead": 0}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -222,12 +222,13 @@ class ErpInboundSql:
         retry_from: Any = None
         while not self._poller.stopping:
             rows = await asyncio.to_thread(self._read_page, since, after)
-            memories = await self._state.run(partial(_remembered, [str(row[0]) for row in rows]))
+            keys = [str(row[self.config.key_column]) for row in rows]
+            memories = await self._state.run(partial(_remembered, keys))
             remember = []
-            for row in rows:
-                key, changed = str(row[0]), row[1]
+            for key, row in zip(keys, rows, strict=True):
+                changed = row[self.config.changed_column]
                 memory, retry = await self._apply(
-                    key, changed, row[2:], memories.get(key) or _Memory(key)
+                    key, changed, row, memories.get(key) or _Memory(key)
                 )
                 if memory is not None:
                     remember.append(memory)
@@ -239,34 +240,35 @@ class ErpInboundSql:
             await self._state.run(partial(_remember, remember))
             if len(rows) < _PAGE or self._poller.stopping:
                 break
-            after = (rows[-1][1], rows[-1][0])
+            after = (rows[-1][self.config.changed_column], rows[-1][self.config.key_column])
         if newest is not None:
             stop_at = newest if retry_from is None else min(newest, retry_from)
             if cursor is None or stop_at > cursor_value(cursor):
                 await self._state.put("cursor", cursor_text(stop_at))
 
-    def _read_page(self, since: Any, after: tuple[Any, Any] | None) -> list[tuple[Any, ...]]:
+    def _read_page(self, since: Any, after: tuple[Any, Any] | None) -> list[dict[str, Any]]:
+        """One page of rows (column -> value) in (change, key) order, from `since` on, after
+        the (change, key) position `after`."""
         assert self._engine is not None
         key = self._table.c[self.config.key_column]
         changed = self._table.c[self.config.changed_column]
-        query = sa.select(
-            key, changed, *(self._table.c[self.config.columns[f]] for f in self._fields)
-        ).where(changed.is_not(None))
+        query = sa.select(*(self._table.c[name] for name in self._columns))
+        query = query.where(changed.is_not(None))
         if since is not None:
             query = query.where(changed >= since)
         if after is not None:
             query = query.where(sa.tuple_(changed, key) > sa.tuple_(*after))
         query = query.order_by(changed, key).limit(_PAGE)
         with self._engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(query)]
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     async def _apply(
-        self, key: str, changed: Any, values: Sequence[Any], memory: _Memory
+        self, key: str, changed: Any, columns: Mapping[str, Any], memory: _Memory
     ) -> tuple[_Memory | None, bool]:
         """Apply one row unless this version was applied (or set aside) already. Returns what
         to remember of the order (None: nothing new) and whether it is to be tried again."""
         self._counts["rows_read"] += 1
-        row = {name: plain(value) for name, value in zip(self._fields, values, strict=True)}
+        row = {field: plain(columns[column]) for field, column in self.config.columns.items()}
         text = orjson.dumps(row, option=orjson.OPT_SORT_KEYS).decode()
         digest = hashlib.sha256(text.encode()).hexdigest()
         if memory.hash == digest or (memory.failed_hash == digest and memory.dead):

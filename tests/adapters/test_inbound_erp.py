@@ -37,8 +37,9 @@ ORDERS = """CREATE TABLE orders (
     status text,
     changed_at timestamptz NOT NULL
 )"""
-# The ERP names its title column its own way: the `columns` key maps it.
-COLUMNS = {"title": "short_text"}
+# The ERP names its title column its own way, and its order number is its key: `columns`
+# maps both.
+COLUMNS = {"title": "short_text", "number": "order_no"}
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def release(conn: sa.Connection, order_no: str, **values: Any) -> None:
     """An ERP write as ERPs make them: stamped with its transaction's start time (`now()`)."""
     row = {
         "order_no": order_no,
-        "number": order_no,
+        "number": "unused",
         "short_text": f"Service pump {order_no}",
         "priority": "normal",
         "team": "north",
@@ -125,7 +126,12 @@ async def test_orders_committed_out_of_order_are_each_applied_once(
     doc = await stored_doc(server, "wo:erp-B")
     fields = doc.get("fields", type=Map).to_py()
     assert fields is not None
-    assert (fields["status"], fields["erp_ref"], fields["team"]) == ("new", "B", "north")
+    assert (fields["status"], fields["erp_ref"], fields["number"], fields["team"]) == (
+        "new",
+        "B",
+        "B",
+        "north",
+    )
 
     with erp.begin() as conn:
         release(conn, "B", short_text="Service pump B, urgently", priority="urgent")
