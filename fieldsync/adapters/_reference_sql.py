@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +164,12 @@ class ReferenceSql:
         self._counts["imports"] += 1
         self._counts["last_seq"] = result.seq or self._counts["last_seq"]
         if self.config.changed_column is not None and newest:
-            await self._state.put("cursor", cursor_text(newest[0]))
-        return replace(result, done=True)
+            # Forward only: rows a late transaction committed inside the look-back window may
+            # be all an incremental import read.
+            cursor = await self._state.get("cursor")
+            if cursor is None or newest[0] > cursor_value(cursor):
+                await self._state.put("cursor", cursor_text(newest[0]))
+        return result
 
     async def _since(self, full: bool) -> Any:
         """Where an incremental import starts; None: a full import."""
