@@ -32,7 +32,7 @@ import orjson
 import sqlalchemy as sa
 from pycrdt import Doc, Map
 
-from fieldsync.adapters._base import DocumentWriter, Health
+from fieldsync.adapters._base import DocumentWriter, Health, HealthState
 from fieldsync.adapters._config import DEFAULT_MAX_ATTEMPTS, AdapterContext, Table
 from fieldsync.adapters._inbound import (
     Poller,
@@ -178,7 +178,8 @@ class ErpInboundSql:
             dict.fromkeys((config.key_column, config.changed_column, *config.columns.values()))
         )
         self._table = table(config.table, *self._columns)
-        self._counts = {"rows_read": 0, "effects": 0, "skipped": 0, "failed": 0, "dead": 0}
+        self._counts = {"rows_read": 0, "effects": 0, "skipped": 0, "failed": 0}
+        self._set_aside: tuple[int, str] = (0, "")  # how many orders, and the latest one's error
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -199,10 +200,21 @@ class ErpInboundSql:
             self._engine = engine(self.config.url)
 
     def health(self) -> Health:
-        return self._poller.health()
+        """Degraded while the ERP cannot be read, and while orders are set aside: an operator
+        fixes them at the ERP (their next change is applied afresh)."""
+        health = self._poller.health()
+        count, latest = self._set_aside
+        if health.state is HealthState.OK and count:
+            return Health(HealthState.DEGRADED, f"{count} order(s) set aside; latest: {latest}")
+        return health
 
     def metrics(self) -> Mapping[str, float]:
-        return {**self._counts, "errors": self._poller.errors, "lag_s": self._poller.lag()}
+        return {
+            **self._counts,
+            "set_aside": self._set_aside[0],
+            "errors": self._poller.errors,
+            "lag_s": self._poller.lag(),
+        }
 
     async def poll_now(self) -> bool:
         """One poll now, as the periodic task makes them; False when it failed (see `health`)."""
@@ -245,6 +257,7 @@ class ErpInboundSql:
             stop_at = newest if retry_from is None else min(newest, retry_from)
             if cursor is None or stop_at > cursor_value(cursor):
                 await self._state.put("cursor", cursor_text(stop_at))
+        self._set_aside = await self._state.run(_set_aside)
 
     def _read_page(self, since: Any, after: tuple[Any, Any] | None) -> list[dict[str, Any]]:
         """One page of rows (column -> value) in (change, key) order, from `since` on, after
@@ -284,7 +297,6 @@ class ErpInboundSql:
             attempts = (memory.attempts if memory.failed_hash == digest else 0) + 1
             error = f"{type(exc).__name__}: {exc}"
             dead = attempts >= self.config.max_attempts
-            self._counts["dead"] += dead
             log.warning(
                 "adapter %s: order %s failed (attempt %d of %d): %s%s",
                 self.name,
@@ -341,6 +353,14 @@ def _remembered(keys: list[str], conn: sqlite3.Connection) -> dict[str, _Memory]
                 key, changed_at, digest, fields, failed_hash, attempts, error, bool(dead)
             )
     return found
+
+
+def _set_aside(conn: sqlite3.Connection) -> tuple[int, str]:
+    count = conn.execute("SELECT count(*) FROM orders WHERE dead").fetchone()[0]
+    latest = conn.execute(
+        "SELECT key, error FROM orders WHERE dead ORDER BY rowid DESC LIMIT 1"
+    ).fetchone()
+    return count, f"{latest[0]}: {latest[1]}" if latest else ""
 
 
 def _remember(memories: list[_Memory], conn: sqlite3.Connection) -> None:

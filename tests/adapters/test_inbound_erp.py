@@ -233,10 +233,19 @@ async def test_a_bad_order_is_retried_then_set_aside_without_holding_the_rest(
         assert await adapter.poll_now()
         assert await adapter.poll_now()
         metrics = adapter.metrics()
-        assert (metrics["failed"], metrics["dead"], metrics["effects"]) == (2, 1, 2)
+        assert (metrics["failed"], metrics["set_aside"], metrics["effects"]) == (2, 1, 2)
         writer = ServiceWriter(server.app[REPLICATOR])
         assert await writer.read("wo:erp-G1") is not None
         assert await writer.read("wo:erp-G2") is not None
+        health = adapter.health()
+        assert health.state is HealthState.DEGRADED
+        assert health.detail.startswith("1 order(s) set aside; latest: bad/key: InvalidDocId")
+        # Changed at the ERP, the order is tried afresh at the next poll.
+        with erp.begin() as conn:
+            conn.exec_driver_sql("UPDATE orders SET priority = 'high', changed_at = now()")
+        assert await adapter.poll_now()
+        metrics = adapter.metrics()
+        assert (metrics["failed"], metrics["set_aside"], metrics["effects"]) == (3, 0, 4)
     finally:
         await adapter.stop()
 
