@@ -88,6 +88,7 @@ class ReferenceSql:
     ) -> None:
         self.name = name
         self.config = config
+        self.dataset = config.dataset
         self._reference = reference
         self._state = StateFile(state_dir / f"{name}.sqlite", ())
         self._engine: sa.Engine | None = None
