@@ -31,7 +31,7 @@ from fieldsync.attachments import Attachments
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
-from fieldsync.replication import Endpoints, Limits, Replicator
+from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter
 from fieldsync.storage import Backend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -260,7 +260,13 @@ def _add_reference(
 def _add_adapters(app: web.Application, settings: Settings, backend: Backend) -> None:
     """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
     started after the backend and stopped before it; the operators' outbox routes."""
-    context = AdapterContext(settings.data_path, backend.outbox, backend.reference)
+    # Inbound kinds write documents through the device write path, as service principals.
+    context = AdapterContext(
+        settings.data_path,
+        backend.outbox,
+        backend.reference,
+        writer=ServiceWriter(app[REPLICATOR]),
+    )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(
         path, context, backend.store, retention_days=settings.outbox_retention_days

@@ -280,6 +280,8 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 KINDS: dict[str, str] = {
     "erp_sql": "fieldsync.adapters._erp_sql:build",
     "erp_http": "fieldsync.adapters._erp_http:build",
+    "erp_inbound_sql": "fieldsync.adapters._erp_inbound_sql:erp_inbound_sql",
+    "reference_sql": "fieldsync.adapters._reference_sql:reference_sql",
 }
 
 _registered: dict[str, Factory] = {}
