@@ -4,6 +4,7 @@ application."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+from prometheus_client import CollectorRegistry
 
 from fieldsync.adapters import AdapterContext, Adapters
 from fieldsync.api import (
@@ -18,10 +20,14 @@ from fieldsync.api import (
     AuthHelpers,
     ContractRoutes,
     Downloads,
+    MetricsEndpoint,
     Operations,
     OutboxRoutes,
+    PrometheusObserver,
     ReferenceEndpoints,
     ScreenRoutes,
+    ServerState,
+    StateCollector,
     TusEndpoints,
     WorkOrderRoutes,
     install_middleware,
@@ -29,9 +35,10 @@ from fieldsync.api import (
 )
 from fieldsync.attachments import Attachments
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
-from fieldsync.config import Settings
+from fieldsync.config import Settings, listen_address
 from fieldsync.documents import Templates
-from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter
+from fieldsync.records import UNOBSERVED, Observer
+from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter, V1Session
 from fieldsync.storage import Backend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -46,6 +53,10 @@ ATTACHMENTS = web.AppKey("attachments", Attachments)
 REFERENCE = web.AppKey("reference", ReferenceEndpoints)
 # The configured adapters and their outbox runner (`FIELDSYNC_ADAPTERS`).
 ADAPTERS = web.AppKey("adapters", Adapters)
+# This application's Prometheus registry (its own: several apps in one process never collide).
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+# Where the separate metrics listener (`FIELDSYNC_METRICS_LISTEN`) is bound, once started.
+METRICS_ADDRESS = web.AppKey("metrics_address", tuple)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -91,16 +102,19 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"keepalive_timeout": settings.header_timeout},
     )
     app[SETTINGS] = settings
-    backend = backend_for(settings)
+    registry = app[METRICS_REGISTRY] = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    backend = backend_for(settings, observer)
     app[BACKEND], app[STORE] = backend, backend.store
     app.cleanup_ctx.append(_resource(backend.open, backend.close))
     verifier = _token_verifier(settings)
     app.cleanup_ctx.append(_resource(verifier.start, verifier.close))
     install_middleware(app, settings, verifier.verify)
-    replicator = app[REPLICATOR] = _replicator(settings, backend.store)
+    replicator = app[REPLICATOR] = _replicator(settings, backend.store, observer)
     app.cleanup_ctx.append(_resource(replicator.start, replicator.stop))
     endpoints = _add_sync(app, settings, replicator, verifier)
     _add_operations(app, backend.store, replicator, endpoints)
+    _add_prometheus(app, settings, backend, endpoints, verifier)
     _add_auth_helpers(app, settings, verifier)
     attachments = _add_attachments(app, settings, backend, replicator)
     _add_screens(app, settings, backend, replicator, attachments)
@@ -111,13 +125,14 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def backend_for(settings: Settings) -> Backend:
+def backend_for(settings: Settings, observer: Observer = UNOBSERVED) -> SQLiteBackend:
     """The storage backend the settings name (unopened): SQLite in the data directory."""
     settings.data_path.mkdir(parents=True, exist_ok=True)
     return SQLiteBackend(
         settings.data_path / "fieldsync.db",
         compact_after_updates=settings.compact_after,
         reference_chunk_rows=settings.reference_import_chunk,
+        observer=observer,
     )
 
 
@@ -149,9 +164,10 @@ def _token_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
-def _replicator(settings: Settings, store: Store) -> Replicator:
+def _replicator(settings: Settings, store: Store, observer: Observer) -> Replicator:
     return Replicator(
         store,
+        observer=observer,
         policy=load_policy(settings),
         templates=load_templates(settings),
         max_doc_bytes=settings.max_doc_bytes,
@@ -195,6 +211,56 @@ def _add_operations(
         }
 
     app.router.add_routes(Operations(readiness, metrics).routes())
+
+
+def _add_prometheus(
+    app: web.Application,
+    settings: Settings,
+    backend: Backend,
+    endpoints: Endpoints,
+    verifier: TokenVerifier,
+) -> None:
+    """`/metrics` on the main listener (with the scrape token) and, when configured, alone on
+    a listener of its own; both read the state below at scrape time."""
+
+    async def state() -> ServerState:
+        sessions: Counter[tuple[str, str]] = Counter()
+        for conn in endpoints.connections:
+            client = conn.client if isinstance(conn, V1Session) else ("y-websocket", "")
+            sessions[client] += 1
+        datasets = await backend.reference.datasets()
+        outbox = await app[ADAPTERS].runner.metrics()
+        return ServerState(
+            sessions=sessions,
+            rooms_loaded=app[REPLICATOR].loaded,
+            store=await backend.store.stats(),
+            outbox=outbox,
+            reference=[(d.dataset, d.rows, d.seq) for d in datasets],
+            jwks_fetches=dict(verifier.jwks_fetches),
+            draining=endpoints.draining,
+        )
+
+    registry = app[METRICS_REGISTRY]
+    collector = StateCollector(state)
+    registry.register(collector)
+    metrics = MetricsEndpoint(registry, collector, settings.metrics_token)
+    app.router.add_routes(metrics.routes())
+    if settings.metrics_listen:
+        host, port = listen_address(settings.metrics_listen)
+        listener = web.Application()
+        listener.router.add_routes(metrics.open_route())
+
+        async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+            runner = web.AppRunner(listener, access_log_class=AccessLogger)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+                app[METRICS_ADDRESS] = tuple(runner.addresses[0][:2])
+                yield
+            finally:
+                await runner.cleanup()
+
+        app.cleanup_ctx.append(lifecycle)
 
 
 def _add_auth_helpers(app: web.Application, settings: Settings, verifier: TokenVerifier) -> None:

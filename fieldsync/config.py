@@ -159,6 +159,30 @@ def _deprecations(text: str) -> dict[str, Deprecation]:
     return result
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
+def _listen(text: str) -> str:
+    """'127.0.0.1:9464' or '[::1]:9464' (empty: no listener)."""
+    if not text.strip():
+        return ""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host.strip("[]"):
+        raise ValueError("expected host:port")
+    _port(port)
+    return text.strip()
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """A `_listen` value as (host, port)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 # The attachment types fieldsync can recognise from their bytes (`fieldsync.attachments._media`,
 # which holds their magic numbers); `attachment_types` chooses among them.
 ATTACHMENT_TYPES = ("image/jpeg", "image/png", "image/webp", "application/pdf")
@@ -247,6 +271,25 @@ SETTINGS: tuple[Setting, ...] = (
         "days delivered and skipped outbox entries are kept (for replay)",
     ),
     Setting("log_level", "INFO", _name, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_format", "text", _log_format, "text (for a terminal) or json (one object a line)"),
+    Setting(
+        "metrics_token",
+        "",
+        str,
+        "bearer token Prometheus sends for /metrics on the main listener (empty: refused there)",
+    ),
+    Setting(
+        "metrics_listen",
+        "",
+        _listen,
+        "host:port of a separate listener serving /metrics without a token (empty: none)",
+    ),
+    Setting(
+        "drain_seconds",
+        20.0,
+        _positive_float,
+        "on SIGTERM, seconds to finish commits and deliveries before exiting",
+    ),
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 
 class ScopeKind(StrEnum):
@@ -100,3 +100,37 @@ class Origin:
 # connection's origin until its `hello` named the device (whose id then defaulted to the session
 # id). Old rows are kept as they are: the field history and the conflicts are an audit trail.
 _LEGACY = {"server": OriginKind.RULES, "session": OriginKind.DEVICE}
+
+
+class Observer(Protocol):
+    """What the write path reports as it goes, for the operators' metrics: the few figures that
+    exist nowhere as state. Calls may come from the storage writer's thread."""
+
+    def committed(self, writes: int, seconds: float) -> None:
+        """A group commit of `writes` jobs took `seconds` (BEGIN to COMMIT, fsync included)."""
+
+    def acknowledged(self, seconds: float) -> None:
+        """A device's update was durable `seconds` after the server received it."""
+
+    def refused(self, code: str) -> None:
+        """A device's update or request on one document was refused with the error `code`."""
+
+    def corrected(self, rule: str) -> None:
+        """A domain rule corrected a merged document."""
+
+
+class _Unobserved:
+    def committed(self, writes: int, seconds: float) -> None:
+        pass
+
+    def acknowledged(self, seconds: float) -> None:
+        pass
+
+    def refused(self, code: str) -> None:
+        pass
+
+    def corrected(self, rule: str) -> None:
+        pass
+
+
+UNOBSERVED: Observer = _Unobserved()

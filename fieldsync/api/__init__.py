@@ -16,6 +16,12 @@ from fieldsync.api._permissions import (
     undeclared,
 )
 from fieldsync.api._problems import problem
+from fieldsync.api._prometheus import (
+    MetricsEndpoint,
+    PrometheusObserver,
+    ServerState,
+    StateCollector,
+)
 from fieldsync.api._reference import ReferenceEndpoints
 from fieldsync.api._screens import ScreenRoutes
 from fieldsync.api._tus import TusEndpoints
@@ -28,11 +34,15 @@ __all__ = [
     "AuthHelpers",
     "ContractRoutes",
     "Downloads",
+    "MetricsEndpoint",
     "Operations",
     "OutboxRoutes",
     "Permission",
+    "PrometheusObserver",
     "ReferenceEndpoints",
     "ScreenRoutes",
+    "ServerState",
+    "StateCollector",
     "TusEndpoints",
     "WorkOrderRoutes",
     "entry_json",

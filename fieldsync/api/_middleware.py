@@ -73,7 +73,7 @@ def _authorise(verify: Verify) -> Middleware:
             return problem(
                 ErrorCode.PROTOCOL_ERROR, "this is a WebSocket endpoint: send an upgrade (RFC 6455)"
             )
-        if permission in (Permission.PUBLIC, Permission.IN_BAND):
+        if permission in (Permission.PUBLIC, Permission.IN_BAND, Permission.SCRAPER):
             return await handler(request)
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
         if token is None:

@@ -34,6 +34,9 @@ class Permission(StrEnum):
     # A valid access token of an admin: what changes server-authoritative data, such as the
     # adapters importing reference datasets (they sign in as a client with the admin role).
     ADMIN = "admin"
+    # The metrics scraper: Prometheus holds no OpenID token, so `/metrics` takes the static
+    # scrape token (`FIELDSYNC_METRICS_TOKEN`), which its handler checks (401 without it).
+    SCRAPER = "scraper"
 
     @property
     def roles(self) -> frozenset[Role] | None:
@@ -51,6 +54,7 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     ("GET", "/v1/health"): Permission.PUBLIC,
     ("GET", "/v1/ready"): Permission.PUBLIC,
     ("GET", "/v1/metrics"): Permission.OPERATOR,
+    ("GET", "/metrics"): Permission.SCRAPER,
     # The app's sign-in helpers (issue 3): it has no token yet, or only a refresh token.
     ("GET", "/v1/auth/config"): Permission.PUBLIC,
     ("POST", "/v1/auth/token"): Permission.PUBLIC,

@@ -254,6 +254,8 @@ class TokenVerifier:
         self._keys: tuple[_VerificationKey, ...] = ()
         self._refresh_lock = asyncio.Lock()
         self._next_refresh = 0.0  # monotonic time before which unknown kids fetch nothing
+        # JWKS fetches by outcome ("ok", "failed"), for the operators' metrics.
+        self.jwks_fetches: dict[str, int] = {"ok": 0, "failed": 0}
 
     @property
     def issuer(self) -> str:
@@ -443,6 +445,15 @@ class TokenVerifier:
 
     async def _fetch_jwks(self) -> float:
         """Fetch and install the provider's keys; returns how long they stay fresh."""
+        try:
+            fresh_for = await self._install_jwks()
+        except BaseException:
+            self.jwks_fetches["failed"] += 1
+            raise
+        self.jwks_fetches["ok"] += 1
+        return fresh_for
+
+    async def _install_jwks(self) -> float:
         if self._jwks_uri is None:
             raise RuntimeError("TokenVerifier not started")
         document, headers = await self._get_json(self._jwks_uri)

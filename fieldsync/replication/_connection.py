@@ -223,11 +223,14 @@ class Connection:
         return room
 
     async def _write(self, room: Room, update: bytes) -> Submitted:
+        received = time.perf_counter()
         submitted = await self.replicator.submit(self, room, update)
         committed = submitted.committed
         if committed is not None and not committed.done():
             self._in_flight.append(committed)
             committed.add_done_callback(self._settled)
+            seen = self.replicator.observer.acknowledged
+            committed.add_done_callback(lambda _: seen(time.perf_counter() - received))
             # Backpressure: a device that outruns the disk waits here instead of filling memory.
             if len(self._in_flight) > self.limits.max_in_flight:
                 await asyncio.wait([self._in_flight[0]])

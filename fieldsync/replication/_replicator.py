@@ -25,7 +25,7 @@ from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
+from fieldsync.records import UNOBSERVED, DocIndex, FieldChange, Observer, Origin, OriginKind
 from fieldsync.replication._codec import SyncStep, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview
@@ -81,8 +81,10 @@ class Replicator:
         max_doc_bytes: int = 16 << 20,
         idle_seconds: float = 30.0,
         max_rooms: int = 10_000,
+        observer: Observer = UNOBSERVED,
     ) -> None:
         self.store = store
+        self.observer = observer  # acks, refusals and corrections, for the metrics
         self.policy = policy or Policy.load()
         self.templates = templates or form_templates.Templates.load()
         # The domain rules run after each merge; `documents.NO_RULES` measures what they cost.
@@ -353,6 +355,7 @@ class Replicator:
         index = room.index
         for violation in (v for correction in corrections for v in correction.violations):
             author.rule_violation(room.doc_id, violation.rule, violation.detail)
+            self.observer.corrected(violation.rule)
             self.store.record_conflict(
                 Conflict(
                     doc=room.doc_id,

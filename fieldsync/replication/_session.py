@@ -91,6 +91,7 @@ class V1Session(Connection):
         self.min_versions = min_versions or {}
         self.state = State.AWAITING_HELLO
         self.device_id = ""
+        self.client = ("", "")  # (platform, version) from `hello`
         self._compressor: zstandard.ZstdCompressor | None = None
         self._stale = False  # away longer than the offline contract allows
         self._renewed: set[str] = set()  # documents reset for that already
@@ -236,6 +237,7 @@ class V1Session(Connection):
         platform = _text(client.get("platform"), 32)
         version = _text(client.get("version"), 32)
         self.device_id = _text(client.get("device_id"), 128) or self.id
+        self.client = (platform, version)  # for the metrics: sessions by platform and version
         self.origin = Origin(OriginKind.DEVICE, self.device_id)
         minimum = self.min_versions.get(platform)
         if minimum and version_tuple(version) < version_tuple(minimum):
@@ -335,8 +337,10 @@ class V1Session(Connection):
         except ProtocolError as exc:
             # A malformed y-protocols message concerns one document: the device is told, the
             # connection and its other documents go on.
+            self.replicator.observer.refused(ErrorCode.INVALID_UPDATE.value)
             self._error(ErrorCode.INVALID_UPDATE, exc.message, doc_id)
         except FieldsyncError as exc:
+            self.replicator.observer.refused(exc.code.value)
             self._error(exc.code, exc.message, doc_id, **exc.detail)
             if exc.code in _RESET_ON:
                 self.reset(doc_id, exc.code.value)

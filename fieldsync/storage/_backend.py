@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from fieldsync.records import UNOBSERVED, Observer
 from fieldsync.storage._attachments import AttachmentStore
 from fieldsync.storage._outbox import Outbox, SQLiteOutbox
 from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
@@ -54,7 +55,8 @@ class Backend(Protocol):
 class SQLiteBackend:
     """The embedded default: every concern in one SQLite file, written by one writer thread in
     group commits and read on reader threads (see `SQLiteStore`). `reference_chunk_rows` rows of
-    an import share one job of the writer; the other options are `SQLiteStore`'s."""
+    an import share one job of the writer; `observer` hears of every group commit; the other
+    options are `SQLiteStore`'s."""
 
     def __init__(
         self,
@@ -64,12 +66,15 @@ class SQLiteBackend:
         compact_after_bytes: int = 1 << 20,
         batch_max: int = 1000,
         reference_chunk_rows: int = CHUNK_ROWS,
+        observer: Observer = UNOBSERVED,
     ) -> None:
+        self.path = path
         self.store = SQLiteStore(
             path,
             compact_after_updates=compact_after_updates,
             compact_after_bytes=compact_after_bytes,
             batch_max=batch_max,
+            observer=observer,
         )
         self.screens = SQLiteScreens(self.store)
         self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)

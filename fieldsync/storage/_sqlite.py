@@ -23,7 +23,15 @@ import orjson
 import pycrdt
 from sqlite_utils import Database
 
-from fieldsync.records import DocIndex, FieldChange, Origin, ScopeFilter, ScopeKind
+from fieldsync.records import (
+    UNOBSERVED,
+    DocIndex,
+    FieldChange,
+    Observer,
+    Origin,
+    ScopeFilter,
+    ScopeKind,
+)
 from fieldsync.storage import _conflicts, _outbox, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
@@ -165,6 +173,7 @@ class SQLiteStore:
         compact_after_updates: int = 500,
         compact_after_bytes: int = 1 << 20,
         batch_max: int = 1000,
+        observer: Observer = UNOBSERVED,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
@@ -180,6 +189,7 @@ class SQLiteStore:
         self._reader_dbs: list[Database] = []
         self._reader_dbs_lock = threading.Lock()
         self._commits = 0
+        self._observer = observer
         # The outbox's subscriptions (`set_outbox_routes`), read by the writer thread per batch.
         self._outbox_routes: _outbox.Routes = {}
         self._outbox_notify: Callable[[], None] | None = None
@@ -391,6 +401,7 @@ class SQLiteStore:
         results: list[Any] = []
         to_compact: set[str] = set()
         routes, outboxed = self._outbox_routes, False
+        began = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             # Read under the write lock rather than cached: another process may have written.
@@ -422,6 +433,7 @@ class SQLiteStore:
             self._to_loop(_fail, [job.future for job in settled], exc)
             return
         self._commits += 1
+        self._observer.committed(len(batch), time.perf_counter() - began)
         self._to_loop(_resolve, [job.future for job in settled], results)
         if outboxed and self._outbox_notify is not None:
             self._to_loop(self._outbox_notify)

@@ -85,6 +85,9 @@ def test_who_may_call_is_the_same_in_the_document_and_the_server() -> None:
             assert security == [], (method, path)
         elif declared is Permission.IN_BAND:
             assert anonymous and {"bearer": []} in security, (method, path)
+        elif declared is Permission.SCRAPER:  # the static scrape token, not an OpenID one
+            assert security == [{"scrape_token": []}], (method, path)
+            assert "401" in operation["responses"], (method, path)
         else:  # a bearer token, checked before the handler
             assert security == [{"bearer": []}], (method, path)
             assert "401" in operation["responses"], (method, path)
@@ -286,6 +289,14 @@ def metadata(data: bytes, wo: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items())
 
 
+METRICS_TOKEN = "contract-scrape-token"
+
+
+@pytest.fixture
+def server_settings() -> dict[str, Any]:
+    return {"metrics_token": METRICS_TOKEN}
+
+
 async def test_every_operation_answers_as_documented(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
@@ -318,6 +329,8 @@ async def _operations(c: Contract) -> None:
     await c.call("GET", "/v1/metrics", 200, subject="ada")
     await c.call("GET", "/v1/metrics", 401, request_valid=False)
     await c.call("GET", "/v1/metrics", 403, subject="tina")
+    scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    await c.call("GET", "/metrics", 200, headers=scrape)
     config = await c.call("GET", "/v1/auth/config", 200)
     assert config.json["token_endpoint"].endswith("/v1/auth/token")
     # The development issuer grants passwords only: the relay's refusals.
