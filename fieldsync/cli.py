@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,14 +100,32 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, app)
 
     app.on_startup.append(reload_on_sighup)
+    # First of the shutdown hooks: whatever the drain still waits for, the process is gone
+    # `drain_seconds` after SIGTERM (an orchestrator would SIGKILL it anyway; acks come only
+    # after commits, so exiting loses nothing acknowledged).
+    app.on_shutdown.insert(0, lambda app: _exit_after(settings.drain_seconds))
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
         access_log_class=AccessLogger,
         print=lambda text: print(text, flush=True),
+        # How long open requests and sockets may take to finish once told to (4503 for devices).
+        shutdown_timeout=settings.drain_seconds,
     )
+    logging.getLogger("fieldsync").info("drained: stopped")
     return 0
+
+
+async def _exit_after(seconds: float) -> None:
+    def overdue() -> None:
+        logging.getLogger("fieldsync").error("drain took over %.0f s: exiting now", seconds)
+        logging.shutdown()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.daemon = True
+    timer.start()
 
 
 # --- fieldsync reference import ------------------------------------------------------------

@@ -129,6 +129,7 @@ class Client:
         self.scope_changes: list[dict[str, Any]] = []
         self.fatal: Fatal | None = None
         self.last_close: tuple[int, str] | None = None
+        self._retry_after: float | None = None  # from a draining server
         self.since = int(self.local.get_meta("since") or 0)
         # Who the server said this device's user is, kept for offline starts: the name and role
         # for log entries (`documents.work_order.set_status(doc, s, by=subject, role=role)`).
@@ -274,6 +275,11 @@ class Client:
             code = self.last_close[0] if self.last_close else None
             if code == CloseCode.DRAINING:
                 self.backoff.reset()
+                # The draining server said when to come back (to it or another node).
+                if self._retry_after is not None:
+                    await asyncio.sleep(self._retry_after)
+                    self._retry_after = None
+                    continue
             await asyncio.sleep(self.backoff.next())
 
     async def _session(self, http: aiohttp.ClientSession) -> None:
@@ -376,6 +382,9 @@ class Client:
             return self._reset(body["doc"], str(body.get("reason", "")))
         elif kind == "error":
             self.errors.append(body)
+            retry_after = body.get("retry_after")
+            if body.get("code") == "draining" and isinstance(retry_after, int | float):
+                self._retry_after = min(max(float(retry_after), 0.0), 60.0)
         elif kind == "auth_expiring" and not isinstance(self._token, str):
             return [encode_body(Control({"type": "auth", "token": await self._token()}))]
         return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 
 from aiohttp import WSMsgType, web
 
@@ -19,6 +20,9 @@ from fieldsync.replication._yws import YwsSession
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 30.0
+# Seconds a drained device waits before it reconnects: spread, so a node's devices do not all
+# land on the others at once.
+_RETRY_AFTER = (1.0, 5.0)
 
 
 class Endpoints:
@@ -140,7 +144,22 @@ class Endpoints:
             await ws.close(code=closed.code, message=closed.reason.encode()[:120])
 
     async def drain(self) -> None:
-        """Shutting down: tell every device to reconnect elsewhere (4503)."""
+        """Shutting down: tell every device to reconnect elsewhere (4503). A v1 device first
+        hears `error draining` with `retry_after`, seconds spread over a few so that the
+        devices of this node do not all reconnect to the others at the same instant. Updates
+        already applied go on to commit (`Replicator.stop` waits for them); an update the
+        socket had not handed over yet is never acknowledged, so its device sends it again."""
         self.draining = True
         for conn in list(self.connections):
+            if isinstance(conn, V1Session):
+                conn.send_control(
+                    {
+                        "type": "error",
+                        "code": ErrorCode.DRAINING.value,
+                        "message": "the server is shutting down: reconnect elsewhere",
+                        "retry_after": round(random.uniform(*_RETRY_AFTER), 1),
+                    }
+                )
             conn.close_soon(CloseCode.DRAINING, ErrorCode.DRAINING)
+        if self.connections:
+            log.info("draining: %d sockets told to reconnect elsewhere", len(self.connections))
