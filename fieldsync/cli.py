@@ -1,6 +1,8 @@
 """`fieldsync serve` runs the server; `fieldsync demo` runs it with a seeded realistic demo;
 `fieldsync outbox` lets an operator read and act on the outbox, and `fieldsync reference import`
-runs a reference_sql adapter's import now (both with the server running or not)."""
+runs a reference_sql adapter's import now (both with the server running or not);
+`fieldsync backup` copies the data folder while the server runs, `fieldsync restore` puts a
+backup back while it is stopped."""
 
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("settings", help="list every setting with its variable and default")
     _add_reference_commands(commands)
     _outbox_parser(commands)
+    _backup_parsers(commands)
     args = parser.parse_args(argv)
 
     if args.command == "settings":
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return _reference_import(args)
     if args.command == "outbox":
         return _outbox(args)
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args)
     if args.command == "demo":
         from fieldsync.demo import run_demo
 
@@ -274,6 +279,90 @@ async def _outbox_action(args: argparse.Namespace, path: Path) -> int:
         return 0
     finally:
         await backend.close()
+
+
+# --- fieldsync backup / restore ------------------------------------------------------------
+
+
+def _backup_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    backup = commands.add_parser(
+        "backup", help="copy the database and its attachments into DEST, the server running"
+    )
+    backup.add_argument("dest", type=Path, help="a new (or empty) folder")
+    restore = commands.add_parser(
+        "restore", help="put the backup at SRC back as the data folder (server stopped)"
+    )
+    restore.add_argument("src", type=Path, help="a folder `fieldsync backup` wrote")
+    restore.add_argument("--force", action="store_true", help="replace an existing database")
+    for parser in (backup, restore):
+        parser.add_argument("--config", type=Path, help="TOML file (FIELDSYNC_* override it)")
+        parser.add_argument("--data-dir", type=Path, help="the server's data folder")
+        parser.add_argument("--json", action="store_true", help="the result as one JSON object")
+
+
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fieldsync.backup import BackupError, backup, restore
+
+    try:
+        settings = Settings.load(args.config)
+    except ConfigError as exc:
+        print(f"fieldsync: {exc}", file=sys.stderr)
+        return 2
+    data_dir = args.data_dir or settings.data_path
+    with Progress(
+        TextColumn("attachments"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        disable=args.json,
+    ) as bar:
+        task = bar.add_task("attachments", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            if args.command == "backup":
+                manifest = backup(data_dir, args.dest, progress)
+            else:
+                if _server_answers(settings):
+                    raise BackupError(
+                        f"a server answers at {settings.host}:{settings.port}: stop it first"
+                    )
+                manifest = restore(args.src, data_dir, force=args.force, progress=progress)
+        except (BackupError, OSError) as exc:
+            print(f"fieldsync: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(orjson.dumps(asdict(manifest)).decode())
+    else:
+        where = args.dest if args.command == "backup" else data_dir
+        print(
+            f"{args.command}: {where}: seq {manifest.seq}, {manifest.docs} documents,"
+            f" {manifest.attachments} attachments"
+        )
+    return 0
+
+
+def _server_answers(settings: Settings) -> bool:
+    """Whether a fieldsync server listens where the settings say (restore wants it stopped)."""
+    import urllib.error
+    import urllib.request
+
+    if not settings.port:
+        return False
+    try:
+        with urllib.request.urlopen(
+            f"http://{settings.host}:{settings.port}/v1/health", timeout=2
+        ) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def _entry_line(entry: OutboxEntry) -> str:

@@ -43,6 +43,9 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # private-module rule below says of every layer; never `api`.
     "adapters": frozenset({"replication", "documents", "storage", *VOCABULARY, *HELPERS}),
     "client": frozenset({"replication", "fieldsync", *VOCABULARY}),  # a device's side
+    # Backup and restore of the embedded data folder: the database file and the attachments'
+    # content files, below the running server.
+    "backup": frozenset({"attachments"}),
     "app": EVERYTHING,
     "cli": EVERYTHING,
     "__main__": EVERYTHING,

@@ -10,13 +10,14 @@ from fieldsync.attachments._attachments import (
     Interrupted,
     attachment_hashes,
 )
-from fieldsync.attachments._blobs import is_sha256
+from fieldsync.attachments._blobs import Blobs, is_sha256
 from fieldsync.storage import Attachment, Upload
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "Attachment",
     "Attachments",
+    "Blobs",
     "Checksum",
     "Interrupted",
     "Upload",

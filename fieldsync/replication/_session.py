@@ -253,6 +253,12 @@ class V1Session(Connection):
             since = 0
         store = self.replicator.store
         head = await store.head()
+        if since > head:
+            # The server holds less than the device has seen: restored from a backup. The feed
+            # starts over, and the device's offer of its documents (step 1) gets the server's
+            # state vector back, so it sends every edit the server lost, acknowledged or not.
+            log.info("device %s is ahead of the server (%d > %d)", self.device_id, since, head)
+            since = 0
         last_seen = await store.last_seen(self.device_id, self.principal.subject)
         # The offline contract: a device away longer than `max_offline` resyncs every document
         # it offers from scratch (`reset`), and re-applies its unsynced edits on top.
