@@ -14,6 +14,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 from prometheus_client import CollectorRegistry
 
+from fieldsync import logs
 from fieldsync.adapters import AdapterContext, Adapters
 from fieldsync.api import (
     AuditRoutes,
@@ -361,7 +362,5 @@ def reload_policy(app: web.Application) -> None:
     logging.getLogger(__name__).info("policy reloaded from %s", app[REPLICATOR].policy.source)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, format: str = "text") -> None:
+    logs.configure(level, format)

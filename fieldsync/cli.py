@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PolicyError, TemplateError) as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)  # builds the adapters: a bad entry stops here, named
     except AdapterConfigError as exc:

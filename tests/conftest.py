@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from fieldsync.auth import DevIssuer, DevUser
+from fieldsync.logs import JsonFormatter
 from fieldsync.replication import V1Session
 from tests import contract
 from tests.harness import USERS, Issuer, Server, running_issuer, running_server
@@ -59,9 +60,11 @@ class _TokenWatch(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.found: list[str] = []
+        self.json = JsonFormatter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = self.format(record)
+        # Both formats: the JSON one adds the log context (request, session, subject…).
+        line = self.format(record) + "\n" + self.json.format(record)
         if self.JWT.search(line):
             self.found.append(f"{record.levelname} {record.name}: {line[:300]}")
 

@@ -21,13 +21,14 @@ PACKAGE = Path(fieldsync.__file__).parent
 # `periodic` and `config` (the settings) are helpers that import nothing above that vocabulary.
 EVERYTHING = frozenset({"*"})  # the modules that wire it all together
 VOCABULARY = {"records", "errors"}
-HELPERS = {"rates", "periodic", "config"}
+HELPERS = {"rates", "periodic", "config", "logs"}
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "fieldsync": frozenset(),
     "records": frozenset(),
     "errors": frozenset(),
     "rates": frozenset(),
     "periodic": frozenset(),
+    "logs": frozenset(),
     "config": frozenset(VOCABULARY),
     "storage": frozenset({"records"}),
     "documents": frozenset(VOCABULARY),

@@ -14,6 +14,8 @@ never upgraded.
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import format_datetime
@@ -23,6 +25,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_response import StreamResponse
 
+from fieldsync import logs
 from fieldsync.api._permissions import PRINCIPAL, Permission, permission_of
 from fieldsync.api._problems import problem
 from fieldsync.api._redaction import redact_aiohttp_logs
@@ -48,6 +51,7 @@ def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     # has expired must hear "upgrade", since signing in again would not let it in.
     app.middlewares.extend(
         [
+            _request_context,
             _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
             _origin_allow_list(settings.allowed_origins, settings.public_url),
             _authorise(verify),
@@ -55,6 +59,19 @@ def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     )
     if settings.deprecations:
         app.on_response_prepare.append(_deprecation_headers(settings.deprecations))
+
+
+@web.middleware
+async def _request_context(request: web.Request, handler: Handler) -> StreamResponse:
+    """Every log line of the request carries its id: the proxy's `X-Request-ID` when it sends
+    a plausible one (so lines join up across the two), else one of our own."""
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    logs.bind(request=request_id, subject=None, session=None, device=None, doc=None)
+    return await handler(request)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _authorise(verify: Verify) -> Middleware:
@@ -86,6 +103,7 @@ def _authorise(verify: Verify) -> Middleware:
         if roles is not None and not principal.roles & roles:
             return problem(ErrorCode.FORBIDDEN, "not allowed for your role")
         request[PRINCIPAL] = principal
+        logs.bind(subject=principal.subject)
         return await handler(request)
 
     return authorise

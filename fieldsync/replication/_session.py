@@ -16,6 +16,7 @@ from typing import Any
 import zstandard
 from pycrdt import get_state
 
+from fieldsync import logs
 from fieldsync.auth import Principal, Verify, version_tuple
 from fieldsync.documents import MAX_DOC_ID, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
@@ -135,6 +136,7 @@ class V1Session(Connection):
             self._corked = True
         try:
             for message in messages:
+                logs.bind(doc=None if isinstance(message, Control) else message.doc[:MAX_DOC_ID])
                 if isinstance(message, Control):
                     await self._control(message)
                 else:
@@ -238,6 +240,7 @@ class V1Session(Connection):
         version = _text(client.get("version"), 32)
         self.device_id = _text(client.get("device_id"), 128) or self.id
         self.client = (platform, version)  # for the metrics: sessions by platform and version
+        logs.bind(subject=self.principal.subject, device=self.device_id)
         self.origin = Origin(OriginKind.DEVICE, self.device_id)
         minimum = self.min_versions.get(platform)
         if minimum and version_tuple(version) < version_tuple(minimum):
@@ -347,6 +350,7 @@ class V1Session(Connection):
             self._error(ErrorCode.INVALID_UPDATE, exc.message, doc_id)
         except FieldsyncError as exc:
             self.replicator.observer.refused(exc.code.value)
+            log.debug("refused: %s %s", exc.code.value, exc.message)
             self._error(exc.code, exc.message, doc_id, **exc.detail)
             if exc.code in _RESET_ON:
                 self.reset(doc_id, exc.code.value)

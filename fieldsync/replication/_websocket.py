@@ -9,6 +9,7 @@ import random
 
 from aiohttp import WSMsgType, web
 
+from fieldsync import logs
 from fieldsync.auth import Verify, bearer_token
 from fieldsync.documents import InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode
@@ -110,6 +111,7 @@ class Endpoints:
         return ws
 
     async def _serve(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        logs.bind(session=conn.id, subject=conn.principal.subject or None)
         self.connections[conn] = ws
         sender = asyncio.create_task(self._send(ws, conn))
         try:
