@@ -211,7 +211,7 @@ def _add_operations(
             "adapters": await app[ADAPTERS].metrics(),
         }
 
-    app.router.add_routes(Operations(readiness, metrics).routes())
+    app.router.add_routes(Operations(readiness, metrics, endpoints.sessions).routes())
 
 
 def _add_prometheus(

@@ -11,18 +11,22 @@ from fieldsync.errors import ErrorCode
 
 Metrics = Callable[[], Awaitable[dict[str, object]]]
 Ready = Callable[[], Awaitable[dict[str, object] | None]]
+# The open replication sessions, each a JSON object (`fieldsync sessions` reads them).
+Sessions = Callable[[], list[dict[str, object]]]
 
 
 class Operations:
-    def __init__(self, ready: Ready, metrics: Metrics) -> None:
+    def __init__(self, ready: Ready, metrics: Metrics, sessions: Sessions) -> None:
         self._ready = ready
         self._metrics = metrics
+        self._sessions = sessions
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/v1/health", self.health),
             web.get("/v1/ready", self.ready),
             web.get("/v1/metrics", self.metrics),
+            web.get("/v1/admin/sessions", self.sessions),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -37,3 +41,9 @@ class Operations:
     async def metrics(self, request: web.Request) -> web.Response:
         # Operators only: the middleware has checked the token and the role (`_permissions`).
         return web.json_response(await self._metrics())
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        # Admins only (`_permissions`): it names every connected user and device. Bounded by
+        # the sockets the server holds (`max_sockets_per_subject` each), so one answer.
+        sessions = sorted(self._sessions(), key=lambda s: (str(s["connected_at"]), str(s["id"])))
+        return web.json_response({"items": sessions})

@@ -91,6 +91,8 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     # The outbox (adapters): its entries, dead letters among them, and an operator's acts on
     # them, for admins only (they name documents of every scope, and change what the ERP gets).
     ("GET", "/v1/admin/outbox"): Permission.ADMIN,
+    # Who is connected now (`fieldsync sessions`): every user's and device's name, admins only.
+    ("GET", "/v1/admin/sessions"): Permission.ADMIN,
     ("POST", "/v1/admin/outbox/{entry_id}/retry"): Permission.ADMIN,
     ("POST", "/v1/admin/outbox/{entry_id}/skip"): Permission.ADMIN,
     # The contract (issue 5): the OpenAPI document and its reference page, for anyone who

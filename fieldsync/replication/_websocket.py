@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -43,6 +44,7 @@ class Endpoints:
         self.connections: dict[Connection, web.WebSocketResponse] = {}
         self.sockets = SubjectSockets(limits.max_sockets_per_subject)
         self.draining = False
+        self.opened: dict[Connection, float] = {}  # when each connection opened (epoch)
 
     def _socket(self) -> web.WebSocketResponse:
         # aiohttp's own limit is a backstop (close 1009); frames between the protocol limit and
@@ -113,6 +115,7 @@ class Endpoints:
     async def _serve(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         logs.bind(session=conn.id, subject=conn.principal.subject or None)
         self.connections[conn] = ws
+        self.opened[conn] = time.time()
         sender = asyncio.create_task(self._send(ws, conn))
         try:
             async for message in ws:
@@ -132,6 +135,7 @@ class Endpoints:
                 await asyncio.wait_for(sender, timeout=5)
             conn.shutdown()
             self.connections.pop(conn, None)
+            self.opened.pop(conn, None)
 
     @staticmethod
     async def _send(ws: web.WebSocketResponse, conn: Connection) -> None:
@@ -144,6 +148,26 @@ class Endpoints:
         closed = conn.closed
         if closed is not None and not ws.closed:
             await ws.close(code=closed.code, message=closed.reason.encode()[:120])
+
+    def sessions(self) -> list[dict[str, object]]:
+        """Who is connected now: each socket's session, user, device, app and documents."""
+        described: list[dict[str, object]] = []
+        for conn, opened in list(self.opened.items()):
+            v1 = isinstance(conn, V1Session)
+            platform, version = conn.client if isinstance(conn, V1Session) else ("y-websocket", "")
+            described.append(
+                {
+                    "id": conn.id,
+                    "protocol": "fieldsync.v1" if v1 else "y-websocket",
+                    "subject": conn.principal.subject or None,
+                    "device": (conn.device_id or None) if isinstance(conn, V1Session) else None,
+                    "platform": platform or None,
+                    "version": version or None,
+                    "connected_at": round(opened, 3),
+                    "documents": len(conn.rooms),
+                }
+            )
+        return described
 
     async def drain(self) -> None:
         """Shutting down: tell every device to reconnect elsewhere (4503). A v1 device first

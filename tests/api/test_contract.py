@@ -46,6 +46,7 @@ from tests.api.test_uploads import bomb_png
 from tests.auth.provider import CLIENT_ID, REDIRECT_URI, OpenIDProvider
 from tests.auth.test_flows import PEOPLE, authorize
 from tests.harness import Server, png, running_server
+from tests.wire import connect
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
@@ -329,6 +330,16 @@ async def _operations(c: Contract) -> None:
     await c.call("GET", "/v1/metrics", 200, subject="ada")
     await c.call("GET", "/v1/metrics", 401, request_valid=False)
     await c.call("GET", "/v1/metrics", 403, subject="tina")
+    async with connect(c.server.sync_url, c.server.token("tina")) as wire:
+        welcome = await wire.hello(platform="ios", version="2.5.0", device_id="pad-7")
+        listed = await c.call("GET", "/v1/admin/sessions", 200, subject="ada")
+        (session,) = [s for s in listed.json["items"] if s["id"] == welcome["session"]]
+        assert (session["subject"], session["device"], session["platform"]) == (
+            "tina",
+            "pad-7",
+            "ios",
+        )
+    await c.call("GET", "/v1/admin/sessions", 403, subject="mia")
     scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     await c.call("GET", "/metrics", 200, headers=scrape)
     config = await c.call("GET", "/v1/auth/config", 200)
