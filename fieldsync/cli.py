@@ -2,7 +2,8 @@
 `fieldsync outbox` lets an operator read and act on the outbox, and `fieldsync reference import`
 runs a reference_sql adapter's import now (both with the server running or not);
 `fieldsync backup` copies the data folder while the server runs, `fieldsync restore` puts a
-backup back while it is stopped."""
+backup back while it is stopped; `fieldsync doc`, `devices` and `sessions` are the operators'
+look into documents, devices and who is connected (`fieldsync.admin`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fieldsync import admin
 from fieldsync.adapters import (
     AdapterConfigError,
     AdapterContext,
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_reference_commands(commands)
     _outbox_parser(commands)
     _backup_parsers(commands)
+    admin.add_commands(commands)
     args = parser.parse_args(argv)
 
     if args.command == "settings":
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _outbox(args)
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args)
+    if args.command in ("doc", "devices", "sessions"):
+        return admin.run(args)
     if args.command == "demo":
         from fieldsync.demo import run_demo
 

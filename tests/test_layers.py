@@ -49,6 +49,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "backup": frozenset({"attachments"}),
     "app": EVERYTHING,
     "cli": EVERYTHING,
+    "admin": EVERYTHING,  # the operators' commands of `cli`
     "__main__": EVERYTHING,
     "demo": EVERYTHING,
 }

@@ -40,6 +40,7 @@ from fieldsync.storage._types import (
     Committed,
     Conflict,
     ConflictRecord,
+    DeviceRecord,
     DeviceSeen,
     HistoryEntry,
     ScopeChange,
@@ -303,6 +304,21 @@ class SQLiteStore:
         rows = await self._read(lambda db: db.execute(query, (device_id, subject)).fetchall())
         return float(rows[0][0]) if rows else None
 
+    async def devices(self, subject: str | None = None, limit: int = 1000) -> list[DeviceRecord]:
+        query = (
+            "SELECT device_id, subject, platform, version, last_seen, last_seq FROM devices"
+            " WHERE :subject IS NULL OR subject = :subject ORDER BY last_seen DESC LIMIT :limit"
+        )
+        params = {"subject": subject, "limit": limit}
+        return await self._read(
+            lambda db: [DeviceRecord(*row) for row in db.execute(query, params).fetchall()]
+        )
+
+    def compact(self, doc: str) -> asyncio.Future[int]:
+        """Merge `doc`'s update log into its snapshot in the next group commit (what happens
+        past `compact_after_updates` anyway); resolves with the log rows merged."""
+        return self.transact(lambda txn: _merge_log(txn.db, doc))
+
     async def forms(self, wo: str) -> list[str]:
         query = "SELECT doc FROM doc_index WHERE wo = ? AND type = 'form' ORDER BY doc"
         return await self._read(lambda db: [row[0] for row in db.execute(query, (wo,))])
@@ -451,21 +467,7 @@ class SQLiteStore:
     def _compact(self, db: Database, doc: str) -> None:
         try:
             db.execute("BEGIN IMMEDIATE")
-            snapshot = db.execute("SELECT data FROM snapshots WHERE doc = ?", (doc,)).fetchone()
-            rows = db.execute(
-                "SELECT seq, data FROM updates WHERE doc = ? ORDER BY seq", (doc,)
-            ).fetchall()
-            if rows:
-                upto = rows[-1][0]
-                parts = ([snapshot[0]] if snapshot else []) + [data for _, data in rows]
-                db.execute(
-                    """INSERT INTO snapshots (doc, data, upto_seq) VALUES (?, ?, ?)
-                    ON CONFLICT (doc) DO UPDATE SET
-                        data = excluded.data, upto_seq = excluded.upto_seq""",
-                    (doc, _merge(parts), upto),
-                )
-                db.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (doc, upto))
-            db.execute("UPDATE doc_index SET log_count = 0, log_bytes = 0 WHERE doc = ?", (doc,))
+            _merge_log(db, doc)
             db.execute("COMMIT")
         except Exception:
             db.rollback()
@@ -476,6 +478,24 @@ class SQLiteStore:
 
 
 # Run in the writer thread, inside its transaction.
+
+
+def _merge_log(db: Database, doc: str) -> int:
+    """Merge `doc`'s update log into its snapshot; return how many log rows it merged."""
+    snapshot = db.execute("SELECT data FROM snapshots WHERE doc = ?", (doc,)).fetchone()
+    rows = db.execute("SELECT seq, data FROM updates WHERE doc = ? ORDER BY seq", (doc,)).fetchall()
+    if rows:
+        upto = rows[-1][0]
+        parts = ([snapshot[0]] if snapshot else []) + [data for _, data in rows]
+        db.execute(
+            """INSERT INTO snapshots (doc, data, upto_seq) VALUES (?, ?, ?)
+            ON CONFLICT (doc) DO UPDATE SET
+                data = excluded.data, upto_seq = excluded.upto_seq""",
+            (doc, _merge(parts), upto),
+        )
+        db.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (doc, upto))
+    db.execute("UPDATE doc_index SET log_count = 0, log_bytes = 0 WHERE doc = ?", (doc,))
+    return len(rows)
 
 
 def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int, int]:

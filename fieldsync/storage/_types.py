@@ -89,6 +89,18 @@ class DeviceSeen:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A device as last seen: who used it, with which app, when, and how far it had synced."""
+
+    device_id: str
+    subject: str
+    platform: str | None
+    version: str | None
+    last_seen: float
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Conflict:
     """A domain rule's correction of a merged document: who, what, which rule, the resolution.
     The scope columns are the work order's when it happened, so supervisors list their own."""
@@ -184,6 +196,10 @@ class Devices(Protocol):
 
     async def last_seen(self, device_id: str, subject: str) -> float | None:
         """When this subject's device last connected (epoch seconds), None if never."""
+        ...
+
+    async def devices(self, subject: str | None = None, limit: int = 1000) -> list[DeviceRecord]:
+        """The devices (of one subject, when given), most recently seen first."""
         ...
 
 

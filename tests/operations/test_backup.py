@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
-import sys
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -23,28 +21,11 @@ from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from tests.api.test_uploads import Tus
 from tests.harness import Server, png, running_server, stored_doc, work_order
+from tests.operations.cli import fieldsync
 
 pytestmark = pytest.mark.slow
 
 DEVICES = 3
-
-
-async def fieldsync(data_dir: Path, *args: str) -> tuple[int, str, str]:
-    """The real command line, in its own process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
-    env |= {"FIELDSYNC_DATA_DIR": str(data_dir), "FIELDSYNC_PORT": "0"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fieldsync",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def edit_until(client: Client, doc_id: str, done: Awaitable[Any], first: int) -> int:
