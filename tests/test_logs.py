@@ -51,6 +51,7 @@ async def test_a_request_s_lines_carry_its_id_and_subject(server: Server, lines:
         assert response.status == 403
     (line,) = lines.where(request="edge-4f2a", logger="aiohttp.access")
     assert "/v1/metrics" in line["message"] and line["level"] == "INFO"
+    assert line["subject"] == "tina"
     assert all(token not in text for text in lines.lines)
 
 

@@ -99,11 +99,11 @@ def _authorise(verify: Verify) -> Middleware:
             principal = await verify(token)
         except AuthError as exc:
             return problem(exc.code, exc.message)
+        logs.bind(subject=principal.subject)  # a refusal's lines say whom too
         roles = permission.roles
         if roles is not None and not principal.roles & roles:
             return problem(ErrorCode.FORBIDDEN, "not allowed for your role")
         request[PRINCIPAL] = principal
-        logs.bind(subject=principal.subject)
         return await handler(request)
 
     return authorise

@@ -346,6 +346,9 @@ async def test_draining_closes_4503(tmp_path: Path, issuer: DevIssuer) -> None:
         wire: Wire = await wire_cm.__aenter__()
         await wire.hello()
     assert await wire.closed_with() == (CloseCode.DRAINING, "draining")
+    # Told first, with when to come back: spread, so a node's devices do not all reconnect at once.
+    told = await wire.control("error", code="draining")
+    assert 1 <= told["retry_after"] <= 5
     await wire_cm.__aexit__(None, None, None)
 
 
