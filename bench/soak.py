@@ -54,6 +54,7 @@ class Device:
     device_id: str
     edits: int = 0
     online: bool = True
+    swapping: bool = False  # its client is being replaced: nobody touches it meanwhile
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Soak:
             await asyncio.sleep(rng.expovariate(1 / self.args.interval))
             if self.stopping:
                 return
+            if device.swapping:
+                continue
             device.client.doc(device.doc_id).get("fields", type=Map)[
                 f"meter_{device.device_id}"
             ] = device.edits
@@ -115,9 +118,9 @@ class Soak:
         while not self.stopping:
             await asyncio.sleep(self.args.churn_every)
             action = rng.choice(("offline", "reconnect", "reassign"))
-            candidates = [d for d in self.devices if d.online]
+            candidates = [d for d in self.devices if d.online and not d.swapping]
             if action == "reassign" or not candidates:
-                device = rng.choice(self.devices)
+                device = rng.choice([d for d in self.devices if not d.swapping])
                 fields = device.client.doc(device.doc_id).get("fields", type=Map)
                 fields["assignee"] = rng.choice(TECHNICIANS)
                 self.reassigned += 1
@@ -129,9 +132,11 @@ class Soak:
                 await device.client.go_offline()
                 self._later.add(asyncio.create_task(self._back(device, rng.uniform(2, 10))))
             else:
+                device.swapping = True
                 await device.client.close()
                 device.client = self.client(device.path, device.device_id)
                 await device.client.start()
+                device.swapping = False
 
     async def _back(self, device: Device, after: float) -> None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -202,6 +207,9 @@ def report(soak: Soak, log: list[str], pending: int, minutes: float) -> dict[str
             "interval_s": soak.args.interval,
         },
         "edits": sum(d.edits for d in soak.devices),
+        # What the devices made; below docs x clients / interval, the load generator (one
+        # Python process) could not keep up.
+        "edits_per_s": round(sum(d.edits for d in soak.devices) / max(minutes * 60, 1), 1),
         "updates_stored_per_s": round(stored / max((last["minute"] - first["minute"]) * 60, 1), 1),
         "churn": {**soak.churned, "reassigned": soak.reassigned},
         "samples": len(soak.samples),
