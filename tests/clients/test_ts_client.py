@@ -1,0 +1,38 @@
+"""`@fieldsync/client` (clients/ts) against a running server: the Node tests of the package
+(`clients/ts/test/*.test.mjs`, node's own test runner on the compiled JavaScript), each file
+with a fresh server and development issuer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fieldsync.auth import DevIssuer
+from tests.clients.conftest import run_node_tests
+from tests.harness import Server
+
+SHORT_TTL = 4  # seconds: the renewal test outlives it
+
+
+def _env(server: Server[DevIssuer]) -> dict[str, str]:
+    return {
+        "FIELDSYNC_SYNC_URL": server.sync_url,
+        "FIELDSYNC_TOKEN_URL": server.issuer.issuer + "/token",
+        "FIELDSYNC_SHORT_TOKEN": server.token("tina", ttl=SHORT_TTL),
+    }
+
+
+@pytest.mark.parametrize(
+    "test_file",
+    [
+        "codec.test.mjs",
+        "many_documents.test.mjs",
+        "offline_restart.test.mjs",
+        "scope.test.mjs",
+        "refused_edit.test.mjs",
+        "token_renewal.test.mjs",
+    ],
+)
+async def test_node(ts_client: Path, server: Server[DevIssuer], test_file: str) -> None:
+    await run_node_tests(ts_client, test_file, _env(server), timeout=60)
