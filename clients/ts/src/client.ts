@@ -512,8 +512,10 @@ export class FieldsyncClient {
 
   /** One connection, from open to close; resolves with the close code and reason. */
   private async session (): Promise<FatalEvent> {
-    const token = await this.tokenValue()
-    if (!this.online) return { code: 1000, reason: 'offline' }
+    // A token source may hang (no network to the identity provider): `stop()` must not.
+    const stopped = new Promise<null>((resolve) => { this.wake = () => resolve(null) })
+    const token = await Promise.race([this.tokenValue(), stopped])
+    if (token === null || !this.online) return { code: 1000, reason: 'offline' }
     this.emit('status', 'connecting')
     return await new Promise<FatalEvent>((resolve) => {
       const ws = new this.WebSocketImpl(this.url)
