@@ -9,18 +9,8 @@ from pathlib import Path
 import pytest
 
 from fieldsync.auth import DevIssuer
-from tests.clients.conftest import run_node_tests
+from tests.clients.conftest import node_env, run_node_tests
 from tests.harness import Server
-
-SHORT_TTL = 4  # seconds: the renewal test outlives it
-
-
-def _env(server: Server[DevIssuer]) -> dict[str, str]:
-    return {
-        "FIELDSYNC_SYNC_URL": server.sync_url,
-        "FIELDSYNC_TOKEN_URL": server.issuer.issuer + "/token",
-        "FIELDSYNC_SHORT_TOKEN": server.token("tina", ttl=SHORT_TTL),
-    }
 
 
 @pytest.mark.parametrize(
@@ -35,4 +25,4 @@ def _env(server: Server[DevIssuer]) -> dict[str, str]:
     ],
 )
 async def test_node(ts_client: Path, server: Server[DevIssuer], test_file: str) -> None:
-    await run_node_tests(ts_client, test_file, _env(server), timeout=60)
+    await run_node_tests(ts_client, test_file, node_env(server), timeout=60)

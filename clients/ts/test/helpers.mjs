@@ -28,17 +28,22 @@ export async function token (user) {
   return (await response.json()).access_token
 }
 
-/** A started client for `user`; `options` override (storage, token, zstd, ...). */
-export async function device (user, options = {}) {
-  const client = new FieldsyncClient({
+/** A client for `user`, not started; `options` override (storage, token, zstd, ...). */
+export function newDevice (user, options = {}) {
+  return new FieldsyncClient({
     url: SYNC_URL,
     token: () => token(user),
     storage: new MemoryStorage(),
     WebSocket,
     platform: 'test',
-    backoff: { base: 20, cap: 200 },
+    backoff: { base: 20, cap: 500 },
     ...options
   })
+}
+
+/** A started client for `user`. */
+export async function device (user, options = {}) {
+  const client = newDevice(user, options)
   await client.start()
   return client
 }
