@@ -17,6 +17,7 @@ from tests.harness import Server
     "test_file",
     [
         "codec.test.mjs",
+        "storage.test.mjs",
         "many_documents.test.mjs",
         "offline_restart.test.mjs",
         "scope.test.mjs",
