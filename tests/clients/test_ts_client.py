@@ -23,6 +23,7 @@ from tests.harness import Server
         "scope.test.mjs",
         "refused_edit.test.mjs",
         "token_renewal.test.mjs",
+        "awareness.test.mjs",
     ],
 )
 async def test_node(ts_client: Path, server: Server[DevIssuer], test_file: str) -> None:
