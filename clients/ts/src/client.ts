@@ -83,8 +83,9 @@ export interface ResetEvent {
 
 export interface ScopeEvent { added: string[], removed: string[] }
 
-/** The server closed the socket for good: sign in again (4401 `reauthenticate`), the user lost
- * access (4403), or the app must be upgraded (4426). The client stays offline. */
+/** The server closed the socket for good: sign in again (4401 `reauthenticate`, or
+ * `token_expired` with a fixed token string), the user lost access (4403), or the app must be
+ * upgraded (4426). The client stays offline until `start()` is called again. */
 export interface FatalEvent { code: number, reason: string }
 
 export interface Events {
@@ -131,11 +132,6 @@ function randomId (): string {
 
 function stateVector (doc: Y.Doc): Map<number, number> {
   return Y.decodeStateVector(Y.encodeStateVector(doc))
-}
-
-/** A Yjs v1 update with no structs and an empty delete set. */
-function isEmptyUpdate (update: Uint8Array): boolean {
-  return update.length === 2 && update[0] === 0 && update[1] === 0
 }
 
 function toBytes (data: unknown): Uint8Array {
@@ -488,8 +484,9 @@ export class FieldsyncClient {
         // The token source failed, or the socket could not be made: try again later.
       }
       if (close !== null) {
+        // A fixed token that expired never becomes valid again: only a token source renews.
         const fatal = close.code === FORBIDDEN || close.code === UPGRADE_REQUIRED ||
-          (close.code === UNAUTHORIZED && close.reason === 'reauthenticate')
+          (close.code === UNAUTHORIZED && (close.reason === 'reauthenticate' || typeof this.token === 'string'))
         if (fatal) {
           this.online = false
           this.emit('fatal', close)
@@ -716,15 +713,12 @@ export class FieldsyncClient {
       for (const [client, value] of Y.decodeStateVector(y.payload)) clock[String(client)] = value
       this.acked(id, clock)
       this.resynced.add(id)
-      const diff = Y.encodeStateAsUpdate(doc, y.payload)
-      // Nothing the server lacks (no structs, no deletions): no step 2, which would be
-      // acknowledged for nothing. 500 documents come back from a day offline, most unchanged.
-      const replies = isEmptyUpdate(diff) ? [] : [encodeDoc(id, encodeSync(SyncStep.Step2, diff))]
+      const replies = [encodeDoc(id, encodeSync(SyncStep.Step2, Y.encodeStateAsUpdate(doc, y.payload)))]
       const awareness = this.awarenesses.get(id)
       if (awareness?.getLocalState() != null) {
         replies.push(encodeDoc(id, encodeAwareness(awarenessProtocol.encodeAwarenessUpdate(awareness, [awareness.clientID]))))
       }
-      if (replies.length > 0) this.send(replies)
+      this.send(replies)
       return
     }
     Y.applyUpdate(doc, y.payload, this)

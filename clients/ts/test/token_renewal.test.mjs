@@ -2,7 +2,7 @@
 // client asks its token source for a fresh one and renews in band, and the socket stays.
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { createWorkOrder, device, eventually, newId, token } from './helpers.mjs'
+import { createWorkOrder, device, eventually, newId, next, token } from './helpers.mjs'
 
 const SHORT = process.env.FIELDSYNC_SHORT_TOKEN
 const expiresAt = JSON.parse(Buffer.from(SHORT.split('.')[1], 'base64url')).exp
@@ -27,4 +27,12 @@ test('a token about to expire is renewed on the same socket', async () => {
   await eventually(() => sam.doc(id).getText('notes').toString().startsWith('after renewal'), 10_000, 'the note')
   assert.equal(tina.traffic.sockets, 1, 'never reconnected')
   for (const client of [tina, sam]) await client.destroy()
+})
+
+test('a fixed token that expires takes the client offline with `fatal`, not into a reconnect loop', async () => {
+  const tina = await device('tina', { token: SHORT })
+  const fatal = await next(tina, 'fatal', () => true, 15_000)
+  assert.deepEqual(fatal, { code: 4401, reason: 'token_expired' })
+  assert.equal(tina.traffic.sockets, 1)
+  await tina.destroy()
 })
