@@ -293,7 +293,8 @@ export class FieldsyncClient {
       : this.pendingEdits.filter((edit) => edit.doc === doc).length
   }
 
-  /** Resolves once the server holds every local edit (of `doc`, or all) durably. */
+  /** Resolves once no local edit (of `doc`, or all) is pending: each is held durably by the
+   * server, or was refused by it (`reset` names those). */
   waitAcked (doc?: string, timeoutMs = 30_000): Promise<void> {
     return this.waitFor(() => this.pending(doc) === 0, timeoutMs, `edits of ${doc ?? 'every document'} acknowledged`)
   }
