@@ -33,6 +33,7 @@ from fieldsync.client import Client
 from fieldsync.config import Settings
 
 ROOT = Path(__file__).parent.parent
+CHECKLIST = ("Check seals", "Measure vibration", "Test relief valve", "Grease bearings", "Photo")
 USERS = {
     "sam": DevUser("sam", ("supervisor",), "north", "east", "Sam Supervisor"),
     "tina": DevUser("tina", ("technician",), "north", "east", "Tina Tech"),
@@ -58,9 +59,7 @@ def work_order(doc_id: str, n: int) -> Doc:
         },
         [
             {"id": f"c{i}", "label": label, "required": i < 3, "done": False}
-            for i, label in enumerate(
-                ("Check seals", "Measure vibration", "Test relief valve", "Grease bearings", "Photo")
-            )
+            for i, label in enumerate(CHECKLIST)
         ],
         "Access through the north gate; the key is at the reception. ",
         by="sam",
@@ -80,7 +79,9 @@ async def day_of_edits(sam: Client, ids: list[str], round_: int) -> None:
     await sam.wait_acked(timeout=120)
 
 
-async def run_device(mode: str, url: str, token: str, ids_file: Path, sam: Client, ids: list[str]):
+async def run_device(
+    mode: str, url: str, token: str, ids_file: Path, sam: Client, ids: list[str]
+) -> list[dict[str, Any]]:
     process = await asyncio.create_subprocess_exec(
         "node",
         str(ROOT / "bench" / "ts_client_sync.mjs"),
