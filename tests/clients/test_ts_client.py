@@ -10,7 +10,9 @@ import pytest
 
 from fieldsync.auth import DevIssuer
 from tests.clients.conftest import node_env, run_node_tests
-from tests.harness import Server
+from tests.harness import Server, running_server
+
+AWAY = 1  # seconds of absence that break the offline contract in `offline_too_long.test.mjs`
 
 
 @pytest.mark.parametrize(
@@ -28,3 +30,9 @@ from tests.harness import Server
 )
 async def test_node(ts_client: Path, server: Server[DevIssuer], test_file: str) -> None:
     await run_node_tests(ts_client, test_file, node_env(server), timeout=60)
+
+
+async def test_node_offline_too_long(ts_client: Path, issuer: DevIssuer, tmp_path: Path) -> None:
+    async with running_server(tmp_path / "data", issuer, max_offline_days=AWAY / 86_400) as server:
+        env = {**node_env(server), "FIELDSYNC_MAX_OFFLINE_SECONDS": str(AWAY)}
+        await run_node_tests(ts_client, "offline_too_long.test.mjs", env, timeout=60)

@@ -377,7 +377,20 @@ export class FieldsyncClient {
     this.scheduleWrite()
   }
 
+  /** Drop a document from the device, with its queued edits (out of scope, or refused). */
   private forget (id: string): void {
+    this.release(id)
+    this.pendingEdits = this.pendingEdits.filter((edit) => edit.doc !== id)
+    this.changes.edits = this.changes.edits.filter((edit) => edit.doc !== id)
+    this.changes.docs.delete(id)
+    this.changes.forgotten.push(id)
+    this.scheduleWrite()
+    if (this.catchingUp?.delete(id) === true) this.advance()
+    this.notify()
+  }
+
+  /** Let go of the replica of `id` in memory (its queued edits stay). */
+  private release (id: string): void {
     this.unobserve.get(id)?.()
     this.unobserve.delete(id)
     this.docs.delete(id)
@@ -388,13 +401,7 @@ export class FieldsyncClient {
     this.resynced.delete(id)
     this.synced.delete(id)
     this.dirty.delete(id)
-    this.pendingEdits = this.pendingEdits.filter((edit) => edit.doc !== id)
-    this.changes.edits = this.changes.edits.filter((edit) => edit.doc !== id)
-    this.changes.docs.delete(id)
-    this.changes.forgotten.push(id)
-    this.scheduleWrite()
-    if (this.catchingUp?.delete(id) === true) this.advance()
-    this.notify()
+    this.reapply.delete(id)
   }
 
   // --- storage --------------------------------------------------------------------------
@@ -461,6 +468,11 @@ export class FieldsyncClient {
     const stored = await this.storage.load()
     for (const [id, state] of stored.docs) this.open(id, state)
     this.pendingEdits = stored.pending.slice()
+    // A queued edit is in its document's stored state, unless the app stopped between a reset
+    // and the server's copy arriving: applying it again changes nothing in the first case.
+    for (const edit of this.pendingEdits) {
+      Y.applyUpdate(this.docs.get(edit.doc) ?? this.open(edit.doc, null), edit.update, this)
+    }
     this.nextSeq = this.pendingEdits.reduce((max, edit) => Math.max(max, edit.seq), 0) + 1
     this.since = Number(stored.meta.get('since') ?? 0)
     const principal = stored.meta.get('principal')
@@ -724,7 +736,8 @@ export class FieldsyncClient {
     }
     Y.applyUpdate(doc, y.payload, this)
     if (y.step === SyncStep.Step2) {
-      for (const update of this.reapply.get(id) ?? []) Y.applyUpdate(doc, update) // as local edits
+      // Still queued as they were (see `reset`): applied as the server's, not queued again.
+      for (const update of this.reapply.get(id) ?? []) Y.applyUpdate(doc, update, this)
       this.reapply.delete(id)
       this.synced.add(id)
       this.emit('synced', id)
@@ -755,18 +768,26 @@ export class FieldsyncClient {
   /** The server told this device to drop its copy. Edits the server refused go to `rejected`
    * (and the event) for the app to show; after any other reset (the server lost its copy in
    * memory, the device was offline too long) the unacknowledged edits are applied again on top
-   * of the server's state, so no field work is lost. */
+   * of the server's state once it arrives, so no field work is lost. They stay queued (in
+   * memory and in storage) meanwhile: re-applied, an update makes the same Yjs items, with the
+   * same client ids and clocks, so the acks that will cover them are the ones they wait for. */
   private reset (id: string, reason: string): void {
     const kept = this.pendingEdits.filter((edit) => edit.doc === id).map((edit) => edit.update)
     const awareness = this.awarenesses.get(id)
     const local = awareness?.getLocalState() ?? null
-    this.forget(id)
     const refused = REFUSED.has(reason)
-    if (refused) for (const update of kept) this.rejected.push({ doc: id, reason, update })
+    if (refused) {
+      this.forget(id)
+      for (const update of kept) this.rejected.push({ doc: id, reason, update })
+    } else {
+      this.release(id)
+    }
     // `forbidden`: the document is not the user's (any more): asking again would be refused
     // again. Otherwise the server's copy is synced afresh.
     if (reason !== 'forbidden') {
       this.open(id, null)
+      this.dirty.add(id) // the dropped copy leaves storage too
+      this.scheduleWrite()
       if (!refused) this.reapply.set(id, kept)
       if (local !== null) this.awareness(id).setLocalState(local)
       this.send([this.step1(id)])

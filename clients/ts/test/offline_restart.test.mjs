@@ -7,6 +7,7 @@ import assert from 'node:assert/strict'
 import { mkdtemp } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import * as Y from 'yjs'
 import { IndexedDBStorage, workOrder } from '../dist/index.js'
 import { FileStorage, createWorkOrder, device, eventually, newId } from './helpers.mjs'
 
@@ -67,3 +68,28 @@ async function offlineRestart (storage) {
   await third.destroy()
   await sam.destroy()
 }
+
+test('an app stopped between a reset and the server copy keeps its queued edits', async () => {
+  const sam = await device('sam')
+  await sam.waitCaughtUp()
+  const id = newId('reset-crash')
+  createWorkOrder(sam, id)
+  await sam.waitAcked()
+  const path = join(await mkdtemp(join(tmpdir(), 'fieldsync-ts-')), 'device.json')
+  const first = await device('tina', { storage: new FileStorage(path) })
+  await first.waitSynced(id)
+  await first.stop()
+  first.doc(id).getText('notes').insert(0, 'kept through the reset ')
+  await first.destroy()
+  // What a reset leaves in storage until the server's copy arrives: an empty document (the
+  // dropped copy), and the edits still queued.
+  const empty = Y.encodeStateAsUpdate(new Y.Doc())
+  await new FileStorage(path).write({ forgotten: [], docs: new Map([[id, empty]]), edits: [], acked: [], meta: new Map() })
+
+  const second = await device('tina', { storage: new FileStorage(path) })
+  assert.equal(second.pending(id), 1)
+  assert.equal(second.doc(id).getText('notes').toString(), 'kept through the reset ')
+  await second.waitAcked()
+  await eventually(() => sam.doc(id).getText('notes').toString() === 'kept through the reset ', 10_000, 'the note at the server')
+  for (const client of [second, sam]) await client.destroy()
+})
