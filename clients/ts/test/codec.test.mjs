@@ -30,3 +30,15 @@ test('malformed frames are refused with ProtocolError, never another error', () 
   ]
   for (const frame of bad) assert.throws(() => decodeFrame(frame, 1 << 20), ProtocolError, `frame ${[...frame]}`)
 })
+
+test('zstd frames are decompressed up to the body limit and refused past it', () => {
+  // flags 1, then `zstandard.ZstdCompressor(level=3).compress(body)` of a 5,024-byte CONTROL
+  // body {"type":"pad","pad":"aaaa…"} (made with the server's library).
+  const frame = new Uint8Array([1, ...Buffer.from(
+    '28b52ffd60a012f50000a0007b2274797065223a22706164222c3a2261227d02008483eb43845207', 'hex')])
+  const [message] = decodeFrame(frame, 5024)
+  assert.equal(message.body.type, 'pad')
+  assert.equal(message.body.pad.length, 5000)
+  assert.throws(() => decodeFrame(frame, 5023), ProtocolError) // one byte over: a bomb's fate
+  assert.throws(() => decodeFrame(frame.subarray(0, 20), 1 << 20), ProtocolError) // truncated
+})
