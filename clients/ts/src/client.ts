@@ -18,7 +18,7 @@ import {
   encodeFrame,
   encodeSync
 } from './codec.js'
-import { type Changes, MemoryStorage, type PendingEdit, type Storage, emptyChanges, isEmpty } from './storage.js'
+import { type Changes, MemoryStorage, type PendingEdit, type Storage, emptyChanges, isEmpty, mergeChanges } from './storage.js'
 
 export const VERSION = '0.1.0'
 
@@ -119,6 +119,7 @@ const DRAINING = 4503
 const DEFAULT_MAX_FRAME = 1 << 20
 const DEFAULT_MAX_BODY = 8 << 20
 const OPEN = 1
+const STORAGE_RETRY_MS = 1_000
 
 type Listener<T> = (value: T) => void
 
@@ -425,7 +426,14 @@ export class FieldsyncClient {
     this.changes = emptyChanges()
     // Writes run one after the other, in order: an edit is stored before its ack deletes it.
     this.writing = this.writing.then(async () => await this.storage.write(changes)).catch((error) => {
+      // Nothing is dropped: the failed changes go first into the next write (the disk full
+      // now may have room later), and the app hears of it.
+      this.changes = mergeChanges(changes, this.changes)
       this.emit('error', { type: 'error', code: 'storage_failed', message: String(error) })
+      if (!this.writeScheduled) {
+        this.writeScheduled = true
+        setTimeout(() => this.write(), STORAGE_RETRY_MS)
+      }
     })
   }
 

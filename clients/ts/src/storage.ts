@@ -64,6 +64,21 @@ export function isEmpty (changes: Changes): boolean {
     changes.acked.length === 0 && changes.meta.size === 0
 }
 
+/** One `Changes` that does what `older` then `newer` do (a failed write is retried with the
+ * next one). */
+export function mergeChanges (older: Changes, newer: Changes): Changes {
+  const gone = new Set(newer.forgotten)
+  const docs = new Map([...older.docs].filter(([doc]) => !gone.has(doc)))
+  for (const [doc, state] of newer.docs) docs.set(doc, state)
+  return {
+    forgotten: [...new Set([...older.forgotten, ...newer.forgotten])],
+    docs,
+    edits: older.edits.filter((edit) => !gone.has(edit.doc)).concat(newer.edits),
+    acked: older.acked.filter((edit) => !gone.has(edit.doc)).concat(newer.acked),
+    meta: new Map([...older.meta, ...newer.meta])
+  }
+}
+
 /**
  * Applies `changes` to plain maps; the reference semantics every `Storage` follows, used by
  * `MemoryStorage` (and handy for a storage that persists a whole snapshot at a time).

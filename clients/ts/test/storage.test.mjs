@@ -73,3 +73,30 @@ for (const [name, make] of Object.entries(backends)) {
     })
   })
 }
+
+test('a failed write is reported and retried with the next one: nothing is dropped', async () => {
+  const { MemoryStorage: Memory } = await import('../dist/index.js')
+  const { newDevice } = await import('./helpers.mjs')
+  class Flaky extends Memory {
+    failures = 1
+    async write (changes) {
+      if (this.failures-- > 0) throw new Error('QuotaExceededError')
+      await super.write(changes)
+    }
+  }
+  const storage = new Flaky()
+  const client = newDevice('tina', { storage, token: () => new Promise(() => {}) }) // offline
+  const errors = []
+  client.on('error', (e) => errors.push(e.code))
+  await client.start()
+  client.doc('wo:flaky').getText('notes').insert(0, 'first ')
+  await client.flush() // this write fails
+  assert.deepEqual(errors, ['storage_failed'])
+  client.doc('wo:flaky').getText('notes').insert(6, 'second')
+  await client.flush() // carries both
+  const state = await storage.load()
+  assert.equal(state.pending.length, 2)
+  assert.ok(state.docs.has('wo:flaky'))
+  assert.equal(state.meta.get('device_id'), client.deviceId)
+  await client.destroy()
+})
