@@ -300,7 +300,8 @@ export class FieldsyncClient {
     return this.waitFor(() => this.pending(doc) === 0, timeoutMs, `edits of ${doc ?? 'every document'} acknowledged`)
   }
 
-  /** Resolves once `id` has synced with the server on the current connection. */
+  /** Resolves once `id` has synced with the server (received the server's copy) since the
+   * device opened it, or since the server last listed it as changed. */
   waitSynced (id: string, timeoutMs = 30_000): Promise<void> {
     this.doc(id)
     return this.waitFor(() => this.synced.has(id), timeoutMs, `${id} synced`)
