@@ -695,7 +695,10 @@ export class FieldsyncClient {
   /** Sync every listed document; `since` moves to `upto` only once all of them are synced, so a
    * crash in between never skips a change. */
   private changesPage (page: { docs?: Array<{ id: string }>, removed?: string[], upto: number, more?: boolean }): void {
-    for (const id of page.removed ?? []) if (this.docs.has(id)) this.forget(id)
+    // Documents that left the scope while the device was away: as a live `scope` would say.
+    const removed = (page.removed ?? []).filter((id) => this.docs.has(id))
+    for (const id of removed) this.forget(id)
+    if (removed.length > 0) this.emit('scope', { added: [], removed })
     const wanted = (page.docs ?? []).map((d) => d.id)
     if (this.catchingUp === null) this.catchingUp = new Set()
     for (const id of wanted) {
@@ -802,5 +805,8 @@ export class FieldsyncClient {
       this.send([this.step1(id)])
     }
     this.emit('reset', { doc: id, reason, rejected: refused ? kept : [] })
+    // A document offered on connect that was reassigned meanwhile is refused before `changes`
+    // can list it as removed: the app hears of it as of any other that left the scope.
+    if (reason === 'forbidden') this.emit('scope', { added: [], removed: [id] })
   }
 }

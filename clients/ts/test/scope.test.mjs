@@ -32,3 +32,25 @@ test('a reassigned work order leaves the device', async () => {
   assert.equal(tom.doc(id).getMap('fields').get('title'), `Inspect pump ${id}`)
   for (const client of [tina, tom, sam]) await client.destroy()
 })
+
+test('a work order reassigned while the device was offline leaves it when it comes back', async () => {
+  const sam = await device('sam')
+  await sam.waitCaughtUp()
+  const id = newId('scope-offline')
+  createWorkOrder(sam, id, { assignee: 'tina' })
+  await sam.waitAcked()
+  const tina = await device('tina')
+  await tina.waitCaughtUp()
+  await tina.stop()
+
+  sam.doc(id).getMap('fields').set('assignee', 'tom')
+  await sam.waitAcked()
+  const removed = next(tina, 'scope', (event) => event.removed.includes(id))
+  await tina.start()
+  await removed
+  await tina.waitCaughtUp()
+  assert.ok(!tina.documents().includes(id))
+  await tina.flush()
+  assert.ok(!(await tina.storage.load()).docs.has(id))
+  for (const client of [tina, sam]) await client.destroy()
+})
