@@ -36,3 +36,11 @@ async def test_node_offline_too_long(ts_client: Path, issuer: DevIssuer, tmp_pat
     async with running_server(tmp_path / "data", issuer, max_offline_days=AWAY / 86_400) as server:
         env = {**node_env(server), "FIELDSYNC_MAX_OFFLINE_SECONDS": str(AWAY)}
         await run_node_tests(ts_client, "offline_too_long.test.mjs", env, timeout=60)
+
+
+async def test_node_many_documents_in_pages(
+    ts_client: Path, issuer: DevIssuer, tmp_path: Path
+) -> None:
+    """The catch-up of 60 work orders in `changes` pages of 7: `since` moves past the last."""
+    async with running_server(tmp_path / "data", issuer, changes_page=7) as server:
+        await run_node_tests(ts_client, "many_documents.test.mjs", node_env(server), timeout=60)
