@@ -31,8 +31,9 @@ export interface WebSocketLike {
   binaryType: string
   readonly readyState: number
   onopen: ((event: any) => void) | null
-  onmessage: ((event: { data: any }) => void) | null
-  onclose: ((event: { code: number, reason: string }) => void) | null
+  // `any` events: each runtime types its own (ws, the DOM, React Native), all with these members.
+  onmessage: ((event: any /* { data } */) => void) | null
+  onclose: ((event: any /* { code, reason } */) => void) | null
   onerror: ((event: any) => void) | null
   send: (data: Uint8Array) => void
   close: (code?: number, reason?: string) => void
