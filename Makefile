@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 run: $(VENV)/.installed
 	$(BIN)/fieldsync demo
 
-test: $(VENV)/.installed tests/interop/node_modules/.installed
+test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.installed
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 tests/interop/node_modules/.installed: tests/interop/package.json tests/interop/package-lock.json
 	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The TypeScript client (`@fieldsync/client`): installed and built before the tests that run it.
+clients/ts/dist/.built: clients/ts/package.json clients/ts/package-lock.json clients/ts/tsconfig.json $(wildcard clients/ts/src/*.ts)
+	cd clients/ts && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 	touch $@
 
 clean:
