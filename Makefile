@@ -32,4 +32,4 @@ clients/ts/dist/.built: clients/ts/package.json clients/ts/package-lock.json cli
 	touch $@
 
 clean:
-	rm -rf $(VENV) .data tests/interop/node_modules
+	rm -rf $(VENV) .data tests/interop/node_modules clients/ts/node_modules clients/ts/dist
