@@ -130,9 +130,8 @@ async def cost(target: str, docs: int, updates: int, reps: int) -> None:
     without, with_ = (statistics.median(rates[s]) for s in (False, True))
     print(f"cost: {updates} edits on {docs} work orders, {reps} reps alternating")
     for subscribed, label in ((False, "no adapter"), (True, "erp_sql subscribed")):
-        print(
-            f"  {label:>18}: durable updates/s [{', '.join(f'{r:,.0f}' for r in rates[subscribed])}]"
-        )
+        figures = ", ".join(f"{r:,.0f}" for r in rates[subscribed])
+        print(f"  {label:>18}: durable updates/s [{figures}]")
     print(f"  ratio with/without: {with_ / without:.2f} (target at least 0.90)")
 
 
