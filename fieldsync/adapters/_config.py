@@ -18,14 +18,15 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from fieldsync.adapters._base import Adapter, AdapterConfigError, DocumentWriter
-from fieldsync.storage import Outbox, ReferenceStore
+from fieldsync.records import Person
+from fieldsync.storage import Directory, Outbox, ReferenceStore
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -51,12 +52,16 @@ _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 class AdapterContext:
     """What a kind's factory is given besides its table: where it may keep files, the store's
     outbox and reference data, and the write path (as a service principal) for inbound kinds;
-    `writer` is None where no write path is wired (the CLI's operator commands)."""
+    `writer` is None where no write path is wired (the CLI's operator commands). The directory
+    kind keeps `directory` and tells the server of the people a sync changed through
+    `directory_changed` (which closes or rescopes their sessions)."""
 
     data_dir: Path
     outbox: Outbox
     reference: ReferenceStore
     writer: DocumentWriter | None = None
+    directory: Directory | None = None
+    directory_changed: Callable[[Sequence[Person]], Awaitable[None]] | None = None
 
 
 _MISSING: Final[Any] = object()
@@ -278,6 +283,7 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 # The kinds fieldsync ships: kind -> "module:factory", imported when an adapters file names
 # the kind (a kind's client libraries load only where it is used). One line per kind.
 KINDS: dict[str, str] = {
+    "ldap": "fieldsync.adapters._ldap:build",
     # "erp_sql": "fieldsync.adapters._erp_sql:build",
 }
 

@@ -1,0 +1,162 @@
+"""A real OpenLDAP `slapd` for the directory tests: its own configuration in a temporary
+directory (slapd.conf, mdb, the core/cosine/inetorgperson/nis schemas of /etc/ldap/schema) on
+a free loopback port; never the system's slapd.
+
+Clients other than the rootdn read through `cn=reader`, whose searches are limited to
+`SIZE_LIMIT` entries unless paged (RFC 2696): a sync that did not page would fail here."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import ldap3
+import pytest
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.dn import escape_rdn
+
+SUFFIX = "dc=example,dc=org"
+ROOT_DN = f"cn=admin,{SUFFIX}"
+ROOT_PASSWORD = "root-secret"
+READER_DN = f"cn=reader,{SUFFIX}"
+READER_PASSWORD = "reader-secret"
+SIZE_LIMIT = 1000
+SCHEMAS = ("core", "cosine", "inetorgperson", "nis")
+MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap", "/usr/lib/aarch64-linux-gnu/ldap")
+
+
+def slapd_binary() -> str:
+    """slapd's path; skips without it, or fails when CI says it must be there."""
+    found = shutil.which("slapd") or shutil.which("slapd", path="/usr/sbin")
+    if found is not None:
+        return found
+    message = "the directory tests need OpenLDAP's slapd (apt-get install slapd ldap-utils)"
+    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message} (FIELDSYNC_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _config(root: Path) -> str:
+    module_dir = next((d for d in MODULE_DIRS if Path(d, "back_mdb.la").exists()), None)
+    modules = f"modulepath {module_dir}\nmoduleload back_mdb\n" if module_dir else ""
+    schemas = "".join(f"include /etc/ldap/schema/{name}.schema\n" for name in SCHEMAS)
+    return f"""{schemas}{modules}
+pidfile {root}/slapd.pid
+argsfile {root}/slapd.args
+sizelimit size.soft={SIZE_LIMIT} size.hard={SIZE_LIMIT} size.pr=unlimited size.prtotal=unlimited
+database mdb
+maxsize 268435456
+suffix "{SUFFIX}"
+rootdn "{ROOT_DN}"
+rootpw {ROOT_PASSWORD}
+directory {root}/data
+access to attrs=userPassword by anonymous auth by * none
+access to * by * read
+"""
+
+
+class Slapd:
+    """One slapd process on `url`, its database under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"ldap://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "slapd.conf").write_text(_config(root))
+
+    def load(self, ldif: str) -> None:
+        """Add entries offline (slapadd), before `start`: fast enough for thousands."""
+        path = self.root / "seed.ldif"
+        path.write_text(ldif)
+        slapadd = str(Path(slapd_binary()).with_name("slapadd"))
+        subprocess.run(
+            [slapadd, "-q", "-f", str(self.root / "slapd.conf"), "-l", str(path)],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        binary = slapd_binary()
+        self._process = subprocess.Popen(
+            [binary, "-d", "0", "-f", str(self.root / "slapd.conf"), "-h", f"{self.url}/"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def ready(self, timeout: float = 10.0) -> None:
+        """Wait until it answers a bind (blocking)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                err = self._process.stderr.read().decode() if self._process.stderr else ""
+                raise RuntimeError(f"slapd exited: {err[-2000:]}")
+            try:
+                self.connect().unbind()
+                return
+            except LDAPException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # not listening yet: there is nothing to wait on but time
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+
+    def connect(self) -> ldap3.Connection:
+        """A connection as the rootdn, to change the directory under the adapter."""
+        server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=2)
+        return ldap3.Connection(
+            server, ROOT_DN, ROOT_PASSWORD, auto_bind=True, raise_exceptions=True, receive_timeout=5
+        )
+
+
+def base_entries() -> str:
+    return ldif(
+        [
+            (SUFFIX, {"objectClass": ["dcObject", "organization"], "dc": "example", "o": "Ex"}),
+            (
+                READER_DN,
+                {
+                    "objectClass": ["organizationalRole", "simpleSecurityObject"],
+                    "cn": "reader",
+                    "userPassword": READER_PASSWORD,
+                },
+            ),
+        ]
+    )
+
+
+def ldif(entries: Iterable[tuple[str, Mapping[str, str | Sequence[str]]]]) -> str:
+    """LDIF of `entries` (RFC 2849), every value base64 so any text goes through."""
+    out = []
+    for dn, attributes in entries:
+        lines = [f"dn:: {base64.b64encode(dn.encode()).decode()}"]
+        for name, value in attributes.items():
+            for item in [value] if isinstance(value, str) else value:
+                lines.append(f"{name}:: {base64.b64encode(item.encode()).decode()}")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def person_dn(uid: str, ou: str) -> str:
+    return f"uid={escape_rdn(uid)},ou={escape_rdn(ou)},{SUFFIX}"
+
+
+def group_dn(cn: str, ou: str) -> str:
+    return f"cn={escape_rdn(cn)},ou={escape_rdn(ou)},{SUFFIX}"
