@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -205,15 +206,24 @@ def read_directory(settings: LdapSettings) -> DirectoryRead:
         server,
         settings.bind_dn,
         settings.bind_password,
-        receive_timeout=settings.timeout_s,
+        # Whole seconds: ldap3 packs it into SO_RCVTIMEO as an integer.
+        receive_timeout=max(1, math.ceil(settings.timeout_s)),
         raise_exceptions=True,
         read_only=True,
     )
-    connection.bind()
     try:
+        connection.bind()
         return _read(connection, settings)
     finally:
-        connection.unbind()
+        close(connection)
+
+
+def close(connection: ldap3.Connection) -> None:
+    """Unbind, and close the socket even when it never connected (ldap3 keeps a socket whose
+    connect failed open)."""
+    connection.unbind()
+    if connection.socket is not None:
+        connection.socket.close()
 
 
 def _search(

@@ -21,6 +21,8 @@ import pytest
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import escape_rdn
 
+from fieldsync.adapters._ldap import close
+
 SUFFIX = "dc=example,dc=org"
 ROOT_DN = f"cn=admin,{SUFFIX}"
 ROOT_PASSWORD = "root-secret"
@@ -91,26 +93,30 @@ class Slapd:
 
     def start(self) -> None:
         binary = slapd_binary()
-        self._process = subprocess.Popen(
-            [binary, "-d", "0", "-f", str(self.root / "slapd.conf"), "-h", f"{self.url}/"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with (self.root / "slapd.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                [binary, "-d", "0", "-f", str(self.root / "slapd.conf"), "-h", f"{self.url}/"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
 
     def ready(self, timeout: float = 10.0) -> None:
         """Wait until it answers a bind (blocking)."""
         deadline = time.monotonic() + timeout
         while True:
             if self._process is not None and self._process.poll() is not None:
-                err = self._process.stderr.read().decode() if self._process.stderr else ""
-                raise RuntimeError(f"slapd exited: {err[-2000:]}")
+                log = (self.root / "slapd.log").read_text(errors="replace")
+                raise RuntimeError(f"slapd exited: {log[-2000:]}")
+            connection = self.connect(bind=False)
             try:
-                self.connect().unbind()
+                connection.bind()
                 return
             except LDAPException:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)  # not listening yet: there is nothing to wait on but time
+            finally:
+                close(connection)
 
     def stop(self) -> None:
         process, self._process = self._process, None
@@ -118,11 +124,11 @@ class Slapd:
             process.terminate()
             process.wait(timeout=10)
 
-    def connect(self) -> ldap3.Connection:
+    def connect(self, *, bind: bool = True) -> ldap3.Connection:
         """A connection as the rootdn, to change the directory under the adapter."""
         server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=2)
         return ldap3.Connection(
-            server, ROOT_DN, ROOT_PASSWORD, auto_bind=True, raise_exceptions=True, receive_timeout=5
+            server, ROOT_DN, ROOT_PASSWORD, auto_bind=bind, raise_exceptions=True, receive_timeout=5
         )
 
 
