@@ -13,11 +13,14 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ldap3
 import pytest
+from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import escape_rdn
 
@@ -166,3 +169,136 @@ def person_dn(uid: str, ou: str) -> str:
 
 def group_dn(cn: str, ou: str) -> str:
     return f"cn={escape_rdn(cn)},ou={escape_rdn(ou)},{SUFFIX}"
+
+
+# --- test directories ---------------------------------------------------------------------
+
+TEAM = "(&(objectClass=groupOfNames)(businessCategory=team))"
+PEOPLE = 5000
+# A subject and a team name that RFC 4514 and 4515 must escape, with non-ASCII in both.
+ODD_SUBJECT = 'zoë*(x)\\,+"<>;=# '.strip()
+ODD_TEAM = "Nörth *(x)\\, team"
+
+
+def person_entry(uid: str, ou: str, **extra: str | list[str]) -> tuple[str, dict[str, Any]]:
+    return person_dn(uid, ou), {
+        "objectClass": ["inetOrgPerson"],
+        "uid": uid,
+        "cn": f"Person {uid}",
+        "sn": uid,
+        "mail": f"{uid}@example.org",
+        **extra,
+    }
+
+
+def group_entry(
+    cn: str, ou: str, members: Sequence[str], team: bool = True
+) -> tuple[str, dict[str, Any]]:
+    attributes: dict[str, Any] = {"objectClass": ["groupOfNames"], "cn": cn}
+    attributes["member"] = list(members)
+    if team:
+        attributes["businessCategory"] = "team"
+    return group_dn(cn, ou), attributes
+
+
+def ou_entry(ou: str) -> tuple[str, dict[str, Any]]:
+    return f"ou={ou},{SUFFIX}", {"objectClass": ["organizationalUnit"], "ou": ou}
+
+
+def big_directory() -> str:
+    """5,000 people (half in `north` directly, half in `south` through a nested group that
+    also contains `south` again: a cycle), a team whose name needs escaping with its oddly
+    named member, and a chain of groups deeper than `max_depth`."""
+    ou = "big"
+    uids = [f"u{i:04d}" for i in range(PEOPLE)]
+    people = [
+        person_entry(
+            uid,
+            ou,
+            displayName=f"Person {i}",
+            st="east" if i % 2 else "west",
+            **({"manager": person_dn("u0000", ou)} if i else {}),
+            **({"employeeType": "disabled"} if uid == "u0003" else {}),
+        )
+        for i, uid in enumerate(uids)
+    ]
+    people.append(person_entry(ODD_SUBJECT, ou, displayName="Zoë Ödd", st="nörd"))
+    people.append(person_entry("deep", ou))
+    half = PEOPLE // 2
+    chain = [f"deep{i}" for i in range(1, 8)]
+    below = [group_dn(name, ou) for name in chain[1:]] + [person_dn("deep", ou)]
+    groups = [
+        # u0001 is in north directly and in south through south-sub: the nearest team wins.
+        group_entry("north", ou, [person_dn(u, ou) for u in uids[:half]]),
+        group_entry(
+            "south-sub",
+            ou,
+            [person_dn(u, ou) for u in [uids[1], *uids[half:]]] + [group_dn("south", ou)],
+            team=False,
+        ),
+        group_entry("south", ou, [group_dn("south-sub", ou)]),
+        group_entry(ODD_TEAM, ou, [person_dn(ODD_SUBJECT, ou), group_dn("deep1", ou)]),
+        *[
+            group_entry(name, ou, [member], team=False)
+            for name, member in zip(chain, below, strict=True)
+        ],
+    ]
+    return ldif([ou_entry(ou), *people, *groups])
+
+
+def table(slapd: Slapd, base: str, **settings: Any) -> dict[str, Any]:
+    return {
+        "url": slapd.url,
+        "bind_dn": READER_DN,
+        "bind_password": READER_PASSWORD,
+        "base_dn": base,
+        "group_filter": TEAM,
+        "page_size": 400,
+        **settings,
+    }
+
+
+class SmallDirectory:
+    """An `ou` of its own on the session's slapd, changed by the test through the rootdn."""
+
+    def __init__(
+        self,
+        slapd: Slapd,
+        people: int = 10,
+        teams: Mapping[str, Sequence[str]] | None = None,
+        region: str = "east",
+    ) -> None:
+        """`people` people p0, p1… in teams `north` (the first half) and `south`, or the
+        people of `teams` (team -> uids) when given."""
+        self.ou = f"t{uuid.uuid4().hex[:10]}"
+        self.base = f"ou={self.ou},{SUFFIX}"
+        self.conn = slapd.connect()
+        if teams is None:
+            uids = [f"p{i}" for i in range(people)]
+            teams = {"north": uids[: people // 2], "south": uids[people // 2 :]}
+        self.uids = [uid for members in teams.values() for uid in members]
+        self.add(*ou_entry(self.ou))
+        for uid in self.uids:
+            self.add(*person_entry(uid, self.ou, st=region))
+        for team, members in teams.items():
+            self.add(*group_entry(team, self.ou, [person_dn(uid, self.ou) for uid in members]))
+
+    def add(self, dn: str, attributes: dict[str, Any]) -> None:
+        self.conn.add(dn, attributes=attributes)
+
+    def delete(self, uid: str) -> None:
+        """The entry goes; its group memberships stay, dangling, as they do in a real
+        directory without the refint overlay."""
+        self.conn.delete(person_dn(uid, self.ou))
+
+    def leave(self, uid: str, team: str) -> None:
+        dn = person_dn(uid, self.ou)
+        self.conn.modify(group_dn(team, self.ou), {"member": [(MODIFY_DELETE, [dn])]})
+
+    def move(self, uid: str, source: str, target: str) -> None:
+        self.leave(uid, source)
+        dn = person_dn(uid, self.ou)
+        self.conn.modify(group_dn(target, self.ou), {"member": [(MODIFY_ADD, [dn])]})
+
+    def set(self, uid: str, attribute: str, value: str) -> None:
+        self.conn.modify(person_dn(uid, self.ou), {attribute: [(MODIFY_REPLACE, [value])]})

@@ -4,13 +4,11 @@ escaping, the safety valve on mass disables, and a directory that goes away and 
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
 from fieldsync.adapters import AdapterContext, HealthState, Table, build_adapter
 from fieldsync.adapters._ldap import LdapAdapter, dn_key
@@ -21,129 +19,25 @@ from fieldsync.storage._reference import SQLiteReference
 from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters.contract import AdapterContract
 from tests.adapters.slapd import (
+    ODD_SUBJECT,
+    ODD_TEAM,
+    PEOPLE,
     READER_DN,
     READER_PASSWORD,
     SIZE_LIMIT,
     SUFFIX,
     Slapd,
+    SmallDirectory,
     base_entries,
     group_dn,
+    group_entry,
     ldif,
+    ou_entry,
     person_dn,
+    person_entry,
+    table,
 )
 from tests.harness import eventually
-
-TEAM = "(&(objectClass=groupOfNames)(businessCategory=team))"
-PEOPLE = 5000
-# A subject and a team name that RFC 4514 and 4515 must escape, with non-ASCII in both.
-ODD_SUBJECT = 'zoë*(x)\\,+"<>;=# '.strip()
-ODD_TEAM = "Nörth *(x)\\, team"
-
-
-def _person(uid: str, ou: str, **extra: str | list[str]) -> tuple[str, dict[str, Any]]:
-    return person_dn(uid, ou), {
-        "objectClass": ["inetOrgPerson"],
-        "uid": uid,
-        "cn": f"Person {uid}",
-        "sn": uid,
-        "mail": f"{uid}@example.org",
-        **extra,
-    }
-
-
-def _group(
-    cn: str, ou: str, members: Sequence[str], team: bool = True
-) -> tuple[str, dict[str, Any]]:
-    attributes: dict[str, Any] = {"objectClass": ["groupOfNames"], "cn": cn}
-    attributes["member"] = list(members)
-    if team:
-        attributes["businessCategory"] = "team"
-    return group_dn(cn, ou), attributes
-
-
-def _ou(ou: str) -> tuple[str, dict[str, Any]]:
-    return f"ou={ou},{SUFFIX}", {"objectClass": ["organizationalUnit"], "ou": ou}
-
-
-def big_directory() -> str:
-    """5,000 people (half in `north` directly, half in `south` through a nested group that
-    also contains `south` again: a cycle), a team whose name needs escaping with its oddly
-    named member, and a chain of groups deeper than `max_depth`."""
-    ou = "big"
-    uids = [f"u{i:04d}" for i in range(PEOPLE)]
-    people = [
-        _person(
-            uid,
-            ou,
-            displayName=f"Person {i}",
-            st="east" if i % 2 else "west",
-            **({"manager": person_dn("u0000", ou)} if i else {}),
-            **({"employeeType": "disabled"} if uid == "u0003" else {}),
-        )
-        for i, uid in enumerate(uids)
-    ]
-    people.append(_person(ODD_SUBJECT, ou, displayName="Zoë Ödd", st="nörd"))
-    people.append(_person("deep", ou))
-    half = PEOPLE // 2
-    chain = [f"deep{i}" for i in range(1, 8)]
-    below = [group_dn(name, ou) for name in chain[1:]] + [person_dn("deep", ou)]
-    groups = [
-        # u0001 is in north directly and in south through south-sub: the nearest team wins.
-        _group("north", ou, [person_dn(u, ou) for u in uids[:half]]),
-        _group(
-            "south-sub",
-            ou,
-            [person_dn(u, ou) for u in [uids[1], *uids[half:]]] + [group_dn("south", ou)],
-            team=False,
-        ),
-        _group("south", ou, [group_dn("south-sub", ou)]),
-        _group(ODD_TEAM, ou, [person_dn(ODD_SUBJECT, ou), group_dn("deep1", ou)]),
-        *[
-            _group(name, ou, [member], team=False)
-            for name, member in zip(chain, below, strict=True)
-        ],
-    ]
-    return ldif([_ou(ou), *people, *groups])
-
-
-@pytest.fixture(scope="session")
-def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    """One slapd for the session, seeded with `big_directory()` under `ou=big`; tests that
-    change the directory do it in an `ou` of their own."""
-    server = Slapd(tmp_path_factory.mktemp("slapd"))
-    server.load(base_entries() + "\n" + big_directory())
-    server.start()
-    try:
-        server.ready()
-        yield server
-    finally:
-        server.stop()
-
-
-def table(slapd: Slapd, base: str, **settings: Any) -> dict[str, Any]:
-    return {
-        "url": slapd.url,
-        "bind_dn": READER_DN,
-        "bind_password": READER_PASSWORD,
-        "base_dn": base,
-        "group_filter": TEAM,
-        "page_size": 400,
-        **settings,
-    }
-
-
-@pytest.fixture
-def make_small(slapd: Slapd) -> Iterator[Callable[..., SmallDirectory]]:
-    """Makes `SmallDirectory`s, their connections closed after the test."""
-    made: list[SmallDirectory] = []
-
-    def make(people: int = 10) -> SmallDirectory:
-        made.append(SmallDirectory(slapd, people))
-        return made[-1]
-
-    yield make
-    for directory in made:
-        directory.conn.unbind()
 
 
 @pytest.fixture
@@ -185,43 +79,6 @@ def build(context: AdapterContext, values: dict[str, Any]) -> LdapAdapter:
     return adapter
 
 
-class SmallDirectory:
-    """An `ou` of its own on the session's slapd, changed by the test through the rootdn."""
-
-    def __init__(self, slapd: Slapd, people: int = 10) -> None:
-        self.ou = f"t{uuid.uuid4().hex[:10]}"
-        self.base = f"ou={self.ou},{SUFFIX}"
-        self.conn = slapd.connect()
-        self.uids = [f"p{i}" for i in range(people)]
-        for dn, attributes in [
-            _ou(self.ou),
-            *[_person(uid, self.ou, st="east") for uid in self.uids],
-            _group("north", self.ou, [person_dn(uid, self.ou) for uid in self.uids[: people // 2]]),
-            _group("south", self.ou, [person_dn(uid, self.ou) for uid in self.uids[people // 2 :]]),
-        ]:
-            self.add(dn, attributes)
-
-    def add(self, dn: str, attributes: dict[str, Any]) -> None:
-        self.conn.add(dn, attributes=attributes)
-
-    def delete(self, uid: str) -> None:
-        """The entry goes; its group memberships stay, dangling, as they do in a real
-        directory without the refint overlay."""
-        self.conn.delete(person_dn(uid, self.ou))
-
-    def leave(self, uid: str, team: str) -> None:
-        dn = person_dn(uid, self.ou)
-        self.conn.modify(group_dn(team, self.ou), {"member": [(MODIFY_DELETE, [dn])]})
-
-    def move(self, uid: str, source: str, target: str) -> None:
-        self.leave(uid, source)
-        dn = person_dn(uid, self.ou)
-        self.conn.modify(group_dn(target, self.ou), {"member": [(MODIFY_ADD, [dn])]})
-
-    def set(self, uid: str, attribute: str, value: str) -> None:
-        self.conn.modify(person_dn(uid, self.ou), {attribute: [(MODIFY_REPLACE, [value])]})
-
-
 # --- reading ---------------------------------------------------------------------------------
 
 
@@ -261,11 +118,11 @@ async def test_deep_enough_nesting_reaches_the_team(
 ) -> None:
     small = make_small(6)
     small.leave("p0", "north")
-    small.add(*_group("g3", small.ou, [person_dn("p0", small.ou)], team=False))
-    small.add(*_group("g2", small.ou, [group_dn("g3", small.ou)], team=False))
+    small.add(*group_entry("g3", small.ou, [person_dn("p0", small.ou)], team=False))
+    small.add(*group_entry("g2", small.ou, [group_dn("g3", small.ou)], team=False))
     far = group_dn("far", small.ou)
-    small.add(*_group("g1", small.ou, [group_dn("g2", small.ou), far], team=False))
-    small.add(*_group("far", small.ou, [group_dn("g1", small.ou)]))  # a team, and a cycle
+    small.add(*group_entry("g1", small.ou, [group_dn("g2", small.ou), far], team=False))
+    small.add(*group_entry("far", small.ou, [group_dn("g1", small.ou)]))  # a team, and a cycle
     shallow = build(adapter_context, table(slapd, small.base, max_depth=3))
     assert (await shallow.sync()).applied
     assert (await directory.person("p0")).team is None  # far > g1 > g2 > g3 > p0: depth 4
@@ -348,7 +205,7 @@ async def test_a_directory_that_goes_away_mid_run_leaves_the_last_good_copy(
     tmp_path: Path, adapter_context: AdapterContext, directory: SQLiteDirectory
 ) -> None:
     own = Slapd(tmp_path / "own-slapd")
-    own.load(base_entries() + "\n" + ldif([_ou("x"), _person("solo", "x", st="east")]))
+    own.load(base_entries() + "\n" + ldif([ou_entry("x"), person_entry("solo", "x", st="east")]))
     own.start()
     try:
         own.ready()
