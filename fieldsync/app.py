@@ -314,17 +314,15 @@ async def _directory_changed(app: web.Application, people: Sequence[Person]) -> 
     if directory is None:
         return
     source = TeamSource(directory.team_source)
-    endpoints = app[ENDPOINTS]
-    for person in people:
 
-        def update(principal: Principal, person: Person = person) -> Principal:
-            return enriched(principal, person, source)
+    def update(person: Person) -> Callable[[Principal], Principal]:
+        return lambda principal: enriched(principal, person, source)
 
-        closed = await endpoints.reauthorise(person.subject, update)
-        if closed:
-            logging.getLogger(__name__).info(
-                "directory: closed %d session(s) of a disabled or deleted account", closed
-            )
+    closed = await app[ENDPOINTS].reauthorise({p.subject: update(p) for p in people})
+    if closed:
+        logging.getLogger(__name__).info(
+            "directory: closed %d session(s) of disabled or deleted accounts", closed
+        )
 
 
 def _add_adapters(app: web.Application, backend: Backend, adapters: Adapters) -> None:

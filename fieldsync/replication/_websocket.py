@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import WSMsgType, web
 
@@ -138,14 +138,15 @@ class Endpoints:
         if closed is not None and not ws.closed:
             await ws.close(code=closed.code, message=closed.reason.encode()[:120])
 
-    async def reauthorise(self, subject: str, update: Callable[[Principal], Principal]) -> int:
-        """The directory changed `subject`: each of their open sessions acts as
-        `update(principal)` from now on, rescoped when that changes what it sees, or is closed
-        with 4401 and the code of the `AuthError` that `update` raised (a person disabled or
-        deleted). Returns how many sessions were closed."""
+    async def reauthorise(self, updates: Mapping[str, Callable[[Principal], Principal]]) -> int:
+        """The directory changed the people of `updates` (subject -> how their principal
+        changes): each of their open sessions acts as `update(principal)` from now on, rescoped
+        when that changes what it sees, or is closed with 4401 and the code of the `AuthError`
+        that `update` raised (a person disabled or deleted). Returns how many were closed."""
         closed = 0
         for conn in list(self.connections):
-            if not conn.authenticated or conn.principal.subject != subject:
+            update = updates.get(conn.principal.subject) if conn.authenticated else None
+            if update is None:
                 continue
             try:
                 principal = update(conn.principal)
