@@ -273,15 +273,15 @@ def _load_adapters(app: web.Application, settings: Settings, backend: Backend) -
     """The adapters file's adapters, built (a bad entry raises `AdapterConfigError` here, at
     start); a directory adapter's changes reach the open sessions."""
 
-    async def directory_changed(people: Sequence[Person]) -> None:
-        await _directory_changed(app, people)
+    async def directory_synced(people: Sequence[Person]) -> None:
+        await _directory_synced(app, people)
 
     context = AdapterContext(
         settings.data_path,
         backend.outbox,
         backend.reference,
         directory=backend.directory,
-        directory_changed=directory_changed,
+        directory_synced=directory_synced,
     )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(
@@ -307,9 +307,9 @@ def _principals(verifier: TokenVerifier, backend: Backend, adapters: Adapters) -
     return verify_with_directory(verifier.verify, backend.directory.person, source)
 
 
-async def _directory_changed(app: web.Application, people: Sequence[Person]) -> None:
-    """A directory sync changed `people`: their open sessions are closed (disabled, deleted) or
-    rescoped (moved), within the sync that saw it."""
+async def _directory_synced(app: web.Application, people: Sequence[Person]) -> None:
+    """A directory sync was applied and the table holds `people`: the open sessions of the
+    disabled and deleted are closed, those of people moved are rescoped."""
     directory = _directory_adapter(app[ADAPTERS])
     if directory is None:
         return

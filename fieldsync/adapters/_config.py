@@ -53,15 +53,15 @@ class AdapterContext:
     """What a kind's factory is given besides its table: where it may keep files, the store's
     outbox and reference data, and the write path (as a service principal) for inbound kinds;
     `writer` is None where no write path is wired (the CLI's operator commands). The directory
-    kind keeps `directory` and tells the server of the people a sync changed through
-    `directory_changed` (which closes or rescopes their sessions)."""
+    kind keeps `directory`, and hands everyone in it to `directory_synced` after each sync it
+    applied (the server brings the open sessions in line: closed, rescoped)."""
 
     data_dir: Path
     outbox: Outbox
     reference: ReferenceStore
     writer: DocumentWriter | None = None
     directory: Directory | None = None
-    directory_changed: Callable[[Sequence[Person]], Awaitable[None]] | None = None
+    directory_synced: Callable[[Sequence[Person]], Awaitable[None]] | None = None
 
 
 _MISSING: Final[Any] = object()

@@ -40,9 +40,10 @@ _log = logging.getLogger(__name__)
 KIND: Final = "ldap"
 TEAM_SOURCES: Final = ("token", "directory", "token_then_directory")
 
-# What the adapter tells the server after a sync changed people: each changed person as they
-# now are (the server closes or rescopes their open sessions).
-PeopleChanged = Callable[[Sequence[Person]], Awaitable[None]]
+# What the adapter tells the server after each sync it applied: everyone in the table as they
+# now are, not only those the sync changed, so that a session that authenticated while a sync
+# ran is brought in line by the next (the server closes or rescopes open sessions).
+Synced = Callable[[Sequence[Person]], Awaitable[None]]
 
 
 @dataclass(frozen=True)  # no slots: the class attributes are the defaults `build` reads
@@ -98,7 +99,7 @@ def build(name: str, table: Table, context: AdapterContext) -> LdapAdapter:
     )
     if context.directory is None:
         raise AdapterConfigError(name, None, "needs the server's directory table")
-    return LdapAdapter(name, settings, context.directory, context.directory_changed)
+    return LdapAdapter(name, settings, context.directory, context.directory_synced)
 
 
 def _filter(table: Table, key: str, default: str | None) -> Any:
@@ -379,13 +380,13 @@ class LdapAdapter:
         name: str,
         settings: LdapSettings,
         directory: Directory,
-        changed: PeopleChanged | None = None,
+        synced: Synced | None = None,
     ) -> None:
         self.name = name
         self.kind = KIND
         self.settings = settings
         self._directory = directory
-        self._changed = changed
+        self._synced = synced
         self._periodic = Periodic(f"ldap:{name}", settings.interval_s, self.sync, at_start=True)
         self._lock = asyncio.Lock()
         self._health = Health(HealthState.DEGRADED, "not synced yet")
@@ -456,10 +457,11 @@ class LdapAdapter:
         self._figures["changes"] += len(change.changed)
         self._figures["groups"] = read.groups
         self._figures["last_sync_at"] = time.time()
-        self._count(await self._directory.people())
+        everyone = await self._directory.people()
+        self._count(everyone)
         self._health = Health(HealthState.OK, f"{len(read.people)} people from {where}")
-        if change.changed and self._changed is not None:
-            await self._changed(change.changed)
+        if self._synced is not None:
+            await self._synced(everyone)
         return SyncResult(True, change.changed)
 
     def _count(self, people: Iterable[Person]) -> None:
