@@ -295,6 +295,13 @@ def _read(connection: ldap3.Connection, s: LdapSettings) -> DirectoryRead:
                 supervisor = subjects.get(dn_key(manager))
             except ValueError:
                 supervisor = None
+        if subject in people:
+            _log.warning(
+                "ldap: %s is the %s of more than one entry; the first kept",
+                subject,
+                s.subject_attribute,
+            )
+            continue
         people.setdefault(
             subject,
             Person(
@@ -432,7 +439,9 @@ class LdapAdapter:
         where = redact_url(self.settings.url)
         try:
             read = await asyncio.to_thread(read_directory, self.settings)
-        except (LDAPException, OSError) as exc:
+        # Whatever stops a read (the network, the server, an answer that does not parse), the
+        # last good copy stays in use and the next sync tries again.
+        except Exception as exc:
             self._figures["errors"] += 1
             why = f"directory {where} unreachable ({type(exc).__name__}: {exc})"
             self._health = Health(HealthState.DEGRADED, f"{why}; serving the last good copy")
