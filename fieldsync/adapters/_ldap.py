@@ -302,17 +302,14 @@ def _read(connection: ldap3.Connection, s: LdapSettings) -> DirectoryRead:
                 s.subject_attribute,
             )
             continue
-        people.setdefault(
+        people[subject] = Person(
             subject,
-            Person(
-                subject,
-                name=_first(values, s.name_attribute) or _first(values, "cn"),
-                mail=_first(values, s.mail_attribute),
-                team=teams.get(key),
-                region=_first(values, s.region_attribute),
-                supervisor=supervisor,
-                enabled=key not in disabled,
-            ),
+            name=_first(values, s.name_attribute) or _first(values, "cn"),
+            mail=_first(values, s.mail_attribute),
+            team=teams.get(key),
+            region=_first(values, s.region_attribute),
+            supervisor=supervisor,
+            enabled=key not in disabled,
         )
     return DirectoryRead(list(people.values()), groups)
 
