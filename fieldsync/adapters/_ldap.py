@@ -315,11 +315,13 @@ def _read(connection: ldap3.Connection, s: LdapSettings) -> DirectoryRead:
 
 
 def _teams(
-    connection: ldap3.Connection, s: LdapSettings, users: Mapping[tuple[Any, ...], object]
+    connection: ldap3.Connection,
+    s: LdapSettings,
+    users: Mapping[tuple[Any, ...], tuple[str, object]],
 ) -> tuple[dict[tuple[Any, ...], str], int]:
     """Each user's team (by DN key), and how many groups were read. A team group's members may
     be groups: they are read by DN and followed down to `max_depth`, each group once per team
-    (a cycle ends there)."""
+    (a cycle ends there). A member that is no DN is a subject (`memberUid`)."""
     attributes = [s.team_attribute, s.member_attribute]
     team_groups = [
         (dn_key(dn), values)
@@ -338,6 +340,8 @@ def _teams(
             known[key] = found[0][1].get(s.member_attribute.lower(), []) if found else []
         return known[key]
 
+    # A `memberUid` (RFC 2307 posixGroup) names a person by their subject, not by a DN.
+    by_subject = {subject: key for key, (subject, _) in users.items()}
     best: dict[tuple[Any, ...], tuple[int, str]] = {}  # user -> (depth, team)
     for key, values in team_groups:
         team = _first(values, s.team_attribute)
@@ -352,7 +356,9 @@ def _teams(
                     try:
                         member_key = dn_key(member)
                     except ValueError:
-                        continue
+                        if member not in by_subject:
+                            continue
+                        member_key = by_subject[member]
                     if member_key in users:
                         if (depth, team) < best.get(member_key, (s.max_depth + 1, "")):
                             best[member_key] = (depth, team)

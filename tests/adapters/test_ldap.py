@@ -131,6 +131,25 @@ async def test_deep_enough_nesting_reaches_the_team(
     assert (await directory.person("p0")).team == "far"
 
 
+async def test_posix_groups_name_their_members_by_subject(
+    slapd: Slapd,
+    make_small: Callable[..., SmallDirectory],
+    adapter_context: AdapterContext,
+    directory: SQLiteDirectory,
+) -> None:
+    small = make_small(4)
+    small.add(
+        group_dn("crew", small.ou),
+        {"objectClass": ["posixGroup"], "cn": "crew", "gidNumber": "500", "memberUid": ["p0"]},
+    )
+    settings = table(
+        slapd, small.base, group_filter="(objectClass=posixGroup)", member_attribute="memberUid"
+    )
+    assert (await build(adapter_context, settings).sync()).applied
+    assert (await directory.person("p0")).team == "crew"
+    assert (await directory.person("p1")).team is None
+
+
 def test_two_spellings_of_one_dn_are_one_key() -> None:
     assert dn_key("CN=Nörth \\2A\\28x\\29\\5C\\2C team , OU=Big,dc=Example") == dn_key(
         "cn=nörth *(x)\\\\\\, team,ou=big,dc=example"
