@@ -1,0 +1,144 @@
+"""What only the PostgreSQL backend promises: several nodes on one database (a feed that never
+skips a late commit, migrations applied once), its recorded migrations, its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import psycopg
+import pycrdt
+import pytest
+
+from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.storage import PostgresBackend, StorageError, Write
+from fieldsync.storage._migrations import MIGRATIONS as SQLITE_MIGRATIONS
+from fieldsync.storage._postgres import PgTransaction
+from fieldsync.storage._postgres_migrations import MIGRATIONS
+from tests.storage.conftest import PostgresSchemas
+
+ALL = ScopeFilter(ScopeKind.ALL)
+
+
+@pytest.fixture
+def url(postgres_schemas: PostgresSchemas) -> Iterator[str]:
+    """A database of the test's own (a schema of the session's database)."""
+    schema = postgres_schemas.take()
+    yield postgres_schemas.url(schema)
+    postgres_schemas.give_back(schema)
+
+
+def new_work_order(doc: str, node: int) -> Write:
+    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc.get("body", type=pycrdt.Text).insert(0, doc)
+    return Write(
+        doc,
+        ydoc.get_update(),
+        Origin(OriginKind.DEVICE, f"d-{node}"),
+        "u-tom",
+        DocIndex(doc, "wo", doc, "u-tom", "north", "east"),
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_reader_sees_every_commit_of_several_nodes_exactly_once(
+    url: str, seed: int
+) -> None:
+    """Four nodes write at once, their transactions held open for random times after they
+    drew their numbers (so commits would land out of number order if they could), while readers
+    on a fifth node follow the feed page by page: each sees every committed document once."""
+    rng = random.Random(seed)
+    nodes = [PostgresBackend(url) for _ in range(5)]
+    for node in nodes:
+        await node.open()
+    writers, reader = nodes[:4], nodes[4].store
+    committed: dict[str, int] = {}
+    writing = asyncio.Event()
+    pages_while_writing = 0
+
+    async def late_commit(txn: PgTransaction) -> None:
+        await txn.conn.execute("SELECT pg_sleep(%s)", (rng.uniform(0, 0.02),))
+
+    async def write(n: int) -> None:
+        store = writers[n].store
+        for burst in range(12):
+            pending = {
+                f"wo:{n}-{burst}-{i}": store.append(new_work_order(f"wo:{n}-{burst}-{i}", n))
+                for i in range(rng.randint(1, 6))
+            }
+            held = store.transact(late_commit)
+            for doc, done in pending.items():
+                committed[doc] = (await done).seq
+            await held
+
+    async def follow(limit: int) -> dict[str, int]:
+        nonlocal pages_while_writing
+        seen: dict[str, int] = {}
+        since = 0
+        while True:
+            finishing = not writing.is_set()
+            page = await reader.changes(ALL, since, limit)
+            pages_while_writing += not finishing
+            for doc in page.docs:
+                assert doc.id not in seen, f"{doc.id} returned twice"
+                seen[doc.id] = doc.seq
+            assert page.upto >= since
+            since = page.upto
+            if finishing and not page.more:
+                return seen
+
+    try:
+        writing.set()
+        readers = [asyncio.create_task(follow(limit)) for limit in (1, 3, 50)]
+        await asyncio.gather(*(write(n) for n in range(len(writers))))
+        writing.clear()
+        results = await asyncio.gather(*readers)
+        assert pages_while_writing > 0, "the readers must have read while the nodes wrote"
+        assert sorted(committed.values()) == list(range(1, len(committed) + 1))
+        assert results == [committed] * 3
+        assert await reader.head() == len(committed)
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_nodes_opening_together_apply_each_migration_once(url: str) -> None:
+    nodes = [PostgresBackend(url) for _ in range(3)]
+    await asyncio.gather(*(node.open() for node in nodes))
+    for node in nodes:
+        await node.close()
+    with psycopg.connect(url) as conn:
+        recorded = conn.execute(
+            "SELECT version, description FROM schema_migrations ORDER BY version"
+        ).fetchall()
+    assert recorded == [(m.version, m.description) for m in MIGRATIONS]
+
+
+def test_migrations_bring_the_same_concerns_as_sqlites() -> None:
+    assert [(m.version, m.description) for m in MIGRATIONS] == [
+        (m.version, m.description) for m in SQLITE_MIGRATIONS
+    ]
+
+
+async def test_a_database_from_a_newer_version_is_refused(url: str) -> None:
+    backend = PostgresBackend(url)
+    await backend.open()
+    await backend.close()
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (99, 'x', 0)"
+        )
+    with pytest.raises(StorageError) as refused:
+        await PostgresBackend(url).open()
+    assert isinstance(refused.value.__cause__, ValueError)
+    assert "99" in str(refused.value.__cause__)
+
+
+async def test_an_unreachable_server_fails_open_without_naming_the_password() -> None:
+    backend = PostgresBackend("postgresql://fieldsync:s3cret-pw@127.0.0.1:1/fieldsync")
+    with pytest.raises(StorageError) as failed:
+        await backend.open()
+    assert "s3cret-pw" not in str(failed.value)
+    with pytest.raises(StorageError):
+        backend.store.append(new_work_order("wo:1", 0))
