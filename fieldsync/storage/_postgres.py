@@ -26,7 +26,9 @@ queued meanwhile), and writes that draw no number (outbox and attachment bookkee
 and compaction's) never take it. The alternative considered, xid8 visibility
 (`pg_current_xact_id()` per row, reading only below the snapshot's xmin), lets writers overlap
 but makes numbers sparse and holds every reader back behind the oldest open transaction of any
-kind; the serial counter is simpler to prove and was fast enough where measured (see README).
+kind. The serial counter is simpler to prove, and measured fast enough: on the loaded 2-core
+test machine four nodes group-committed about 1,150 updates/s between them (README,
+"PostgreSQL"); a cluster that needs more would move to xid8 visibility behind this same API.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from fieldsync.storage import (
     SQLiteBackend,
     Store,
 )
+from fieldsync.storage._postgres_migrations import MIGRATIONS
 
 POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
 # Left alone when a schema is emptied: what migrations wrote once (the cursor key is one).
@@ -88,6 +89,11 @@ class PostgresSchemas:
                     conn.execute("SELECT setval(%s, 1, false)", (f"{schema}.{sequence}",))
                 if tables:
                     conn.execute(f"UPDATE {schema}.change_seq SET value = 0")
+                    # What a test recorded to look like a newer fieldsync's database.
+                    conn.execute(
+                        f"DELETE FROM {schema}.schema_migrations WHERE NOT version = ANY(%s)",
+                        ([m.version for m in MIGRATIONS],),
+                    )
             return schema
 
     def give_back(self, schema: str) -> None:

@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pycrdt
 import pytest
+from pycrdt import Map
 
+from fieldsync.app import BACKEND
 from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.storage import PostgresBackend, StorageError, Write
 from fieldsync.storage._migrations import MIGRATIONS as SQLITE_MIGRATIONS
 from fieldsync.storage._postgres import PgTransaction
 from fieldsync.storage._postgres_migrations import MIGRATIONS
+from tests.harness import running_issuer, running_server, work_order
 from tests.storage.conftest import PostgresSchemas
 
 ALL = ScopeFilter(ScopeKind.ALL)
@@ -142,3 +146,31 @@ async def test_an_unreachable_server_fails_open_without_naming_the_password() ->
     assert "s3cret-pw" not in str(failed.value)
     with pytest.raises(StorageError):
         backend.store.append(new_work_order("wo:1", 0))
+
+
+async def test_a_work_order_written_through_one_node_is_served_by_another(
+    url: str, tmp_path: Path
+) -> None:
+    """Two servers (`backend_for` picks PostgreSQL from `database_url`) on one database: what
+    a supervisor creates through the first reaches a technician connected to the second."""
+    async with (
+        running_issuer() as issuer,
+        running_server(tmp_path / "a", issuer, database_url=url) as node_a,
+        running_server(tmp_path / "b", issuer, database_url=url) as node_b,
+    ):
+        assert isinstance(node_a.app[BACKEND], PostgresBackend)
+        sam = node_a.client("sam")
+        await sam.start()
+        try:
+            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
+            await sam.wait_acked("wo:1")
+        finally:
+            await sam.close()
+        tina = node_b.client("tina")
+        await tina.start()
+        try:
+            await tina.wait_synced("wo:1")
+            fields = tina.doc("wo:1").get("fields", type=Map)
+            assert (fields["assignee"], fields["title"]) == ("tina", "Inspect pump wo:1")
+        finally:
+            await tina.close()
