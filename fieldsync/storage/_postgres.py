@@ -231,6 +231,9 @@ class PostgresStore:
                 min_size=1,
                 max_size=self._readers,
                 kwargs={"autocommit": True},
+                # A connection the server dropped (a restart, a failover) is replaced before a
+                # read gets it, rather than failing that read.
+                check=AsyncConnectionPool.check_connection,
                 open=False,
                 name="fieldsync-postgres",
             )

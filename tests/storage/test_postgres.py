@@ -174,3 +174,28 @@ async def test_a_work_order_written_through_one_node_is_served_by_another(
             assert (fields["assignee"], fields["title"]) == ("tina", "Inspect pump wo:1")
         finally:
             await tina.close()
+
+
+async def test_a_node_whose_connections_are_cut_fails_only_the_write_in_flight(url: str) -> None:
+    backend = PostgresBackend(url)
+    await backend.open()
+    store = backend.store
+    try:
+        first = await store.append(new_work_order("wo:1", 0))
+        # What a database restart or failover does to every session of this node.
+        with psycopg.connect(url, autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert cut
+        # The batch on the dead connection fails (not acknowledged: the device sends again)...
+        with pytest.raises(StorageError):
+            await store.append(new_work_order("wo:2", 0))
+        # ...and the next ones commit on a new connection; reads get live connections too.
+        again = await store.append(new_work_order("wo:2", 0))
+        assert again.seq == first.seq + 1
+        assert await store.head() == again.seq
+        assert (await store.changes(ALL, 0, 10)).upto == again.seq
+    finally:
+        await backend.close()
