@@ -418,6 +418,13 @@ class PostgresStore:
         routes, outboxed = self._outbox_routes, False
         try:
             conn = await self._writer_conn()
+            if not settled:
+                # Devices' contacts alone draw no number: no need to queue behind other nodes.
+                async with conn.transaction(), conn.pipeline():
+                    for job in batch:
+                        await _write_device(conn, cast(_Touch, job))
+                self._commits += 1
+                return
             async with conn.transaction():
                 # Serialises the writers of every node (see the module's docstring).
                 cursor = await conn.execute("SELECT value FROM change_seq FOR UPDATE")
