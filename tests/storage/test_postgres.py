@@ -199,3 +199,62 @@ async def test_a_node_whose_connections_are_cut_fails_only_the_write_in_flight(u
         assert (await store.changes(ALL, 0, 10)).upto == again.seq
     finally:
         await backend.close()
+
+
+async def test_nodes_compacting_one_document_keep_every_edit(url: str) -> None:
+    """Two nodes append to one document and each compacts it as its log grows: the snapshot
+    and the log left after it still hold every edit."""
+    nodes = [PostgresBackend(url, compact_after_updates=3) for _ in range(2)]
+    for node in nodes:
+        await node.open()
+    try:
+        editors = [pycrdt.Doc(client_id=n + 1) for n in range(2)]
+
+        async def edit(n: int) -> None:
+            text = editors[n].get("body", type=pycrdt.Text)
+            for i in range(30):
+                before = editors[n].get_state()
+                text += f"{n}.{i} "
+                update = editors[n].get_update(before)
+                write = Write("wo:1", update, Origin(OriginKind.DEVICE, f"d-{n}"), "u-tom")
+                await nodes[n].store.append(write)
+
+        await asyncio.gather(edit(0), edit(1))
+        stored = await nodes[0].store.load("wo:1")
+        assert stored is not None and stored.snapshot is not None
+        merged: pycrdt.Doc = pycrdt.Doc()
+        for data in [stored.snapshot, *stored.updates]:
+            merged.apply_update(data)
+        body = str(merged.get("body", type=pycrdt.Text))
+        assert all(f"{n}.{i} " in body for n in range(2) for i in range(30))
+        assert len(stored.updates) < 30
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_full_imports_of_one_dataset_on_two_nodes_take_turns(url: str) -> None:
+    """A full import deletes what it lacks: two at once on different nodes would delete each
+    other's rows; they take turns, and the rows are one import's, whole."""
+    nodes = [PostgresBackend(url, reference_chunk_rows=2) for _ in range(2)]
+    for node in nodes:
+        await node.open()
+    try:
+        sets = [[{"id": f"{side}{i}", "n": i} for i in range(9)] for side in "ab"]
+        results = await asyncio.gather(
+            *(
+                node.reference.import_rows("assets", rows, full=True)
+                for node, rows in zip(nodes, sets, strict=True)
+            )
+        )
+        assert all(result.done and result.created == 9 for result in results)
+
+        def keys(head: object, rows: Iterator[tuple[str, str]]) -> set[str]:
+            return {key for key, _ in rows}
+
+        stored = await nodes[0].reference.snapshot("assets", keys)
+        assert stored in ({f"a{i}" for i in range(9)}, {f"b{i}" for i in range(9)})
+        assert sorted(r.deleted for r in results) == [0, 9]
+    finally:
+        for node in nodes:
+            await node.close()
