@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -15,7 +17,7 @@ from pycrdt import Map
 
 from fieldsync.app import BACKEND
 from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
-from fieldsync.storage import PostgresBackend, StorageError, Write
+from fieldsync.storage import PostgresBackend, Screens, SQLiteBackend, StorageError, Write
 from fieldsync.storage._migrations import MIGRATIONS as SQLITE_MIGRATIONS
 from fieldsync.storage._postgres import PgTransaction
 from fieldsync.storage._postgres_migrations import MIGRATIONS
@@ -258,3 +260,79 @@ async def test_full_imports_of_one_dataset_on_two_nodes_take_turns(url: str) -> 
     finally:
         for node in nodes:
             await node.close()
+
+
+async def test_the_screens_answer_as_sqlites_do(url: str, tmp_path: Path) -> None:
+    """The same writes to both backends, then every screen page by page: the same answers,
+    with keys chosen where collations disagree (case, punctuation, '~', no due time)."""
+    rng = random.Random(7)
+    backends = [SQLiteBackend(tmp_path / "screens.db"), PostgresBackend(url)]
+    for backend in backends:
+        await backend.open()
+    teams = ["north", "North", "n-1", "n_1", "Ödland", None]
+    people = ["tina", "Tom", "t.om", None]
+    statuses = ["assigned", "in_progress", "completed", "closed", "cancelled", "on_hold", None]
+    dues = ["2026-12-01", "2026-12-01T10:00:00Z", "2026-11-30T23:59:59Z", "~x", "a", None]
+    try:
+        for n in range(80):
+            doc = f"wo:{rng.choice('aAbB-_')}{n}"
+            for _ in range(rng.randint(1, 3)):
+                index = DocIndex(
+                    doc,
+                    "wo",
+                    doc,
+                    assignee=rng.choice(people),
+                    team=rng.choice(teams),
+                    region=rng.choice(["east", "East"]),
+                    status=rng.choice(statuses),
+                    due_at=rng.choice(dues),
+                )
+                write = new_work_order(doc, 0)
+                write = Write(doc, write.data, write.origin, write.actor, index)
+                for backend in backends:
+                    await backend.store.append(write)
+        now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC).timestamp()
+
+        async def everything(screens: Screens) -> list[object]:
+            answers: list[object] = []
+            for scope in (
+                ALL,
+                ScopeFilter(ScopeKind.REGION, "east"),
+                ScopeFilter(ScopeKind.TEAM, "north"),
+                ScopeFilter(ScopeKind.NONE),
+            ):
+                for limit in (1, 7, 100):
+                    after: str | None = None
+                    while True:
+                        page = await screens.region_metrics(
+                            scope, now=now, after=after, limit=limit
+                        )
+                        # Times are each server's clock at the write: whether one is known.
+                        known = [
+                            replace(t, mean_seconds_to_complete=t.mean_seconds_to_complete and 0.0)
+                            for t in page.teams
+                        ]
+                        answers.append(replace(page, teams=known))
+                        if page.next is None:
+                            break
+                        after = page.next
+                    for status in (None, "completed"):
+                        position = None
+                        while True:
+                            cards = await screens.team_queue(
+                                scope, status=status, assignee=None, after=position, limit=limit
+                            )
+                            answers.append(cards)
+                            if cards.next is None:
+                                break
+                            position = cards.next
+                    answers.append(await screens.my_work("tina", scope, None, limit))
+            return answers
+
+        sqlite, postgres = [await everything(backend.screens) for backend in backends]
+        assert len(sqlite) == len(postgres)
+        for expected, got in zip(sqlite, postgres, strict=True):
+            assert got == expected
+    finally:
+        for backend in backends:
+            await backend.close()
