@@ -1,8 +1,9 @@
 """A backend: one database's implementations of the storage Protocols, opened and closed as one.
 
 The application asks a `Backend` for each concern's Protocol and never learns which database
-holds them; a second backend (PostgreSQL) is a second class with the same attributes, passing
-the same contract suite (tests/storage).
+holds them: SQLite (embedded, one process) and PostgreSQL (cluster: several nodes, one
+database) are two classes with the same attributes, passing the same contract suites
+(tests/storage).
 """
 
 from __future__ import annotations
