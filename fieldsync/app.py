@@ -44,7 +44,7 @@ from fieldsync.config import Settings
 from fieldsync.documents import Templates
 from fieldsync.records import Person
 from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter
-from fieldsync.storage import Backend, SQLiteBackend, Store
+from fieldsync.storage import Backend, PostgresBackend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
@@ -131,8 +131,15 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def backend_for(settings: Settings) -> Backend:
-    """The storage backend the settings name (unopened): SQLite in the data directory."""
+    """The storage backend the settings name (unopened): PostgreSQL when `database_url` names
+    one (cluster mode), otherwise SQLite in the data directory."""
     settings.data_path.mkdir(parents=True, exist_ok=True)
+    if settings.database_url:
+        return PostgresBackend(
+            settings.database_url,
+            compact_after_updates=settings.compact_after,
+            reference_chunk_rows=settings.reference_import_chunk,
+        )
     return SQLiteBackend(
         settings.data_path / "fieldsync.db",
         compact_after_updates=settings.compact_after,

@@ -1,9 +1,9 @@
 """Durable storage: one `typing.Protocol` per concern, the records they exchange, and the
-backends that implement them all (`Backend`; SQLite is the embedded default). Nothing of a
-database driver crosses out of this package."""
+backends that implement them all (`Backend`; SQLite is the embedded default, PostgreSQL the
+cluster's). Nothing of a database driver crosses out of this package."""
 
 from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
-from fieldsync.storage._backend import Backend, SQLiteBackend
+from fieldsync.storage._backend import Backend, PostgresBackend, SQLiteBackend
 from fieldsync.storage._directory import Directory, DirectoryChange
 from fieldsync.storage._outbox import (
     DueDoc,
@@ -78,6 +78,7 @@ __all__ = [
     "OutboxState",
     "OutboxStats",
     "Position",
+    "PostgresBackend",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",

@@ -4,7 +4,6 @@ to the stored rows, compaction moves the horizon, snapshots are consistent at th
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -321,7 +320,6 @@ operations = st.lists(
     ),
     max_size=14,
 )
-names = itertools.count()
 
 
 @settings(
@@ -333,9 +331,7 @@ names = itertools.count()
 async def test_a_device_applying_pages_ends_with_the_servers_rows(
     make_backend: BackendFactory, ops: list[tuple[str, Any]], chunk: int
 ) -> None:
-    backend = make_backend(f"reference-{next(names)}", reference_chunk_rows=chunk)
-    await backend.open()
-    try:
+    async with make_backend.fresh(reference_chunk_rows=chunk) as backend:
         reference = backend.reference
         device = Device()
         model: Rows = {}
@@ -353,8 +349,6 @@ async def test_a_device_applying_pages_ends_with_the_servers_rows(
         assert stored == model
         await device.sync(reference, "d", 3)
         assert device.rows == model
-    finally:
-        await backend.close()
 
 
 async def test_changes_need_a_positive_limit(reference: ReferenceStore) -> None:
