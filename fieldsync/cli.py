@@ -1,5 +1,6 @@
 """`fieldsync serve` runs the server; `fieldsync demo` runs it with a seeded realistic demo;
-`fieldsync outbox` lets an operator read and act on the outbox (server running or not)."""
+`fieldsync outbox` lets an operator read and act on the outbox, and `fieldsync reference import`
+runs a reference_sql adapter's import now (both with the server running or not)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from fieldsync.adapters import AdapterConfigError
+from fieldsync.adapters import AdapterConfigError, AdapterContext, Table, build_adapter, read_file
 from fieldsync.api import entry_json
 from fieldsync.app import (
     AccessLogger,
@@ -26,7 +28,18 @@ from fieldsync.app import (
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 from fieldsync.documents import TemplateError
+<<<<<<< HEAD
 from fieldsync.storage import OutboxEntry, OutboxState, SQLiteBackend
+=======
+from fieldsync.storage import (
+    ImportResult,
+    OutboxEntry,
+    OutboxState,
+    ReferenceData,
+    SQLiteOutbox,
+    SQLiteStore,
+)
+>>>>>>> inbound
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rounds", type=int, default=3, help="offline/online rounds of the devices")
     demo.add_argument("--exit", action="store_true", help="stop after the summary")
     commands.add_parser("settings", help="list every setting with its variable and default")
+    _add_reference_commands(commands)
     _outbox_parser(commands)
     args = parser.parse_args(argv)
 
@@ -49,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in SETTINGS:
             print(f"{s.env:34} {s.name:22} default {s.default!r:14} {s.help}")
         return 0
+    if args.command == "reference":
+        return _reference_import(args)
     if args.command == "outbox":
         return _outbox(args)
     if args.command == "demo":
@@ -90,6 +106,88 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         access_log_class=AccessLogger,
         print=lambda text: print(text, flush=True),
+    )
+    return 0
+
+
+# --- fieldsync reference import ------------------------------------------------------------
+
+
+def _add_reference_commands(commands: Any) -> None:
+    reference = commands.add_parser("reference", help="reference data (assets, parts)")
+    actions = reference.add_subparsers(dest="action", required=True)
+    run = actions.add_parser(
+        "import", help="import a reference_sql adapter's dataset now, with a progress bar"
+    )
+    run.add_argument("adapter", help="its name in the adapters file ([adapters.<name>])")
+    run.add_argument("--full", action="store_true", help="every row; delete the rows it lacks")
+    run.add_argument("--config", type=Path, help="TOML file (FIELDSYNC_* variables override it)")
+
+
+def _reference_import(args: argparse.Namespace) -> int:
+    """One import of a `reference_sql` adapter of the adapters file into the data folder's
+    store, the server running or not (SQLite serialises the two writers), with a progress bar
+    (done/total, rows/s)."""
+    try:
+        settings = Settings.load(args.config)
+        if not settings.adapters:
+            raise ConfigError("FIELDSYNC_ADAPTERS", "required: the adapters file")
+        table = read_file(Path(settings.adapters)).get(args.adapter)
+        if table is None:
+            raise AdapterConfigError(args.adapter, None, f"not in {settings.adapters}")
+    except (ConfigError, AdapterConfigError) as exc:
+        print(f"fieldsync: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run_reference_import(settings, table, args.full))
+
+
+async def _run_reference_import(settings: Settings, table: Table, full: bool) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fieldsync.adapters._reference_sql import ReferenceSql
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = SQLiteStore(settings.data_path / "fieldsync.db")
+    await store.open()
+    try:
+        reference = ReferenceData(store, chunk_rows=settings.reference_import_chunk)
+        context = AdapterContext(settings.data_path, SQLiteOutbox(store), reference)
+        try:
+            adapter = build_adapter(table, context)
+            if not isinstance(adapter, ReferenceSql):
+                raise table.error("kind", f"{adapter.kind} has no rows to import")
+        except AdapterConfigError as exc:
+            print(f"fieldsync: {exc}", file=sys.stderr)
+            return 2
+        began = time.monotonic()
+        try:
+            total = await adapter.count(full=full)
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>10,.0f} rows/s"),
+                console=Console(stderr=True),
+            ) as bar:
+                task = bar.add_task(adapter.config.dataset, total=total, rate=0.0)
+
+                def progress(result: ImportResult) -> None:
+                    elapsed = max(time.monotonic() - began, 1e-6)
+                    bar.update(task, completed=result.rows, rate=result.rows / elapsed)
+
+                result = await adapter.import_rows(full=full, progress=progress)
+        except Exception as exc:
+            print(f"fieldsync: the import stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await adapter.stop()
+    finally:
+        await store.close()
+    print(
+        f"{result.dataset}: {result.rows} rows read, {result.created} created,"
+        f" {result.updated} updated, {result.deleted} deleted, {result.unchanged} unchanged"
+        f" in {time.monotonic() - began:.1f} s (seq {result.seq})"
     )
     return 0
 

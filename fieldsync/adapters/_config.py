@@ -279,6 +279,8 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 # the kind (a kind's client libraries load only where it is used). One line per kind.
 KINDS: dict[str, str] = {
     # "erp_sql": "fieldsync.adapters._erp_sql:build",
+    "erp_inbound_sql": "fieldsync.adapters._erp_inbound_sql:erp_inbound_sql",
+    "reference_sql": "fieldsync.adapters._reference_sql:reference_sql",
 }
 
 _registered: dict[str, Factory] = {}

@@ -86,7 +86,10 @@ _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # RFC 6750 §2.1: `Bearer` 1*SP b64token.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-_DEFAULT_ROLE_NAMES: Mapping[str, str] = MappingProxyType({r.value: r.value for r in Role})
+# The roles a token may carry: every role but `service`, which is for adapters inside the server
+# only, so a token that claims it (a misconfigured IdP, a forged claim) gains nothing.
+_TOKEN_ROLES = frozenset(r.value for r in Role if r is not Role.SERVICE)
+_DEFAULT_ROLE_NAMES: Mapping[str, str] = MappingProxyType({r: r for r in sorted(_TOKEN_ROLES)})
 
 
 def bearer_token(authorization_header: str | None) -> str | None:
@@ -128,10 +131,9 @@ class ClaimMapping:
     role_names: Mapping[str, str] = field(default_factory=lambda: _DEFAULT_ROLE_NAMES)
 
     def __post_init__(self) -> None:
-        valid = {r.value for r in Role}
-        unknown = sorted(v for v in self.role_names.values() if v not in valid)
+        unknown = sorted(v for v in self.role_names.values() if v not in _TOKEN_ROLES)
         if unknown:
-            raise ValueError(f"role_names maps to unknown fieldsync roles: {unknown}")
+            raise ValueError(f"role_names maps to roles no token may carry: {unknown}")
         # A read-only copy, so a caller mutating its dict cannot change a live mapping.
         object.__setattr__(self, "role_names", MappingProxyType(dict(self.role_names)))
 

@@ -12,6 +12,9 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     MANAGER = "manager"  # regional manager
     ADMIN = "admin"
+    # An inbound adapter running in this server (`fieldsync.replication.ServiceWriter`), whose
+    # rights the policy declares like any role's. Never taken from a token (`ClaimMapping`).
+    SERVICE = "service"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,11 +24,13 @@ from fieldsync.replication._replicator import (
     Replicator,
 )
 from fieldsync.replication._room import Room
+from fieldsync.replication._service import SERVICE_ROLE, ServiceWriter, service_principal
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
 
 __all__ = [
+    "SERVICE_ROLE",
     "AlreadyExists",
     "Control",
     "DocMessage",
@@ -39,6 +41,7 @@ __all__ = [
     "Limits",
     "Replicator",
     "Room",
+    "ServiceWriter",
     "SessionClosed",
     "SyncStep",
     "V1Session",
@@ -52,4 +55,5 @@ __all__ = [
     "encode_body",
     "encode_frame",
     "encode_sync",
+    "service_principal",
 ]
