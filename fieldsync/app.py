@@ -31,22 +31,8 @@ from fieldsync.attachments import Attachments
 from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
 from fieldsync.config import Settings
 from fieldsync.documents import Templates
-<<<<<<< HEAD
-from fieldsync.replication import Endpoints, Limits, Replicator
-from fieldsync.storage import Backend, SQLiteBackend, Store
-=======
 from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter
-from fieldsync.storage import (
-    Blobs,
-    ReferenceData,
-    ReferenceStore,
-    SQLiteOutbox,
-    SQLiteScreens,
-    SQLiteStore,
-    Store,
-    Tables,
-)
->>>>>>> inbound
+from fieldsync.storage import Backend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
@@ -266,16 +252,14 @@ def _add_reference(
 
 def _add_adapters(app: web.Application, settings: Settings, backend: Backend) -> None:
     """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
-<<<<<<< HEAD
     started after the backend and stopped before it; the operators' outbox routes."""
-    context = AdapterContext(settings.data_path, backend.outbox, backend.reference)
-=======
-    started after the store and stopped before it; the operators' outbox routes."""
     # Inbound kinds write documents through the device write path, as service principals.
     context = AdapterContext(
-        settings.data_path, outbox, reference, writer=ServiceWriter(app[REPLICATOR])
+        settings.data_path,
+        backend.outbox,
+        backend.reference,
+        writer=ServiceWriter(app[REPLICATOR]),
     )
->>>>>>> inbound
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(
         path, context, backend.store, retention_days=settings.outbox_retention_days

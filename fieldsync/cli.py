@@ -28,18 +28,7 @@ from fieldsync.app import (
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 from fieldsync.documents import TemplateError
-<<<<<<< HEAD
-from fieldsync.storage import OutboxEntry, OutboxState, SQLiteBackend
-=======
-from fieldsync.storage import (
-    ImportResult,
-    OutboxEntry,
-    OutboxState,
-    ReferenceData,
-    SQLiteOutbox,
-    SQLiteStore,
-)
->>>>>>> inbound
+from fieldsync.storage import ImportResult, OutboxEntry, OutboxState, SQLiteBackend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +137,12 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
     from fieldsync.adapters._reference_sql import ReferenceSql
 
     settings.data_path.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(settings.data_path / "fieldsync.db")
-    await store.open()
+    backend = SQLiteBackend(
+        settings.data_path / "fieldsync.db", reference_chunk_rows=settings.reference_import_chunk
+    )
+    await backend.open()
     try:
-        reference = ReferenceData(store, chunk_rows=settings.reference_import_chunk)
-        context = AdapterContext(settings.data_path, SQLiteOutbox(store), reference)
+        context = AdapterContext(settings.data_path, backend.outbox, backend.reference)
         try:
             adapter = build_adapter(table, context)
             if not isinstance(adapter, ReferenceSql):
@@ -183,7 +173,7 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
         finally:
             await adapter.stop()
     finally:
-        await store.close()
+        await backend.close()
     print(
         f"{result.dataset}: {result.rows} rows read, {result.created} created,"
         f" {result.updated} updated, {result.deleted} deleted, {result.unchanged} unchanged"

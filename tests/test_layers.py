@@ -52,6 +52,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 # root's JSON at once): no web framework, no database.
 THIRD_PARTY = {"documents": frozenset({"pycrdt", "orjson"})}
 
+
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module: "fieldsync.api._audit"

@@ -43,9 +43,7 @@ class _ServicePeer:
     def __init__(self, principal: Principal, scope: ScopeFilter, origin: Origin) -> None:
         self.principal = principal
         self.scope = scope
-        # The one place a service writer's origin becomes text: `Peer.origin` is stored as the
-        # origin of each update (`kind:id`), as `Origin.__str__` writes it.
-        self.origin = str(origin)
+        self.origin = origin  # recorded with every update this peer writes
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
         pass  # an adapter reads the document when it needs it; nothing is pushed to it
