@@ -259,6 +259,7 @@ def _add_adapters(app: web.Application, settings: Settings, backend: Backend) ->
         backend.outbox,
         backend.reference,
         writer=ServiceWriter(app[REPLICATOR]),
+        screens=backend.screens,
     )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(

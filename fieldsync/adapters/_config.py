@@ -25,7 +25,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from fieldsync.adapters._base import Adapter, AdapterConfigError, DocumentWriter
-from fieldsync.storage import Outbox, ReferenceStore
+from fieldsync.storage import Outbox, ReferenceStore, Screens
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -51,12 +51,14 @@ _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 class AdapterContext:
     """What a kind's factory is given besides its table: where it may keep files, the store's
     outbox and reference data, and the write path (as a service principal) for inbound kinds;
-    `writer` is None where no write path is wired (the CLI's operator commands)."""
+    `writer` is None where no write path is wired (the CLI's operator commands). `screens`
+    answers what the document index knows (an asset's open work orders)."""
 
     data_dir: Path
     outbox: Outbox
     reference: ReferenceStore
     writer: DocumentWriter | None = None
+    screens: Screens | None = None
 
 
 _MISSING: Final[Any] = object()
@@ -280,6 +282,8 @@ Factory = Callable[[str, Table, AdapterContext], Adapter]
 KINDS: dict[str, str] = {
     # "erp_sql": "fieldsync.adapters._erp_sql:build",
     "erp_inbound_sql": "fieldsync.adapters._erp_inbound_sql:erp_inbound_sql",
+    "mqtt_alarms": "fieldsync.adapters._mqtt_alarms:mqtt_alarms",
+    "opcua_readings": "fieldsync.adapters._opcua_readings:opcua_readings",
     "reference_sql": "fieldsync.adapters._reference_sql:reference_sql",
 }
 

@@ -1,0 +1,83 @@
+"""The plant floor the `mqtt_alarms` and `opcua_readings` tests run against: the loopback
+Mosquitto (each test on topics and client ids of its own, the broker being shared) and the
+asset register they read. Without the broker a test is skipped, or fails when
+`FIELDSYNC_REQUIRE_SERVICES=1`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiomqtt
+import orjson
+import pytest
+
+from fieldsync.storage import ReferenceStore
+
+BROKER = ("127.0.0.1", 1883)
+ASSETS = [
+    {"id": "P-100", "team": "north", "region": "east", "site": "plant-a", "name": "Feed pump"},
+    {"id": "P-200", "team": "south", "region": "west", "site": "plant-b", "name": "Press"},
+]
+
+
+def broker_or_skip() -> str:
+    """A prefix of topics and client ids no other test uses, once the broker answers."""
+    try:
+        socket.create_connection(BROKER, timeout=2).close()
+    except OSError as error:
+        message = f"Mosquitto is not reachable at {BROKER[0]}:{BROKER[1]}: {error}"
+        if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
+            pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
+    return f"fs-test-{secrets.token_hex(5)}"
+
+
+async def add_assets(reference: ReferenceStore, rows: Iterable[Mapping[str, Any]] = ASSETS) -> None:
+    await reference.import_rows("assets", list(rows), key="id", full=False)
+
+
+def alarm(
+    id: str,
+    asset_id: str = "P-100",
+    alarm: str = "overtemp",
+    severity: int = 900,
+    state: str = "active",
+    at: str = "2026-12-06T10:00:00+00:00",
+    message: str = "bearing temperature high",
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": id,
+            "asset_id": asset_id,
+            "alarm": alarm,
+            "severity": severity,
+            "state": state,
+            "at": at,
+            "message": message,
+        }
+    )
+
+
+async def publish(topic: str, payloads: Iterable[bytes]) -> None:
+    """Publish with QoS 1, as a plant gateway does, each acknowledged by the broker."""
+    async with aiomqtt.Client(*BROKER, identifier=f"pub-{secrets.token_hex(4)}") as client:
+        for payload in payloads:
+            await client.publish(topic, payload, qos=1)
+
+
+async def flood(topic: str, payloads: Iterable[bytes]) -> None:
+    """Publish a burst from another process, as fast as the broker takes it (`mosquitto_pub`
+    sends a message per line of its input)."""
+    lines = b"".join(payload + b"\n" for payload in payloads)
+    host, port = BROKER
+    process = await asyncio.create_subprocess_exec(
+        *("mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-t", topic, "-l"),
+        stdin=asyncio.subprocess.PIPE,
+    )
+    await process.communicate(lines)
+    assert process.returncode == 0
