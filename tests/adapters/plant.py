@@ -1,7 +1,7 @@
 """The plant floor the `mqtt_alarms` and `opcua_readings` tests run against: the loopback
-Mosquitto (each test on topics and client ids of its own, the broker being shared) and the
-asset register they read. Without the broker a test is skipped, or fails when
-`FIELDSYNC_REQUIRE_SERVICES=1`."""
+Mosquitto (each test on topics and client ids of its own, the broker being shared), an OPC UA
+server on a free loopback port, and the asset register they read. Without the broker a test is
+skipped, or fails when `FIELDSYNC_REQUIRE_SERVICES=1`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiomqtt
 import orjson
 import pytest
+from asyncua import Node, Server, ua
 
 from fieldsync.storage import ReferenceStore
 
@@ -81,3 +83,32 @@ async def flood(topic: str, payloads: Iterable[bytes]) -> None:
     )
     await process.communicate(lines)
     assert process.returncode == 0
+
+
+COUNTER = "ns=2;s=P-100.counter"  # a Double
+LABEL = "ns=2;s=P-200.label"  # a String: no counter at all
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def plc(port: int, counter: float) -> AsyncIterator[Node]:
+    """An OPC UA server as a line's controller is one: a counter and a text node; yields the
+    counter's node, which the test writes as the machine would."""
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/plc/")
+    index = await server.register_namespace("urn:fieldsync:test:plc")
+    assert index == 2
+    line = await server.nodes.objects.add_object(ua.NodeId("Line1", index), "Line1")
+    node = await line.add_variable(ua.NodeId("P-100.counter", index), "counter", counter)
+    await line.add_variable(ua.NodeId("P-200.label", index), "label", "running")
+    await server.start()
+    try:
+        yield node
+    finally:
+        await server.stop()

@@ -24,7 +24,16 @@ from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator, ServiceWriter
 from fieldsync.storage import SQLiteBackend
 from tests.adapters.contract import AdapterContract
-from tests.adapters.plant import add_assets, alarm, broker_or_skip, flood, publish
+from tests.adapters.plant import (
+    COUNTER,
+    add_assets,
+    alarm,
+    broker_or_skip,
+    flood,
+    free_port,
+    plc,
+    publish,
+)
 from tests.harness import Server, eventually, running_server
 
 
@@ -352,9 +361,13 @@ class TestMqttAlarmsContract(AdapterContract):
             self.build(context, self.good_table())
 
 
-async def test_the_server_runs_it_from_the_adapters_file(
+@pytest.mark.slow  # an OPC UA server takes seconds to start and stop
+async def test_the_server_runs_both_plant_kinds_from_the_adapters_file(
     tmp_path: Path, issuer: DevIssuer, prefix: str
 ) -> None:
+    """Wired as operators wire them: the adapters file names both kinds, the server starts them
+    with the write path, and their health and figures are in `/v1/ready` and `/v1/metrics`."""
+    port = free_port()
     path = tmp_path / "adapters.toml"
     path.write_text(
         "[adapters.alarms]\n"
@@ -364,13 +377,26 @@ async def test_the_server_runs_it_from_the_adapters_file(
         "min_severity = 500\n"
         f'client_id = "{prefix}-served"\n'
         "session_expiry_s = 60\n"
+        "[adapters.press]\n"
+        'kind = "opcua_readings"\n'
+        f'endpoint = "opc.tcp://127.0.0.1:{port}/plc/"\n'
+        "interval_ms = 50\n"
+        "[adapters.press.nodes]\n"
+        f'"{COUNTER}" = "P-100"\n'
     )
-    async with running_server(tmp_path / "data", issuer, adapters=str(path)) as server:
+    async with (
+        plc(port, 7.0) as counter,
+        running_server(tmp_path / "data", issuer, adapters=str(path)) as server,
+    ):
         await add_assets(server.app[BACKEND].reference)
-        (adapter,) = server.app[ADAPTERS].adapters
-        await eventually(lambda: adapter.health().state is HealthState.OK)
+        alarms, press = server.app[ADAPTERS].adapters
+        await eventually(lambda: alarms.health().state is HealthState.OK)
         await publish(f"{prefix}/line9/alarms", [alarm("s1")])
-        await eventually(lambda: adapter.metrics()["effects"] == 1)
+        await eventually(lambda: alarms.metrics()["effects"] == 1)
+        # The alarm's work order is open for P-100: a reading is an entry of its log too.
+        await eventually(lambda: press.health().state is HealthState.OK, timeout=20)
+        await counter.write_value(8.0)
+        await eventually(lambda: press.metrics()["work_order_entries"] == 1)
         headers = {"Authorization": f"Bearer {server.token('ada')}"}
         async with aiohttp.ClientSession(headers=headers) as http:
             async with http.get(server.url + "/v1/ready") as response:
@@ -378,5 +404,10 @@ async def test_the_server_runs_it_from_the_adapters_file(
             async with http.get(server.url + "/v1/metrics") as response:
                 metrics = await response.json()
         assert ready["adapters"]["alarms"]["state"] == "ok"
-        assert metrics["adapters"]["alarms"]["kind"] == "mqtt_alarms"
+        assert ready["adapters"]["press"] == {
+            "kind": "opcua_readings",
+            "state": "ok",
+            "detail": "subscribed to 1 node(s)",
+        }
         assert metrics["adapters"]["alarms"]["messages_in"] == 1
+        assert metrics["adapters"]["press"]["work_order_entries"] == 1

@@ -5,14 +5,10 @@ bad values are counted, not fatal; the server going away and coming back costs a
 from __future__ import annotations
 
 import math
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from asyncua import Node, Server, ua
 from pycrdt import Doc
 
 from fieldsync import documents
@@ -23,38 +19,11 @@ from fieldsync.records import Origin, OriginKind
 from fieldsync.replication import Replicator, ServiceWriter
 from fieldsync.storage import SQLiteBackend
 from tests.adapters.contract import AdapterContract
-from tests.adapters.plant import add_assets
+from tests.adapters.plant import COUNTER, LABEL, add_assets, free_port, plc
 from tests.harness import Server as FieldsyncServer
 from tests.harness import eventually
 
-COUNTER = "ns=2;s=P-100.counter"  # a Double
-LABEL = "ns=2;s=P-200.label"  # a String: no counter at all
 ERP = Origin(OriginKind.ADAPTER, "erp")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@asynccontextmanager
-async def plc(port: int, counter: float) -> AsyncIterator[Node]:
-    """An OPC UA server as a line's controller is one: a counter and a text node; yields the
-    counter's node, which the test writes as the machine would."""
-    server = Server()
-    await server.init()
-    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/plc/")
-    index = await server.register_namespace("urn:fieldsync:test:plc")
-    assert index == 2
-    line = await server.nodes.objects.add_object(ua.NodeId("Line1", index), "Line1")
-    node = await line.add_variable(ua.NodeId("P-100.counter", index), "counter", counter)
-    await line.add_variable(ua.NodeId("P-200.label", index), "label", "running")
-    await server.start()
-    try:
-        yield node
-    finally:
-        await server.stop()
 
 
 def make(server: FieldsyncServer, port: int) -> OpcuaReadings:
