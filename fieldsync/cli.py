@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fieldsync.adapters import AdapterConfigError, AdapterContext, Table, build_adapter, read_file
+from fieldsync.adapters import (
+    AdapterConfigError,
+    AdapterContext,
+    ReferenceImporter,
+    Table,
+    build_adapter,
+    read_file,
+)
 from fieldsync.api import entry_json
 from fieldsync.app import (
     AccessLogger,
@@ -134,8 +141,6 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from fieldsync.adapters._reference_sql import ReferenceSql
-
     settings.data_path.mkdir(parents=True, exist_ok=True)
     backend = SQLiteBackend(
         settings.data_path / "fieldsync.db", reference_chunk_rows=settings.reference_import_chunk
@@ -145,7 +150,7 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
         context = AdapterContext(settings.data_path, backend.outbox, backend.reference)
         try:
             adapter = build_adapter(table, context)
-            if not isinstance(adapter, ReferenceSql):
+            if not isinstance(adapter, ReferenceImporter):
                 raise table.error("kind", f"{adapter.kind} has no rows to import")
         except AdapterConfigError as exc:
             print(f"fieldsync: {exc}", file=sys.stderr)
@@ -160,7 +165,7 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
                 TextColumn("{task.fields[rate]:>10,.0f} rows/s"),
                 console=Console(stderr=True),
             ) as bar:
-                task = bar.add_task(adapter.config.dataset, total=total, rate=0.0)
+                task = bar.add_task(adapter.dataset, total=total, rate=0.0)
 
                 def progress(result: ImportResult) -> None:
                     elapsed = max(time.monotonic() - began, 1e-6)

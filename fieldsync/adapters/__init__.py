@@ -10,6 +10,7 @@ from fieldsync.adapters._base import (
     Health,
     HealthState,
     OutboundAdapter,
+    ReferenceImporter,
 )
 from fieldsync.adapters._config import (
     DEFAULT_MAX_ATTEMPTS,
@@ -43,6 +44,7 @@ __all__ = [
     "HealthState",
     "OutboundAdapter",
     "OutboxRunner",
+    "ReferenceImporter",
     "Table",
     "build_adapter",
     "build_adapters",

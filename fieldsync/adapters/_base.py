@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 from pycrdt import Doc
 
 from fieldsync.records import Origin
+from fieldsync.storage import ImportResult
 
 
 class HealthState(StrEnum):
@@ -112,6 +113,25 @@ class DocumentWriter(Protocol):
 
     async def read(self, doc_id: str) -> Mapping[str, Any] | None:
         """The document's JSON projection, None when it does not exist."""
+        ...
+
+
+@runtime_checkable
+class ReferenceImporter(Adapter, Protocol):
+    """An adapter that feeds a reference dataset, whose import an operator may also run at once
+    (`fieldsync reference import <name>`)."""
+
+    dataset: str
+
+    async def count(self, *, full: bool) -> int:
+        """How many rows the next import would read (a progress bar's total)."""
+        ...
+
+    async def import_rows(
+        self, *, full: bool, progress: Callable[[ImportResult], None] | None = None
+    ) -> ImportResult:
+        """Import now: every row, deleting those the source lacks, when `full`; otherwise what
+        changed since the last import (a kind that cannot tell imports everything)."""
         ...
 
 

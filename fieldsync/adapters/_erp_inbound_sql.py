@@ -172,7 +172,7 @@ class ErpInboundSql:
         self._writer = writer
         self._state = StateFile(state_dir / f"{name}.sqlite", _SCHEMA)
         self._engine: sa.Engine | None = None
-        self._poller = Poller(name, config.interval_s, self._poll)
+        self._poller = Poller(name, config.interval_s, self._poll, config.max_attempts)
         # Each column once, however many fields read it (`number` may be the key column).
         self._columns = list(
             dict.fromkeys((config.key_column, config.changed_column, *config.columns.values()))

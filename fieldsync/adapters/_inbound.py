@@ -161,15 +161,21 @@ class StateFile:
 
 class Poller:
     """The periodic task of a polling adapter: `poll` every `interval_s` seconds until stopped,
-    a failed poll reported in `health` (degraded, with its error) and retried at the next tick,
-    while what the last good poll brought stays in place."""
+    a failed poll reported in `health` (degraded, with its error; down after `max_attempts` in a
+    row) and retried at the next tick, while what the last good poll brought stays in place."""
 
     def __init__(
-        self, name: str, interval_s: float | None, poll: Callable[[], Awaitable[None]]
+        self,
+        name: str,
+        interval_s: float | None,
+        poll: Callable[[], Awaitable[None]],
+        max_attempts: int,
     ) -> None:
         self.name = name
         self.interval_s = interval_s
         self._poll = poll
+        self.max_attempts = max_attempts  # failed polls in a row before health says down
+        self._failing = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._gate = asyncio.Lock()  # one poll at a time, whoever asks for it
@@ -218,17 +224,20 @@ class Poller:
                 await self._poll()
             except Exception as exc:
                 self.errors += 1
+                self._failing += 1
                 self.last_error = f"{type(exc).__name__}: {_safe(exc)}"
                 log.warning("adapter %s: poll failed: %s", self.name, self.last_error)
                 return False
             self.last_error = None
+            self._failing = 0
             self.last_success = began
             return True
 
     def health(self) -> Health:
         if self.last_error is not None:
             kept = "; keeping what the last good poll brought" if self.last_success else ""
-            return Health(HealthState.DEGRADED, self.last_error + kept)
+            state = HealthState.DOWN if self._failing >= self.max_attempts else HealthState.DEGRADED
+            return Health(state, f"{self._failing} failed poll(s): {self.last_error}{kept}")
         if self.last_success is None:
             return Health(HealthState.OK, "not polled yet")
         return Health(HealthState.OK)

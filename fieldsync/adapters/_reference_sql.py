@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from fieldsync.adapters._base import Health
-from fieldsync.adapters._config import AdapterContext, Table
+from fieldsync.adapters._config import DEFAULT_MAX_ATTEMPTS, AdapterContext, Table
 from fieldsync.adapters._inbound import (
     Poller,
     StateFile,
@@ -49,6 +49,7 @@ class ReferenceSqlConfig:
     interval_s: float | None = None  # None: imports on demand only (the CLI)
     changed_column: str | None = None  # None: every poll is a full import
     lookback_s: float = 300.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # failed polls in a row before health says down
 
     @classmethod
     def from_table(cls, table: Table) -> ReferenceSqlConfig:
@@ -69,6 +70,7 @@ class ReferenceSqlConfig:
             interval_s=interval,
             changed_column=table.text("changed_column", None),
             lookback_s=table.number("lookback_s", cls.lookback_s, minimum=0),
+            max_attempts=table.max_attempts(),
         )
 
 
@@ -88,10 +90,11 @@ class ReferenceSql:
     ) -> None:
         self.name = name
         self.config = config
+        self.dataset = config.dataset
         self._reference = reference
         self._state = StateFile(state_dir / f"{name}.sqlite", ())
         self._engine: sa.Engine | None = None
-        self._poller = Poller(name, config.interval_s, self._poll)
+        self._poller = Poller(name, config.interval_s, self._poll, config.max_attempts)
         self._counts = {"rows_read": 0, "effects": 0, "imports": 0, "last_seq": 0}
 
     # --- lifecycle ----------------------------------------------------------------------

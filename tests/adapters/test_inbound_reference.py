@@ -123,7 +123,7 @@ async def test_a_query_feeds_a_dataset_and_an_unreachable_database_keeps_it(
     with legacy.begin() as conn:
         put(conn, "M-1", "Motor", "2026-11-01 10:00:00")
     query = "SELECT tag AS id, UPPER(name) AS name FROM assets WHERE site = 'Plant 1'"
-    adapter = make(tmp_path, legacy, reference, query=query, key="id", table=None)
+    adapter = make(tmp_path, legacy, reference, query=query, key="id", table=None, max_attempts=2)
     try:
         assert await adapter.poll_now()
         assert await dataset(reference) == {"M-1": {"id": "M-1", "name": "MOTOR"}}
@@ -133,6 +133,8 @@ async def test_a_query_feeds_a_dataset_and_an_unreachable_database_keeps_it(
         health = adapter.health()
         assert health.state is HealthState.DEGRADED and "assets" in health.detail
         assert await dataset(reference) == {"M-1": {"id": "M-1", "name": "MOTOR"}}
+        assert not await adapter.poll_now()  # max_attempts failed polls in a row: down
+        assert adapter.health().state is HealthState.DOWN
         with legacy.begin() as conn:
             conn.exec_driver_sql("RENAME TABLE assets_moved TO assets")
         assert await adapter.poll_now()
