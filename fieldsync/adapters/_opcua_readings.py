@@ -122,6 +122,7 @@ class OpcuaReadings:
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_s)
         self._pending: dict[str, _Reading] = {}  # node id -> its latest value, not yet applied
         self._arrived = asyncio.Event()
+        self._applying = asyncio.Lock()  # held while readings are being recorded
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
         self._last_error: str | None = None
@@ -149,21 +150,28 @@ class OpcuaReadings:
             asyncio.create_task(self._apply_loop(), name=f"adapter-{self.name}-apply"),
         ]
 
-    async def stop(self) -> None:
-        """Disconnect, then apply what has arrived (at most one value per node)."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Disconnect, let the readings in hand be recorded, then record what has arrived
+        meanwhile (at most one value per node)."""
         connection, applying = self._tasks or (None, None)
         self._tasks = []
         if connection is not None:
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
-        if applying is not None:
-            applying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await applying
-        with contextlib.suppress(Exception):
-            await self._apply_pending()
         self._connected = False
+        if applying is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace), self._applying:
+                applying.cancel()
+        applying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await applying
+        try:
+            await self._apply_pending()
+        except Exception:
+            log.exception("adapter %s: the last readings could not be recorded", self.name)
 
     def health(self) -> Health:
         where = redact_url(self.config.endpoint)
@@ -240,7 +248,8 @@ class OpcuaReadings:
             await self._arrived.wait()
             self._arrived.clear()
             try:
-                await self._apply_pending()
+                async with self._applying:
+                    await self._apply_pending()
             except Exception:
                 self._counts["errors"] += 1
                 log.exception("adapter %s: readings could not be applied", self.name)

@@ -290,6 +290,34 @@ async def test_a_flood_is_absorbed_in_bounded_batches_and_devices_are_unaffected
         await adapter.stop()
 
 
+async def test_a_stop_in_the_middle_of_a_stream_loses_nothing_and_repeats_nothing(
+    tmp_path: Path, server: Server, prefix: str, assets: None
+) -> None:
+    """Stopped while alarms stream in (a small window: most wait at the broker), then started
+    again: every alarm counted once, whatever was in hand at the stop."""
+    first = await started(make(server, prefix, tmp_path / "state", in_flight=50))
+    topic = f"{prefix}/plant/line6/alarms"
+    burst = asyncio.create_task(flood(topic, [alarm(f"s{i}") for i in range(800)]))
+    await eventually(lambda: first.metrics()["settled"] >= 100)
+    await first.stop()
+    await burst
+    assert first.metrics()["settled"] < 800  # the rest waits at the broker
+    again = await started(make(server, prefix, tmp_path / "state", in_flight=50))
+    try:
+        # What the first one applied without its acknowledgement reaching the broker comes
+        # again, and is recognised.
+        def applied() -> float:
+            later = again.metrics()
+            return first.metrics()["settled"] + later["settled"] - later["duplicates"]
+
+        await eventually(lambda: applied() >= 800)
+        (order,) = (await work_orders(server)).values()
+        assert order["fields"]["alarm_count"] == 800
+        assert applied() == 800
+    finally:
+        await again.stop()
+
+
 def test_the_payload_schema() -> None:
     parsed = parse_alarm(alarm("p1", at="2026-12-06T10:00:00Z"))
     assert (parsed.id, parsed.severity, parsed.state) == ("p1", 900, "active")
