@@ -288,6 +288,7 @@ class MqttAlarms:
         self._handling = asyncio.Lock()  # held while a batch is being applied
         self._connected = False
         self._last_error: str | None = None
+        self._last_reject = ""  # the reason the latest message was set aside
         self._counts: dict[str, float] = {
             "messages_in": 0,
             "settled": 0,  # messages applied, found duplicate or set aside, and acknowledged
@@ -330,7 +331,9 @@ class MqttAlarms:
     def health(self) -> Health:
         where = redact_url(self.config.url)
         if self._connected:
-            return Health(HealthState.OK, f"subscribed at {where}")
+            rejected = int(self._counts["rejected"])
+            kept = f"; {rejected} message(s) set aside, latest: {self._last_reject}"
+            return Health(HealthState.OK, f"subscribed at {where}" + (kept if rejected else ""))
         if self._last_error is not None:
             return Health(HealthState.DEGRADED, f"{where}: {self._last_error}; reconnecting")
         return Health(HealthState.DEGRADED, f"connecting to {where}")
@@ -521,6 +524,8 @@ class MqttAlarms:
                 if plan.last is not None:
                     self._counts["lag_s"] = max(time.time() - plan.last.epoch, 0.0)
         self._counts["rejected"] += len(rejects)
+        if rejects:
+            self._last_reject = rejects[-1][1]
         for _, reason, _ in rejects[:5]:
             log.warning("adapter %s: message set aside: %s", self.name, reason)
         await self._state.run(

@@ -125,6 +125,7 @@ class OpcuaReadings:
         self._applying = asyncio.Lock()  # held while readings are being recorded
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
+        self._refused: dict[str, str] = {}  # node id -> the server's status code for it
         self._last_error: str | None = None
         self._lost_at: float | None = None  # when the connection was lost, until readings resume
         self._counts: dict[str, float] = {
@@ -175,6 +176,11 @@ class OpcuaReadings:
 
     def health(self) -> Health:
         where = redact_url(self.config.endpoint)
+        if self._connected and self._refused:
+            node, code = next(iter(self._refused.items()))
+            subscribed = len(self.config.nodes) - len(self._refused)
+            detail = f"subscribed to {subscribed} of {len(self.config.nodes)} node(s)"
+            return Health(HealthState.DEGRADED, f"{detail}; refused: {node} ({code})")
         if self._connected:
             return Health(HealthState.OK, f"subscribed to {len(self.config.nodes)} node(s)")
         if self._last_error is not None:
@@ -195,7 +201,16 @@ class OpcuaReadings:
                 try:
                     subscription = await client.create_subscription(self.config.interval_ms, self)
                     nodes = [client.get_node(node) for node in self.config.nodes]
-                    await subscription.subscribe_data_change(nodes)
+                    # A list in, a list out: a handle, or the StatusCode of a node refused.
+                    results = await subscription.subscribe_data_change(list(nodes))
+                    assert isinstance(results, list)
+                    self._refused = {
+                        node: result.name
+                        for node, result in zip(self.config.nodes, results, strict=True)
+                        if isinstance(result, ua.StatusCode)
+                    }
+                    for node, code in self._refused.items():
+                        log.warning("adapter %s: node %s refused: %s", self.name, node, code)
                     self._connected, self._last_error, failures = True, None, 0
                     log.info("adapter %s: subscribed to %d node(s)", self.name, len(nodes))
                     await self._watch(client)

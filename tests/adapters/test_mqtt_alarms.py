@@ -248,7 +248,9 @@ async def test_poison_messages_are_set_aside_with_their_reason(
     assert any(r.startswith("oversized: ") for r in reasons)
     assert all(k["topic"] == topic for k in kept)
     assert len(await work_orders(server)) == 1  # the good one still went through
-    assert adapter.health().state is HealthState.OK
+    health = adapter.health()
+    assert health.state is HealthState.OK
+    assert "; 5 message(s) set aside, latest: " in health.detail
 
 
 @pytest.mark.slow

@@ -125,6 +125,32 @@ async def test_counters_become_meter_readings_and_bad_values_change_nothing(
 
 
 @pytest.mark.slow
+async def test_a_node_the_server_lacks_is_reported_and_the_others_still_read(
+    server: FieldsyncServer,
+) -> None:
+    await add_assets(server.app[BACKEND].reference)
+    port = free_port()
+    table = {
+        "endpoint": f"opc.tcp://127.0.0.1:{port}/plc/",
+        "nodes": {COUNTER: "P-100", "ns=2;s=no.such.node": "P-200"},
+        "interval_ms": 50,
+    }
+    config = OpcuaReadingsConfig.from_table(Table("plc", table, {}))
+    backend = server.app[BACKEND]
+    writer = ServiceWriter(server.app[REPLICATOR])
+    adapter = OpcuaReadings("plc", config, writer, backend.reference, backend.screens)
+    async with plc(port, 5.0):
+        await adapter.start()
+        try:
+            await eventually(lambda: adapter.metrics()["readings"] == 1)
+            health = adapter.health()
+            assert health.state is HealthState.DEGRADED
+            assert health.detail.startswith("subscribed to 1 of 2 node(s); refused: ns=2;s=no.such")
+        finally:
+            await adapter.stop()
+
+
+@pytest.mark.slow
 async def test_the_server_going_away_and_back_costs_a_logged_gap(
     server: FieldsyncServer, caplog: pytest.LogCaptureFixture
 ) -> None:
