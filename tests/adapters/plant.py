@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import aiomqtt
 import orjson
@@ -32,11 +33,14 @@ def broker_or_skip() -> str:
     try:
         socket.create_connection(BROKER, timeout=2).close()
     except OSError as error:
-        message = f"Mosquitto is not reachable at {BROKER[0]}:{BROKER[1]}: {error}"
-        if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-            pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
-        pytest.skip(message)
+        _missing(f"Mosquitto is not reachable at {BROKER[0]}:{BROKER[1]}: {error}")
     return f"fs-test-{secrets.token_hex(5)}"
+
+
+def _missing(message: str) -> NoReturn:
+    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
+        pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
 
 
 async def add_assets(reference: ReferenceStore, rows: Iterable[Mapping[str, Any]] = ASSETS) -> None:
@@ -75,6 +79,8 @@ async def publish(topic: str, payloads: Iterable[bytes]) -> None:
 async def flood(topic: str, payloads: Iterable[bytes]) -> None:
     """Publish a burst from another process, as fast as the broker takes it (`mosquitto_pub`
     sends a message per line of its input)."""
+    if shutil.which("mosquitto_pub") is None:
+        _missing("mosquitto_pub (the Mosquitto clients) is not installed")
     lines = b"".join(payload + b"\n" for payload in payloads)
     host, port = BROKER
     process = await asyncio.create_subprocess_exec(
