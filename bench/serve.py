@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from fieldsync import documents
 from fieldsync.app import REPLICATOR, AccessLogger, configure_logging, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
@@ -50,8 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     configure_logging(settings.log_level)
     app = create_app(settings)
-    if args.no_rules:  # only to measure what domain rules and field history cost
-        app[REPLICATOR].enforce_rules = False
+    if args.no_rules:  # only to measure what the domain rules cost
+        app[REPLICATOR].rules = documents.NO_RULES
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
@@ -79,7 +80,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument(
-        "--no-rules", action="store_true", help="Replicator.enforce_rules off (cost of the rules)"
+        "--no-rules", action="store_true", help="the replicator without domain rules (their cost)"
     )
     parser.add_argument(
         "--cprofile", type=Path, default=None, help="profile the server, write pstats here on exit"

@@ -26,6 +26,7 @@ from fieldsync.adapters import (
 from fieldsync.api import entry_json
 from fieldsync.app import (
     AccessLogger,
+    backend_for,
     configure_logging,
     create_app,
     load_policy,
@@ -141,10 +142,7 @@ async def _run_reference_import(settings: Settings, table: Table, full: bool) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    backend = SQLiteBackend(
-        settings.data_path / "fieldsync.db", reference_chunk_rows=settings.reference_import_chunk
-    )
+    backend = backend_for(settings)
     await backend.open()
     try:
         context = AdapterContext(settings.data_path, backend.outbox, backend.reference)

@@ -204,6 +204,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate", 5000.0, _positive_float, "messages per second per connection"),
     Setting("burst", 20000.0, _positive_float, "message burst allowed per connection"),
     Setting("auth_timeout", 10.0, _positive_float, "seconds a socket may take to authenticate"),
+    Setting(
+        "max_sockets_per_subject",
+        20,
+        _positive_int,
+        "WebSockets one token subject may hold open at once (4429 beyond)",
+    ),
+    Setting(
+        "header_timeout",
+        15.0,
+        _positive_float,
+        "seconds a connection may take to send a complete request head (and may stay idle)",
+    ),
     Setting("changes_page", 500, _positive_int, "documents per `changes` page"),
     Setting("max_offline_days", 30.0, _positive_float, "offline contract: days before a reset"),
     Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),

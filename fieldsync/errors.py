@@ -19,6 +19,9 @@ class ErrorCode(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     FRAME_TOO_LARGE = "frame_too_large"
     RATE_LIMITED = "rate_limited"
+    # The token's subject already holds FIELDSYNC_MAX_SOCKETS_PER_SUBJECT WebSockets (close
+    # 4429): close one (another tab, another device of the same user) before opening more.
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     AUTH_TIMEOUT = "auth_timeout"
     DRAINING = "draining"
     # The identity provider did not answer (down, timed out, 5xx) when fieldsync relayed a token
@@ -59,7 +62,9 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     # Per-document (the `error` control message).
     RULE_VIOLATION = "rule_violation"  # the server corrected the merged state (a domain rule)
-    FORBIDDEN_FIELD = "forbidden_field"  # the update writes paths the role may not write
+    # The update writes `paths` the role may not write, or that would leave the document outside
+    # the writer's scope, or a creation the documents' creation rule refuses (README).
+    FORBIDDEN_FIELD = "forbidden_field"
     INVALID_UPDATE = "invalid_update"
     INVALID_DOC_ID = "invalid_doc_id"
     DOC_TOO_LARGE = "doc_too_large"

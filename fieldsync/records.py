@@ -100,3 +100,18 @@ class Origin:
 # connection's origin until its `hello` named the device (whose id then defaulted to the session
 # id). Old rows are kept as they are: the field history and the conflicts are an audit trail.
 _LEGACY = {"server": OriginKind.RULES, "session": OriginKind.DEVICE}
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """One person of the organisation's directory, as the directory sync keeps them: `subject`
+    is the value a token's `sub` carries for them; `enabled` false for one disabled, or deleted
+    since (kept, so that their tokens are refused until they expire)."""
+
+    subject: str
+    name: str | None = None
+    mail: str | None = None
+    team: str | None = None
+    region: str | None = None
+    supervisor: str | None = None  # the supervisor's subject
+    enabled: bool = True

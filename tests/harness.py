@@ -107,6 +107,9 @@ async def running_server(
         await runner.cleanup()
 
 
+_DONE = ("completed", "closed")
+
+
 def work_order(
     doc_id: str,
     *,
@@ -130,7 +133,8 @@ def work_order(
             "status": status,
             **fields,
         },
-        [{"id": "c1", "label": "Check seals", "required": True, "done": False}],
+        # Done when seeded past completion, which the status machine then lets stand.
+        [{"id": "c1", "label": "Check seals", "required": True, "done": status in _DONE}],
         "",
         by=by,
         role=role,

@@ -18,6 +18,7 @@ from fieldsync.api._permissions import (
 from fieldsync.api._problems import problem
 from fieldsync.api._reference import ReferenceEndpoints
 from fieldsync.api._screens import ScreenRoutes
+from fieldsync.api._teams import TeamRoutes
 from fieldsync.api._tus import TusEndpoints
 from fieldsync.api._work_orders import WorkOrderRoutes
 
@@ -33,6 +34,7 @@ __all__ = [
     "Permission",
     "ReferenceEndpoints",
     "ScreenRoutes",
+    "TeamRoutes",
     "TusEndpoints",
     "WorkOrderRoutes",
     "entry_json",

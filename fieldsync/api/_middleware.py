@@ -49,7 +49,7 @@ def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     app.middlewares.extend(
         [
             _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
-            _origin_allow_list(settings.allowed_origins),
+            _origin_allow_list(settings.allowed_origins, settings.public_url),
             _authorise(verify),
         ]
     )
@@ -91,17 +91,25 @@ def _authorise(verify: Verify) -> Middleware:
     return authorise
 
 
-def _origin_allow_list(allowed: frozenset[str]) -> Middleware:
+def _origin_allow_list(allowed: frozenset[str], public_url: str) -> Middleware:
     """Any web page may open a WebSocket to any server: the same-origin policy and CORS do not
     apply to them. The `Origin` header browsers must send (RFC 6455 §4.1, §10.2) is the server's
     only way to tell its own pages from another site's. Native clients send none and pass."""
+    public = _origin_of(public_url) if public_url else None
 
     @web.middleware
     async def origin_allow_list(request: web.Request, handler: Handler) -> StreamResponse:
         origin = request.headers.get(hdrs.ORIGIN)
         # The same test aiohttp applies before it upgrades (`WebSocketResponse._handshake`).
         upgrading = request.headers.get(hdrs.UPGRADE, "").lower().strip() == "websocket"
-        if origin is None or not upgrading or _origin_allowed(origin, request.host, allowed):
+        if origin is None or not upgrading:
+            return await handler(request)
+        # This server's own origin: the public URL's when one is set (behind a TLS-terminating
+        # proxy the scheme seen here is not the page's), else the scheme and Host it was
+        # reached by. A page cannot choose the Host its browser sends.
+        own = public or _origin_of(f"{request.scheme}://{request.host}")
+        seen = _origin_of(origin)
+        if seen is not None and (seen in allowed or seen == own):
             return await handler(request)
         log.info("WebSocket from origin %r refused", origin[:200])
         return problem(ErrorCode.FORBIDDEN, "this origin may not open WebSockets here")
@@ -109,17 +117,21 @@ def _origin_allow_list(allowed: frozenset[str]) -> Middleware:
     return origin_allow_list
 
 
-def _origin_allowed(origin: str, host: str, allowed: frozenset[str]) -> bool:
-    origin = origin.strip().lower()
-    if origin in allowed:
-        return True
-    # Same origin: the page was served by this host. Only the authority is compared (as
-    # gorilla/websocket's default check does): behind a TLS-terminating proxy the scheme this
-    # server sees is not the page's, and a page cannot choose the Host its browser sends. Behind
-    # a proxy that rewrites Host, list the public origin. The opaque origin `null` (sandboxed
-    # frames, files) never matches.
-    authority = urlsplit(origin).netloc if "://" in origin else ""
-    return bool(authority) and authority == host.strip().lower()
+def _origin_of(url: str) -> str | None:
+    """The RFC 6454 origin of `url` as browsers serialise it (lower case, no default port), so
+    that origins compare as strings: scheme and host and port, all three (§5: `http://host` is
+    another origin than `https://host`). None for an opaque origin (`null`: sandboxed frames,
+    files), which never matches, and for anything that is not an origin."""
+    try:
+        parts = urlsplit(url.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443, "ws": 80, "wss": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 def _client_version_gate(

@@ -51,9 +51,9 @@ _FIELDS = {
     "due_at": 64,
     "erp_ref": 64,
 }
-# A new work order waits for its technician or has one; every later status is reached through
-# the status machine, by the people who do the work.
-NEW_STATUSES = ("new", "assigned")
+# The statuses a work order is created in: the write path's one creation rule, read here to
+# name the problem in the request's own terms.
+NEW_STATUSES = documents.work_order.CREATION_STATUSES
 _Wrong = Callable[[str, str], None]
 PRIORITIES = ("low", "normal", "high", "urgent")
 

@@ -13,21 +13,15 @@ import hmac
 import json
 import time
 import uuid
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from joserfc import jws
+from joserfc.jwk import ECKey, Key, RSAKey
 
 from fieldsync.auth._oidc import is_loopback_host
-
-with warnings.catch_warnings():
-    # See fieldsync.auth._oidc: authlib.jose is deprecated in favour of joserfc until 2.0.
-    from authlib.deprecate import AuthlibDeprecationWarning
-
-    warnings.simplefilter("ignore", AuthlibDeprecationWarning)
-    from authlib.jose import JsonWebKey, JsonWebSignature
 
 __all__ = ["DevIssuer", "DevUser"]
 
@@ -45,14 +39,14 @@ class DevUser:
     password: str = "demo"
 
 
-def _generate_keys() -> dict[str, Any]:
+def _generate_keys() -> dict[str, Key]:
     """A fresh signing key per algorithm; the kid is the RFC 7638 thumbprint, so it changes
-    with the key and rotation always publishes new kids."""
-    keys: dict[str, Any] = {}
-    for alg, kty, size in (("RS256", "RSA", 2048), ("ES256", "EC", "P-256")):
-        key = JsonWebKey.generate_key(kty, size, is_private=True)
-        keys[alg] = JsonWebKey.import_key(key.as_dict(is_private=True, kid=key.thumbprint()))
-    return keys
+    with the key and rotation always publishes new kids. `alg` and `use` pin each key to its
+    one purpose (RFC 8725 §3.1), in the JWKS too."""
+    return {
+        "RS256": RSAKey.generate_key(2048, {"alg": "RS256", "use": "sig"}, auto_kid=True),
+        "ES256": ECKey.generate_key("P-256", {"alg": "ES256", "use": "sig"}, auto_kid=True),
+    }
 
 
 class DevIssuer:
@@ -79,7 +73,6 @@ class DevIssuer:
         self._audience = audience
         self._token_ttl = token_ttl
         self._keys = _generate_keys()
-        self._jws = JsonWebSignature(list(_ALGORITHMS))
         self._runner: web.AppRunner | None = None
         self._issuer: str | None = None
         self._jwks_requests = 0
@@ -175,9 +168,9 @@ class DevIssuer:
         _merge(payload, claims)
         _merge(header, headers)
         body = json.dumps(payload, separators=(",", ":")).encode()
-        return str(self._jws.serialize_compact(header, body, key).decode("ascii"))
+        return jws.serialize_compact(header, body, key, algorithms=[alg])
 
-    def _key(self, alg: str) -> Any:
+    def _key(self, alg: str) -> Key:
         try:
             return self._keys[alg]
         except KeyError:
@@ -200,11 +193,7 @@ class DevIssuer:
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self._jwks_requests += 1
-        # `alg` and `use` pin each key to its one purpose (RFC 8725 §3.1); authlib's public view
-        # of a key drops them, so they are added back here.
-        keys = [
-            key.as_dict(is_private=False, alg=alg, use="sig") for alg, key in self._keys.items()
-        ]
+        keys = [key.as_dict(private=False) for key in self._keys.values()]
         return web.json_response({"keys": keys})
 
     async def _token(self, request: web.Request) -> web.Response:

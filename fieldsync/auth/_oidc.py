@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import logging
 import math
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,27 +25,18 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
+from joserfc import jwt
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    InvalidClaimError,
+    JoseError,
+    MissingClaimError,
+)
+from joserfc.jwk import JWKRegistry, Key
 
 from fieldsync.auth._principal import Principal, Role
 from fieldsync.errors import AuthError, ErrorCode
-
-with warnings.catch_warnings():
-    # Authlib 1.x marks `authlib.jose` deprecated in favour of `joserfc` (same author) while
-    # promising compatibility until 2.0. Silence only that import-time warning, so that
-    # `filterwarnings = error` does not fail every importer of fieldsync.auth. (authlib.deprecate
-    # installs an "always" filter when first imported; import it first so ours takes precedence.)
-    from authlib.deprecate import AuthlibDeprecationWarning
-
-    warnings.simplefilter("ignore", AuthlibDeprecationWarning)
-    from authlib.jose import JsonWebKey, JsonWebToken
-    from authlib.jose.errors import (
-        BadSignatureError,
-        ExpiredTokenError,
-        InvalidClaimError,
-        InvalidTokenError,
-        JoseError,
-        MissingClaimError,
-    )
 
 __all__ = ["ClaimMapping", "TokenVerifier", "bearer_token", "is_loopback_host"]
 
@@ -66,7 +57,9 @@ _ASYMMETRIC: Mapping[str, tuple[str, str | None]] = MappingProxyType(
         "ES256": ("EC", "P-256"),
         "ES384": ("EC", "P-384"),
         "ES512": ("EC", "P-521"),
-        "EdDSA": ("OKP", None),
+        "EdDSA": ("OKP", None),  # RFC 8037; deprecated by RFC 9864 for the two below
+        "Ed25519": ("OKP", "Ed25519"),
+        "Ed448": ("OKP", "Ed448"),
     }
 )
 
@@ -182,7 +175,7 @@ class _VerificationKey:
     kty: str
     crv: str | None
     alg: str | None  # the JWK's own `alg`, when the provider pins one
-    key: Any  # an authlib Key holding the public key
+    key: Key  # a joserfc key holding the public key
 
     def fits(self, alg: str) -> bool:
         """RFC 8725 §3.1: a key verifies only the algorithm family it was made for (and exactly
@@ -196,14 +189,18 @@ class _VerificationKey:
 
 
 def _reauthenticate(message: str) -> NoReturn:
-    # `from None`: authlib's exceptions carry the decoded token; keep them out of tracebacks.
+    # `from None`: the JOSE library's exceptions may carry what was decoded of the token; keep
+    # it out of tracebacks.
     raise AuthError(ErrorCode.REAUTHENTICATE, message) from None
 
 
 class TokenVerifier:
     """Verifies access tokens of one OpenID provider for one audience.
 
-    `start()` reads the provider's discovery document and its JWKS; `verify()` then needs the
+    `start()` reads the provider's discovery document and its JWKS, then reads the JWKS again
+    on a schedule: when the provider's `Cache-Control: max-age` says (RFC 9111 §5.2.2.1), never
+    sooner than `jwks_min_age` seconds nor later than `jwks_max_age`, so a key the provider
+    withdraws stops verifying tokens within `jwks_max_age` at most. `verify()` needs the
     network only when a token names a key it has not seen (key rotation), at most once per
     `jwks_cooldown` seconds. While the provider is unreachable the cached keys keep working.
     """
@@ -217,6 +214,8 @@ class TokenVerifier:
         algorithms: Sequence[str] = ("RS256", "ES256"),
         leeway: int = 60,
         jwks_cooldown: float = 30.0,
+        jwks_min_age: float = 60.0,
+        jwks_max_age: float = 3600.0,
     ) -> None:
         refused = [a for a in algorithms if a not in _ASYMMETRIC]
         if refused:
@@ -228,19 +227,27 @@ class TokenVerifier:
         _require_secure_url(issuer, "issuer")
         if leeway < 0 or jwks_cooldown < 0:
             raise ValueError("leeway and jwks_cooldown must not be negative")
+        if not 0 < jwks_min_age <= jwks_max_age:
+            raise ValueError("jwks_min_age must be positive and at most jwks_max_age")
         self._issuer = issuer
         self._audience = audience
         self._mapping = claims
         self._algorithms = frozenset(algorithms)
         self._leeway = leeway
         self._cooldown = jwks_cooldown
-        self._jwt = JsonWebToken(sorted(self._algorithms))
-        # RFC 8725 §3.8/§3.9: the issuer must match exactly and the audience must name us.
-        self._claims_options: dict[str, dict[str, Any]] = {
-            claim: {"essential": True} for claim in _REQUIRED_CLAIMS
-        }
-        self._claims_options["iss"]["value"] = issuer
-        self._claims_options["aud"]["value"] = audience
+        # RFC 8725 §3.8/§3.9: the issuer must match exactly and the audience must name us; exp,
+        # nbf and iat are NumericDates (finite numbers) within the leeway of the time of each
+        # check.
+        self._claims = jwt.JWTClaimsRegistry(
+            leeway=leeway,
+            iss={"essential": True, "value": issuer},
+            sub={"essential": True},
+            aud={"essential": True, "values": [audience]},
+            exp={"essential": True},
+        )
+        self._min_age = jwks_min_age
+        self._max_age = jwks_max_age
+        self._scheduled: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._jwks_uri: str | None = None
         self._metadata: Mapping[str, Any] | None = None  # the discovery document
@@ -278,7 +285,7 @@ class TokenVerifier:
             raise RuntimeError("TokenVerifier already started")
         self._session = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
         try:
-            config = await self._get_json(
+            config, _ = await self._get_json(
                 self._issuer.rstrip("/") + "/.well-known/openid-configuration"
             )
             # OpenID Connect Discovery §4.3: the `issuer` must be identical to the one asked for,
@@ -291,12 +298,18 @@ class TokenVerifier:
             _require_secure_url(jwks_uri, "jwks_uri")
             self._jwks_uri = jwks_uri
             self._metadata = MappingProxyType(config)
-            await self._fetch_jwks()
+            fresh_for = await self._fetch_jwks()
         except BaseException:
             await self.close()
             raise
+        self._scheduled = asyncio.create_task(self._refresh_on_schedule(fresh_for))
 
     async def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduled
+            self._scheduled = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -328,35 +341,45 @@ class TokenVerifier:
         return self._check(token, header, key)
 
     def _check(self, token: str, header: dict[str, Any], key: _VerificationKey) -> Principal:
+        alg = header["alg"]
         try:
-            claims = self._jwt.decode(token, key.key, claims_options=self._claims_options)
+            # Only the algorithm already checked against the allow-list and the key (RFC 8725
+            # §3.1): the library never chooses another.
+            decoded = jwt.decode(token, key.key, algorithms=[alg])
         except BadSignatureError:
             _reauthenticate("token signature invalid")
         except (JoseError, ValueError, TypeError, RecursionError):
             _reauthenticate("token malformed")
-        if dict(claims.header) != header:
-            # The key was chosen from our own reading of the header; authlib must have read the
+        if dict(decoded.header) != header:
+            # The key was chosen from our own reading of the header; joserfc must have read the
             # same one, or a parser difference could pair a key with another algorithm.
             _reauthenticate("token header malformed")
-        missing = [claim for claim in _REQUIRED_CLAIMS if claim not in claims]
+        claims = decoded.claims
+        missing = [claim for claim in _REQUIRED_CLAIMS if claims.get(claim) is None]
         if missing:
             _reauthenticate(f"token claim missing: {', '.join(missing)}")
+        # joserfc checks claims in the token's order; `exp` goes last, so that `token_expired`
+        # is only said of a token that a refresh would fix (not of one for another audience).
+        ordered = dict(sorted(claims.items(), key=lambda item: item[0] == "exp"))
         try:
-            # authlib checks iss, sub and aud before exp, so `token_expired` is only said of a
-            # token that a refresh would fix; nbf and iat follow (with the same leeway).
-            claims.validate(now=int(time.time()), leeway=self._leeway)
+            self._claims.validate(ordered)
         except ExpiredTokenError:
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "token expired") from None
         except MissingClaimError:
             _reauthenticate("token claim missing")
         except InvalidClaimError as error:
-            _reauthenticate(_CLAIM_MESSAGES.get(error.claim_name, "token claim invalid"))
-        except InvalidTokenError:
-            _reauthenticate("token not yet valid")
+            name = error.claim
+            if name in ("nbf", "iat") and _numeric_date(claims.get(name)):
+                _reauthenticate("token not yet valid")  # a number, but later than now + leeway
+            _reauthenticate(_CLAIM_MESSAGES.get(name, "token claim invalid"))
+        except JoseError:
+            _reauthenticate("token claim invalid")
+        # Whatever the library's version checks: a subject is a string, and an expiry a finite
+        # number (JSON `NaN` or `1e999` would never expire).
         if not isinstance(claims["sub"], str):
             _reauthenticate("token subject invalid")
-        if not math.isfinite(claims["exp"]):
-            _reauthenticate("token expiry invalid")  # JSON `NaN` or `1e999` would never expire
+        if not _numeric_date(claims["exp"]):
+            _reauthenticate("token expiry invalid")
         return self._mapping.principal(claims)
 
     async def _key_for(self, kid: str | None, alg: str) -> _VerificationKey:
@@ -401,10 +424,28 @@ class TokenVerifier:
                 return False
             return True
 
-    async def _fetch_jwks(self) -> None:
+    async def _refresh_on_schedule(self, fresh_for: float) -> None:
+        """Read the JWKS again whenever the copy held goes stale, so that a key the provider
+        withdrew (rotated out, or compromised) stops verifying tokens: without this, only a
+        token naming an unknown kid would ever make us read the JWKS again."""
+        while True:
+            await asyncio.sleep(fresh_for)
+            async with self._refresh_lock:
+                try:
+                    fresh_for = await self._fetch_jwks()
+                except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+                    log.warning(
+                        "JWKS refresh from %s failed, keeping cached keys: %r",
+                        self._jwks_uri,
+                        error,
+                    )
+                    fresh_for = self._min_age
+
+    async def _fetch_jwks(self) -> float:
+        """Fetch and install the provider's keys; returns how long they stay fresh."""
         if self._jwks_uri is None:
             raise RuntimeError("TokenVerifier not started")
-        document = await self._get_json(self._jwks_uri)
+        document, headers = await self._get_json(self._jwks_uri)
         raw_keys = document.get("keys")
         if not isinstance(raw_keys, list):
             raise ValueError("JWKS has no keys list")
@@ -414,12 +455,15 @@ class TokenVerifier:
             # deliberate revocation of every key.
             raise ValueError("JWKS holds no usable signing key")
         self._keys = keys
+        return freshness(headers, self._min_age, self._max_age)
 
-    async def _get_json(self, url: str) -> dict[str, Any]:
+    async def _get_json(self, url: str) -> tuple[dict[str, Any], Mapping[str, str]]:
+        """The JSON object at `url`, and the answer's headers."""
         if self._session is None:
             raise RuntimeError("TokenVerifier not started")
         async with self._session.get(url, headers={"Accept": "application/json"}) as response:
             response.raise_for_status()
+            headers = response.headers
             body = bytearray()
             async for chunk in response.content.iter_chunked(64 * 1024):
                 body += chunk
@@ -428,7 +472,30 @@ class TokenVerifier:
         document = json.loads(body)
         if not isinstance(document, dict):
             raise ValueError(f"document at {url} is not a JSON object")
-        return document
+        return document, headers
+
+
+# Keys kept this long when the provider's JWKS answer says nothing of its freshness (Keycloak,
+# for one): long enough to cost the provider nothing, short enough to drop a withdrawn key soon.
+_DEFAULT_JWKS_AGE = 300.0
+
+_MAX_AGE = re.compile(r'max-age\s*=\s*"?(\d+)"?')
+
+
+def freshness(headers: Mapping[str, str], floor: float, ceiling: float) -> float:
+    """Seconds a JWKS answer stays fresh, by its `Cache-Control` (RFC 9111 §5.2.2: `max-age`
+    less the `Age` it already has; `no-cache` and `no-store` mean at once), within [floor,
+    ceiling]: a provider asking for a refetch every second or every year gets neither."""
+    directives = [d.strip().lower() for d in headers.get("Cache-Control", "").split(",")]
+    age: float = _DEFAULT_JWKS_AGE
+    if "no-cache" in directives or "no-store" in directives:
+        age = 0.0
+    else:
+        found = next(filter(None, (_MAX_AGE.fullmatch(d) for d in directives)), None)
+        if found is not None:
+            already = headers.get("Age", "0").strip()
+            age = int(found.group(1)) - (int(already) if already.isdigit() else 0)
+    return min(max(age, floor), ceiling)
 
 
 # RFC 9068 §2.2 requires these (and more: client_id, iat, jti, which we do not need); `exp` above
@@ -480,8 +547,11 @@ def _import_key(jwk: object) -> _VerificationKey | None:
     # Only the public members: a provider that leaks private ones must not make us sign-capable.
     public = {k: v for k, v in jwk.items() if k not in {"d", "p", "q", "dp", "dq", "qi", "oth"}}
     try:
-        key = JsonWebKey.import_key(public)
-        if kty == "RSA" and key.get_public_key().key_size < _MIN_RSA_BITS:
+        key = JWKRegistry.import_key(public)
+        if key.is_private:
+            raise ValueError("not a public key")
+        size = getattr(key.raw_value, "key_size", None)
+        if kty == "RSA" and (size is None or size < _MIN_RSA_BITS):
             log.info("JWKS key %r skipped: RSA key shorter than %d bits", kid, _MIN_RSA_BITS)
             return None
     except (JoseError, ValueError, TypeError, KeyError) as error:
@@ -491,6 +561,13 @@ def _import_key(jwk: object) -> _VerificationKey | None:
     return _VerificationKey(
         kid=kid, kty=kty, crv=crv if isinstance(crv, str) else None, alg=alg, key=key
     )
+
+
+def _numeric_date(value: object) -> bool:
+    """RFC 7519 §2: a JSON number, finite (JSON `NaN` or `1e999` would never expire)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _require_secure_url(url: str, what: str) -> None:

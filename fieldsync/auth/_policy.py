@@ -3,6 +3,7 @@ document it writes. Loaded from TOML, validated at start; every decision is made
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,9 +38,22 @@ class Grant:
     transitions: frozenset[str] = frozenset()  # "from>to", or "*" for all
 
 
+# A write pattern: "*" alone, or dot-separated segments, each a name or "*" (any one key of a
+# map, any one item of an array): "checklist", "fields.*", "checklist.*.done".
+_SEGMENT = re.compile(r"\*|[A-Za-z0-9_-]+")
+
+
 def path_allowed(path: str, patterns: Iterable[str]) -> bool:
-    root = path.split(".", 1)[0]
-    return any(p in ("*", path, root) or (p.endswith(".*") and p[:-2] == root) for p in patterns)
+    """Whether a pattern covers `path`: the path it names, and everything below it ("*" alone
+    is any root, so everything)."""
+    steps = path.split(".")
+    return any(_covers(pattern.split("."), steps) for pattern in patterns)
+
+
+def _covers(parts: list[str], steps: list[str]) -> bool:
+    return len(parts) <= len(steps) and all(
+        part in ("*", step) for part, step in zip(parts, steps, strict=False)
+    )
 
 
 class Policy:
@@ -85,12 +99,40 @@ class Policy:
 
     def may_create(self, principal: Principal, doc_type: str, scope_index: DocIndex | None) -> bool:
         """Whether `principal` may create a document of `doc_type` whose scope index (its own
-        for a work order, its work order's for a form, which must exist) is `scope_index`."""
+        for a work order, its work order's for a form, which must exist) is `scope_index`. A
+        work order is born inside everything its creator is held to (`outside`)."""
         if not any(doc_type in grant.create for grant in self._grants(principal)):
             return False
         if doc_type == "form" and scope_index is None:
             return False
+        if doc_type == "wo" and scope_index is not None and self.outside(principal, scope_index):
+            return False
         return in_scope(self.scope(principal), scope_index)
+
+    def held_to(self, principal: Principal) -> dict[str, str]:
+        """The scope keys of a work order (`DocIndex` attributes) whose values a write by
+        `principal` must leave as its own, so that no write takes a document out of its scope:
+        the assignee for a role that sees its own work, the team (and its region: a team lies
+        in one) for a team's, the region for a region's, nothing for one that sees all."""
+        scope = self.scope(principal)
+        if scope.kind is ScopeKind.ASSIGNEE:
+            return {"assignee": principal.subject}
+        if scope.kind is ScopeKind.TEAM and principal.team:
+            return {"team": principal.team} | (
+                {"region": principal.region} if principal.region else {}
+            )
+        if scope.kind is ScopeKind.REGION and principal.region:
+            return {"region": principal.region}
+        return {}
+
+    def outside(
+        self, principal: Principal, index: DocIndex, keys: Iterable[str] | None = None
+    ) -> list[str]:
+        """Of the scope keys `principal` is held to (those among `keys`, None: all), those
+        whose value in `index` is not its own, sorted."""
+        held = self.held_to(principal)
+        wanted = held if keys is None else set(keys) & set(held)
+        return sorted(key for key in wanted if getattr(index, key) != held[key])
 
     def may_create_some(self, principal: Principal, doc_type: str) -> bool:
         """Whether `principal` could create a `doc_type` anywhere in its scope."""
@@ -174,11 +216,24 @@ def _grants(data: Mapping[str, Any], source: str) -> dict[Role, Grant]:
         grants[role] = Grant(
             scope=_SCOPES[scope],
             create=frozenset(create),
-            write={t: tuple(_strings(p, where, f"write.{t}")) for t, p in write.items()},
+            write={t: tuple(_patterns(p, where, f"write.{t}")) for t, p in write.items()},
             datasets=frozenset(_strings(table.get("datasets", []), where, "datasets")),
             transitions=frozenset(_transitions(table.get("transitions", []), where)),
         )
     return grants
+
+
+def _patterns(value: object, where: str, key: str) -> list[str]:
+    items = _strings(value, where, key)
+    for item in items:
+        parts = item.split(".")
+        if item != "*" and (parts[0] == "*" or not all(_SEGMENT.fullmatch(p) for p in parts)):
+            raise PolicyError(
+                where,
+                f"{key}: {item!r} is not a path: '*', or a root then keys or '*' (any one key "
+                "or item) separated by dots, e.g. 'notes', 'fields.*', 'checklist.*.done'",
+            )
+    return items
 
 
 def _transitions(value: object, where: str) -> list[str]:

@@ -12,6 +12,7 @@ from fieldsync.documents import _workorder as work_order
 from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
 from fieldsync.documents._paths import Scratch, data, follow, watch
+from fieldsync.documents._rule_set import NO_RULES, DomainRules, RuleSet
 from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.records import DocIndex
 
@@ -33,6 +34,19 @@ def frozen_roots(kind: DocType) -> frozenset[str]:
     return work_order.FROZEN if kind is DocType.WORK_ORDER else form.FROZEN
 
 
+def creation_problems(kind: DocType, doc: Doc, templates: Templates) -> dict[str, str]:
+    """Why `doc` may not come into existence as it is, by path (empty: it may); the one
+    creation rule of every path a document is created by (v1, y-websocket, REST, adapters).
+    A work order is created `new` or `assigned`; a form names a template version that is
+    loaded (one that is not could never be valid, and would block its work order for good)."""
+    if kind is DocType.WORK_ORDER:
+        return work_order.creation_problems(doc)
+    template = form_templates.form_template(doc, templates)
+    if isinstance(template, str):
+        return {"meta.template": template, "meta.version": template}
+    return {}
+
+
 def roots(kind: DocType) -> dict[str, Any]:
     """The roots of a document type and their pycrdt types."""
     return work_order.ROOTS if kind is DocType.WORK_ORDER else form.ROOTS
@@ -49,11 +63,15 @@ def to_json(doc_id: str, doc: Doc) -> dict[str, Any]:
 
 __all__ = [
     "MAX_DOC_ID",
+    "NO_RULES",
     "DocType",
+    "DomainRules",
     "InvalidDocId",
+    "RuleSet",
     "Scratch",
     "TemplateError",
     "Templates",
+    "creation_problems",
     "doc_type",
     "follow",
     "form",

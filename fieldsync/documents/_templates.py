@@ -446,17 +446,26 @@ def check_form(doc: Doc, templates: Templates) -> dict[str, str]:
 
     Not empty means the form blocks the completion of its work order; the work order rules
     give each entry as one reason (`f"{key}: {reason}"`)."""
+    template = form_template(doc, templates)
+    if isinstance(template, str):
+        return {FORM_KEY: template}
+    answers = doc.get("answers", type=Map).to_py() or {}
+    return validate(template, answers)
+
+
+def form_template(doc: Doc, templates: Templates) -> Template | str:
+    """The template version named in the form's `meta`, or why there is none: a form is
+    created only with one (see `documents.creation_problems`)."""
     meta = doc.get("meta", type=Map)
     template_id, version = meta.get("template"), meta.get("version")
     if not isinstance(template_id, str) or not template_id:
-        return {FORM_KEY: "no template: meta.template is missing"}
+        return "no template: meta.template is missing"
     if not _is_number(version) or not _is_whole(version):
-        return {FORM_KEY: f"no template version: meta.version is {version!r}, not a number"}
+        return f"no template version: meta.version is {version!r}, not a number"
     template = templates.get(template_id, int(version))
     if template is None:
-        return {FORM_KEY: f"unknown template {template_id} v{_show(version)}"}
-    answers = doc.get("answers", type=Map).to_py() or {}
-    return validate(template, answers)
+        return f"unknown template {template_id} v{_show(version)}"
+    return template
 
 
 class ValidationChanges(NamedTuple):

@@ -10,6 +10,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from fieldsync.documents._paths import data
+from fieldsync.documents._workorder_rules import EDGES
 from fieldsync.records import DocIndex
 
 # The root the index is read from, and the keys of it that scopes and screens filter on
@@ -76,9 +77,48 @@ ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
 
 FROZEN: frozenset[str] = frozenset()  # roots written at creation only: none
 
+# A new work order waits for its technician or has one; every later status is reached through
+# the status machine, by the people who do the work. The one creation rule of every path
+# (v1, y-websocket, REST, adapters: `creation_problems`).
+CREATION_STATUSES = ("new", "assigned")
+
+
+def creation_problems(doc: Doc) -> dict[str, str]:
+    """Why `doc` may not come into existence as it is, by path (empty: it may): a status it is
+    created in other than `CREATION_STATUSES` (the first entry of `status_log`, or without a
+    log the status shown, which the rules then log). Later entries of the log are moves,
+    judged by the status machine and the completion requirements like any other: a work
+    order cannot be born past them."""
+    wanted = " or ".join(CREATION_STATUSES)
+    entries = data(doc.get("status_log", type=Array))
+    if entries:
+        first = entries[0].get("status") if isinstance(entries[0], dict) else entries[0]
+        if first not in CREATION_STATUSES:
+            return {"status_log": f"a work order is created {wanted}, not {first}"}
+        return {}
+    status = doc.get("fields", type=Map).get("status")
+    if status is not None and status not in CREATION_STATUSES:
+        return {"fields.status": f"a work order is created {wanted}, not {status}"}
+    return {}
+
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _path(start: str, goal: str) -> list[str]:
+    """The statuses from `start` to `goal` along the status machine's shortest path, both
+    included; just `goal` when there is none (the rules then judge it)."""
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier and goal not in paths:
+        reached = []
+        for before, after in sorted(EDGES):
+            if before in frontier and after not in paths:
+                paths[after] = [*paths[before], after]
+                reached.append(after)
+        frontier = reached
+    return paths.get(goal, [goal])
 
 
 def set_status(doc: Doc, status: str, *, by: str, role: str, at: str | None = None) -> None:
@@ -111,11 +151,17 @@ def write(
     role: str,
 ) -> None:
     """Fill a new work order in one transaction (seeding, adapters, tests), created by `by`
-    acting in `role`: its status and meter reading are the first entries of their logs."""
+    acting in `role`: its status and meter reading are the first entries of their logs. A
+    work order is created `new` or `assigned`; one seeded further on is logged as created so,
+    then moved along the status machine's shortest path to its status (a completion among
+    them is judged like any other)."""
     with doc.transaction():
         doc.get("fields", type=Map).update(dict(fields))
-        if isinstance(fields.get("status"), str):
-            set_status(doc, fields["status"], by=by, role=role)
+        status = fields.get("status")
+        if isinstance(status, str):
+            start = "assigned" if fields.get("assignee") else "new"
+            for step in _path(start, status) if status not in CREATION_STATUSES else [status]:
+                set_status(doc, step, by=by, role=role)
         reading = fields.get("meter_reading")
         if isinstance(reading, int | float) and not isinstance(reading, bool):
             record_meter_reading(doc, reading, by=by)

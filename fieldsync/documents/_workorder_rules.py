@@ -100,27 +100,32 @@ def reads(touched: Collection[str] | None, paths: Iterable[str]) -> bool:
     )
 
 
-class FormsNeeded(Exception):
-    """Judging the document reached a completion, which needs the linked forms' verdicts:
-    check again with them."""
-
-
 # Reads a root array as plain data (the room keeps what it parsed until the root changes).
 Reader = Callable[[str], list[Any]]
+
+
+def forms_needed(touched: Collection[str] | None, read: Reader) -> bool:
+    """Whether judging the document may reach a completion, which needs the linked forms'
+    verdicts (`check`'s `forms_blocking`): looked up first, only then."""
+    return reads(touched, STATUS_READS) and any(
+        isinstance(entry, dict) and entry.get("status") == "completed"
+        for entry in read("status_log")
+    )
 
 
 def check(
     doc: Doc,
     may_move: MayMove,
-    forms_blocking: Mapping[str, list[str]] | None,
+    forms_blocking: Mapping[str, list[str]],
     touched: Collection[str] | None = None,
     creator: Creator | None = None,
     read: Reader | None = None,
 ) -> list[Correction]:
     """The corrections the merged `doc` needs: given which role may make which status move, per
-    linked form the reasons it blocks completion (None: not looked up yet; `FormsNeeded` is
-    raised if they are needed), the paths the update changed (None: any), and, for a document
-    being created, its creator (a status set without a log entry is logged as the creator's)."""
+    linked form the reasons it blocks completion (looked up when `forms_needed` says so;
+    otherwise no completion is judged and any mapping does), the paths the update changed
+    (None: any), and, for a document being created, its creator (a status set without a log
+    entry is logged as the creator's)."""
     if read is None:
         read = lambda root: data(doc.get(root, type=Array))  # noqa: E731
     found: list[Correction] = []
@@ -137,33 +142,45 @@ def check(
 # append to them, entries in its own name: a log that could be edited would be a history that
 # could be rewritten.
 LOGS = ("status_log", "meter_readings")
+# Records that name their author (`by`): the logs, and time entries, whose overlap rule is per
+# author. Such a writer appends its own only.
+OWN_ENTRIES = (*LOGS, "time_entries")
 
 
-def log_problems(changes: Iterable[FieldChange], subject: str, roles: Collection[str]) -> list[str]:
-    """What `changes` (read on a scratch replica) do to the logs that a writer held to its own
-    entries may not do: change or delete an entry, or append one in another's name or role, or
-    one already marked rejected."""
-    problems: list[str] = []
+def log_problems(
+    changes: Iterable[FieldChange], subject: str, roles: Collection[str]
+) -> list[tuple[str, str]]:
+    """What `changes` (read on a scratch replica) do to the records of `OWN_ENTRIES` that a
+    writer held to its own entries may not do: change or delete an entry, or append one in
+    another's name or role, or one already marked rejected. Each problem with its root."""
+    problems: list[tuple[str, str]] = []
     for change in changes:
         root = change.path.split(".", 1)[0]
-        if root not in LOGS:
+        if root not in OWN_ENTRIES:
             continue
         if change.path != root:
-            problems.append(f"{change.path}: log entries are never changed")
+            problems.append((root, f"{change.path}: entries are never changed"))
             continue
         for step in change.new if isinstance(change.new, list) else []:
             if "delete" in step:
-                problems.append(f"{root}: log entries are never deleted")
+                problems.append((root, f"{root}: entries are never deleted"))
             for entry in step.get("insert", ()):
-                if not isinstance(entry, dict):
-                    problems.append(f"{root}: an entry is not a map")
-                elif entry.get("by") != subject:
-                    problems.append(f"{root}: an entry names {entry.get('by')!r}, not you")
-                elif root == "status_log" and entry.get("role") not in roles:
-                    problems.append(f"{root}: an entry names the role {entry.get('role')!r}")
-                elif "rejected" in entry:
-                    problems.append(f"{root}: only the server rejects an entry")
+                problem = _entry_problem(entry, subject, roles if root == "status_log" else None)
+                if problem:
+                    problems.append((root, f"{root}: {problem}"))
     return problems
+
+
+def _entry_problem(entry: Any, subject: str, roles: Collection[str] | None) -> str | None:
+    if not isinstance(entry, dict):
+        return "an entry is not a map"
+    if entry.get("by") != subject:
+        return f"an entry names {entry.get('by')!r}, not you"
+    if roles is not None and entry.get("role") not in roles:
+        return f"an entry names the role {entry.get('role')!r}"
+    if "rejected" in entry:
+        return "only the server rejects an entry"
+    return None
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -173,7 +190,7 @@ def _status(
     doc: Doc,
     read: Reader,
     may_move: MayMove,
-    forms_blocking: Mapping[str, list[str]] | None,
+    forms_blocking: Mapping[str, list[str]],
     touched: Collection[str] | None,
     creator: Creator | None,
 ) -> list[Correction]:
@@ -251,9 +268,7 @@ def replay(
     return status, verdicts
 
 
-def _completion_problems(read: Reader, forms_blocking: Mapping[str, list[str]] | None) -> list[str]:
-    if forms_blocking is None:
-        raise FormsNeeded
+def _completion_problems(read: Reader, forms_blocking: Mapping[str, list[str]]) -> list[str]:
     problems = []
     for item in read("checklist"):
         if isinstance(item, dict) and item.get("required") and not item.get("done"):

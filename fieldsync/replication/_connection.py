@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -38,6 +38,7 @@ class Limits:
     expiry_notice: float = 120.0  # seconds before token expiry that `auth_expiring` is sent
     max_docs: int = 10_000  # documents one connection replicates at once
     max_offline: float = 30 * 86_400.0  # seconds a device may stay away before its copies reset
+    max_sockets_per_subject: int = 20  # WebSockets one token subject holds open at once
 
 
 DEFAULT_LIMITS = Limits()
@@ -51,10 +52,36 @@ class SessionClosed(Exception):
         self.reason = reason
 
 
+class SubjectSockets:
+    """How many WebSockets each token subject holds open: one stolen or buggy token must not
+    hold a thousand (`Limits.max_sockets_per_subject`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[str] = Counter()
+
+    def take(self, subject: str) -> bool:
+        if self._held[subject] >= self.limit:
+            return False
+        self._held[subject] += 1
+        return True
+
+    def give_back(self, subject: str) -> None:
+        self._held[subject] -= 1
+        if self._held[subject] <= 0:
+            del self._held[subject]
+
+
 class Connection:
     """Base of the protocol cores. Subclasses implement `receive` and the `Peer` callbacks."""
 
-    def __init__(self, replicator: Replicator, principal: Principal | None, limits: Limits) -> None:
+    def __init__(
+        self,
+        replicator: Replicator,
+        principal: Principal | None,
+        limits: Limits,
+        sockets: SubjectSockets | None = None,
+    ) -> None:
         self.replicator = replicator
         self.limits = limits
         self.id = f"c{next(_ids)}-{uuid.uuid4().hex[:8]}"
@@ -72,6 +99,10 @@ class Connection:
         self._in_flight: deque[asyncio.Future[Committed]] = deque()
         self._timers: list[asyncio.TimerHandle] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sockets = sockets
+        self._counted: str | None = None  # the subject this socket counts against
+        if self.authenticated:
+            self._count_socket()
 
     # --- what each protocol implements (`receive`, and the `Peer` callbacks) --------------
 
@@ -141,10 +172,23 @@ class Connection:
         if self.authenticated and self._expired():
             self.close(CloseCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
 
+    def _count_socket(self) -> None:
+        """Count this socket, now authenticated, against its subject's cap; one over it is
+        closed (4429 `too_many_connections`) before it replicates anything."""
+        if self._sockets is None or self._counted is not None:
+            return
+        if self._sockets.take(self.principal.subject):
+            self._counted = self.principal.subject
+        else:
+            self.close_soon(CloseCode.RATE_LIMITED, ErrorCode.TOO_MANY_CONNECTIONS)
+
     def shutdown(self) -> None:
         """The connection is gone: leave every room, stop timers and tasks."""
         if self._closed is None:
             self._closed = SessionClosed(CloseCode.GOING_AWAY, "closed")
+        if self._sockets is not None and self._counted is not None:
+            self._sockets.give_back(self._counted)
+            self._counted = None
         self._wake.set()
         self.replicator.leave(self, list(self.rooms.values()))
         self.rooms.clear()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Doc
 
 from fieldsync import documents
 from fieldsync.auth import Policy, Principal, in_scope
@@ -26,10 +25,10 @@ from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
-from fieldsync.replication._codec import SyncStep, encode_awareness, encode_sync
+from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind, ScopeFilter
+from fieldsync.replication._codec import SyncStep, encode_sync
 from fieldsync.replication._peer import Peer
-from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview_index
+from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview
 from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class Replicator:
         *,
         policy: Policy | None = None,
         templates: form_templates.Templates | None = None,
-        enforce_rules: bool = True,
+        rules: documents.RuleSet | None = None,
         max_doc_bytes: int = 16 << 20,
         idle_seconds: float = 30.0,
         max_rooms: int = 10_000,
@@ -86,8 +85,8 @@ class Replicator:
         self.store = store
         self.policy = policy or Policy.load()
         self.templates = templates or form_templates.Templates.load()
-        # Off only to measure what the rules and the field history cost (bench/write_path.py).
-        self.enforce_rules = enforce_rules
+        # The domain rules run after each merge; `documents.NO_RULES` measures what they cost.
+        self.rules: documents.RuleSet = rules or documents.DomainRules(self.templates)
         self.max_doc_bytes = max_doc_bytes
         self.idle_seconds = idle_seconds
         self.max_rooms = max_rooms
@@ -130,7 +129,7 @@ class Replicator:
         try:
             stored = await self.store.load(doc_id)
             # Replaying a long log is CPU work: keep it off the event loop.
-            room = await asyncio.to_thread(Room, doc_id, stored, self.enforce_rules)
+            room = await asyncio.to_thread(Room, doc_id, stored)
             self._rooms[doc_id] = room
             loading.set_result(room)
             return room
@@ -163,25 +162,35 @@ class Replicator:
     async def read(self, peer: Peer, room: Room, state_vector: bytes) -> bytes:
         """What a replica at `state_vector` lacks of the document, for a peer that may read it;
         for a waiting peer, what it lacks of an empty document (nothing)."""
-        if await self._check_access(peer, room, answering=True):
+        if await self._may_read(peer, room):
             return room.diff(state_vector)
         return diff(Doc(), state_vector)  # an empty document's, refusing garbage alike
 
-    async def _check_access(self, peer: Peer, room: Room, answering: bool = False) -> bool:
-        """Every read and write of a room's content passes here: True when `peer` may see the
-        content. A waiting peer (see `subscribe`) sees nothing; it is admitted as soon as the
-        document, committed or not, lies in its scope, and gets the whole document (what it
-        was told before was an empty one) unless the caller is `answering` it with a diff.
-        Raises `Forbidden` for any other peer."""
+    # Every read and write of a room's content passes one of these two. A waiting peer (see
+    # `subscribe`) sees nothing; it is admitted as soon as the document, committed or not,
+    # lies in its scope. Any other peer that is not subscribed gets `Forbidden`.
+
+    async def _may_read(self, peer: Peer, room: Room) -> bool:
+        """Whether `peer` may see the room's content, to be answered with a diff of it (which
+        is all a newly admitted peer then needs)."""
+        return peer in room.subscribers or await self._admit_waiting(peer, room)
+
+    async def _may_write(self, peer: Peer, room: Room) -> bool:
+        """Whether `peer` writes into content it may see; a newly admitted peer is given the
+        whole document first (what it was told before was an empty one)."""
         if peer in room.subscribers:
             return True
+        if await self._admit_waiting(peer, room):
+            peer.confirmed(room.doc_id, room.ydoc.get_update())
+            return True
+        return False
+
+    async def _admit_waiting(self, peer: Peer, room: Room) -> bool:
         if peer not in room.pending:
             raise Forbidden(room.doc_id)
         if room.exists and in_scope(peer.scope, await self._live_scope_index(room)):
             room.pending.pop(peer, None)
             self._admit(peer, room)
-            if not answering:
-                peer.confirmed(room.doc_id, room.ydoc.get_update())
             return True
         return False
 
@@ -197,6 +206,7 @@ class Replicator:
         present = room.awareness.snapshot()
         if present is not None:
             peer.send_doc(room.doc_id, present)
+        self._relay(room, peer, room.awareness.release(peer))  # announced while it waited
 
     def unsubscribe(self, peer: Peer, room: Room) -> None:
         room.subscribers.pop(peer, None)
@@ -212,16 +222,20 @@ class Replicator:
     async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
         """Apply a peer's update and queue it for commit. Raises `Forbidden`, `ForbiddenField`,
         `InvalidUpdate` or `DocTooLarge`; nothing of a refused update is kept."""
-        if not await self._check_access(peer, room) and room.exists:
+        if not await self._may_write(peer, room) and room.exists:
             raise Forbidden(room.doc_id)
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
         read = None
         if not room.exists:
-            await self._authorise_creation(peer, room, update)
+            try:
+                await self._authorise_creation(peer.principal, room, update)
+            except Forbidden:
+                room.pending.pop(peer, None)
+                raise
         else:
-            read = self._check_paths(peer.principal, room, update)
+            read = self._check_write(peer.principal, room, update)
         created = not room.exists
         try:
             effective = room.apply(update, read=read)
@@ -239,23 +253,25 @@ class Replicator:
         submitted = Submitted(self._commit(room, effective, peer), state_vector)
         if peer.origin.kind is OriginKind.RULES:
             return submitted  # a correction the rules made: they never judge their own
-        if self.enforce_rules and room.type is DocType.WORK_ORDER:
+        if room.type is DocType.WORK_ORDER:
             await self._enforce_rules(room, peer, touched, created)
-        elif self.enforce_rules and room.type is DocType.FORM:
-            self._validate_form(room)
+        else:
+            self._judge_form(room)
             self._spawn(self._recheck_work_order(room, peer, submitted.committed))
         return submitted
 
-    def _check_paths(
+    def _check_write(
         self, principal: Principal, room: Room, update: bytes
     ) -> list[FieldChange] | None:
         """Read what `update` writes on the room's scratch replica before the room takes it,
-        for a writer held to paths and for a document with roots fixed at creation; raise
-        `ForbiddenField` for what may not be written. Returns what it read, None when there was
-        nothing to check."""
+        for a writer held to paths or to a scope, and for a document with roots fixed at
+        creation; raise `ForbiddenField` for what may not be written, and for a write that
+        would leave the document outside the writer's scope (the check of creation, after
+        every update). Returns what it read, None when there was nothing to check."""
         everything = self.policy.writes_everything(principal, room.type.value)
         frozen = documents.frozen_roots(room.type)
-        if everything and not frozen:
+        held = self.policy.held_to(principal) if room.type is DocType.WORK_ORDER else {}
+        if everything and not frozen and not held:
             return None
         changes = room.written(update)
         paths = {change.path for change in changes}
@@ -266,7 +282,10 @@ class Replicator:
         forged = (
             [] if everything else rules.log_problems(changes, principal.subject, principal.roles)
         )
-        if refused or fixed or forged:
+        root = documents.index_root(room.type)
+        keys = {path.split(".")[1] for path in paths if path.startswith(root + ".")}
+        moved = self.policy.outside(principal, room.scratch_index(), keys) if held else []
+        if refused or fixed or forged or moved:
             room.forget_scratch()
             if refused:
                 raise ForbiddenField(room.doc_id, refused)
@@ -274,25 +293,32 @@ class Replicator:
                 roots = ", ".join(sorted(frozen))
                 why = f"{roots} is written when the document is created, never after"
                 raise ForbiddenField(room.doc_id, fixed, why)
-            raise ForbiddenField(room.doc_id, sorted(rules.LOGS), "; ".join(forged))
+            if moved:
+                why = "the write would leave the document outside your scope: " + ", ".join(
+                    f"{root}.{key} must stay {held[key]!r}" for key in moved
+                )
+                raise ForbiddenField(room.doc_id, [f"{root}.{key}" for key in moved], why)
+            raise ForbiddenField(
+                room.doc_id,
+                sorted({path for path, _ in forged}),
+                "; ".join(problem for _, problem in forged),
+            )
         return changes
 
-    def _validate_form(self, room: Room) -> None:
+    def _judge_form(self, room: Room) -> None:
         """Mark wrong, out-of-range and missing answers in the form's `validation` map, for the
         app to show and for completion to wait on; nothing a device answered is dropped."""
-        changes = form_templates.validation_changes(room.ydoc, self.templates)
-        if not changes:
+        corrections = self.rules.form(room.ydoc)
+        if not corrections:
             return
 
-        def mark(doc: Doc) -> None:
-            validation = doc.get("validation", type=Map)
-            validation.update(changes.to_set)
-            for key in changes.to_delete:
-                del validation[key]
+        def correct(doc: Doc) -> None:
+            for correction in corrections:
+                correction.fix(doc)
 
-        correction = room.write(mark)
-        if correction is not None:
-            self._commit(room, correction, None, actor="server", origin=RULES_ORIGIN)
+        written = room.write(correct)
+        if written is not None:
+            self._commit(room, written, None, actor="server", origin=RULES_ORIGIN)
 
     async def _enforce_rules(
         self, room: Room, author: Peer, touched: frozenset[str] | None, created: bool = False
@@ -303,18 +329,17 @@ class Replicator:
         principal = author.principal
         role = self.policy.acting_role(principal) if created else None
         creator = rules.Creator(principal.subject, role) if role else None
-        judge = functools.partial(
-            rules.check,
+        forms: dict[str, list[str]] = {}
+        if self.rules.forms_needed(touched, room.read):
+            forms = await self._forms_blocking(room.doc_id)
+        corrections = self.rules.work_order(
             room.ydoc,
             self.policy.may_move,
+            forms,
             touched=touched,
             creator=creator,
             read=room.read,
         )
-        try:
-            corrections = judge(None)
-        except rules.FormsNeeded:
-            corrections = judge(await self._forms_blocking(room.doc_id))
         if not corrections:
             return
 
@@ -360,13 +385,14 @@ class Replicator:
 
     async def _forms_blocking(self, wo_id: str) -> dict[str, list[str]]:
         """Per form of the work order, what keeps it from completion: answers of the wrong
-        type, out of range, or required and missing, against the form's own template version."""
+        type, out of range, or required and missing, against the form's own template version.
+        A withdrawn form blocks nothing."""
         blocking = {}
         for form_id in await self.store.forms(wo_id):
             form = await self.room(form_id)
-            problems = form_templates.check_form(form.ydoc, self.templates)
+            problems = self.rules.form_blocks(form.ydoc)
             if problems:
-                blocking[form_id] = [f"{key}: {reason}" for key, reason in problems.items()]
+                blocking[form_id] = problems
         return blocking
 
     async def durable_state_vector(self, peer: Peer, room: Room) -> bytes:
@@ -381,18 +407,23 @@ class Replicator:
             await asyncio.wait([tail])
         return state_vector
 
-    async def _authorise_creation(self, peer: Peer, room: Room, update: bytes) -> None:
-        if not await self._may_create(peer.principal, room, update):
-            room.pending.pop(peer, None)
-            raise Forbidden(room.doc_id)
-
-    async def _may_create(self, principal: Principal, room: Room, update: bytes) -> bool:
-        index = preview_index(room.doc_id, update)
+    async def _authorise_creation(self, principal: Principal, room: Room, update: bytes) -> None:
+        """The one creation check of every path (v1, y-websocket, REST): the policy's creation
+        rights in the scope the new document would lie in, then the documents' creation rule
+        (`documents.creation_problems`). Raises `Forbidden`, `ForbiddenField` or
+        `InvalidUpdate`; nothing of the update reaches the room."""
+        new = preview(update)
+        index = documents.index(room.doc_id, new)
         if room.type is DocType.WORK_ORDER:
             scope_index: DocIndex | None = index
         else:
             scope_index = await self._work_order_index(index.wo) if index.wo else None
-        return self.policy.may_create(principal, room.type.value, scope_index)
+        if not self.policy.may_create(principal, room.type.value, scope_index):
+            raise Forbidden(room.doc_id)
+        problems = documents.creation_problems(room.type, new, self.templates)
+        if problems:
+            why = "; ".join(dict.fromkeys(problems.values()))
+            raise ForbiddenField(room.doc_id, sorted(problems), why)
 
     async def create(
         self, doc_id: str, update: bytes, principal: Principal, origin: Origin
@@ -400,15 +431,14 @@ class Replicator:
         """Bring a document the server built into existence on behalf of `principal` (a REST
         creation): the creation rights a device's first update is held to, then the same commit
         and fan-out. Returns once it is durable. Raises `AlreadyExists`, `Forbidden`,
-        `DocTooLarge` or `InvalidUpdate`."""
+        `ForbiddenField`, `DocTooLarge` or `InvalidUpdate`."""
         if len(update) > self.max_doc_bytes:
             raise DocTooLarge(doc_id, self.max_doc_bytes)
         check_count(update, "update")
         room = await self.room(doc_id)
         if room.exists:
             raise AlreadyExists(doc_id)
-        if not await self._may_create(principal, room, update):
-            raise Forbidden(doc_id)
+        await self._authorise_creation(principal, room, update)
         # Looked up again: while the policy check waited, the room may have been evicted or a
         # device may have created the document. From here on nothing waits until the commit.
         room = await self.room(doc_id)
@@ -510,6 +540,36 @@ class Replicator:
             elif now and not was:
                 peer.scope_added(docs)
 
+    async def reprincipal(self, peer: Peer, principal: Principal) -> None:
+        """`peer` now acts as `principal` (the directory moved them to another team or region):
+        what its new scope hides is removed and what it shows is added, as for a reassignment."""
+        before, after = peer.scope, self.policy.scope(principal)
+        peer.principal, peer.scope = principal, after  # nothing more under the old scope
+        if before == after:
+            return
+        old, new = await self._scope_docs(before), await self._scope_docs(after)
+        removed = [doc_id for doc_id in old if doc_id not in new]
+        for doc_id in removed:
+            room = self._rooms.get(doc_id)
+            if room is not None:
+                self.unsubscribe(peer, room)
+        if removed:
+            peer.scope_removed(removed)
+        added = [doc_id for doc_id in new if doc_id not in old]
+        if added:
+            peer.scope_added(added)
+
+    async def _scope_docs(self, scope: ScopeFilter) -> dict[str, None]:
+        """Every document in `scope`, in change order."""
+        docs: dict[str, None] = {}
+        since = 0
+        while True:
+            page = await self.store.changes(scope, since, 1000)
+            docs.update((doc.id, None) for doc in page.docs)
+            if not page.more:
+                return docs
+            since = page.upto
+
     def _drop(self, room: Room, reason: str) -> None:
         """Forget a room whose memory can no longer be trusted; its peers resync from storage."""
         if self._rooms.get(room.doc_id) is room:
@@ -522,14 +582,22 @@ class Replicator:
     # --- awareness ----------------------------------------------------------------------
 
     def relay_awareness(self, peer: Peer, room: Room, payload: bytes) -> None:
-        """Awareness (cursors, presence) goes to the other replicas and is never stored."""
-        if peer not in room.subscribers:
+        """Awareness (cursors, presence) goes to the other replicas and is never stored. A
+        replica changes only the client ids it announced first (`Awareness`). A peer still
+        waiting for the document (see `subscribe`) is held to be heard once it is admitted:
+        every Yjs provider announces itself on connecting, before any document exists."""
+        if peer in room.pending:
+            room.awareness.hold(peer, payload)
+        elif peer in room.subscribers:
+            self._relay(room, peer, room.awareness.apply(peer, payload))
+        else:
             raise Forbidden(room.doc_id)
-        room.awareness.apply(peer, payload)
-        message = encode_awareness(payload)
-        for other in room.subscribers:
-            if other is not peer:
-                other.send_doc(room.doc_id, message)
+
+    def _relay(self, room: Room, sender: Peer, message: bytes | None) -> None:
+        if message is not None:
+            for other in room.subscribers:
+                if other is not sender:
+                    other.send_doc(room.doc_id, message)
 
     def leave(self, peer: Peer, rooms: Iterable[Room]) -> None:
         for room in rooms:

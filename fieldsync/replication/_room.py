@@ -74,7 +74,7 @@ class Room:
     """A document in memory. `subscribers` receive its updates; `pending` asked for a document
     that does not exist yet and hear nothing until it exists and proves to be in their scope."""
 
-    def __init__(self, doc_id: str, stored: StoredDoc | None, history: bool = True) -> None:
+    def __init__(self, doc_id: str, stored: StoredDoc | None) -> None:
         self.doc_id = doc_id
         self.type = documents.doc_type(doc_id)
         self.ydoc: Doc = Doc()
@@ -99,8 +99,7 @@ class Room:
             self.index = stored.index
         self._emitted.clear()
         # From here on, every change is recorded for the field history (not the replay above),
-        # read on the scratch replica: a writer held to paths has it read there already.
-        self._history = history
+        # read on the scratch replica: a checked writer has it read there already.
         self._changes: list[FieldChange] = []
         self._parsed: dict[str, Any] = {}  # root -> its content as plain data, until it changes
 
@@ -139,6 +138,11 @@ class Room:
             self._scratch = None
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
 
+    def scratch_index(self) -> DocIndex:
+        """The index of the document as the scratch replica holds it: after the update that
+        `written` just read, before the room takes it."""
+        return documents.index(self.doc_id, self._mirror().doc)
+
     def forget_scratch(self) -> None:
         """The scratch replica took an update the room refused: it no longer mirrors the room."""
         self._scratch = None
@@ -149,12 +153,7 @@ class Room:
         `read`: what `written` read of it (the scratch replica has taken it already). Raises
         `InvalidUpdate`; an update the scratch replica cannot take never reaches the room."""
         self.last_used = time.monotonic()
-        if read is not None:
-            changes = read
-        elif self._history or self._scratch is not None:
-            changes = self._read(update)
-        else:
-            changes = []
+        changes = read if read is not None else self._read(update)
         try:
             self.ydoc.apply_update(update)
         except BaseException as exc:
@@ -172,8 +171,7 @@ class Room:
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
         if not self._emitted:
             return None
-        if self._history:
-            self._record(changes)
+        self._record(changes)
         emitted = self._emitted
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted.clear()
@@ -196,8 +194,6 @@ class Room:
     def read(self, root: str) -> Any:
         """A root array's content as plain data. Parsed once per change of the root: the rules
         read the same logs on every update, and most updates change none of them."""
-        if not self._history:  # changes are not recorded: nothing would tell the copy is stale
-            return documents.data(self.ydoc.get(root, type=Array))
         parsed = self._parsed.get(root)
         if parsed is None:
             parsed = self._parsed[root] = documents.data(self.ydoc.get(root, type=Array))
@@ -206,8 +202,7 @@ class Room:
     def write(self, change: Callable[[Doc], Any]) -> bytes | None:
         """Make a server-side change (a rule's correction) in one transaction; returns the
         update it made, None if it changed nothing."""
-        if self._history:
-            self._mirror()  # as the document is before the change, to read the change on
+        self._mirror()  # as the document is before the change, to read the change on
         with self.ydoc.transaction(origin=Origin(OriginKind.RULES)):
             change(self.ydoc)
         if not self._emitted:
@@ -216,10 +211,7 @@ class Room:
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted = []
         self.size += len(effective)
-        if self._history or self._scratch is not None:
-            changes = self._read(effective)
-            if self._history:
-                self._record(changes)
+        self._record(self._read(effective))
         return effective
 
     def touched(self) -> frozenset[str]:
@@ -234,7 +226,7 @@ class Room:
 
     def reindex(self) -> DocIndex | None:
         """The document's index if the last updates changed it, else None."""
-        if self._history and self.index is not None:
+        if self.index is not None:
             root = documents.index_root(self.type)
             if not any(change.path.startswith(root + ".") for change in self._changes):
                 return None  # the changes recorded since the last commit left its root alone
@@ -266,9 +258,9 @@ def diff(doc: Doc, state_vector: bytes) -> bytes:
         raise InvalidUpdate("the state vector could not be decoded") from None
 
 
-def preview_index(doc_id: str, update: bytes) -> DocIndex:
-    """The index a new document would have after `update`, computed on a scratch copy so that
-    nothing of a refused creation reaches the room."""
+def preview(update: bytes) -> Doc:
+    """A new document as `update` would make it, on a scratch copy, so that nothing of a
+    refused creation reaches the room."""
     scratch: Doc = Doc()
     try:
         scratch.apply_update(update)
@@ -276,4 +268,4 @@ def preview_index(doc_id: str, update: bytes) -> DocIndex:
         if isinstance(exc, _FATAL):
             raise
         raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
-    return documents.index(doc_id, scratch)
+    return scratch

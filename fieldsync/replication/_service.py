@@ -43,7 +43,7 @@ class _ServicePeer:
     def __init__(self, principal: Principal, scope: ScopeFilter, origin: Origin) -> None:
         self.principal = principal
         self.scope = scope
-        self.origin = origin  # recorded with every update this peer writes
+        self.origin = origin
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
         pass  # an adapter reads the document when it needs it; nothing is pushed to it

@@ -33,7 +33,12 @@ from fieldsync.replication._codec import (
     encode_frame,
     encode_sync,
 )
-from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
+from fieldsync.replication._connection import (
+    DEFAULT_LIMITS,
+    Connection,
+    Limits,
+    SubjectSockets,
+)
 from fieldsync.replication._replicator import Forbidden, Replicator
 from fieldsync.replication._room import Room
 from fieldsync.storage import Committed, DeviceSeen
@@ -79,8 +84,9 @@ class V1Session(Connection):
         principal: Principal | None,
         limits: Limits = DEFAULT_LIMITS,
         min_versions: dict[str, str] | None = None,
+        sockets: SubjectSockets | None = None,
     ) -> None:
-        super().__init__(replicator, principal, limits)
+        super().__init__(replicator, principal, limits, sockets)
         self.verify = verify
         self.min_versions = min_versions or {}
         self.state = State.AWAITING_HELLO
@@ -216,6 +222,9 @@ class V1Session(Connection):
         self.principal = principal
         self.scope = self.replicator.policy.scope(principal)
         self.authenticated = True
+        self._count_socket()
+        if self._closed is not None:
+            raise self._closed
 
     async def _hello(self, body: dict[str, Any]) -> None:
         if self.state is not State.AWAITING_HELLO:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 
 from aiohttp import WSMsgType, web
 
-from fieldsync.auth import Verify, bearer_token
+from fieldsync.auth import Principal, Verify, bearer_token
 from fieldsync.documents import InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode
-from fieldsync.replication._connection import Connection, Limits, SessionClosed
+from fieldsync.replication._connection import Connection, Limits, SessionClosed, SubjectSockets
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._yws import YwsSession
@@ -36,6 +37,7 @@ class Endpoints:
         self.limits = limits
         self.min_versions = min_versions
         self.connections: dict[Connection, web.WebSocketResponse] = {}
+        self.sockets = SubjectSockets(limits.max_sockets_per_subject)
         self.draining = False
 
     def _socket(self) -> web.WebSocketResponse:
@@ -65,6 +67,7 @@ class Endpoints:
             principal=principal,
             limits=self.limits,
             min_versions=self.min_versions,
+            sockets=self.sockets,
         )
         session.spawn(self._hello_deadline(session))
         await self._serve(ws, session)
@@ -93,7 +96,7 @@ class Endpoints:
         except AuthError as exc:
             await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
             return ws
-        session = YwsSession(self.replicator, principal, doc_id, self.limits)
+        session = YwsSession(self.replicator, principal, doc_id, self.limits, self.sockets)
         try:
             await session.open()
         except SessionClosed as closed:
@@ -136,6 +139,25 @@ class Endpoints:
         closed = conn.closed
         if closed is not None and not ws.closed:
             await ws.close(code=closed.code, message=closed.reason.encode()[:120])
+
+    async def reauthorise(self, updates: Mapping[str, Callable[[Principal], Principal]]) -> int:
+        """The directory changed the people of `updates` (subject -> how their principal
+        changes): each of their open sessions acts as `update(principal)` from now on, rescoped
+        when that changes what it sees, or is closed with 4401 and the code of the `AuthError`
+        that `update` raised (a person disabled or deleted). Returns how many were closed."""
+        closed = 0
+        for conn in list(self.connections):
+            update = updates.get(conn.principal.subject) if conn.authenticated else None
+            if update is None:
+                continue
+            try:
+                principal = update(conn.principal)
+            except AuthError as exc:
+                conn.close_soon(CloseCode.UNAUTHORIZED, exc.code)
+                closed += 1
+                continue
+            await self.replicator.reprincipal(conn, principal)
+        return closed
 
     async def drain(self) -> None:
         """Shutting down: tell every device to reconnect elsewhere (4503)."""

@@ -12,9 +12,21 @@ from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.records import Origin, OriginKind
 from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
-from fieldsync.replication._connection import DEFAULT_LIMITS, Connection, Limits
+from fieldsync.replication._connection import (
+    DEFAULT_LIMITS,
+    Connection,
+    Limits,
+    SubjectSockets,
+)
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._room import Room
+
+# What a provider answers the server's SyncStep1 with while it holds nothing (no structs, no
+# deletions): no write. Before the document exists (or enters the scope) it must not be judged
+# as an attempt to create it, or every stock Yjs client of a role that may create only in its
+# own scope would be closed 4403 on connecting, and an id outside the scope would not look
+# like an absent one.
+_NOTHING = b"\x00\x00"
 
 
 class YwsSession(Connection):
@@ -24,15 +36,19 @@ class YwsSession(Connection):
         principal: Principal,
         doc_id: str,
         limits: Limits = DEFAULT_LIMITS,
+        sockets: SubjectSockets | None = None,
     ) -> None:
-        super().__init__(replicator, principal, limits)
+        super().__init__(replicator, principal, limits, sockets)
         self.doc_id = doc_id
         self.origin = Origin(OriginKind.YWS, self.id)
         self._room: Room | None = None
 
     async def open(self) -> None:
         """Authorise the document and greet the client with the server's state vector, as the
-        y-websocket server does. Raises `SessionClosed` when the document is not in scope."""
+        y-websocket server does. Raises `SessionClosed` when the document is not in scope, or
+        when the subject holds too many sockets already."""
+        if self.closed is not None:
+            raise self.closed
         try:
             self._room = await self._subscribe(self.doc_id)
         except FieldsyncError:
@@ -55,17 +71,17 @@ class YwsSession(Connection):
             if isinstance(y, YSync) and y.step is SyncStep.STEP1:
                 update = await self.replicator.read(self, room, y.payload)
                 self.send_doc(self.doc_id, encode_sync(SyncStep.STEP2, update))
-            elif isinstance(y, YSync):
+            elif isinstance(y, YSync) and y.payload != _NOTHING:
                 await self._write(room, y.payload)
             elif isinstance(y, YAwareness):
                 self.replicator.relay_awareness(self, room, y.payload)
         except ProtocolError as exc:
             self.close(CloseCode.PROTOCOL_ERROR, exc.message)
         except FieldsyncError as exc:
-            code = (
-                CloseCode.FORBIDDEN if exc.code is ErrorCode.FORBIDDEN else CloseCode.PROTOCOL_ERROR
-            )
-            self.close(code, exc.code)
+            # README: 4403 for what the principal may not do (the document, or a path of it),
+            # 4400 for what is invalid.
+            refused = exc.code in (ErrorCode.FORBIDDEN, ErrorCode.FORBIDDEN_FIELD)
+            self.close(CloseCode.FORBIDDEN if refused else CloseCode.PROTOCOL_ERROR, exc.code)
 
     # --- Peer ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ database driver crosses out of this package."""
 
 from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
 from fieldsync.storage._backend import Backend, SQLiteBackend
+from fieldsync.storage._directory import Directory, DirectoryChange
 from fieldsync.storage._outbox import (
     DueDoc,
     Outbox,
@@ -62,6 +63,8 @@ __all__ = [
     "DatasetInfo",
     "DeviceSeen",
     "Devices",
+    "Directory",
+    "DirectoryChange",
     "Documents",
     "DueDoc",
     "FieldHistory",

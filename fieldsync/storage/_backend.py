@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fieldsync.storage._attachments import AttachmentStore
+from fieldsync.storage._directory import Directory, SQLiteDirectory
 from fieldsync.storage._outbox import Outbox, SQLiteOutbox
 from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
 from fieldsync.storage._screens import SQLiteScreens
@@ -46,6 +47,11 @@ class Backend(Protocol):
         """What committed changes owe the outbound adapters (DESIGN.md §7)."""
         ...
 
+    @property
+    def directory(self) -> Directory:
+        """The organisation's people as the directory adapter last read them."""
+        ...
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -75,6 +81,7 @@ class SQLiteBackend:
         self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)
         self.attachments = SQLiteAttachments(self.store)
         self.outbox = SQLiteOutbox(self.store)
+        self.directory = SQLiteDirectory(self.store)
 
     async def open(self) -> None:
         await self.store.open()

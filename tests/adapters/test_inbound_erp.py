@@ -19,7 +19,9 @@ from fieldsync.adapters._erp_inbound_sql import ErpInboundSql, ErpInboundSqlConf
 from fieldsync.app import ADAPTERS, REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.replication import Replicator, ServiceWriter
-from fieldsync.storage import ReferenceData, SQLiteOutbox, SQLiteStore
+from fieldsync.storage._outbox import SQLiteOutbox
+from fieldsync.storage._reference import SQLiteReference
+from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters.contract import AdapterContract
 from tests.adapters.inbound_databases import foreign_database
 from tests.harness import Server, eventually, running_server, stored_doc
@@ -326,7 +328,7 @@ class TestErpInboundSqlContract(AdapterContract):
     def adapter_context(self, tmp_path: Path, sqlite_store: SQLiteStore) -> AdapterContext:
         writer = ServiceWriter(Replicator(sqlite_store))
         return AdapterContext(
-            tmp_path, SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store), writer
+            tmp_path, SQLiteOutbox(sqlite_store), SQLiteReference(sqlite_store), writer
         )
 
     def good_table(self) -> dict[str, Any]:
@@ -344,7 +346,9 @@ class TestErpInboundSqlContract(AdapterContract):
         ]
 
     def test_it_needs_the_write_path(self, tmp_path: Path, sqlite_store: SQLiteStore) -> None:
-        context = AdapterContext(tmp_path, SQLiteOutbox(sqlite_store), ReferenceData(sqlite_store))
+        context = AdapterContext(
+            tmp_path, SQLiteOutbox(sqlite_store), SQLiteReference(sqlite_store)
+        )
         with pytest.raises(AdapterConfigError, match="write path"):
             self.build(context, self.good_table())
 

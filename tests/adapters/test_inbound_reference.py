@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from fieldsync.adapters import AdapterConfigError, HealthState, Table
 from fieldsync.adapters._reference_sql import ReferenceSql, ReferenceSqlConfig
-from fieldsync.storage import ReferenceData, SQLiteStore
+from fieldsync.storage._reference import SQLiteReference
+from fieldsync.storage._sqlite import SQLiteStore
 from tests.adapters.contract import AdapterContract
 from tests.adapters.inbound_databases import foreign_database
 from tests.harness import eventually
@@ -42,10 +43,10 @@ def legacy() -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
-async def reference(tmp_path: Path) -> AsyncIterator[ReferenceData]:
+async def reference(tmp_path: Path) -> AsyncIterator[SQLiteReference]:
     store = SQLiteStore(tmp_path / "fieldsync.db")
     await store.open()
-    yield ReferenceData(store, chunk_rows=2)  # small chunks: several commits per import
+    yield SQLiteReference(store, chunk_rows=2)  # small chunks: several commits per import
     await store.close()
 
 
@@ -60,7 +61,9 @@ def put(conn: sa.Connection, tag: str, name: str, at: str, **values: Any) -> Non
     )
 
 
-def make(tmp_path: Path, legacy: sa.Engine, reference: ReferenceData, **keys: Any) -> ReferenceSql:
+def make(
+    tmp_path: Path, legacy: sa.Engine, reference: SQLiteReference, **keys: Any
+) -> ReferenceSql:
     table = {
         "url": legacy.url.render_as_string(hide_password=False),
         "table": "assets",
@@ -73,13 +76,13 @@ def make(tmp_path: Path, legacy: sa.Engine, reference: ReferenceData, **keys: An
     return ReferenceSql("legacy", config, reference, tmp_path / "state")
 
 
-async def dataset(reference: ReferenceData) -> dict[str, dict[str, Any]]:
+async def dataset(reference: SQLiteReference) -> dict[str, dict[str, Any]]:
     page = await reference.changes("assets", 0, 1000)
     return {change.key: change.fields for change in page.changes}
 
 
 async def test_a_table_is_imported_whole_then_by_its_changes(
-    tmp_path: Path, legacy: sa.Engine, reference: ReferenceData
+    tmp_path: Path, legacy: sa.Engine, reference: SQLiteReference
 ) -> None:
     with legacy.begin() as conn:
         for tag in ("P-1", "P-2", "P-3"):
@@ -118,7 +121,7 @@ async def test_a_table_is_imported_whole_then_by_its_changes(
 
 
 async def test_a_query_feeds_a_dataset_and_an_unreachable_database_keeps_it(
-    tmp_path: Path, legacy: sa.Engine, reference: ReferenceData
+    tmp_path: Path, legacy: sa.Engine, reference: SQLiteReference
 ) -> None:
     with legacy.begin() as conn:
         put(conn, "M-1", "Motor", "2026-11-01 10:00:00")
@@ -144,7 +147,7 @@ async def test_a_query_feeds_a_dataset_and_an_unreachable_database_keeps_it(
 
 
 async def test_the_polling_task_imports_until_stopped(
-    tmp_path: Path, legacy: sa.Engine, reference: ReferenceData
+    tmp_path: Path, legacy: sa.Engine, reference: SQLiteReference
 ) -> None:
     with legacy.begin() as conn:
         put(conn, "K-1", "Compressor", "2026-11-01 10:00:00")

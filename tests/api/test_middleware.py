@@ -222,6 +222,34 @@ async def test_same_origin_pages_need_no_listing(server: Server) -> None:
     assert refused.value.status == 403
 
 
+@pytest.mark.parametrize(
+    "origin", ["https://{host}", "http://{host}:1", "ftp://{host}"], ids=["https", "port", "ftp"]
+)
+async def test_same_origin_means_the_same_scheme_host_and_port(server: Server, origin: str) -> None:
+    """RFC 6454 §5: a page at `https://host` is another origin than the server at `http://host`
+    (here the server is reached over plain http)."""
+    host = server.url.split("://", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(server.sync_url, origin=origin.format(host=host))
+    assert refused.value.status == 403
+
+
+async def test_behind_a_proxy_the_public_url_is_the_own_origin(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """A TLS-terminating proxy forwards over http: the page's origin is the public URL's."""
+    public = "https://sync.example.com"
+    async with running_server(tmp_path, issuer, public_url=public) as server:
+        async with browser(server.sync_url, public) as wire:
+            assert (await hello_in_band(wire, server.token("tina")))["type"] == "welcome"
+        for origin in ("http://sync.example.com", server.url):
+            async with aiohttp.ClientSession() as http:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(server.sync_url, origin=origin)
+            assert refused.value.status == 403, origin
+
+
 async def test_the_origin_check_concerns_websockets_only(guarded: Server) -> None:
     status, _, body = await get(guarded.url + "/v1/health", {"Origin": "https://evil.example"})
     assert (status, body) == (200, {"status": "ok"})
@@ -349,7 +377,7 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
         path = route.resource.canonical.replace("{doc_id}", "wo:perm1")
         path = path.replace("{dataset}", "perm1")
         path = path.replace("{upload_id}", "perm1").replace("{sha256}", "perm1")
-        path = path.replace("{entry_id}", "1")
+        path = path.replace("{entry_id}", "1").replace("{team}", "perm1")
         checked.add(permission)
         if route.method == "GET":
             anonymous = await _anonymous(server, path)

@@ -18,7 +18,8 @@ its Flask integration runs it over Flask's request.
 Only the login page is simulated: the test, playing the browser, names its user with the OpenID
 Connect `login_hint` parameter (Core §3.1.2.1), and consent is given on the user's behalf.
 
-For outage tests: `stop()` (connection refused), `fail_token_requests(status)` (the token
+For key tests: `rotate_keys()`, `retire_previous_key()` and `jwks_cache_control`. For outage
+tests: `stop()` (connection refused), `fail_token_requests(status)` (the token
 endpoint answers like a broken gateway) and `hold_token_requests()` (it never answers).
 """
 
@@ -477,6 +478,9 @@ class OpenIDProvider:
         self._issuer: str | None = None
         self._server: _Server | None = None
         self.requests: list[str] = []  # the path of every request served
+        # The JWKS answer's Cache-Control (RFC 9111 §5.2.2), None for none: how long a client
+        # may keep the keys before fetching them again.
+        self.jwks_cache_control: str | None = None
         self._token_fault: tuple[int, dict[str, str]] | None = None
         self._released = asyncio.Event()
         self._released.set()
@@ -506,6 +510,11 @@ class OpenIDProvider:
         """Sign with a new key from now on; the previous one stays published (tokens it signed
         remain valid until they expire), any older one is retired."""
         self._keys = [_new_key(), self._keys[0]]
+
+    def retire_previous_key(self) -> None:
+        """Publish only the signing key: tokens the previous one signed must no longer verify
+        (a key withdrawn after a compromise, or at the end of its rotation)."""
+        self._keys = self._keys[:1]
 
     def fail_token_requests(self, status: int, headers: Mapping[str, str] | None = None) -> None:
         """The token endpoint answers `status` with an HTML page, as a broken gateway does."""
@@ -618,7 +627,8 @@ class OpenIDProvider:
         return web.json_response(self.metadata())
 
     async def _jwks(self, request: web.Request) -> web.Response:
-        return web.json_response(self.public_keys().as_dict(private=False))
+        headers = {"Cache-Control": self.jwks_cache_control} if self.jwks_cache_control else None
+        return web.json_response(self.public_keys().as_dict(private=False), headers=headers)
 
     async def _authorize(self, request: web.Request) -> web.Response:
         oauth = await self._oauth_request(request)

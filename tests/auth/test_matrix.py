@@ -5,13 +5,17 @@ different teams, and one principal with no role) against documents placed relati
 order assigned to it, one in its team, one in its region, one elsewhere, and a form of each. Over
 everything that reads or writes a document: v1 SyncStep1, awareness, SyncStep2 and Update; a
 y-websocket connect; the HTTP routes that name a document. Writes go to every path the schema
-has: each root, each index key of a work order's `fields` (and the form's `meta.wo`), a root
-outside the schema the update brings and one the document already holds. Creation: a work order
-in each scope (v1 and REST), a form for a work order in each scope and for one that does not
-exist.
+has: each root, each index key of a work order's `fields` (and the form's `meta.wo`), a key of a
+checklist item, a root outside the schema the update brings and one the document already holds;
+an entry appended in another's name to each record that names its author; a scope key of a work
+order moved to a value outside every scope (v1 and y-websocket). Creation: a work order in each
+scope and one in its creator's team but another region (v1 and REST), one born past its creation
+status; a form for a work order in each scope and for one that does not exist, one with a
+template that is not loaded.
 
 What each cell expects is computed from `Policy.load()` (`scope` + `in_scope`, `forbidden_paths`,
-`may_create`) and the schema, never written down: a change to either changes the matrix. One
+`may_create`, `writes_everything`, `outside`), the schema and the documents' creation rule
+(`documents.creation_problems`), never written down: a change to any changes the matrix. One
 server runs the whole matrix once (one connection per principal, all principals at once), then
 every cell is a test of its own, named role:subject-scope-doctype-message[-path], that checks
 what the server did for it.
@@ -24,6 +28,7 @@ Who may call each HTTP route at all (public, signed in, operators) is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -51,6 +56,7 @@ from tests.harness import USERS, Server, eventually, running_issuer, running_ser
 from tests.wire import Wire, connect
 
 POLICY = Policy.load()
+TEMPLATES = documents.Templates.load()
 
 PRINCIPALS = {
     subject: Principal(
@@ -64,6 +70,8 @@ ROLE = {subject: user.roles[0] if user.roles else "no-role" for subject, user in
 SCOPES = ("assigned", "team", "region", "elsewhere")
 OUTSIDER = "zed"  # assigned to no principal of USERS
 OTHER_TEAM, OTHER_REGION = "far-team", "far-region"
+# A work order's scope keys, and the value a move writes to each: outside every scope.
+MOVES = {key: f"moved-{key}" for key in ("assignee", "team", "region")}
 
 # Paths outside the schema: a root the update brings, and one the document already holds (data
 # an older app or an adapter left there).
@@ -86,7 +94,18 @@ READS = {
     DocType.FORM: ("sync_step1", "awareness", "yws_connect"),
 }
 WRITES = {"sync_step2": SyncStep.STEP2, "update": SyncStep.UPDATE}
-CREATES = {DocType.WORK_ORDER: ("create", "http_create"), DocType.FORM: ("create",)}
+# Writes of their own kind, as v1 updates: an entry in another's name ("as_other", to the
+# records of `OWN_ENTRIES`), a scope key moved outside every scope ("move"; "yws_move" over
+# y-websocket).
+OWN_ENTRIES = documents.work_order_rules.OWN_ENTRIES
+MOVE_WRITES = ("move", "yws_move")
+CREATES = {
+    DocType.WORK_ORDER: ("create", "http_create", "create_completed"),
+    DocType.FORM: ("create", "create_unknown_template"),
+}
+V1_CREATES = ("create", "create_completed", "create_unknown_template")
+# A work order in its creator's team (when it has one) but in another region.
+ASTRAY = "astray"
 # Routes that name a document, and the message of the matrix that drives each.
 DOCUMENT_ROUTES = {
     ("GET", "/v1/yws/{doc_id}"): "yws_connect",
@@ -102,6 +121,7 @@ def scope_fields(subject: str, scope: str) -> dict[str, str | None]:
         "team": (OUTSIDER, user.team, user.region),
         "region": (OUTSIDER, OTHER_TEAM, user.region),
         "elsewhere": (OUTSIDER, OTHER_TEAM, OTHER_REGION),
+        ASTRAY: (OUTSIDER, user.team, OTHER_REGION),
     }[scope]
     return {"assignee": assignee, "team": team, "region": region}
 
@@ -147,6 +167,7 @@ def write_paths(kind: DocType) -> list[str]:
     paths = [f"{name}.{NEW_KEY}" if typ is Map else name for name, typ in roots.items()]
     if kind is DocType.WORK_ORDER:
         paths += [f"fields.{key}" for key in documents.work_order.INDEX_FIELDS]
+        paths += [f"checklist.0.{key}" for key in ("done", "done_by", "label", "required")]
     else:
         paths += list(FORM_INDEX_KEYS)
     return [*paths, NEW_ROOT, LEGACY_ROOT]
@@ -159,11 +180,15 @@ def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
     has, a first reading."""
     root, _, key = path.partition(".")
     typ = documents.roots(kind).get(root, Map)
-    if root == "status_log":
-        status = doc.get("fields", type=Map).get("status")
-        doc.get(root, type=Array).append(Map({"status": status, "by": by, "role": ROLE[by]}))
-    elif root == "meter_readings":
-        doc.get(root, type=Array).append(Map({"value": n, "by": by}))
+    if root in OWN_ENTRIES:
+        append_entry(doc, root, n, by, ROLE[by])
+    elif typ is Array and key:  # a key of an array's item: "checklist.0.done"
+        at, _, item_key = key.partition(".")
+        items = doc.get(root, type=Array)
+        if len(items) <= int(at):
+            items.append(Map({}))  # a document the writer may not read: refused anyway
+        item = items[int(at)]
+        item[item_key] = item.get(item_key, f"matrix-{n}")
     elif typ is Map:
         target = doc.get(root, type=Map)
         key = key or "v"
@@ -172,6 +197,29 @@ def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
         doc.get(root, type=Array).append(f"matrix-{n}")
     else:
         doc.get(root, type=Text).insert(0, f"matrix-{n} ")
+
+
+def append_entry(doc: Doc, root: str, n: int, by: str, role: str) -> None:
+    """Append to a record of `OWN_ENTRIES` an entry in `by`'s name that changes nothing: the
+    status the work order has, a first reading, time without a span."""
+    if root == "status_log":
+        status = doc.get("fields", type=Map).get("status")
+        doc.get(root, type=Array).append(Map({"status": status, "by": by, "role": role}))
+    elif root == "meter_readings":
+        doc.get(root, type=Array).append(Map({"value": n, "by": by}))
+    else:
+        doc.get(root, type=Array).append(Map({"by": by, "minutes": n}))
+
+
+def write_cell(doc: Doc, cell: Cell, n: int) -> None:
+    """Make on `doc` the write `cell` tries."""
+    if cell.message == "as_other":
+        append_entry(doc, cell.path, n, OUTSIDER, ROLE[cell.subject])
+    elif cell.message in MOVE_WRITES:
+        key = cell.path.split(".")[1]
+        doc.get("fields", type=Map)[key] = f"{MOVES[key]}-{cell.message}"
+    else:
+        mutate(doc, cell.kind, cell.path, n, cell.subject)
 
 
 # --- the cells ------------------------------------------------------------------------------
@@ -202,11 +250,18 @@ class Cell:
 
     def new(self) -> Doc:
         """What a creation cell creates."""
-        if self.scope in SCOPES:
-            return build(self.kind, self.subject, self.scope, self.doc)
-        doc: Doc = Doc()  # a form for a work order that does not exist
-        wo = doc_id(DocType.WORK_ORDER, self.subject, self.scope)
-        documents.form.write(doc, wo, "safety-check", 1, {"gloves": True})
+        doc: Doc = Doc()
+        if self.message == "create_completed":  # shown completed, as a stock Yjs app would
+            fields = {"title": "Inspect pump", "status": "completed"}
+            doc.get("fields", type=Map).update(fields | scope_fields(self.subject, self.scope))
+            return doc
+        if self.kind is DocType.WORK_ORDER or self.scope in SCOPES:
+            doc = build(self.kind, self.subject, self.scope, self.doc)
+        else:  # a form for a work order that does not exist
+            wo = doc_id(DocType.WORK_ORDER, self.subject, self.scope)
+            documents.form.write(doc, wo, "safety-check", 1, {"gloves": True})
+        if self.message == "create_unknown_template":
+            doc.get("meta", type=Map)["template"] = "not-loaded"
         return doc
 
 
@@ -216,7 +271,10 @@ class Expect:
     paths: tuple[str, ...] = ()
 
 
-LOOKS_ABSENT = ("sync_step1", "yws_connect")
+# To a principal that may create such documents, what looks absent: an empty document, and a
+# place where its presence waits (every Yjs provider announces itself on connecting).
+LOOKS_ABSENT = ("sync_step1", "yws_connect", "awareness")
+ALL_WRITES = (*WRITES, "as_other", *MOVE_WRITES)
 EMPTY = {kind: documents.to_json(f"{kind.value}:x", Doc()) for kind in DocType}
 EMPTY_STEP2 = b"\x00\x00"  # no structs, no deletions
 EMPTY_STATE = b"\x00"
@@ -237,8 +295,10 @@ def expected(cell: Cell) -> Expect:
             if cell.kind is DocType.WORK_ORDER
             else scope_index(cell.subject, cell.scope)
         )
-        allowed = POLICY.may_create(principal, cell.kind.value, index)
-        return Expect("allowed" if allowed else "forbidden")
+        if not POLICY.may_create(principal, cell.kind.value, index):
+            return Expect("forbidden")
+        problems = documents.creation_problems(cell.kind, cell.new(), TEMPLATES)
+        return Expect("forbidden_field", tuple(sorted(problems))) if problems else Expect("allowed")
     if not in_scope(POLICY.scope(principal), scope_index(cell.subject, cell.scope)):
         # To a principal that may create such documents, one outside its scope looks absent.
         waits = POLICY.may_create_some(principal, cell.kind.value)
@@ -251,6 +311,19 @@ def expected(cell: Cell) -> Expect:
     refused = POLICY.forbidden_paths(principal, cell.kind.value, [cell.path])
     if not refused and cell.path.split(".", 1)[0] in documents.frozen_roots(cell.kind):
         refused = [cell.path]  # written at creation only, whoever writes
+    if (
+        not refused
+        and cell.message == "as_other"
+        and not POLICY.writes_everything(principal, cell.kind.value)
+    ):
+        refused = [cell.path]  # held to its own entries
+    if not refused and cell.message in MOVE_WRITES:
+        key = cell.path.split(".")[1]
+        seeded = scope_index(cell.subject, cell.scope)
+        assert seeded is not None
+        moved = dataclasses.replace(seeded, **{key: MOVES[key]})
+        if POLICY.outside(principal, moved, [key]):
+            refused = [cell.path]  # it would leave the writer's scope
     return Expect("forbidden_field", tuple(refused)) if refused else Expect("allowed")
 
 
@@ -265,7 +338,14 @@ def generate() -> list[Cell]:
                     for path in write_paths(kind)
                     for message in WRITES
                 ]
-            creatable = SCOPES if kind is DocType.WORK_ORDER else (*SCOPES, "absent")
+                if kind is DocType.WORK_ORDER:
+                    cells += [Cell(subject, scope, kind, "as_other", r) for r in OWN_ENTRIES]
+                    cells += [
+                        Cell(subject, scope, kind, message, f"fields.{key}")
+                        for message in MOVE_WRITES
+                        for key in MOVES
+                    ]
+            creatable = (*SCOPES, ASTRAY) if kind is DocType.WORK_ORDER else (*SCOPES, "absent")
             cells += [Cell(subject, s, kind, m) for m in CREATES[kind] for s in creatable]
     return cells
 
@@ -295,6 +375,7 @@ class Run:
     # The server's own updates (domain rules, form validation) after a write: stored and
     # broadcast to every replica, the writer's included.
     corrections: Counter[str] = field(default_factory=Counter)
+    yws_writes: Counter[str] = field(default_factory=Counter)  # allowed, per document
     logged_tokens: list[str] = field(default_factory=list)
 
 
@@ -394,6 +475,26 @@ async def yws_connect(http: aiohttp.ClientSession, url: str, token: str) -> dict
                 return {"content": content(url.rsplit("/", 1)[1], y.payload), "close": None}
 
 
+async def yws_write(
+    http: aiohttp.ClientSession, url: str, token: str, update: bytes
+) -> dict[str, Any]:
+    """Write `update` over a y-websocket of its own. What came back: how it closed, or None
+    once the server answered the SyncStep1 sent after the write (so it took the write)."""
+    async with http.ws_connect(url, headers={"Authorization": f"Bearer {token}"}) as ws:
+        sent = False
+        while True:
+            message = await ws.receive(timeout=TIMEOUT)
+            if message.type is not aiohttp.WSMsgType.BINARY:
+                return {"close": (ws.close_code, str(message.extra or ""))}
+            if not sent:  # the greeting: the write, then a question it answers after the write
+                await ws.send_bytes(encode_sync(SyncStep.UPDATE, update))
+                await ws.send_bytes(encode_sync(SyncStep.STEP1, EMPTY_STATE))
+                sent = True
+            y = decode_y(message.data)
+            if isinstance(y, YSync) and y.step is SyncStep.STEP2:
+                return {"close": None}
+
+
 async def run_principal(server: Server, observer: Wire, subject: str, run: Run) -> None:
     store = server.app[STORE]
     mine = [c for c in CELLS if c.subject == subject]
@@ -416,6 +517,9 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                 seen["content"] = content(doc, step2[0])
                 replicas[doc] = Doc()
                 replicas[doc].apply_update(step2[0])
+                # Taken, so that each later SyncStep1 is answered by its own reply.
+                await wire.doc_message(doc, SyncStep.STEP2)
+                await wire.doc_message(doc, SyncStep.STEP1)
             else:
                 seen |= await refusal(wire, doc, await take(wire, doc, "error"))
             run.seen[cell[doc, "sync_step1", ""]] = seen
@@ -437,7 +541,25 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                 for doc, client in clients.items()
             )
         )
+        # Presence on a document that looks absent is held, heard by nobody, and answers
+        # nothing: a round trip after it shows the server has handled it.
+        probe = f"wo:matrix-probe-{subject}"
+        await wire.step1(probe)
+        await eventually(lambda: answered(wire, probe))
         for doc, client in clients.items():
+            if expected(cell[doc, "awareness", ""]).outcome == "absent":
+                run.seen[cell[doc, "awareness", ""]] = {
+                    "reply": next(
+                        (
+                            c
+                            for c in wire.controls
+                            if c.get("type") == "error" and c.get("doc") == doc
+                        ),
+                        None,
+                    ),
+                    "relayed": client in awareness_of(observer, doc),
+                }
+                continue
             await eventually(
                 lambda doc=doc, client=client: (
                     wire.closed
@@ -453,34 +575,49 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
 
         # Writes: each document on its own, each path in turn, made on the server's state (the
         # server may have corrected the last one: a readable document is synced again first).
-        async def writes(kind: DocType, doc: str) -> None:
+        async def writes(doc: str) -> None:
             mirror = replicas.get(doc) or Doc()
-            for n, path in enumerate(write_paths(kind)):
-                for message, step in WRITES.items():
-                    if doc in replicas:
+            tried = [c for c in mine if c.doc == doc and c.message in ALL_WRITES]
+            for n, c in enumerate(tried):
+                if doc in replicas:
+                    await wire.step1(doc, mirror.get_state())
+                    mirror.apply_update(await wire.doc_message(doc, SyncStep.STEP2))
+                    await wire.doc_message(doc, SyncStep.STEP1)  # all of it committed
+                replica: Doc = Doc()
+                replica.apply_update(mirror.get_update())
+                before = replica.get_state()
+                write_cell(replica, c, n)
+                update = replica.get_update(before)
+                stored_before = await doc_seq(store, doc)
+                if c.message == "yws_move":
+                    seen = await yws_write(http, server.yws_url(doc), token, update)
+                    accepted = seen["close"] is None
+                    if accepted and doc in replicas:
+                        # Committed once the server's SyncStep1 comes (it waits for that).
                         await wire.step1(doc, mirror.get_state())
-                        mirror.apply_update(await wire.doc_message(doc, SyncStep.STEP2))
-                        await wire.doc_message(doc, SyncStep.STEP1)  # all of it committed
-                    replica: Doc = Doc()
-                    replica.apply_update(mirror.get_update())
-                    before = replica.get_state()
-                    mutate(replica, kind, path, n, subject)
-                    update = replica.get_update(before)
-                    stored_before = await doc_seq(store, doc)
+                        await wire.doc_message(doc, SyncStep.STEP2)
+                        await wire.doc_message(doc, SyncStep.STEP1)
+                        mirror.apply_update(update)
+                        # Broadcast to this principal's v1 replica too: not a correction.
+                        run.yws_writes[doc] += 1
+                else:
+                    step = WRITES.get(c.message, SyncStep.UPDATE)
                     await wire.send(DocMessage(doc, encode_sync(step, update)))
                     seen = await refusal(wire, doc, await take(wire, doc, "ack", "error"))
-                    stored_after = await doc_seq(store, doc)
-                    if seen["reply"]["type"] == "ack":
+                    accepted = seen["reply"]["type"] == "ack"
+                    if accepted:
                         mirror.apply_update(update)
-                        run.allowed_writes[doc] += 1
-                        run.stored_acks += stored_after > stored_before
-                    seen["stored"] = (stored_before, stored_after)
-                    run.seen[cell[doc, message, path]] = seen
+                stored_after = await doc_seq(store, doc)
+                if accepted:
+                    run.allowed_writes[doc] += 1
+                    run.stored_acks += stored_after > stored_before
+                seen["stored"] = (stored_before, stored_after)
+                run.seen[c] = seen
 
-        await asyncio.gather(*(writes(kind, doc) for (kind, _), doc in targets.items()))
+        await asyncio.gather(*(writes(doc) for doc in targets.values()))
 
         # Creation: as a device does it (the whole document in its first update), and over REST.
-        for c in (c for c in mine if c.message == "create"):
+        for c in (c for c in mine if c.message in V1_CREATES):
             await wire.update(c.doc, c.new().get_update())
             seen = await refusal(wire, c.doc, await take(wire, c.doc, "ack", "error"))
             seen["index"] = await store.index(c.doc)
@@ -528,10 +665,13 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
             run.doc_bytes[subject, doc] = sum(
                 1 for d, y in wire.docs if d == doc and carries_content(y)
             )
-            run.corrections[doc] = sum(
-                1
-                for d, y in wire.docs
-                if d == doc and isinstance(y, YSync) and y.step is SyncStep.UPDATE
+            run.corrections[doc] = (
+                sum(
+                    1
+                    for d, y in wire.docs
+                    if d == doc and isinstance(y, YSync) and y.step is SyncStep.UPDATE
+                )
+                - run.yws_writes[doc]
             )
 
 
@@ -623,7 +763,11 @@ def test_v1_read(run: Run, cell: Cell) -> None:
             assert seen["relayed"]
         return
     if expected(cell).outcome == "absent":
-        assert seen["reply"] is None and seen["content"] == EMPTY[cell.kind]
+        assert seen["reply"] is None
+        if cell.message == "sync_step1":
+            assert seen["content"] == EMPTY[cell.kind]
+        else:
+            assert not seen["relayed"]  # held: heard by nobody while it waits
         assert run.doc_bytes[cell.subject, cell.doc] == 0
         return
     assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
@@ -665,7 +809,7 @@ def test_http_read(run: Run, cell: Cell) -> None:
         assert set(body) == {"type", "title", "status", "code", "detail"}  # nothing of it
 
 
-@pytest.mark.parametrize("cell", cells(*WRITES))
+@pytest.mark.parametrize("cell", cells(*WRITES, "as_other", "move"))
 def test_write(run: Run, cell: Cell) -> None:
     seen = run.seen[cell]
     expect = expected(cell)
@@ -682,10 +826,28 @@ def test_write(run: Run, cell: Cell) -> None:
     assert after == before  # nothing of it stored
 
 
-@pytest.mark.parametrize("cell", cells("create", "http_create"))
+@pytest.mark.parametrize("cell", cells("yws_move"))
+def test_yws_write(run: Run, cell: Cell) -> None:
+    """y-websocket has no error message: a refusal closes the socket, with the code as the
+    reason (4403 for forbidden and forbidden_field, 4400 otherwise)."""
+    seen = run.seen[cell]
+    expect = expected(cell)
+    before, after = seen["stored"]
+    if expect.outcome == "allowed":
+        assert seen["close"] is None
+        assert after > before
+        return
+    refused = expect.outcome in ("forbidden", "forbidden_field")
+    code = CloseCode.FORBIDDEN if refused else CloseCode.PROTOCOL_ERROR
+    assert seen["close"] == (code, expect.outcome)
+    assert after == before  # nothing of it stored
+
+
+@pytest.mark.parametrize("cell", cells(*CREATES[DocType.WORK_ORDER], *CREATES[DocType.FORM]))
 def test_create(run: Run, cell: Cell) -> None:
     seen = run.seen[cell]
-    allowed = expected(cell).outcome == "allowed"
+    expect = expected(cell)
+    allowed = expect.outcome == "allowed"
     if cell.message == "http_create":
         assert seen["status"] == (201 if allowed else 403), seen["body"]
         if not allowed:
@@ -693,7 +855,9 @@ def test_create(run: Run, cell: Cell) -> None:
     elif allowed:
         assert seen["reply"]["type"] == "ack", seen["reply"]
     else:
-        assert (seen["reply"]["type"], seen["reply"]["code"]) == ("error", "forbidden")
+        assert (seen["reply"]["type"], seen["reply"]["code"]) == ("error", expect.outcome)
+        if expect.outcome == "forbidden_field":
+            assert tuple(seen["reply"]["paths"]) == expect.paths
         assert seen["reset"] is not None
     if allowed:
         assert seen["index"] is not None and seen["index"].doc == cell.doc

@@ -27,7 +27,11 @@ from fieldsync.auth import (
     TokenVerifier,
     bearer_token,
 )
+from fieldsync.auth._oidc import freshness
 from fieldsync.errors import AuthError, ErrorCode
+from tests.auth.provider import AUDIENCE, CLIENT_ID, SCOPES, OpenIDProvider, User
+from tests.auth.test_flows import authorize, exchange
+from tests.harness import eventually
 
 # --- crafting tokens by hand: what an attacker can do without the issuer's private keys --------
 
@@ -413,6 +417,77 @@ async def test_cached_keys_work_while_the_issuer_is_down(
     with pytest.raises(AuthError) as refused:
         await verifier.verify(issuer.issue("u-tom"))
     assert refused.value.code is ErrorCode.REAUTHENTICATE
+
+
+async def provider_token(http: aiohttp.ClientSession, idp: OpenIDProvider) -> str:
+    """An access token from the provider's authorization-code flow, signed with its key now."""
+    config = {
+        "client_id": CLIENT_ID,
+        "scopes": SCOPES,
+        "authorization_endpoint": f"{idp.issuer}/authorize",
+        "token_endpoint": f"{idp.issuer}/token",
+    }
+    answer = await exchange(http, config, await authorize(http, config, "tina"))
+    assert answer.status == 200, answer.body
+    return str(answer.json["access_token"])
+
+
+async def test_a_key_the_provider_withdraws_stops_verifying_when_the_keys_go_stale() -> None:
+    """The provider rotates (the previous key still published), then withdraws the previous
+    key. Nothing makes the verifier ask for an unknown kid, yet tokens of the withdrawn key are
+    refused once the cached JWKS goes stale (here at once: `no-cache`, the floor applies)."""
+    people = {"tina": User("tina", ("technician",), "north", "east")}
+    async with OpenIDProvider(people) as idp, aiohttp.ClientSession() as http:
+        idp.jwks_cache_control = "no-cache"
+        old = await provider_token(http, idp)
+        idp.rotate_keys()
+        new = await provider_token(http, idp)
+        async with TokenVerifier(idp.issuer, AUDIENCE, jwks_min_age=0.05) as verifier:
+            for token in (old, new):
+                assert (await verifier.verify(token)).subject == "tina"
+            idp.retire_previous_key()
+            fetched = idp.served("/jwks")
+            # Two more fetches: the first one that started after the withdrawal has ended.
+            await eventually(lambda: idp.served("/jwks") >= fetched + 2)
+            with pytest.raises(AuthError) as refused:
+                await verifier.verify(old)
+            assert refused.value.code is ErrorCode.REAUTHENTICATE
+            assert "unknown" in refused.value.message
+            assert (await verifier.verify(new)).subject == "tina"
+
+
+async def test_a_long_max_age_is_capped_by_the_ceiling() -> None:
+    async with OpenIDProvider({}) as idp:
+        idp.jwks_cache_control = "public, max-age=31536000"
+        async with TokenVerifier(idp.issuer, AUDIENCE, jwks_min_age=0.05, jwks_max_age=0.1):
+            await eventually(lambda: idp.served("/jwks") >= 3)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({}, 300),  # nothing said: five minutes
+        ({"Cache-Control": "max-age=900"}, 900),
+        ({"Cache-Control": "public, max-age=900, must-revalidate"}, 900),
+        ({"Cache-Control": 'max-age="900"'}, 900),
+        ({"Cache-Control": "max-age=900", "Age": "600"}, 300),  # already 600 s old in a cache
+        ({"Cache-Control": "MAX-AGE=900"}, 900),
+        ({"Cache-Control": "max-age=5"}, 60),  # the floor
+        ({"Cache-Control": "no-cache"}, 60),
+        ({"Cache-Control": "no-store, max-age=900"}, 60),
+        ({"Cache-Control": "max-age=86400"}, 3600),  # the ceiling
+        ({"Cache-Control": "max-age=soon"}, 300),
+        ({"Cache-Control": "s-maxage=900"}, 300),  # for shared caches, not for us
+    ],
+)
+def test_how_long_a_jwks_stays_fresh(headers: dict[str, str], seconds: float) -> None:
+    assert freshness(headers, 60, 3600) == seconds
+
+
+@pytest.mark.parametrize(("floor", "ceiling"), [(0, 10), (-1, 10), (20, 10)])
+def test_the_refresh_bounds_must_make_sense(floor: float, ceiling: float) -> None:
+    with pytest.raises(ValueError, match="jwks_min_age"):
+        TokenVerifier("https://idp.example", "fieldsync", jwks_min_age=floor, jwks_max_age=ceiling)
 
 
 async def test_key_urls_in_the_token_are_never_followed(

@@ -104,7 +104,8 @@ def test_may_create(who: Principal, doc_type: str, index: DocIndex | None, allow
 @pytest.mark.parametrize(
     ("who", "doc_type", "paths", "refused"),
     [
-        (TECH, "wo", {"fields.status", "notes", "checklist"}, []),
+        (TECH, "wo", {"fields.status", "notes", "checklist.0.done"}, []),
+        (TECH, "wo", {"checklist", "checklist.0.required"}, ["checklist", "checklist.0.required"]),
         (TECH, "wo", {"fields.status", "fields.assignee"}, ["fields.assignee"]),
         (
             TECH,

@@ -69,6 +69,9 @@ function applyOp (op) {
   doc.transact(() => {
     if (op.set) {
       fields.set(op.set[0], op.set[1])
+    } else if (op.fields) {
+      // Several fields in one update, as an app's "new work order" form writes them.
+      for (const [key, value] of Object.entries(op.fields)) fields.set(key, value)
     } else if (op.insert) {
       notes.insert(at(op.insert[0], notes.length), op.insert[1])
     } else if (op.push) {

@@ -388,13 +388,6 @@ class Fuzz:
         return bytes(data)
 
     def doc_send(self, subject: str, subscribed: str | None) -> DocSend:
-        send = self._doc_send(subject, subscribed)
-        if subject == "sue" and send.doc in OWN and send.answer is not None:
-            # An accepted mutation may have moved the work order out of her team by now.
-            send.answer |= {"forbidden"}
-        return send
-
-    def _doc_send(self, subject: str, subscribed: str | None) -> DocSend:
         """One per-document message from `subject` (its `subscribed` document is left alone:
         it carries relayed awareness, which must not be interrupted by a reset)."""
         rng = self.rng
@@ -415,8 +408,9 @@ class Fuzz:
             return DocSend(rng.choice(scope), sv, ONE_ERROR, "garbage state vector")
         if roll < 0.74 and subject == "sue":
             doc_id = rng.choice([d for d in OWN if d != subscribed])
-            # Accepted, refused, or out of scope by now (an accepted mutation may move it).
-            answer = frozenset({ACK, "invalid_update", "forbidden"})
+            # Accepted, or refused: undecodable, building on what the server lacks (it could
+            # not be checked), or writing a scope key outside her team.
+            answer = frozenset({ACK, "invalid_update", "resync_required", "forbidden_field"})
             step = rng.choice([SyncStep.STEP2, SyncStep.UPDATE])
             return DocSend(doc_id, y_update(self.mutated(doc_id), step), answer, "mutated update")
         if roll < 0.84:

@@ -380,6 +380,36 @@ async def test_a_late_joiner_sees_presence_and_a_dropped_replica_is_announced_go
         await eventually(lambda: (42, 4, "null") in presence(sam))
 
 
+async def test_presence_on_a_document_that_does_not_exist_yet_waits_for_it(
+    server: Server,
+) -> None:
+    """A device may announce itself on a document it is about to create: no error, no reset;
+    its presence is heard once the document exists."""
+    from fieldsync.replication._awareness import decode_update
+
+    here = bytes([YMessage.AWARENESS]) + write_varbytes(
+        b"\x01\x2a\x01" + write_varbytes(b'{"user":"sam"}')
+    )
+    async with connect(server.sync_url, server.token("sam")) as sam:
+        await sam.hello()
+        await sam.step1("wo:soon")
+        assert await sam.doc_message("wo:soon", SyncStep.STEP2) == b"\x00\x00"
+        await sam.send(DocMessage("wo:soon", here))
+        await sam.update("wo:soon", work_order("wo:soon", assignee="tina").get_update())
+        await sam.control("ack", doc="wo:soon")
+        assert [c for c in sam.received if c["type"] in ("error", "reset")] == []
+        async with connect(server.sync_url, server.token("tina")) as tina:
+            await tina.hello()
+            await tina.step1("wo:soon")
+            await eventually(
+                lambda: any(
+                    (42, 1, '{"user":"sam"}') in decode_update(y.payload)
+                    for doc, y in tina.docs
+                    if doc == "wo:soon" and not hasattr(y, "step")
+                )
+            )
+
+
 async def test_peers_creating_one_document_at_once_all_converge(server: Server) -> None:
     """Several replicas wait for a document that does not exist yet, then all write its first
     updates at once: each ends with every update (the creator's included)."""

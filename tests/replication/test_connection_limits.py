@@ -1,0 +1,102 @@
+"""What one client can hold of the server: WebSockets per token subject, and the time a
+connection may take to send a complete request head."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from fieldsync.app import ENDPOINTS
+from fieldsync.auth import DevIssuer
+from fieldsync.errors import CloseCode
+from fieldsync.replication import Control
+from tests.harness import Server, eventually, running_server
+from tests.wire import Wire, connect
+
+LIMIT = 3
+
+
+@pytest.fixture
+async def capped(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, issuer, max_sockets_per_subject=LIMIT) as server:
+        yield server
+
+
+async def hello_in_band(wire: Wire, token: str) -> None:
+    """What a browser does: no header, the token in `hello`."""
+    info = {"platform": "web", "version": "1.0.0", "device_id": "tab"}
+    await wire.send(Control({"type": "hello", "client": info, "token": token, "caps": []}))
+
+
+async def test_one_subject_holds_at_most_the_limit_of_sockets(capped: Server) -> None:
+    endpoints = capped.app[ENDPOINTS]
+    async with AsyncExitStack() as stack:
+        held = []
+        for _ in range(LIMIT - 1):
+            wire = await stack.enter_async_context(connect(capped.sync_url, capped.token("sam")))
+            await wire.hello()
+            held.append(wire)
+        yws = await stack.enter_async_context(aiohttp.ClientSession())
+        # An open, empty y-websocket: sam may create work orders.
+        first_yws = await yws.ws_connect(
+            capped.yws_url("wo:cap-1"), headers={"Authorization": f"Bearer {capped.token('sam')}"}
+        )
+        # sam holds LIMIT sockets (v1 and y-websocket alike): the next is closed at once,
+        # whichever way it authenticates.
+        over = await stack.enter_async_context(connect(capped.sync_url, capped.token("sam")))
+        assert await over.closed_with() == (CloseCode.RATE_LIMITED, "too_many_connections")
+        browser = await stack.enter_async_context(connect(capped.sync_url, None))
+        await hello_in_band(browser, capped.token("sam"))
+        assert await browser.closed_with() == (CloseCode.RATE_LIMITED, "too_many_connections")
+        refused_yws = await yws.ws_connect(
+            capped.yws_url("wo:cap-2"), headers={"Authorization": f"Bearer {capped.token('sam')}"}
+        )
+        message = await refused_yws.receive()
+        assert (message.data, message.extra) == (CloseCode.RATE_LIMITED, "too_many_connections")
+        # Others are not concerned, and the held sockets keep working.
+        async with connect(capped.sync_url, capped.token("tina")) as tina:
+            await tina.hello()
+        await held[0].step1("wo:cap-3")
+        assert not held[0].closed
+        # A socket closed gives its place back.
+        await first_yws.close()
+        await eventually(lambda: len(endpoints.connections) == LIMIT - 1)
+        again = await stack.enter_async_context(connect(capped.sync_url, capped.token("sam")))
+        assert (await again.hello())["type"] == "welcome"
+
+
+async def test_a_client_trickling_its_request_head_is_closed_in_time(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """Slowloris: a byte every 50 ms never completes a request head; the server closes the
+    connection once `header_timeout` has passed instead of holding it for minutes."""
+    async with running_server(tmp_path, issuer, header_timeout=0.5) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            while True:
+                await asyncio.sleep(0.05)
+                writer.write(b"a")
+                await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed, nothing answered
+        finally:
+            trickling.cancel()
+            await asyncio.gather(trickling, return_exceptions=True)
+            writer.close()
+        assert 0.4 < time.monotonic() - started < 3
+        # A client that sends its request in time is answered.
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/v1/health") as r:
+            assert r.status == 200
