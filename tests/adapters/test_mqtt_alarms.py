@@ -320,6 +320,20 @@ async def test_a_stop_in_the_middle_of_a_stream_loses_nothing_and_repeats_nothin
         await again.stop()
 
 
+async def test_an_unreachable_broker_is_reported_and_retried(
+    tmp_path: Path, server: Server, prefix: str
+) -> None:
+    adapter = make(server, prefix, tmp_path / "state", url=f"mqtt://127.0.0.1:{free_port()}")
+    await adapter.start()
+    try:
+        await eventually(lambda: adapter.metrics()["reconnects"] >= 1)
+        health = adapter.health()
+        assert health.state is HealthState.DEGRADED
+        assert health.detail.startswith("mqtt://127.0.0.1:") and "reconnecting" in health.detail
+    finally:
+        await adapter.stop()
+
+
 def test_the_payload_schema() -> None:
     parsed = parse_alarm(alarm("p1", at="2026-12-06T10:00:00Z"))
     assert (parsed.id, parsed.severity, parsed.state) == ("p1", 900, "active")
