@@ -297,6 +297,7 @@ def _load_adapters(app: web.Application, settings: Settings, backend: Backend) -
         writer=ServiceWriter(app[REPLICATOR]),
         directory=backend.directory,
         directory_synced=directory_synced,
+        screens=backend.screens,
     )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(

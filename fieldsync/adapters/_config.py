@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fieldsync.adapters._base import Adapter, AdapterConfigError, DocumentWriter
 from fieldsync.records import Person
-from fieldsync.storage import Directory, Outbox, ReferenceStore
+from fieldsync.storage import Directory, Outbox, ReferenceStore, Screens
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -54,7 +54,8 @@ class AdapterContext:
     outbox and reference data, and the write path (as a service principal) for inbound kinds;
     `writer` is None where no write path is wired (the CLI's operator commands). The directory
     kind keeps `directory`, and hands everyone in it to `directory_synced` after each sync it
-    applied (the server brings the open sessions in line: closed, rescoped)."""
+    applied (the server brings the open sessions in line: closed, rescoped). `screens`
+    answers what the document index knows (an asset's open work orders)."""
 
     data_dir: Path
     outbox: Outbox
@@ -62,6 +63,7 @@ class AdapterContext:
     writer: DocumentWriter | None = None
     directory: Directory | None = None
     directory_synced: Callable[[Sequence[Person]], Awaitable[None]] | None = None
+    screens: Screens | None = None
 
 
 _MISSING: Final[Any] = object()
@@ -286,6 +288,8 @@ KINDS: dict[str, str] = {
     "erp_sql": "fieldsync.adapters._erp_sql:build",
     "erp_http": "fieldsync.adapters._erp_http:build",
     "erp_inbound_sql": "fieldsync.adapters._erp_inbound_sql:erp_inbound_sql",
+    "mqtt_alarms": "fieldsync.adapters._mqtt_alarms:mqtt_alarms",
+    "opcua_readings": "fieldsync.adapters._opcua_readings:opcua_readings",
     "reference_sql": "fieldsync.adapters._reference_sql:reference_sql",
     "ldap": "fieldsync.adapters._ldap:build",
 }

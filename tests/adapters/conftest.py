@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from fieldsync.adapters import AdapterContext
+from fieldsync.storage import SQLiteBackend
 from fieldsync.storage._outbox import SQLiteOutbox
 from fieldsync.storage._reference import SQLiteReference
 from fieldsync.storage._sqlite import SQLiteStore
@@ -54,3 +55,12 @@ def make_small(slapd: Slapd) -> Iterator[Callable[..., SmallDirectory]]:
     yield make
     for directory in made:
         directory.conn.unbind()
+
+
+@pytest.fixture
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[SQLiteBackend]:
+    """Every storage concern on one SQLite file, opened (for kinds that need the write path)."""
+    backend = SQLiteBackend(tmp_path / "backend.db")
+    await backend.open()
+    yield backend
+    await backend.close()

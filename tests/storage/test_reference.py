@@ -132,6 +132,16 @@ async def test_only_the_fields_that_changed_are_recorded(reference: ReferenceSto
     }
 
 
+async def test_rows_are_read_by_key(reference: ReferenceStore) -> None:
+    await reference.import_rows("assets", assets(1200), full=True)
+    keys = [f"A{i:03d}" for i in (0, 7, 1199)] + ["nope", "A007"]
+    found = await reference.rows("assets", keys)
+    assert sorted(found) == ["A000", "A007", "A1199"]
+    assert found["A007"] == {"id": "A007", "name": "Pump 7", "site": "north"}
+    assert await reference.rows("parts", keys) == {}
+    assert await reference.rows("assets", []) == {}
+
+
 async def test_a_full_import_deletes_the_rows_it_lacks_and_a_partial_one_does_not(
     reference: ReferenceStore,
 ) -> None:
