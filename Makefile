@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 run: $(VENV)/.installed
 	$(BIN)/fieldsync demo
 
-test: $(VENV)/.installed tests/interop/node_modules/.installed
+test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.installed
@@ -26,5 +26,10 @@ tests/interop/node_modules/.installed: tests/interop/package.json tests/interop/
 	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The TypeScript client (`@fieldsync/client`): installed and built before the tests that run it.
+clients/ts/dist/.built: clients/ts/package.json clients/ts/package-lock.json clients/ts/tsconfig.json $(wildcard clients/ts/src/*.ts)
+	cd clients/ts && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
+	touch $@
+
 clean:
-	rm -rf $(VENV) .data tests/interop/node_modules
+	rm -rf $(VENV) .data tests/interop/node_modules clients/ts/node_modules clients/ts/dist

@@ -27,13 +27,13 @@ import orjson
 from pycrdt import Doc
 
 from fieldsync import documents
-from fieldsync.app import load_policy, load_templates
+from fieldsync.app import backend_for, load_policy, load_templates
 from fieldsync.auth import Principal, Role
 from fieldsync.config import ConfigError, Settings
 from fieldsync.errors import FieldsyncError
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator
-from fieldsync.storage import SQLiteBackend, StoredDoc
+from fieldsync.storage import Backend, SQLiteBackend, StoredDoc
 
 __all__ = ["add_commands", "run"]
 
@@ -82,18 +82,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "sessions":
             return asyncio.run(_sessions(args, settings))
-        path = (args.data_dir or settings.data_path) / "fieldsync.db"
-        # An import may fill a new data folder; everything else reads an existing one.
-        if getattr(args, "action", None) == "import":
-            path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.exists():
-            raise _Refused(f"no database at {path}")
+        backend = _backend(args, settings)
         if args.command == "devices":
-            return asyncio.run(_devices(args, path))
-        return asyncio.run(_doc(args, settings, path))
+            return asyncio.run(_devices(args, backend))
+        return asyncio.run(_doc(args, settings, backend))
     except _Refused as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return exc.status
+
+
+def _backend(args: argparse.Namespace, settings: Settings) -> Backend:
+    """The configured database (PostgreSQL in cluster mode), or the SQLite one of `--data-dir`."""
+    if settings.database_url and args.data_dir is None:
+        return backend_for(settings)
+    path = (args.data_dir or settings.data_path) / "fieldsync.db"
+    # An import may fill a new data folder; everything else reads an existing one.
+    if getattr(args, "action", None) == "import":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise _Refused(f"no database at {path}")
+    return SQLiteBackend(path)
 
 
 class _Refused(Exception):
@@ -133,8 +141,7 @@ def _when(epoch: float) -> str:
 # --- fieldsync doc ------------------------------------------------------------------------
 
 
-async def _doc(args: argparse.Namespace, settings: Settings, path: Path) -> int:
-    backend = SQLiteBackend(path)
+async def _doc(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
     await backend.open()
     try:
         store = backend.store
@@ -160,11 +167,13 @@ async def _doc(args: argparse.Namespace, settings: Settings, path: Path) -> int:
             ]
             _emit(args, rows, lambda: "\n".join(map(_history_line, rows)))
         elif args.action == "compact":
+            if not isinstance(backend, SQLiteBackend):
+                raise _Refused("PostgreSQL: the nodes compact on their own (compact_after)")
             ids = await _chosen(args, backend)
             merged = 0
             with _progress("compact", len(ids), args.json) as advance:
                 for done, doc_id in enumerate(ids, 1):
-                    merged += await store.compact(doc_id)
+                    merged += await backend.store.compact(doc_id)
                     advance(done)
             result = {"docs": len(ids), "log_rows_merged": merged}
             _emit(args, result, lambda: f"{len(ids)} documents, {merged} log rows merged")
@@ -207,7 +216,7 @@ def _history_line(row: dict[str, Any]) -> str:
     return f"{row['seq']:>8} {_when(row['at'])} {row['actor']:16} {row['path']}: {old} -> {new}"
 
 
-async def _chosen(args: argparse.Namespace, backend: SQLiteBackend) -> list[str]:
+async def _chosen(args: argparse.Namespace, backend: Backend) -> list[str]:
     if args.all == bool(args.docs):
         raise _Refused("name documents, or --all (not both)")
     if args.docs:
@@ -222,7 +231,7 @@ async def _chosen(args: argparse.Namespace, backend: SQLiteBackend) -> list[str]
             return sorted(set(ids))
 
 
-async def _export(args: argparse.Namespace, backend: SQLiteBackend) -> int:
+async def _export(args: argparse.Namespace, backend: Backend) -> int:
     ids = await _chosen(args, backend)
     written = 0
     partial = args.out.with_name(args.out.name + ".partial")
@@ -274,7 +283,7 @@ class _Importer:
         pass
 
 
-async def _import(args: argparse.Namespace, settings: Settings, backend: SQLiteBackend) -> int:
+async def _import(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
     if await _server_answers(settings):
         raise _Refused(f"a server answers at {settings.host}:{settings.port}: stop it first")
     try:
@@ -341,8 +350,7 @@ async def _server_answers(settings: Settings) -> bool:
 # --- fieldsync devices / sessions ---------------------------------------------------------
 
 
-async def _devices(args: argparse.Namespace, path: Path) -> int:
-    backend = SQLiteBackend(path)
+async def _devices(args: argparse.Namespace, backend: Backend) -> int:
     await backend.open()
     try:
         devices = await backend.store.devices(args.subject, args.limit)

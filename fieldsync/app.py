@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -15,7 +15,7 @@ from aiohttp.web_response import StreamResponse
 from prometheus_client import CollectorRegistry
 
 from fieldsync import logs
-from fieldsync.adapters import AdapterContext, Adapters
+from fieldsync.adapters import AdapterConfigError, AdapterContext, Adapters, DirectoryAdapter
 from fieldsync.api import (
     AuditRoutes,
     AuthHelpers,
@@ -29,18 +29,29 @@ from fieldsync.api import (
     ScreenRoutes,
     ServerState,
     StateCollector,
+    TeamRoutes,
     TusEndpoints,
     WorkOrderRoutes,
     install_middleware,
     load_spec,
 )
 from fieldsync.attachments import Attachments
-from fieldsync.auth import ClaimMapping, Policy, PolicyError, TokenVerifier
+from fieldsync.auth import (
+    ClaimMapping,
+    Policy,
+    PolicyError,
+    Principal,
+    TeamSource,
+    TokenVerifier,
+    Verify,
+    enriched,
+    verify_with_directory,
+)
 from fieldsync.config import Settings, listen_address
 from fieldsync.documents import Templates
-from fieldsync.records import UNOBSERVED, Observer
+from fieldsync.records import UNOBSERVED, Observer, Person
 from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter, V1Session
-from fieldsync.storage import Backend, SQLiteBackend, Store
+from fieldsync.storage import Backend, PostgresBackend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
@@ -110,25 +121,40 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resource(backend.open, backend.close))
     verifier = _token_verifier(settings)
     app.cleanup_ctx.append(_resource(verifier.start, verifier.close))
-    install_middleware(app, settings, verifier.verify)
     replicator = app[REPLICATOR] = _replicator(settings, backend.store, observer)
     app.cleanup_ctx.append(_resource(replicator.start, replicator.stop))
-    endpoints = _add_sync(app, settings, replicator, verifier)
+    # Built now (started later, with the other resources): the directory adapter, if any,
+    # takes part in making principals; inbound adapters write through the replicator.
+    adapters = app[ADAPTERS] = _load_adapters(app, settings, backend)
+    verify = _principals(verifier, backend, adapters)
+    install_middleware(app, settings, verify)
+    endpoints = _add_sync(app, settings, replicator, verify)
     _add_operations(app, backend.store, replicator, endpoints)
     _add_prometheus(app, settings, backend, endpoints, verifier)
     _add_auth_helpers(app, settings, verifier)
     attachments = _add_attachments(app, settings, backend, replicator)
     _add_screens(app, settings, backend, replicator, attachments)
     _add_reference(app, settings, backend, replicator)
-    _add_adapters(app, settings, backend)
+    _add_adapters(app, backend, adapters)
+    app.router.add_routes(
+        TeamRoutes(backend.directory, lambda: replicator.policy, backend.screens).routes()
+    )
     # The contract, read at start: a broken file stops the server rather than serve a lie.
     app.router.add_routes(ContractRoutes(load_spec()).routes())
     return app
 
 
-def backend_for(settings: Settings, observer: Observer = UNOBSERVED) -> SQLiteBackend:
-    """The storage backend the settings name (unopened): SQLite in the data directory."""
+def backend_for(settings: Settings, observer: Observer = UNOBSERVED) -> Backend:
+    """The storage backend the settings name (unopened): PostgreSQL when `database_url` names
+    one (cluster mode), otherwise SQLite in the data directory."""
     settings.data_path.mkdir(parents=True, exist_ok=True)
+    if settings.database_url:
+        return PostgresBackend(
+            settings.database_url,
+            compact_after_updates=settings.compact_after,
+            reference_chunk_rows=settings.reference_import_chunk,
+            observer=observer,
+        )
     return SQLiteBackend(
         settings.data_path / "fieldsync.db",
         compact_after_updates=settings.compact_after,
@@ -178,10 +204,10 @@ def _replicator(settings: Settings, store: Store, observer: Observer) -> Replica
 
 
 def _add_sync(
-    app: web.Application, settings: Settings, replicator: Replicator, verifier: TokenVerifier
+    app: web.Application, settings: Settings, replicator: Replicator, verify: Verify
 ) -> Endpoints:
     endpoints = app[ENDPOINTS] = Endpoints(
-        replicator, verifier.verify, limits_from(settings), settings.min_client_versions
+        replicator, verify, limits_from(settings), settings.min_client_versions
     )
 
     async def drain(app: web.Application) -> None:
@@ -324,21 +350,67 @@ def _add_reference(
     app.router.add_routes(reference.routes())
 
 
-def _add_adapters(app: web.Application, settings: Settings, backend: Backend) -> None:
-    """The adapters file's adapters (a bad entry raises `AdapterConfigError` here, at start),
-    started after the backend and stopped before it; the operators' outbox routes."""
-    # Inbound kinds write documents through the device write path, as service principals.
+def _load_adapters(app: web.Application, settings: Settings, backend: Backend) -> Adapters:
+    """The adapters file's adapters, built (a bad entry raises `AdapterConfigError` here, at
+    start); a directory adapter's changes reach the open sessions."""
+
+    async def directory_synced(people: Sequence[Person]) -> None:
+        await _directory_synced(app, people)
+
     context = AdapterContext(
         settings.data_path,
         backend.outbox,
         backend.reference,
         writer=ServiceWriter(app[REPLICATOR]),
+        directory=backend.directory,
+        directory_synced=directory_synced,
+        screens=backend.screens,
     )
     path = Path(settings.adapters) if settings.adapters else None
     adapters = Adapters.load(
         path, context, backend.store, retention_days=settings.outbox_retention_days
     )
-    app[ADAPTERS] = adapters
+    directories = [a for a in adapters.adapters if isinstance(a, DirectoryAdapter)]
+    if len(directories) > 1:
+        raise AdapterConfigError(directories[1].name, "kind", "one directory adapter at most")
+    return adapters
+
+
+def _directory_adapter(adapters: Adapters) -> DirectoryAdapter | None:
+    return next((a for a in adapters.adapters if isinstance(a, DirectoryAdapter)), None)
+
+
+def _principals(verifier: TokenVerifier, backend: Backend, adapters: Adapters) -> Verify:
+    """How a token becomes a principal, for HTTP and the sockets alike: the verifier's, then
+    the directory's step when a directory adapter is configured."""
+    directory = _directory_adapter(adapters)
+    if directory is None:
+        return verifier.verify
+    source = TeamSource(directory.team_source)
+    return verify_with_directory(verifier.verify, backend.directory.person, source)
+
+
+async def _directory_synced(app: web.Application, people: Sequence[Person]) -> None:
+    """A directory sync was applied and the table holds `people`: the open sessions of the
+    disabled and deleted are closed, those of people moved are rescoped."""
+    directory = _directory_adapter(app[ADAPTERS])
+    if directory is None:
+        return
+    source = TeamSource(directory.team_source)
+
+    def update(person: Person) -> Callable[[Principal], Principal]:
+        return lambda principal: enriched(principal, person, source)
+
+    closed = await app[ENDPOINTS].reauthorise({p.subject: update(p) for p in people})
+    if closed:
+        logging.getLogger(__name__).info(
+            "directory: closed %d session(s) of disabled or deleted accounts", closed
+        )
+
+
+def _add_adapters(app: web.Application, backend: Backend, adapters: Adapters) -> None:
+    """The adapters, started after the backend and stopped before it; the operators' outbox
+    routes."""
     app.cleanup_ctx.append(adapters.lifecycle)
     cursor_key = backend.screens.cursor_key
     app.router.add_routes(OutboxRoutes(backend.outbox, cursor_key, adapters.runner.wake).routes())

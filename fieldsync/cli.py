@@ -43,7 +43,7 @@ from fieldsync.app import (
 from fieldsync.auth import PolicyError
 from fieldsync.config import SETTINGS, ConfigError, Settings
 from fieldsync.documents import TemplateError
-from fieldsync.storage import ImportResult, OutboxEntry, OutboxState, SQLiteBackend
+from fieldsync.storage import Backend, ImportResult, OutboxEntry, OutboxState, SQLiteBackend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,22 +238,24 @@ def _outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _outbox(args: argparse.Namespace) -> int:
-    """On the data folder's database through the store: SQLite in WAL mode lets this run beside
-    a running server, whose runner sees the change within its poll period."""
+    """On the server's database through the store (PostgreSQL when `database_url` names it,
+    else the data folder's SQLite file, which WAL lets this share with a running server): the
+    runner sees the change within its poll period."""
     try:
         settings = Settings.load(args.config)
     except ConfigError as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
         return 2
+    if settings.database_url:
+        return asyncio.run(_outbox_action(args, backend_for(settings)))
     path = (args.data_dir or settings.data_path) / "fieldsync.db"
     if not path.exists():
         print(f"fieldsync: no database at {path}", file=sys.stderr)
         return 2
-    return asyncio.run(_outbox_action(args, path))
+    return asyncio.run(_outbox_action(args, SQLiteBackend(path)))
 
 
-async def _outbox_action(args: argparse.Namespace, path: Path) -> int:
-    backend = SQLiteBackend(path)
+async def _outbox_action(args: argparse.Namespace, backend: Backend) -> int:
     await backend.open()
     try:
         outbox = backend.outbox
@@ -317,6 +319,13 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
         settings = Settings.load(args.config)
     except ConfigError as exc:
         print(f"fieldsync: {exc}", file=sys.stderr)
+        return 2
+    if settings.database_url and args.data_dir is None:
+        print(
+            "fieldsync: cluster mode (PostgreSQL): back up with pg_dump or pg_basebackup and"
+            " copy the attachments folder after it (README: Backup and restore)",
+            file=sys.stderr,
+        )
         return 2
     data_dir = args.data_dir or settings.data_path
     with Progress(

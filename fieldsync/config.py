@@ -64,6 +64,13 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _database_url(text: str) -> str:
+    """A libpq connection URI; its password, if any, is never repeated in a message."""
+    if text and urlparse(text).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be empty or a postgresql:// URL")
+    return text
+
+
 def _name(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -203,6 +210,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", _name, "address to listen on"),
     Setting("port", 8080, _port, "port to listen on (0: any free port)"),
     Setting("data_dir", "data", _name, "folder for the SQLite database and attachments"),
+    Setting(
+        "database_url",
+        "",
+        _database_url,
+        "PostgreSQL URL for cluster mode, postgresql://user:password@host/db (empty: SQLite)",
+    ),
     Setting("oidc_issuer", "", _url, "OpenID issuer URL; its discovery document and JWKS are used"),
     Setting("oidc_audience", "fieldsync", _name, "required `aud` of access tokens"),
     Setting("oidc_client_id", "fieldsync-app", _name, "client id of the apps at the provider"),

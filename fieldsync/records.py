@@ -102,6 +102,21 @@ class Origin:
 _LEGACY = {"server": OriginKind.RULES, "session": OriginKind.DEVICE}
 
 
+@dataclass(frozen=True, slots=True)
+class Person:
+    """One person of the organisation's directory, as the directory sync keeps them: `subject`
+    is the value a token's `sub` carries for them; `enabled` false for one disabled, or deleted
+    since (kept, so that their tokens are refused until they expire)."""
+
+    subject: str
+    name: str | None = None
+    mail: str | None = None
+    team: str | None = None
+    region: str | None = None
+    supervisor: str | None = None  # the supervisor's subject
+    enabled: bool = True
+
+
 class Observer(Protocol):
     """What the write path reports as it goes, for the operators' metrics: the few figures that
     exist nowhere as state. Calls may come from the storage writer's thread."""

@@ -4,6 +4,7 @@ seed again; the command line knows the command."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,20 @@ async def test_small_demo_converges_and_a_restart_does_not_seed_twice(
     assert summary_value(first, "refused / resets") == "0 / 0"
     assert "60 documents" in summary_value(first, "updates stored")
     assert "x smaller" in summary_value(first, "bytes on the wire")
+    # Every work order reached the demo's ERP through the outbox, and the file says so too.
+    erp = summary_value(first, "ERP \\(erp_sql\\)")
+    assert re.match(r"30 orders \(.*\); \d+ time confirmations", erp), erp
+    assert erp.endswith("outbox: 0 still pending, 0 dead letters"), erp
+    with sqlite3.connect(data_dir / "erp.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM pm_order").fetchone() == (30,)
+        # Time stands confirmed only on completed (TECO) or closed (CLSD) orders: elsewhere each
+        # confirmation has its reversal.
+        standing = db.execute(
+            "SELECT order_id, SUM(NOT reversal) - SUM(reversal) FROM pm_confirmation"
+            " JOIN pm_order USING (order_id) WHERE status_code NOT IN ('TECO', 'CLSD')"
+            " GROUP BY order_id HAVING SUM(NOT reversal) <> SUM(reversal)"
+        ).fetchall()
+        assert standing == []
 
     assert await small_demo(data_dir) == 0
     second = capsys.readouterr().out

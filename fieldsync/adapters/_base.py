@@ -101,6 +101,16 @@ class OutboundAdapter(Adapter, Protocol):
         ...
 
 
+@runtime_checkable  # the server finds the directory adapter among the others by its shape
+class DirectoryAdapter(Adapter, Protocol):
+    """An adapter that keeps the directory table (`AdapterContext.directory`), from which the
+    server enriches and deprovisions principals."""
+
+    # Where a principal's team and region come from: "token", "directory" or
+    # "token_then_directory" (`fieldsync.auth.TeamSource`).
+    team_source: str
+
+
 class DocumentWriter(Protocol):
     """What an inbound adapter may do to documents: the device write path (authorise, apply,
     rules, commit, fan-out) as a service principal, its changes tagged with its origin."""

@@ -18,14 +18,15 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from fieldsync.adapters._base import Adapter, AdapterConfigError, DocumentWriter
-from fieldsync.storage import Outbox, ReferenceStore
+from fieldsync.records import Person
+from fieldsync.storage import Directory, Outbox, ReferenceStore, Screens
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -51,12 +52,18 @@ _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 class AdapterContext:
     """What a kind's factory is given besides its table: where it may keep files, the store's
     outbox and reference data, and the write path (as a service principal) for inbound kinds;
-    `writer` is None where no write path is wired (the CLI's operator commands)."""
+    `writer` is None where no write path is wired (the CLI's operator commands). The directory
+    kind keeps `directory`, and hands everyone in it to `directory_synced` after each sync it
+    applied (the server brings the open sessions in line: closed, rescoped). `screens`
+    answers what the document index knows (an asset's open work orders)."""
 
     data_dir: Path
     outbox: Outbox
     reference: ReferenceStore
     writer: DocumentWriter | None = None
+    directory: Directory | None = None
+    directory_synced: Callable[[Sequence[Person]], Awaitable[None]] | None = None
+    screens: Screens | None = None
 
 
 _MISSING: Final[Any] = object()
@@ -281,7 +288,10 @@ KINDS: dict[str, str] = {
     "erp_sql": "fieldsync.adapters._erp_sql:build",
     "erp_http": "fieldsync.adapters._erp_http:build",
     "erp_inbound_sql": "fieldsync.adapters._erp_inbound_sql:erp_inbound_sql",
+    "mqtt_alarms": "fieldsync.adapters._mqtt_alarms:mqtt_alarms",
+    "opcua_readings": "fieldsync.adapters._opcua_readings:opcua_readings",
     "reference_sql": "fieldsync.adapters._reference_sql:reference_sql",
+    "ldap": "fieldsync.adapters._ldap:build",
 }
 
 _registered: dict[str, Factory] = {}

@@ -24,6 +24,7 @@ from fieldsync.api._prometheus import (
 )
 from fieldsync.api._reference import ReferenceEndpoints
 from fieldsync.api._screens import ScreenRoutes
+from fieldsync.api._teams import TeamRoutes
 from fieldsync.api._tus import TusEndpoints
 from fieldsync.api._work_orders import WorkOrderRoutes
 
@@ -43,6 +44,7 @@ __all__ = [
     "ScreenRoutes",
     "ServerState",
     "StateCollector",
+    "TeamRoutes",
     "TusEndpoints",
     "WorkOrderRoutes",
     "entry_json",

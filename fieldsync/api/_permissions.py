@@ -85,6 +85,9 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     ("GET", "/v1/changes"): Permission.SIGNED_IN,
     ("GET", "/v1/work-orders/{doc_id}"): Permission.SIGNED_IN,
     ("POST", "/v1/work-orders"): Permission.SIGNED_IN,
+    # The people of a team (the directory adapter's table): the handler scopes it by the
+    # policy, as documents are (a supervisor its team, a manager its region's, an admin all).
+    ("GET", "/v1/teams/{team}/members"): Permission.SIGNED_IN,
     # Audit (issue 4): supervisors, managers and admins, checked in the handler per document.
     ("GET", "/v1/work-orders/{doc_id}/history"): Permission.SIGNED_IN,
     ("GET", "/v1/conflicts"): Permission.SIGNED_IN,

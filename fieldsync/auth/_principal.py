@@ -25,6 +25,9 @@ class Principal:
     region: str | None = None
     name: str | None = None
     expires_at: float | None = None  # epoch seconds of the token's `exp`
+    # The attributes the directory filled in (`team`, `region`), not the token: a directory
+    # change replaces them (`fieldsync.auth.enriched`).
+    from_directory: frozenset[str] = frozenset()
 
 
 # How the layers above learn who is asking: a bearer token in, its principal out; raises

@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from fieldsync.app import configure_logging
-from fieldsync.demo import _converge, _dataset, _devices, _edits, _report, _seed
+from fieldsync.demo import _converge, _dataset, _devices, _edits, _erp, _report, _seed
 from fieldsync.demo._devices import Device, Fleet, Stalled
 from fieldsync.demo._server import QuietLog, Running, quiet_access_log, running
 from fieldsync.demo._signals import interrupts
@@ -152,6 +152,7 @@ async def _simulate(
         f"{verdict.identical}/{verdict.docs} documents identical on every device and in the "
         f"server's store ({verdict.replicas} replicas compared)",
     )
+    erp = await _erp.landed(server.backend, server.data_dir)
     everyone = fleet.everyone()
     return _report.Summary(
         docs_converged=verdict.identical,
@@ -180,6 +181,7 @@ async def _simulate(
         ),
         resets=sum(len(d.client.resets) for d in everyone),
         elapsed=progress.elapsed,
+        erp=erp.lines(),
     )
 
 

@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -89,7 +90,8 @@ def technician_visit(
     device: Device, doc_id: str, rng: random.Random, stamp: str, tally: Tally
 ) -> None:
     """A technician works on one of their work orders offline: moves its status on, ticks
-    checklist items, fills the safety check, writes a note, and completes it when allowed."""
+    checklist items, fills the safety check, logs its time and the parts it used, writes a note,
+    and completes it when allowed (the ERP then confirms the time and issues the parts)."""
     doc = device.client.docs[doc_id]
     fields = doc.get("fields", type=Map)
     checklist = doc.get("checklist", type=Array)
@@ -123,6 +125,7 @@ def technician_visit(
                         }
                     )
                 tally.wrote(device, form_id, "answers")
+        _log_work(device, doc, rng, stamp)
     _append_note(device, doc_id, doc, rng.choice(_TECH_NOTES), stamp, tally)
     required_done = all(
         item.get("done") for item in checklist.to_py() or [] if item.get("required")
@@ -130,6 +133,21 @@ def technician_visit(
     if status == "in_progress" and required_done:
         device.set_status(doc, "completed", stamp)
         tally.wrote(device, doc_id, "fields.status")
+
+
+_PARTS = ("SEAL-40", "FLT-220", "BRG-6204", "VLV-DN50", "GSK-12")
+
+
+def _log_work(device: Device, doc: Doc, rng: random.Random, stamp: str) -> None:
+    """A time entry in the technician's own name (at most an hour from `stamp`: a later round
+    starts two hours on, so one technician's entries never overlap) and, now and then, a part."""
+    start = datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
+    entry = {"by": device.user.subject, "start": start, "end": start + 60 * rng.randint(15, 60)}
+    with doc.transaction():
+        doc.get("time_entries", type=Array).append(Map(entry))
+        if rng.random() < 0.5:
+            part = {"part_id": rng.choice(_PARTS), "quantity": rng.randint(1, 3)}
+            doc.get("parts", type=Array).append(Map(part))
 
 
 def supervisor_review(

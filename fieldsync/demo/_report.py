@@ -68,6 +68,7 @@ class Summary:
     corrections: Counter[str]
     resets: int
     elapsed: float
+    erp: list[str]  # what landed in the demo's ERP (`_erp.Landed.lines`)
 
     @property
     def converged(self) -> bool:
@@ -108,6 +109,7 @@ class Summary:
             f"sent {size(self.sent)}",
             f"  rule corrections      {self.correction_summary()}",
             f"  refused / resets      {self.refused} / {self.resets}",
+            *self.erp,
             f"  time                  {self.elapsed:.1f}s",
         ]
         out += [f"  MISMATCH              {m}" for m in self.mismatches[:10]]

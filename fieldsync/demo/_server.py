@@ -13,11 +13,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from fieldsync.app import REPLICATOR, STORE, AccessLogger, create_app
+from fieldsync.app import BACKEND, REPLICATOR, STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
+from fieldsync.demo import _erp
 from fieldsync.replication import Replicator
-from fieldsync.storage import Store
+from fieldsync.storage import Backend, Store
 
 HOST = "127.0.0.1"
 
@@ -28,6 +29,7 @@ class Running:
     issuer: DevIssuer
     app: web.Application
     runner: web.AppRunner
+    data_dir: Path
 
     async def idle(self, timeout: float = 5.0) -> None:
         """Wait (at most `timeout`) until no HTTP connection is open: each has been logged."""
@@ -42,6 +44,10 @@ class Running:
         return self.url.replace("http", "ws", 1) + "/v1/sync"
 
     @property
+    def backend(self) -> Backend:
+        return self.app[BACKEND]
+
+    @property
     def store(self) -> Store:
         return self.app[STORE]
 
@@ -54,10 +60,17 @@ class Running:
 async def running(
     data_dir: Path, port: int, users: Mapping[str, DevUser]
 ) -> AsyncIterator[Running]:
-    """The issuer, then the server (which fetches the issuer's keys as it starts)."""
+    """The issuer, then the server (which fetches the issuer's keys as it starts), with the
+    demo's ERP adapter."""
+    adapters = await asyncio.to_thread(_erp.adapters_file, data_dir)
     async with DevIssuer(users, host=HOST) as issuer:
         settings = Settings.load(
-            environ={}, data_dir=str(data_dir), oidc_issuer=issuer.issuer, host=HOST, port=port
+            environ={},
+            data_dir=str(data_dir),
+            oidc_issuer=issuer.issuer,
+            host=HOST,
+            port=port,
+            adapters=str(adapters),
         )
         app = create_app(settings)
         runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=2)
@@ -65,7 +78,7 @@ async def running(
         try:
             await web.TCPSite(runner, HOST, port).start()
             bound = runner.addresses[0][1]
-            yield Running(f"http://{HOST}:{bound}", issuer, app, runner)
+            yield Running(f"http://{HOST}:{bound}", issuer, app, runner, data_dir)
         finally:
             await runner.cleanup()
 

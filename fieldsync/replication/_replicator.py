@@ -25,7 +25,15 @@ from fieldsync.documents import DocType, form_templates
 from fieldsync.documents import work_order_rules as rules
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.records import UNOBSERVED, DocIndex, FieldChange, Observer, Origin, OriginKind
+from fieldsync.records import (
+    UNOBSERVED,
+    DocIndex,
+    FieldChange,
+    Observer,
+    Origin,
+    OriginKind,
+    ScopeFilter,
+)
 from fieldsync.replication._codec import SyncStep, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview
@@ -542,6 +550,36 @@ class Replicator:
                 peer.scope_removed(docs)
             elif now and not was:
                 peer.scope_added(docs)
+
+    async def reprincipal(self, peer: Peer, principal: Principal) -> None:
+        """`peer` now acts as `principal` (the directory moved them to another team or region):
+        what its new scope hides is removed and what it shows is added, as for a reassignment."""
+        before, after = peer.scope, self.policy.scope(principal)
+        peer.principal, peer.scope = principal, after  # nothing more under the old scope
+        if before == after:
+            return
+        old, new = await self._scope_docs(before), await self._scope_docs(after)
+        removed = [doc_id for doc_id in old if doc_id not in new]
+        for doc_id in removed:
+            room = self._rooms.get(doc_id)
+            if room is not None:
+                self.unsubscribe(peer, room)
+        if removed:
+            peer.scope_removed(removed)
+        added = [doc_id for doc_id in new if doc_id not in old]
+        if added:
+            peer.scope_added(added)
+
+    async def _scope_docs(self, scope: ScopeFilter) -> dict[str, None]:
+        """Every document in `scope`, in change order."""
+        docs: dict[str, None] = {}
+        since = 0
+        while True:
+            page = await self.store.changes(scope, since, 1000)
+            docs.update((doc.id, None) for doc in page.docs)
+            if not page.more:
+                return docs
+            since = page.upto
 
     def _drop(self, room: Room, reason: str) -> None:
         """Forget a room whose memory can no longer be trusted; its peers resync from storage."""

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable, Mapping
 
 from aiohttp import WSMsgType, web
 
 from fieldsync import logs
-from fieldsync.auth import Verify, bearer_token
+from fieldsync.auth import Principal, Verify, bearer_token
 from fieldsync.documents import InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode
 from fieldsync.replication._connection import Connection, Limits, SessionClosed, SubjectSockets
@@ -168,6 +169,25 @@ class Endpoints:
                 }
             )
         return described
+
+    async def reauthorise(self, updates: Mapping[str, Callable[[Principal], Principal]]) -> int:
+        """The directory changed the people of `updates` (subject -> how their principal
+        changes): each of their open sessions acts as `update(principal)` from now on, rescoped
+        when that changes what it sees, or is closed with 4401 and the code of the `AuthError`
+        that `update` raised (a person disabled or deleted). Returns how many were closed."""
+        closed = 0
+        for conn in list(self.connections):
+            update = updates.get(conn.principal.subject) if conn.authenticated else None
+            if update is None:
+                continue
+            try:
+                principal = update(conn.principal)
+            except AuthError as exc:
+                conn.close_soon(CloseCode.UNAUTHORIZED, exc.code)
+                closed += 1
+                continue
+            await self.replicator.reprincipal(conn, principal)
+        return closed
 
     async def drain(self) -> None:
         """Shutting down: tell every device to reconnect elsewhere (4503). A v1 device first

@@ -1,9 +1,10 @@
 """Durable storage: one `typing.Protocol` per concern, the records they exchange, and the
-backends that implement them all (`Backend`; SQLite is the embedded default). Nothing of a
-database driver crosses out of this package."""
+backends that implement them all (`Backend`; SQLite is the embedded default, PostgreSQL the
+cluster's). Nothing of a database driver crosses out of this package."""
 
 from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
-from fieldsync.storage._backend import Backend, SQLiteBackend
+from fieldsync.storage._backend import Backend, PostgresBackend, SQLiteBackend
+from fieldsync.storage._directory import Directory, DirectoryChange
 from fieldsync.storage._outbox import (
     DueDoc,
     Outbox,
@@ -64,6 +65,8 @@ __all__ = [
     "DeviceRecord",
     "DeviceSeen",
     "Devices",
+    "Directory",
+    "DirectoryChange",
     "Documents",
     "DueDoc",
     "FieldHistory",
@@ -77,6 +80,7 @@ __all__ = [
     "OutboxState",
     "OutboxStats",
     "Position",
+    "PostgresBackend",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",

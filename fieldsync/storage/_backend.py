@@ -1,8 +1,9 @@
 """A backend: one database's implementations of the storage Protocols, opened and closed as one.
 
 The application asks a `Backend` for each concern's Protocol and never learns which database
-holds them; a second backend (PostgreSQL) is a second class with the same attributes, passing
-the same contract suite (tests/storage).
+holds them: SQLite (embedded, one process) and PostgreSQL (cluster: several nodes, one
+database) are two classes with the same attributes, passing the same contract suites
+(tests/storage).
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ from typing import Protocol
 
 from fieldsync.records import UNOBSERVED, Observer
 from fieldsync.storage._attachments import AttachmentStore
+from fieldsync.storage._directory import Directory, SQLiteDirectory
 from fieldsync.storage._outbox import Outbox, SQLiteOutbox
+from fieldsync.storage._postgres import PostgresStore
+from fieldsync.storage._postgres_attachments import PostgresAttachments
+from fieldsync.storage._postgres_directory import PostgresDirectory
+from fieldsync.storage._postgres_outbox import PostgresOutbox
+from fieldsync.storage._postgres_reference import PostgresReference
+from fieldsync.storage._postgres_screens import PostgresScreens
 from fieldsync.storage._reference import CHUNK_ROWS, SQLiteReference
 from fieldsync.storage._screens import SQLiteScreens
 from fieldsync.storage._sqlite import SQLiteStore
 from fieldsync.storage._sqlite_attachments import SQLiteAttachments
 from fieldsync.storage._types import ReferenceStore, Screens, Store
 
-__all__ = ["Backend", "SQLiteBackend"]
+__all__ = ["Backend", "PostgresBackend", "SQLiteBackend"]
 
 
 class Backend(Protocol):
@@ -45,6 +53,11 @@ class Backend(Protocol):
     @property
     def outbox(self) -> Outbox:
         """What committed changes owe the outbound adapters (DESIGN.md §7)."""
+        ...
+
+    @property
+    def directory(self) -> Directory:
+        """The organisation's people as the directory adapter last read them."""
         ...
 
     async def open(self) -> None: ...
@@ -80,6 +93,43 @@ class SQLiteBackend:
         self.reference = SQLiteReference(self.store, chunk_rows=reference_chunk_rows)
         self.attachments = SQLiteAttachments(self.store)
         self.outbox = SQLiteOutbox(self.store)
+        self.directory = SQLiteDirectory(self.store)
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class PostgresBackend:
+    """Cluster mode: every concern in one PostgreSQL database that several nodes share (`url`:
+    a libpq URI, `postgresql://user:password@host:port/database`). Each node group-commits its
+    writes on one connection and reads on a small pool (see `PostgresStore`); the change
+    sequence is shared, and the feed never skips a number committed late by another node."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        compact_after_updates: int = 500,
+        compact_after_bytes: int = 1 << 20,
+        batch_max: int = 1000,
+        reference_chunk_rows: int = CHUNK_ROWS,
+        observer: Observer = UNOBSERVED,
+    ) -> None:
+        self.store = PostgresStore(
+            url,
+            compact_after_updates=compact_after_updates,
+            compact_after_bytes=compact_after_bytes,
+            batch_max=batch_max,
+            observer=observer,
+        )
+        self.screens = PostgresScreens(self.store)
+        self.reference = PostgresReference(self.store, chunk_rows=reference_chunk_rows)
+        self.attachments = PostgresAttachments(self.store)
+        self.outbox = PostgresOutbox(self.store)
+        self.directory = PostgresDirectory(self.store)
 
     async def open(self) -> None:
         await self.store.open()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
-from fieldsync.storage import _conflicts, _outbox, _screens, _sqlite_attachments
+from fieldsync.storage import _conflicts, _directory, _outbox, _screens, _sqlite_attachments
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +163,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(7, "outbox: an entry per change an outbound adapter receives", _outbox.SCHEMA),
+    Migration(8, "directory: the people the directory adapter last read", _directory.SCHEMA),
 )
 
 

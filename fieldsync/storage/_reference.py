@@ -213,6 +213,21 @@ class SQLiteReference:
 
         return await self._store.query(read)
 
+    async def rows(self, dataset: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted = list(dict.fromkeys(keys))
+
+        def read(db: Database) -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            for start in range(0, len(wanted), 500):  # within SQLite's bound on parameters
+                part = wanted[start : start + 500]
+                marks = ",".join("?" * len(part))
+                query = f"SELECT key, data FROM ref_rows WHERE dataset = ? AND key IN ({marks})"
+                for key, data in db.execute(query, (dataset, *part)):
+                    found[key] = orjson.loads(data)
+            return found
+
+        return await self._store.query(read) if wanted else {}
+
     async def info(self, dataset: str) -> DatasetInfo | None:
         return await self._store.query(lambda db: _info(db, dataset))
 

@@ -169,6 +169,15 @@ class SQLiteScreens:
     async def work_order_refs(self, wo: str, forms_limit: int) -> WorkOrderRefs:
         return await self._store.query(lambda db: _refs(db, wo, forms_limit))
 
+    async def open_work_orders(self, asset_id: str, limit: int) -> list[str]:
+        query = (
+            "SELECT doc FROM doc_index WHERE asset_id = ? AND type = 'wo'"
+            " AND coalesce(status, '') NOT IN ('completed', 'closed', 'cancelled')"
+            " ORDER BY created_seq DESC LIMIT ?"
+        )
+        rows = await self._store.query(lambda db: db.execute(query, (asset_id, limit)).fetchall())
+        return [doc for (doc,) in rows]
+
     async def cursor_key(self) -> bytes:
         if self._key is None:
             rows = await self._store.query(

@@ -305,6 +305,11 @@ class Screens(Protocol):
 
     async def work_order_refs(self, wo: str, forms_limit: int) -> WorkOrderRefs: ...
 
+    async def open_work_orders(self, asset_id: str, limit: int) -> list[str]:
+        """At most `limit` work orders of the asset not completed, closed or cancelled, newest
+        first (in every scope: the server's own adapters ask, not a person)."""
+        ...
+
     async def cursor_key(self) -> bytes:
         """A secret kept in the database, the same for every node that shares it: the key
         pagination cursors are authenticated with."""
@@ -426,6 +431,10 @@ class ReferenceStore(Protocol):
     async def compact(self, before: float) -> dict[str, int]:
         """Drop the change log entries committed before the epoch time `before`; return each
         dataset's horizon."""
+        ...
+
+    async def rows(self, dataset: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored rows of `keys` (key -> row) that exist, from one snapshot."""
         ...
 
     async def info(self, dataset: str) -> DatasetInfo | None: ...

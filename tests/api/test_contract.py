@@ -40,6 +40,7 @@ from fieldsync.app import BACKEND, ENDPOINTS, create_app
 from fieldsync.auth import DevIssuer
 from fieldsync.config import Settings
 from fieldsync.errors import ErrorCode
+from fieldsync.records import Person
 from tests import contract
 from tests.api.test_middleware import parsed, upgrade_headers
 from tests.api.test_uploads import bomb_png
@@ -307,6 +308,7 @@ async def test_every_operation_answers_as_documented(
     await _reference(c)
     await _screens(c)
     await _audit(c)
+    await _teams(c)
     await _outbox(c)
     await _uploads_and_attachments(c)
     await _websockets(c)
@@ -589,6 +591,16 @@ async def _audit(c: Contract) -> None:
     await c.call("GET", "/v1/conflicts", 403, subject="tina")
 
 
+async def _teams(c: Contract) -> None:
+    # The directory table as the directory adapter (none runs here) would have written it.
+    await c.server.app[BACKEND].directory.replace(
+        [Person("tina", "Tina Tech", "tina@example.org", "north", "east", "sam")], 1.0
+    )
+    members = await c.call("GET", "/v1/teams/north/members", 200, subject="sam")
+    assert [m["subject"] for m in members.json["items"]] == ["tina"]
+    await c.call("GET", "/v1/teams/north/members", 403, subject="sue")
+
+
 async def _outbox(c: Contract) -> None:
     # An outbound adapter no runner serves: the entry of the work order created next stays.
     c.server.app[BACKEND].outbox.route({"wo": ["contract"]})
@@ -847,6 +859,7 @@ async def _revalidation(c: Contract) -> None:
         ("mia", "/v1/screens/region-metrics", {}),
         ("sam", "/v1/work-orders/wo:c1/history", {}),
         ("sam", "/v1/conflicts", {}),
+        ("sam", "/v1/teams/north/members", {}),
         ("tina", "/v1/reference/assets/changes", {"since": "0"}),
     ]:
         first = await c.call("GET", path, 200, subject=subject, params=params)
@@ -931,6 +944,7 @@ def concrete(path: str) -> str:
         .replace("{upload_id}", "0" * 32)
         .replace("{sha256}", "0" * 64)
         .replace("{entry_id}", "1")
+        .replace("{team}", "north")
     )
 
 

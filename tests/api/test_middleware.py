@@ -377,7 +377,7 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
         path = route.resource.canonical.replace("{doc_id}", "wo:perm1")
         path = path.replace("{dataset}", "perm1")
         path = path.replace("{upload_id}", "perm1").replace("{sha256}", "perm1")
-        path = path.replace("{entry_id}", "1")
+        path = path.replace("{entry_id}", "1").replace("{team}", "perm1")
         checked.add(permission)
         if route.method == "GET":
             anonymous = await _anonymous(server, path)

@@ -829,7 +829,7 @@ def test_write(run: Run, cell: Cell) -> None:
 @pytest.mark.parametrize("cell", cells("yws_move"))
 def test_yws_write(run: Run, cell: Cell) -> None:
     """y-websocket has no error message: a refusal closes the socket, with the code as the
-    reason (4403 forbidden, 4400 otherwise)."""
+    reason (4403 for forbidden and forbidden_field, 4400 otherwise)."""
     seen = run.seen[cell]
     expect = expected(cell)
     before, after = seen["stored"]
@@ -837,7 +837,8 @@ def test_yws_write(run: Run, cell: Cell) -> None:
         assert seen["close"] is None
         assert after > before
         return
-    code = CloseCode.FORBIDDEN if expect.outcome == "forbidden" else CloseCode.PROTOCOL_ERROR
+    refused = expect.outcome in ("forbidden", "forbidden_field")
+    code = CloseCode.FORBIDDEN if refused else CloseCode.PROTOCOL_ERROR
     assert seen["close"] == (code, expect.outcome)
     assert after == before  # nothing of it stored
 

@@ -429,7 +429,7 @@ async def provider_token(http: aiohttp.ClientSession, idp: OpenIDProvider) -> st
     }
     answer = await exchange(http, config, await authorize(http, config, "tina"))
     assert answer.status == 200, answer.body
-    return str(answer.body["access_token"])
+    return str(answer.json["access_token"])
 
 
 async def test_a_key_the_provider_withdraws_stops_verifying_when_the_keys_go_stale() -> None:

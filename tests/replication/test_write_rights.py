@@ -107,7 +107,7 @@ async def test_a_y_websocket_write_that_leaves_the_scope_closes_the_socket(
         await ws.send_bytes(encode_sync(SyncStep.UPDATE, update))
         closing = await ws.receive(timeout=10)
         assert closing.type is aiohttp.WSMsgType.CLOSE
-        assert (ws.close_code, closing.extra) == (CloseCode.PROTOCOL_ERROR, "forbidden_field")
+        assert (ws.close_code, closing.extra) == (CloseCode.FORBIDDEN, "forbidden_field")
     assert await stored_rows(server) == rows
     doc = await stored_doc(server, "wo:s3")
     assert doc.get("fields", type=Map)["team"] == "north"
@@ -253,7 +253,7 @@ async def test_a_work_order_cannot_be_born_completed(server: Server) -> None:
             await ws.receive(timeout=10)  # the greeting
             await ws.send_bytes(encode_sync(SyncStep.UPDATE, born("closed", True).get_update()))
             closing = await ws.receive(timeout=10)
-            assert (ws.close_code, closing.extra) == (CloseCode.PROTOCOL_ERROR, "forbidden_field")
+            assert (ws.close_code, closing.extra) == (CloseCode.FORBIDDEN, "forbidden_field")
         assert await server.app[STORE].index("wo:b2") is None
         # Created assigned and completed in the same update: the completion is judged.
         doc = born("assigned", True)

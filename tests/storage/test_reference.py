@@ -4,7 +4,6 @@ to the stored rows, compaction moves the horizon, snapshots are consistent at th
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -131,6 +130,16 @@ async def test_only_the_fields_that_changed_are_recorded(reference: ReferenceSto
         "A003": ({"serial": "S-3"}, (), False),
         "A004": ({}, ("site",), False),
     }
+
+
+async def test_rows_are_read_by_key(reference: ReferenceStore) -> None:
+    await reference.import_rows("assets", assets(1200), full=True)
+    keys = [f"A{i:03d}" for i in (0, 7, 1199)] + ["nope", "A007"]
+    found = await reference.rows("assets", keys)
+    assert sorted(found) == ["A000", "A007", "A1199"]
+    assert found["A007"] == {"id": "A007", "name": "Pump 7", "site": "north"}
+    assert await reference.rows("parts", keys) == {}
+    assert await reference.rows("assets", []) == {}
 
 
 async def test_a_full_import_deletes_the_rows_it_lacks_and_a_partial_one_does_not(
@@ -321,7 +330,6 @@ operations = st.lists(
     ),
     max_size=14,
 )
-names = itertools.count()
 
 
 @settings(
@@ -333,9 +341,7 @@ names = itertools.count()
 async def test_a_device_applying_pages_ends_with_the_servers_rows(
     make_backend: BackendFactory, ops: list[tuple[str, Any]], chunk: int
 ) -> None:
-    backend = make_backend(f"reference-{next(names)}", reference_chunk_rows=chunk)
-    await backend.open()
-    try:
+    async with make_backend.fresh(reference_chunk_rows=chunk) as backend:
         reference = backend.reference
         device = Device()
         model: Rows = {}
@@ -353,8 +359,6 @@ async def test_a_device_applying_pages_ends_with_the_servers_rows(
         assert stored == model
         await device.sync(reference, "d", 3)
         assert device.rows == model
-    finally:
-        await backend.close()
 
 
 async def test_changes_need_a_positive_limit(reference: ReferenceStore) -> None:

@@ -110,3 +110,18 @@ async def test_metrics_of_work_orders_without_status_or_team(
     (team,) = page.teams
     assert (team.team, team.total, team.by_status) == (None, 2, {"": 1, "completed": 1})
     assert (team.overdue, team.completed, team.first_time_fix_rate) == (0, 1, 1.0)
+
+
+async def test_an_assets_open_work_orders_newest_first(store: Store, screens: Screens) -> None:
+    await store.append(edit("wo:old", status="assigned", asset_id="P-1"))
+    await store.append(edit("wo:done", status="completed", asset_id="P-1"))
+    await store.append(edit("wo:gone", status="cancelled", asset_id="P-1"))
+    await store.append(edit("wo:other", status="new", asset_id="P-2"))
+    await store.append(edit("wo:new", status=None, asset_id="P-1"))
+    await store.append(edit("wo:old", status="in_progress", asset_id="P-1"))  # created first
+    assert await screens.open_work_orders("P-1", 10) == ["wo:new", "wo:old"]
+    assert await screens.open_work_orders("P-1", 1) == ["wo:new"]
+    assert await screens.open_work_orders("P-3", 10) == []
+    # Closing one takes it off the list.
+    await store.append(edit("wo:new", status="closed", asset_id="P-1"))
+    assert await screens.open_work_orders("P-1", 10) == ["wo:old"]

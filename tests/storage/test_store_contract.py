@@ -4,7 +4,6 @@ must keep, driven with real pycrdt documents."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import cast
 
 import pycrdt
@@ -453,7 +452,6 @@ writes = st.tuples(st.just("write"), st.sampled_from(DOCS), st.sampled_from((Non
 reads = st.tuples(
     st.just("read"), st.sampled_from((None, *PEOPLE)), st.integers(0, 60), st.integers(1, 4)
 )
-names = itertools.count()
 
 
 class Model:
@@ -505,31 +503,31 @@ class Model:
 async def test_any_interleaving_of_writes_and_paged_reads_matches_the_model(
     make_backend: BackendFactory, ops: list[tuple[object, ...]]
 ) -> None:
-    backend = make_backend(f"model-{next(names)}")
-    await backend.open()
-    store = backend.store
-    model = Model()
-    queued: list[asyncio.Future[Committed]] = []
-    try:
-        for op in ops:
-            if op[0] == "write":
-                doc, person = cast(tuple[str, str | None], op[1:])
-                index = model.write(doc, person)
-                # Pipelined, so writes share batches; the model numbers them in call order.
-                queued.append(cast(asyncio.Future[Committed], store.append(put_doc(doc, index))))
-                continue
-            person, since_choice, limit = cast(tuple[str | None, int, int], op[1:])
-            seqs = [c.seq for c in await asyncio.gather(*queued)]
-            assert seqs == list(range(model.head - len(queued) + 1, model.head + 1))
-            queued.clear()
-            since = since_choice % (model.head + 1)
-            scope = ALL if person is None else assignee(person)
-            seen, removed, upto = await read_all(store, scope, since, limit)
-            assert (seen, removed) == model.changes(person, since)
-            assert upto == model.head
-    finally:
-        await asyncio.gather(*queued)
-        await backend.close()
+    async with make_backend.fresh() as backend:
+        store = backend.store
+        model = Model()
+        queued: list[asyncio.Future[Committed]] = []
+        try:
+            for op in ops:
+                if op[0] == "write":
+                    doc, person = cast(tuple[str, str | None], op[1:])
+                    index = model.write(doc, person)
+                    # Pipelined, so writes share batches; the model numbers them in call order.
+                    queued.append(
+                        cast(asyncio.Future[Committed], store.append(put_doc(doc, index)))
+                    )
+                    continue
+                person, since_choice, limit = cast(tuple[str | None, int, int], op[1:])
+                seqs = [c.seq for c in await asyncio.gather(*queued)]
+                assert seqs == list(range(model.head - len(queued) + 1, model.head + 1))
+                queued.clear()
+                since = since_choice % (model.head + 1)
+                scope = ALL if person is None else assignee(person)
+                seen, removed, upto = await read_all(store, scope, since, limit)
+                assert (seen, removed) == model.changes(person, since)
+                assert upto == model.head
+        finally:
+            await asyncio.gather(*queued)
 
 
 def put_doc(doc: str, index: DocIndex | None) -> Write:
