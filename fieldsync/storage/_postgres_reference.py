@@ -209,6 +209,18 @@ class PostgresReference:
         except psycopg.Error as exc:
             raise StorageError("reading the reference snapshot failed") from exc
 
+    async def rows(self, dataset: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted = list(dict.fromkeys(keys))
+
+        async def read(conn: AsyncConnection) -> dict[str, dict[str, Any]]:
+            cursor = await conn.execute(
+                "SELECT key, data FROM ref_rows WHERE dataset = %s AND key = ANY(%s)",
+                (dataset, wanted),
+            )
+            return {key: orjson.loads(data) for key, data in await cursor.fetchall()}
+
+        return await self._store.query(read) if wanted else {}
+
     async def info(self, dataset: str) -> DatasetInfo | None:
         return await self._store.query(lambda conn: _info(conn, dataset))
 

@@ -77,6 +77,18 @@ class PostgresScreens:
     async def work_order_refs(self, wo: str, forms_limit: int) -> WorkOrderRefs:
         return await self._store.query(lambda conn: _refs(conn, wo, forms_limit))
 
+    async def open_work_orders(self, asset_id: str, limit: int) -> list[str]:
+        async def read(conn: AsyncConnection) -> list[str]:
+            cursor = await conn.execute(
+                "SELECT doc FROM doc_index WHERE asset_id = %s AND type = 'wo'"
+                " AND coalesce(status, '') NOT IN ('completed', 'closed', 'cancelled')"
+                " ORDER BY created_seq DESC LIMIT %s",
+                (asset_id, limit),
+            )
+            return [doc for (doc,) in await cursor.fetchall()]
+
+        return await self._store.query(read)
+
     async def cursor_key(self) -> bytes:
         if self._key is None:
 
