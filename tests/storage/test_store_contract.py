@@ -248,6 +248,15 @@ async def test_devices_are_recorded_with_the_next_commit(store: Store) -> None:
     store.touch_device(DeviceSeen("d-1", "u-tom", "android", "1.5.0", 12))
     await store.append(put(work_order(1)))
     assert (await store.stats())["devices"] == 2
+    # As an operator lists them (`fieldsync devices`): each once, as last seen.
+    listed = {d.device_id: d for d in await store.devices()}
+    assert (listed["d-1"].subject, listed["d-1"].version, listed["d-1"].last_seq) == (
+        "u-tom",
+        "1.5.0",
+        12,
+    )
+    assert [d.device_id for d in await store.devices("u-sue")] == ["d-2"]
+    assert len(await store.devices(limit=1)) == 1
 
 
 async def test_stats_count_what_is_stored(store: Store) -> None:
