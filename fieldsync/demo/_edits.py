@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -76,7 +77,7 @@ _PRIORITIES = ("low", "normal", "high", "urgent")
 
 
 def _append_note(
-    device: Device, doc_id: str, doc: Doc, text: str, stamp: str, tally: Tally
+    device: Device, doc_id: str, doc: Doc[Any], text: str, stamp: str, tally: Tally
 ) -> None:
     line = f"{stamp} {device.user.name} ({device.name}): {text}\n"
     notes = doc.get("notes", type=Text)
@@ -162,8 +163,8 @@ def supervisor_review(
         tally.wrote(device, doc_id, "fields.status")
 
 
-def _open(doc: Doc) -> bool:
-    return doc.get("fields", type=Map).get("status") != "completed"
+def _open(doc: Doc[Any]) -> bool:
+    return bool(doc.get("fields", type=Map).get("status") != "completed")
 
 
 def plan_round(
