@@ -56,7 +56,7 @@ def test_a_file_builds_its_adapters_in_order(
     )
     erp, projection = build_adapters(path, adapter_context, {})
     assert isinstance(erp, Recorder) and isinstance(projection, Recorder)
-    assert (erp.name, erp.max_attempts, erp.doc_types) == ("erp", 5, {"wo"})
+    assert (erp.name, erp.max_attempts, erp.doc_types) == ("erp", 5, frozenset({"wo"}))
     assert (projection.name, projection.max_attempts) == ("projection", 10)
     assert projection.doc_types == {"wo", "form"}
 

@@ -49,11 +49,13 @@ class DocsWriter:
     given when it changed something."""
 
     def __init__(self) -> None:
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
         self.seq = 0
         self.origins: list[Origin] = []
 
-    async def edit(self, doc_id: str, change: Callable[[Doc], None], origin: Origin) -> int | None:
+    async def edit(
+        self, doc_id: str, change: Callable[[Doc[Any]], None], origin: Origin
+    ) -> int | None:
         doc = self.docs.setdefault(doc_id, Doc())
         before = doc.get_state()
         change(doc)
@@ -127,7 +129,8 @@ def order(writer: DocsWriter, doc_id: str, seq: int, **fields: Any) -> Delivery:
 
 
 def fields(writer: DocsWriter, doc_id: str) -> dict[str, Any]:
-    return documents.to_json(doc_id, writer.docs[doc_id])["fields"]
+    fields: dict[str, Any] = documents.to_json(doc_id, writer.docs[doc_id])["fields"]
+    return fields
 
 
 async def test_create_then_update_and_the_answer_is_written_back(

@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def stored(database: Target, doc: str) -> dict[str, list[dict[str, Any]]]:
         return {kind: rows(connection, TABLES[kind], doc) for kind in MAPPING.entities}
 
 
-def projected(doc: str, seq: int, content: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def projected(doc: str, seq: int, content: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     projection = MAPPING.project(doc, seq, content)
     return {kind: sorted(found, key=row_key) for kind, found in projection.items()}
 
@@ -86,7 +86,7 @@ class Order:
 
     def __init__(self, doc_id: str) -> None:
         self.id = doc_id
-        self.doc: Doc = Doc()
+        self.doc: Doc[Any] = Doc()
         self.seq = 0
         self.sent: list[Delivery] = []
 
@@ -497,7 +497,7 @@ async def test_fieldsync_killed_mid_burst_then_redelivery_ends_exact(
 def _applied(database: Target) -> int:
     with database.engine.connect() as connection:
         return int(
-            connection.exec_driver_sql("SELECT count(*) FROM fieldsync_erp_applied").scalar()
+            connection.exec_driver_sql("SELECT count(*) FROM fieldsync_erp_applied").scalar_one()
         )
 
 

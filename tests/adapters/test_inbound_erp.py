@@ -204,8 +204,9 @@ async def test_an_erp_change_merges_with_a_technicians_offline_edit(
 
         def merged(doc: Any) -> bool:
             fields = doc.get("fields", type=Map)
-            return fields["title"] == "Service pump T1 and its motor" and fields["status"] == (
-                "en_route"
+            return bool(
+                fields["title"] == "Service pump T1 and its motor"
+                and fields["status"] == "en_route"
             )
 
         await eventually(lambda: merged(mine))

@@ -38,7 +38,7 @@ class Documents:
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
 
     async def write(self, doc_id: str, origin: Any = PHONE, **fields: Any) -> int:
         doc = self.docs.get(doc_id)
@@ -99,7 +99,7 @@ async def test_an_acknowledged_update_has_its_entry_in_the_same_transaction(
         ("erp", "wo:1", seq, OutboxState.PENDING)
     ]
     # Forms are not routed to `erp`: no entry.
-    form = Doc()
+    form: Doc[Any] = Doc()
     form.get("answers", type=Map)["a"] = 1
     await sqlite_store.append(
         Write("form:1", form.get_update(), Origin(OriginKind.DEVICE, "phone"), "tina")

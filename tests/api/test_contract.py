@@ -729,8 +729,8 @@ async def _uploads_and_attachments(c: Contract) -> None:
     # A PDF: stored, but it has no thumbnail. Sent slowly: meanwhile the upload is locked.
     pdf = b"%PDF-1.4\n% a signed form\n%%EOF\n"
     meta = {**TUS, "Upload-Length": str(len(pdf)), "Upload-Metadata": metadata(pdf, "wo:c1")}
-    location = (await c.call("POST", "/v1/uploads", 201, subject="tina", headers=meta)).headers
-    await _locked_while_written(c, location["Location"], pdf)
+    created = await c.call("POST", "/v1/uploads", 201, subject="tina", headers=meta)
+    await _locked_while_written(c, created.headers["Location"], pdf)
 
     content = f"/v1/attachments/{sha}"
     whole = await c.call("GET", content, 200, subject="tina")

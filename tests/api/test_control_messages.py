@@ -76,11 +76,11 @@ async def test_what_the_server_sends_matches_the_schemas(server: Server) -> None
         await sam.control("ack", doc="wo:cm1")
         await tina.control("scope")
         await sam.step1("wo:cm1")
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         doc.apply_update(await sam.doc_message("wo:cm1", SyncStep.STEP2))
         # error (rule_violation, with rule and detail): a transition the status machine refuses.
         await tina.step1("wo:cm1")
-        mine: Doc = Doc()
+        mine: Doc[Any] = Doc()
         mine.apply_update(await tina.doc_message("wo:cm1", SyncStep.STEP2))
         before = mine.get_state()
         mine.get("fields", type=Map)["status"] = "closed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,7 +19,9 @@ from tests.harness import Server, work_order
 from tests.wire import connect
 
 
-async def get(server: Server, path: str, token: str | None = None) -> tuple[int, dict, str]:
+async def get(
+    server: Server, path: str, token: str | None = None
+) -> tuple[int, dict[str, Any], str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as http, http.get(server.url + path, headers=headers) as r:
         return r.status, await r.json(content_type=None), r.content_type

@@ -44,7 +44,7 @@ async def call(
         return Reply(response.status, response.headers, await response.read())
 
 
-async def create(server: Server, subject: str, *docs: tuple[str, Doc]) -> None:
+async def create(server: Server, subject: str, *docs: tuple[str, Doc[Any]]) -> None:
     """Create documents as a device of `subject` would, pipelined, and wait for every ack."""
     async with connect(server.sync_url, server.token(subject)) as wire:
         await wire.hello()
@@ -55,7 +55,7 @@ async def create(server: Server, subject: str, *docs: tuple[str, Doc]) -> None:
         assert not [c for c in wire.controls if c.get("type") == "error"]
 
 
-def wo(doc_id: str, **fields: Any) -> tuple[str, Doc]:
+def wo(doc_id: str, **fields: Any) -> tuple[str, Doc[Any]]:
     return doc_id, work_order(doc_id, **fields)
 
 
@@ -139,7 +139,7 @@ async def test_the_work_order_screen_shows_document_forms_attachments_and_asset(
     doc.get("attachments", type=Map)["ab" * 32] = Map(
         {"mime": "image/jpeg", "size": 1234, "caption": "seal", "by": "sam", "at": 1.0}
     )
-    form: Doc = Doc()
+    form: Doc[Any] = Doc()
     documents.form.write(form, "wo:d1", "safety-check", 3, {"permit": "PTW-1"})
     await create(server, "sam", ("wo:d1", doc), ("form:d1-safety", form))
     await add_asset(server, "AHU-7", {"name": "Air handler 7", "floor": 2})
@@ -423,7 +423,7 @@ async def test_the_change_feed_pages_what_the_caller_may_see(small_pages: Server
         assert_problem(await call(server, f"/v1/changes?{bad}", "sam"), 400, "invalid_request")
 
 
-NEW = {
+NEW: dict[str, Any] = {
     "fields": {
         "number": "WO-9001",
         "title": "Replace seal on pump P-104",

@@ -574,7 +574,7 @@ async def test_unknown_or_unfinished_references_are_flagged_not_dropped(
     location = await tina.created(unfinished, "wo:p1")
     assert (await tina.patch(location, 0, unfinished[:5000])).status == 204
 
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     attachments = doc.get("attachments", type=Map)
     meta = {"mime": "image/jpeg", "size": 1, "caption": "", "by": "tina", "at": "2026-11-30"}
     for key in (sha256(stored), sha256(unfinished), "f" * 64, "not-a-hash"):
@@ -604,7 +604,7 @@ async def screen_attachments(
 
 async def attach(server: Server, subject: str, wo: str, *hashes: str) -> None:
     """What a device does once a photo is taken: an entry in the work order's `attachments`."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     for digest in hashes:
         doc.get("attachments", type=Map)[digest] = Map({"mime": "image/png", "by": subject})
     async with connect(server.sync_url, server.token(subject)) as wire:

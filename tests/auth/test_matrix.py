@@ -130,10 +130,10 @@ def doc_id(kind: DocType, subject: str, name: str) -> str:
     return f"{kind.value}:{subject}.{name}"
 
 
-def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> Doc:
+def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> Doc[Any]:
     """The document of `kind` that lies in `scope` of `subject` (named `name`: one that
     `subject` tries to create; else one of the matrix, which holds a root outside the schema)."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     if kind is DocType.WORK_ORDER:
         documents.work_order.write(
             doc,
@@ -173,7 +173,7 @@ def write_paths(kind: DocType) -> list[str]:
     return [*paths, NEW_ROOT, LEGACY_ROOT]
 
 
-def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
+def mutate(doc: Doc[Any], kind: DocType, path: str, n: int, by: str) -> None:
     """Write exactly `path` of `doc` as `by`. A key that is there is set again to its value: a
     real write (a new item) that moves no document out of anyone's scope and no status
     anywhere. A log gets an entry in the writer's own name that changes nothing: the status it
@@ -199,7 +199,7 @@ def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
         doc.get(root, type=Text).insert(0, f"matrix-{n} ")
 
 
-def append_entry(doc: Doc, root: str, n: int, by: str, role: str) -> None:
+def append_entry(doc: Doc[Any], root: str, n: int, by: str, role: str) -> None:
     """Append to a record of `OWN_ENTRIES` an entry in `by`'s name that changes nothing: the
     status the work order has, a first reading, time without a span."""
     if root == "status_log":
@@ -211,7 +211,7 @@ def append_entry(doc: Doc, root: str, n: int, by: str, role: str) -> None:
         doc.get(root, type=Array).append(Map({"by": by, "minutes": n}))
 
 
-def write_cell(doc: Doc, cell: Cell, n: int) -> None:
+def write_cell(doc: Doc[Any], cell: Cell, n: int) -> None:
     """Make on `doc` the write `cell` tries."""
     if cell.message == "as_other":
         append_entry(doc, cell.path, n, OUTSIDER, ROLE[cell.subject])
@@ -248,9 +248,9 @@ class Cell:
         parts = [f"{ROLE[self.subject]}:{self.subject}", self.scope, self.kind.value, self.message]
         return "-".join([*parts, self.path] if self.path else parts)
 
-    def new(self) -> Doc:
+    def new(self) -> Doc[Any]:
         """What a creation cell creates."""
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         if self.message == "create_completed":  # shown completed, as a stock Yjs app would
             fields = {"title": "Inspect pump", "status": "completed"}
             doc.get("fields", type=Map).update(fields | scope_fields(self.subject, self.scope))
@@ -380,7 +380,7 @@ class Run:
 
 
 def content(doc_id: str, update: bytes) -> dict[str, Any]:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.apply_update(update)
     return documents.to_json(doc_id, doc)
 
@@ -388,7 +388,7 @@ def content(doc_id: str, update: bytes) -> dict[str, Any]:
 async def take(wire: Wire, doc: str, *kinds: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     """The first control message about `doc` of one of `kinds`. A domain rule's correction
     (`rule_violation`) is no answer to a write: the write was accepted."""
-    return await wire._take(
+    control: dict[str, Any] = await wire._take(
         wire.controls,
         lambda body: (
             body.get("doc") == doc
@@ -398,6 +398,7 @@ async def take(wire: Wire, doc: str, *kinds: str, timeout: float = TIMEOUT) -> d
         f"{'/'.join(kinds)} of {doc}",
         timeout,
     )
+    return control
 
 
 def answered(wire: Wire, doc: str) -> bool:
@@ -508,7 +509,7 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
         await wire.send(
             *(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in targets.values())
         )
-        replicas: dict[str, Doc] = {}
+        replicas: dict[str, Doc[Any]] = {}
         for doc in targets.values():
             await eventually(lambda doc=doc: answered(wire, doc))
             step2 = [y.payload for d, y in wire.docs if d == doc and isinstance(y, YSync)]
@@ -583,7 +584,7 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                     await wire.step1(doc, mirror.get_state())
                     mirror.apply_update(await wire.doc_message(doc, SyncStep.STEP2))
                     await wire.doc_message(doc, SyncStep.STEP1)  # all of it committed
-                replica: Doc = Doc()
+                replica: Doc[Any] = Doc()
                 replica.apply_update(mirror.get_update())
                 before = replica.get_state()
                 write_cell(replica, c, n)
@@ -941,7 +942,7 @@ def test_mutate_writes_exactly_the_path_it_names() -> None:
     for kind in DocType:
         for path in write_paths(kind):
             base = build(kind, "tina", "assigned")
-            replica: Doc = Doc()
+            replica: Doc[Any] = Doc()
             replica.apply_update(base.get_update())
             before = replica.get_state()
             mutate(replica, kind, path, 0, "tina")
@@ -1002,7 +1003,7 @@ async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_crea
         assert empty["fields"] == {}
         await created_not_committed(server, sam, "wo:race")
 
-        blind: Doc = Doc()
+        blind: Doc[Any] = Doc()
         blind.get("fields", type=Map)["assignee"] = "ulla"
         await sue.update("wo:race", blind.get_update())
         reply = await take(sue, "wo:race", "ack", "error")
@@ -1092,10 +1093,10 @@ async def test_a_technician_write_waiting_for_the_supervisors_next_edit_is_refus
         await tina.step1("wo:ahead")
         state = await tina.doc_message("wo:ahead", SyncStep.STEP2)
 
-        guess: Doc = Doc(client_id=theirs.client_id)  # sam's next struct, as tina predicts it
+        guess: Doc[Any] = Doc(client_id=theirs.client_id)  # sam's next struct, as tina predicts it
         guess.apply_update(state)
         guess.get("fields", type=Map)["priority"] = "guessed"
-        forged: Doc = Doc()
+        forged: Doc[Any] = Doc()
         forged.apply_update(guess.get_update())
         if edit == "set":
             forged.get("fields", type=Map)["priority"] = "zed"  # its origin is sam's next struct

@@ -46,7 +46,10 @@ def b64url_json(value: object) -> str:
 
 def segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header, payload, _ = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
+
+    def pad(s: str) -> str:
+        return s + "=" * (-len(s) % 4)
+
     return (
         json.loads(base64.urlsafe_b64decode(pad(header))),
         json.loads(base64.urlsafe_b64decode(pad(payload))),
@@ -429,7 +432,7 @@ async def provider_token(http: aiohttp.ClientSession, idp: OpenIDProvider) -> st
     }
     answer = await exchange(http, config, await authorize(http, config, "tina"))
     assert answer.status == 200, answer.body
-    return str(answer.body["access_token"])
+    return str(answer.json["access_token"])
 
 
 async def test_a_key_the_provider_withdraws_stops_verifying_when_the_keys_go_stale() -> None:

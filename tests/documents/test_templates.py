@@ -36,13 +36,13 @@ def one_field(**spec: Any) -> Template:
     return parse("t", 1, {"title": "T", "fields": [{"id": "f", "label": "F", **spec}]}, "t.v1.toml")
 
 
-def form_doc(answers: dict[str, Any], template: str = "t", version: int = 1) -> Doc:
-    doc: Doc = Doc()
+def form_doc(answers: dict[str, Any], template: str = "t", version: int = 1) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     documents.form.write(doc, "wo:1", template, version, answers)
     return doc
 
 
-def apply(doc: Doc, templates: Templates) -> None:
+def apply(doc: Doc[Any], templates: Templates) -> None:
     """What the replicator does with `validation_changes` (as the server's origin)."""
     changes = validation_changes(doc, templates)
     with doc.transaction():
@@ -465,7 +465,7 @@ def test_load_an_empty_or_missing_folder(tmp_path: Path) -> None:
 def test_a_form_without_a_known_template_is_reported_whole(
     meta: dict[str, Any], reason: str
 ) -> None:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.get("meta", type=Map).update(meta)
     doc.get("answers", type=Map).update({"permit_number": "PTW-1"})
     assert check_form(doc, SHIPPED) == {FORM_KEY: reason}

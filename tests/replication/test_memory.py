@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pycrdt import Doc
 
@@ -35,7 +36,7 @@ async def test_idle_documents_are_evicted_and_reload_identically(
             await wire.hello()
             await wire.step1("wo:e0")
             state = await wire.doc_message("wo:e0", SyncStep.STEP2)
-        reloaded: Doc = Doc()
+        reloaded: Doc[Any] = Doc()
         reloaded.apply_update(state)
         expected = documents.to_json("wo:e0", written[0])
         assert documents.to_json("wo:e0", reloaded) == expected

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -20,11 +21,11 @@ from tests.harness import Replica, Server, eventually, running_server, stored_do
 from tests.wire import connect, sam_and_tina
 
 
-def log_of(doc: Doc) -> list[dict]:
+def log_of(doc: Doc[Any]) -> list[dict[str, Any]]:
     return doc.get("status_log", type=Array).to_py() or []
 
 
-def status_is(value: str) -> Callable[[Doc], bool]:
+def status_is(value: str) -> Callable[[Doc[Any]], bool]:
     return lambda doc: doc.get("fields", type=Map)["status"] == value
 
 
@@ -96,7 +97,7 @@ async def test_log_entries_are_appended_in_the_writers_own_name(server: Server) 
     """A technician may not rewrite the status history: not claim another's name or role, not
     change or delete an entry. Such an update is refused whole; nothing of it is kept."""
     async with sam_and_tina(server, "wo:r6", status="assigned") as (_sam, tina):
-        attempts: list[Callable[[Doc], None]] = [
+        attempts: list[Callable[[Doc[Any]], None]] = [
             lambda d: documents.work_order.set_status(d, "closed", by="tina", role="supervisor"),
             lambda d: documents.work_order.set_status(d, "en_route", by="sam", role="supervisor"),
             lambda d: d.get("status_log", type=Array)[0].__setitem__("status", "closed"),
@@ -228,7 +229,7 @@ async def test_meter_readings_never_decrease_and_time_entries_never_overlap(
         await tina.update("wo:r4", mine.get_update(before))
         assert (await tina.control("error", doc="wo:r4"))["rule"] == "time_entries_overlap"
 
-        def marked(doc: Doc) -> bool:
+        def marked(doc: Doc[Any]) -> bool:
             return any("rejected" in e for e in doc.get("time_entries", type=Array).to_py())
 
         await tina.follow("wo:r4", mine, marked)
@@ -252,7 +253,7 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         await sam.update("wo:r5", wo.get_update())
         await sam.control("ack", doc="wo:r5")
 
-        form: Doc = Doc()
+        form: Doc[Any] = Doc()
         answers = {"permit_number": "PTW-1", "hazards": "volcano", "lockout_tagout": True}
         documents.form.write(form, "wo:r5", "safety-check", 1, answers)
         await tina.update("form:r5", form.get_update())
@@ -353,8 +354,8 @@ async def test_real_devices_offline_converge_on_the_rules_outcome(
     mine, theirs = tina.doc("wo:d1"), sam.doc("wo:d1")
     mine.get("checklist", type=Array)[0]["done"] = True
     for status in ("on_hold", "in_progress", "completed"):
-        documents.work_order.set_status(mine, status, by=tina.subject, role=tina.roles[0])
-    documents.work_order.set_status(theirs, "cancelled", by=sam.subject, role=sam.roles[0])
+        documents.work_order.set_status(mine, status, by="tina", role=tina.roles[0])
+    documents.work_order.set_status(theirs, "cancelled", by="sam", role=sam.roles[0])
     await asyncio.gather(tina.start(), sam.start())
     await asyncio.gather(tina.wait_acked(), sam.wait_acked())
 

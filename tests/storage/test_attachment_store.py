@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import pycrdt
 import pytest
@@ -49,7 +50,7 @@ def work_order(n: int, assignee: str | None, team: str | None, region: str | Non
 
 
 async def put_work_order(store: Store, index: DocIndex) -> None:
-    ydoc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, index.doc)
     await store.append(
         Write(index.doc, ydoc.get_update(), Origin(OriginKind.DEVICE, "d-1"), "sam", index)

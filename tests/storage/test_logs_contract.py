@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pycrdt
 
@@ -14,7 +15,7 @@ NORTH = ScopeFilter(ScopeKind.TEAM, "north")
 
 
 def write(doc: str, *changes: FieldChange, actor: str = "tina") -> Write:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, doc)
     return Write(doc, ydoc.get_update(), Origin(OriginKind.DEVICE, actor), actor, None, changes)
 

@@ -163,7 +163,14 @@ async def test_integer_keys_are_keys_and_bad_rows_are_refused(reference: Referen
     assert result.created == 1
     stored, _ = await snapshot(reference, "parts")
     assert stored == {"7": {"no": 7, "qty": 1}}
-    for bad in ([{"qty": 1}], [{"no": True}], [{"no": ""}], ["a string"], [{"no": "x", "v": {1}}]):
+    bads: list[list[Any]] = [
+        [{"qty": 1}],
+        [{"no": True}],
+        [{"no": ""}],
+        ["a string"],
+        [{"no": "x", "v": {1}}],
+    ]
+    for bad in bads:
         with pytest.raises(InvalidRow, match="row 1"):
             await reference.import_rows("parts", bad, key="no", full=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from typing import Any
 
 import pycrdt
 import pytest
@@ -15,7 +16,7 @@ from fieldsync.storage import MetricsPage, Screens, Store, Write
 
 EAST = ScopeFilter(ScopeKind.REGION, "east")
 TINA_PHONE = Origin(OriginKind.DEVICE, "t")
-_edits: dict[str, pycrdt.Doc] = {}
+_edits: dict[str, pycrdt.Doc[Any]] = {}
 
 
 def edit(doc: str, **fields: str | None) -> Write:
@@ -90,7 +91,7 @@ async def test_region_metrics_follow_their_definitions(store: Store, screens: Sc
 
 async def test_forms_never_appear_in_a_list(store: Store, screens: Screens) -> None:
     await store.append(edit("wo:1", status="assigned"))
-    form = pycrdt.Doc()
+    form: pycrdt.Doc[Any] = pycrdt.Doc()
     form.get("body", type=pycrdt.Text).insert(0, "f")
     await store.append(
         Write("form:1", form.get_update(), TINA_PHONE, "tina", DocIndex("form:1", "form", "wo:1"))

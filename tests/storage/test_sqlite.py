@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pycrdt
 import pytest
@@ -37,7 +38,7 @@ RULES = Origin(OriginKind.RULES)
 
 
 def update(text: str) -> bytes:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, text)
     return ydoc.get_update()
 
@@ -215,7 +216,7 @@ class Editing:
     """Successive updates of work orders, each with the status given in its index."""
 
     def __init__(self) -> None:
-        self.ydocs: dict[str, pycrdt.Doc] = {}
+        self.ydocs: dict[str, pycrdt.Doc[Any]] = {}
 
     def status(self, doc: str, status: str) -> Write:
         ydoc = self.ydocs.setdefault(doc, pycrdt.Doc())
@@ -227,7 +228,7 @@ class Editing:
 
 async def columns(store: SQLiteStore, doc: str) -> tuple[float, float | None, int]:
     """What the writer keeps beside the index for the screens' metrics."""
-    rows = await store.query(
+    rows: list[tuple[float, float | None, int]] = await store.query(
         lambda db: db.execute(
             "SELECT created_at, completed_at, reopened FROM doc_index WHERE doc = ?", (doc,)
         ).fetchall()
@@ -263,7 +264,7 @@ async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -
     path = tmp_path / "old.db"
     db = Database(sqlite3.connect(path, isolation_level=None))
     migrate(db, [m for m in MIGRATIONS if m.version < 3])
-    ydoc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("fields", type=pycrdt.Map).update({"title": "t", "site": "Depot", "asset_id": 104.0})
     db.execute(
         "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (1, 'wo:old', ?, 'x',"

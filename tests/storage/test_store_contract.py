@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import cast
+from typing import Any, cast
 
 import pycrdt
 import pytest
@@ -47,7 +47,7 @@ class Editor:
 
     def __init__(self, doc: str) -> None:
         self.doc = doc
-        self.ydoc: pycrdt.Doc = pycrdt.Doc()
+        self.ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.text = self.ydoc.get("body", type=pycrdt.Text)
 
     def type(self, text: str, index: DocIndex | None = None) -> Write:
@@ -70,15 +70,15 @@ def put(index: DocIndex) -> Write:
     return Editor(index.doc).type("x", index)
 
 
-def rebuild(stored: StoredDoc | None) -> pycrdt.Doc:
+def rebuild(stored: StoredDoc | None) -> pycrdt.Doc[Any]:
     assert stored is not None
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     for update in [stored.snapshot or b"\x00\x00", *stored.updates]:
         ydoc.apply_update(update)
     return ydoc
 
 
-def same_state(a: pycrdt.Doc, b: pycrdt.Doc) -> bool:
+def same_state(a: pycrdt.Doc[Any], b: pycrdt.Doc[Any]) -> bool:
     text = [str(ydoc.get("body", type=pycrdt.Text)) for ydoc in (a, b)]
     return a.get_state() == b.get_state() and text[0] == text[1]
 
