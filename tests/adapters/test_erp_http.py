@@ -153,7 +153,8 @@ async def test_create_then_update_and_the_answer_is_written_back(
     documents.work_order.set_status(writer.docs["wo:1"], "in_progress", by="tina", role="t")
     second = order(writer, "wo:1", 5)
     await adapter.deliver(second)
-    assert len(fake.orders) == 1 and created.versions == 2
+    assert len(fake.orders) == 1
+    assert created.versions == 2
     assert fields(writer, "wo:1")["erp_status"] == "PCNF"
     assert [(r["method"], r["key"], r["status"]) for r in fake.requests] == [
         ("POST", first.key, 201),
@@ -186,7 +187,8 @@ async def test_accepted_but_connection_lost_then_the_retry_creates_nothing_more(
     delivery = order(writer, "wo:2", 1)
     with pytest.raises(DeliveryError) as lost:
         await adapter.deliver(delivery)
-    assert lost.value.retryable and lost.value.code == "erp_unreachable"
+    assert lost.value.retryable
+    assert lost.value.code == "erp_unreachable"
     assert len(fake.orders) == 1  # the ERP committed it
     assert "erp_ref" not in fields(writer, "wo:2")
 
@@ -297,7 +299,8 @@ async def test_the_breaker_opens_probes_and_closes(
         with pytest.raises(DeliveryError, match="erp_unavailable"):
             await adapter.deliver(delivery)
     health = adapter.health()
-    assert health.state is HealthState.DOWN and "circuit open" in health.detail
+    assert health.state is HealthState.DOWN
+    assert "circuit open" in health.detail
 
     # Open: the ERP is not called at all.
     with pytest.raises(DeliveryError) as refused:

@@ -73,7 +73,8 @@ async def test_history_pages_cover_every_change_once(history: Server) -> None:
         )
     _, everything = await get(history, "/v1/work-orders/wo:a1/history?limit=200", "mia")
     assert seen == [(i["seq"], i["path"]) for i in everything["items"]]
-    assert ("fields.title" in {p for _, p in seen}) and len(seen) == len(set(seen))
+    assert "fields.title" in {p for _, p in seen}
+    assert len(seen) == len(set(seen))
 
 
 @pytest.mark.parametrize(("subject", "status"), [("tina", 403), ("ulla", 403), ("sue", 403)])

@@ -433,7 +433,8 @@ async def corrections_of(wire: Wire, store: Store, doc: str) -> int:
     await wire.doc_message(doc, SyncStep.STEP2)
     await wire.doc_message(doc, SyncStep.STEP1)
     stored = await store.load(doc)
-    assert stored is not None and stored.snapshot is None
+    assert stored is not None
+    assert stored.snapshot is None
     return len(stored.updates) - 1
 
 
@@ -737,7 +738,7 @@ class _Tokens(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The matrix, run once for the module. `tests/conftest.py`'s token watch is per test and
     does not see module fixtures: this one watches its own logs."""
     watch = _Tokens()
@@ -747,7 +748,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     finally:
         logging.getLogger().removeHandler(watch)
     result.logged_tokens = watch.found
-    yield result
+    return result
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -771,10 +772,13 @@ def test_v1_read(run: Run, cell: Cell) -> None:
             assert not seen["relayed"]  # held: heard by nobody while it waits
         assert run.doc_bytes[cell.subject, cell.doc] == 0
         return
-    assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
-    assert seen["reset"] is not None and seen["reset"]["reason"] == "forbidden"
+    assert seen["reply"] is not None
+    assert seen["reply"]["code"] == "forbidden", seen["reply"]
+    assert seen["reset"] is not None
+    assert seen["reset"]["reason"] == "forbidden"
     # Not a byte of the document, then or after (writes and awareness included).
-    assert seen.get("content") is None and not seen.get("relayed")
+    assert seen.get("content") is None
+    assert not seen.get("relayed")
     assert run.doc_bytes[cell.subject, cell.doc] == 0
 
 
@@ -785,7 +789,8 @@ def test_yws_connect(run: Run, cell: Cell) -> None:
         assert seen["close"] is None
         assert seen["content"] == run.contents[cell.doc]
     elif expected(cell).outcome == "absent":
-        assert seen["close"] is None and seen["content"] == EMPTY[cell.kind]
+        assert seen["close"] is None
+        assert seen["content"] == EMPTY[cell.kind]
     else:
         assert seen["close"] == (CloseCode.FORBIDDEN, "forbidden")
         assert seen["received"] == 0  # not a message before the close
@@ -823,7 +828,8 @@ def test_write(run: Run, cell: Cell) -> None:
     assert (reply["type"], reply["code"]) == ("error", expect.outcome), reply
     if expect.outcome == "forbidden_field":
         assert tuple(reply["paths"]) == expect.paths
-    assert seen["reset"] is not None and seen["reset"]["reason"] == expect.outcome
+    assert seen["reset"] is not None
+    assert seen["reset"]["reason"] == expect.outcome
     assert after == before  # nothing of it stored
 
 
@@ -860,7 +866,8 @@ def test_create(run: Run, cell: Cell) -> None:
             assert tuple(seen["reply"]["paths"]) == expect.paths
         assert seen["reset"] is not None
     if allowed:
-        assert seen["index"] is not None and seen["index"].doc == cell.doc
+        assert seen["index"] is not None
+        assert seen["index"].doc == cell.doc
     else:
         assert seen["index"] is None  # nothing of it stored
 
@@ -1015,7 +1022,8 @@ async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_crea
     # Nothing of the document reached her: empty syncs and empty state vectors only.
     assert not [y for d, y in sue.docs if d == "wo:race" and carries_content(y)]
     stored = await server.app[STORE].load("wo:race")
-    assert stored is not None and len(stored.updates) == 1
+    assert stored is not None
+    assert len(stored.updates) == 1
     assert content("wo:race", stored.updates[0])["fields"]["assignee"] == "tina"
 
 
@@ -1030,7 +1038,8 @@ async def test_a_waiting_y_websocket_gets_nothing_of_another_scopes_creation(
     ):
         await sam.hello()
         greeting = decode_y((await sue.receive(timeout=TIMEOUT)).data)
-        assert isinstance(greeting, YSync) and greeting.step is SyncStep.STEP1
+        assert isinstance(greeting, YSync)
+        assert greeting.step is SyncStep.STEP1
         await created_not_committed(server, sam, "wo:race2")
         await sue.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
         message = await sue.receive(timeout=TIMEOUT)
@@ -1114,4 +1123,5 @@ async def test_a_technician_write_waiting_for_the_supervisors_next_edit_is_refus
         await sam.update("wo:ahead", theirs.get_update(before))
         await sam.control("ack", doc="wo:ahead")
     index = await server.app[STORE].index("wo:ahead")
-    assert index is not None and index.assignee == "tom"
+    assert index is not None
+    assert index.assignee == "tom"

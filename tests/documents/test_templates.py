@@ -68,11 +68,14 @@ def test_shipped_templates_load() -> None:
 
 def test_safety_check_v2_adds_a_field_and_changes_the_hazard_options() -> None:
     v1, v2 = SHIPPED.get("safety-check", 1), SHIPPED.get("safety-check", 2)
-    assert v1 is not None and v2 is not None
+    assert v1 is not None
+    assert v2 is not None
     assert {f.id for f in v2.fields} - {f.id for f in v1.fields} == {"signed_by"}
     hazards1, hazards2 = v1.field("hazards"), v2.field("hazards")
-    assert hazards1 is not None and hazards2 is not None
-    assert "electrical" in hazards1.options and "electrical" not in hazards2.options
+    assert hazards1 is not None
+    assert hazards2 is not None
+    assert "electrical" in hazards1.options
+    assert "electrical" not in hazards2.options
     assert "electrical, 400 V" in hazards2.options
 
 

@@ -37,7 +37,8 @@ async def test_ack_comes_after_commit_with_the_durable_clock(server: Server) -> 
         ack = await wire.control("ack", doc="wo:1")
         # The ack is only sent once the update is committed: a fresh read of the store sees it.
         stored = await server.app[STORE].load("wo:1")
-        assert stored is not None and stored.seq == ack["seq"]
+        assert stored is not None
+        assert stored.seq == ack["seq"]
         expected = decode_state_vector(doc.get_state())
         assert ack["clock"] == {str(k): v for k, v in expected.items()}
 
@@ -76,7 +77,8 @@ async def test_each_pipelined_update_is_acked_in_order_with_its_own_clock(
             await wire.update("wo:3", update)
         acks = [await wire.control("ack", doc="wo:3") for _ in updates]
     seqs = [ack["seq"] for ack in acks]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     # Each ack names exactly what its update made durable: no more (later updates may still be
     # in flight), no less.
     for ack, clock in zip(acks, clocks, strict=True):

@@ -48,7 +48,8 @@ async def test_an_illegal_transition_is_reverted_everywhere(server: Server) -> N
         # Writing the field without a log entry moves nothing either.
         await tina.edit("wo:r1", mine, status="en_route")
         error = await tina.control("error", doc="wo:r1")
-        assert error["rule"] == "status_transition" and "status_log" in error["detail"]
+        assert error["rule"] == "status_transition"
+        assert "status_log" in error["detail"]
         await tina.follow("wo:r1", mine, status_is("assigned"))
         # A legal step goes through untouched.
         await tina.move("wo:r1", mine, "en_route", "tina", "technician")
@@ -86,7 +87,8 @@ async def test_the_rules_never_judge_their_own_corrections(tmp_path: Path) -> No
             await replicator.submit(writer, room, writer.edit("status", "closed"))
             if room.tail is not None:
                 await room.tail
-        assert status_is("assigned")(device.doc) and status_is("closed")(rules.doc)
+        assert status_is("assigned")(device.doc)
+        assert status_is("closed")(rules.doc)
         assert (device.violations, rules.violations) == ([("wo:own1", "status_transition")], [])
     finally:
         await replicator.stop()
@@ -270,7 +272,8 @@ async def test_form_answers_are_checked_and_block_completion_until_fixed(server:
         await tina.move("wo:r5", mine, "completed", "tina", "technician")
         await tina.control("ack", doc="wo:r5")
         error = await tina.control("error", doc="wo:r5")
-        assert error["rule"] == "completion_requirements" and "form:r5" in error["detail"]
+        assert error["rule"] == "completion_requirements"
+        assert "form:r5" in error["detail"]
         await tina.follow("wo:r5", mine, status_is("in_progress"))
 
         # Fixing the form lets the completion the log holds stand: the work order is judged
@@ -302,7 +305,8 @@ async def test_every_field_change_is_in_the_history_with_its_author(server: Serv
         "assigned",
         "en_route",
     )
-    assert status[0].seq == ack["seq"] and status[0].origin.kind is OriginKind.DEVICE
+    assert status[0].seq == ack["seq"]
+    assert status[0].origin.kind is OriginKind.DEVICE
     everything = await store.history("wo:h1", None, None, 100)
     assert {"fields.title", "checklist", "fields.status"} <= {e.change.path for e in everything}
     newest = everything[0]

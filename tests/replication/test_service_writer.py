@@ -51,7 +51,8 @@ async def test_an_adapter_creates_and_edits_as_its_service_principal(server: Ser
             doc.get("fields", type=Map)["title"] = "Replace the valve and the seal"
 
         edited = await writer.edit("wo:erp-4711", retitle, ERP)
-        assert edited is not None and edited > created
+        assert edited is not None
+        assert edited > created
         mine.apply_update(await sam.doc_message("wo:erp-4711", SyncStep.UPDATE))
         assert mine.get("fields", type=Map)["title"] == "Replace the valve and the seal"
 
@@ -68,7 +69,8 @@ async def test_an_adapter_creates_and_edits_as_its_service_principal(server: Ser
     ]
     # The index the screens and scopes read follows.
     index = await store.index("wo:erp-4711")
-    assert index is not None and (index.team, index.title) == (
+    assert index is not None
+    assert (index.team, index.title) == (
         "north",
         "Replace the valve and the seal",
     )

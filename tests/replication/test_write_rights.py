@@ -88,7 +88,8 @@ async def test_a_manager_moves_work_between_the_teams_of_its_region_only(server:
         update = await edit(mia, "wo:s2", setting(region="west"))
         assert (await refused(mia, "wo:s2", update))["paths"] == ["fields.region"]
     index = await server.app[STORE].index("wo:s2")
-    assert index is not None and (index.team, index.region) == ("east-2", "east")
+    assert index is not None
+    assert (index.team, index.region) == ("east-2", "east")
 
 
 async def test_a_y_websocket_write_that_leaves_the_scope_closes_the_socket(
@@ -103,7 +104,8 @@ async def test_a_y_websocket_write_that_leaves_the_scope_closes_the_socket(
         http.ws_connect(server.yws_url("wo:s3"), headers=headers) as ws,
     ):
         greeting = decode_y((await ws.receive(timeout=10)).data)
-        assert isinstance(greeting, YSync) and greeting.step is SyncStep.STEP1
+        assert isinstance(greeting, YSync)
+        assert greeting.step is SyncStep.STEP1
         await ws.send_bytes(encode_sync(SyncStep.UPDATE, update))
         closing = await ws.receive(timeout=10)
         assert closing.type is aiohttp.WSMsgType.CLOSE
@@ -206,7 +208,8 @@ async def test_a_supervisor_withdraws_a_form_that_blocks_completion(server: Serv
         await tina.update("wo:t2", mine.get_update(before))
         await tina.control("ack", doc="wo:t2")
         error = await tina.control("error", doc="wo:t2")
-        assert error["rule"] == "completion_requirements" and "form:t2" in error["detail"]
+        assert error["rule"] == "completion_requirements"
+        assert "form:t2" in error["detail"]
 
         def withdraw(d: Doc[Any]) -> None:
             documents.form.withdraw(d, by="tina", reason="wrong template")

@@ -162,7 +162,8 @@ async def test_presence_before_the_document_exists_is_held_not_fatal(server: Ser
             await peer.wait("the other's presence", heard)
             assert peer.presence()[other] == f'{{"user":"{other}"}}'
         await sam.wait("the document", lambda: sam.synced(SyncStep.UPDATE))
-        assert ada.close_code is None and sam.close_code is None
+        assert ada.close_code is None
+        assert sam.close_code is None
     stored = await stored_doc(server, doc_id)
     assert stored.get("fields", type=Map)["assignee"] == "tina"
 
@@ -192,4 +193,5 @@ async def test_presence_of_a_peer_that_may_not_see_the_document_never_reaches_it
                 for entry in decode_update(y.payload)
             ]
         assert [client for client, _, _ in presence] == [8]
-        assert sue.presence() == {} and sue.close_code is None
+        assert sue.presence() == {}
+        assert sue.close_code is None

@@ -72,7 +72,8 @@ def test_a_failing_migration_leaves_nothing_behind(raw: sqlite3.Connection) -> N
         migrate(Database(raw), migrations)
     assert raw.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
     tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
-    assert "things" in tables and "half" not in tables
+    assert "things" in tables
+    assert "half" not in tables
     assert "colour" in {row[1] for row in raw.execute("PRAGMA table_info(things)")}
     assert migrate(Database(raw), migrations[:2]) == []
 
@@ -181,7 +182,9 @@ async def test_transact_jobs_share_the_group_commit_and_fail_alone(tmp_path: Pat
         results = await asyncio.gather(*jobs, return_exceptions=True)
         assert isinstance(results[1], ValueError)
         a, b = results[0], results[2]
-        assert isinstance(a, int) and isinstance(b, int) and b == a + 1  # the bad seq is reused
+        assert isinstance(a, int)
+        assert isinstance(b, int)
+        assert b == a + 1  # the bad seq is reused
         rows = await store.query(lambda db: db.execute("SELECT seq, text FROM notes").fetchall())
         assert rows == [(a, "a"), (b, "b")]
         assert await store.head() == b
@@ -243,7 +246,9 @@ async def test_the_writer_keeps_creation_completion_and_reopenings(path: Path) -
     for status in ("assigned", "in_progress", "completed"):
         await store.append(edit.status("wo:1", status))
     created, completed, reopened = await columns(store, "wo:1")
-    assert completed is not None and created <= completed and reopened == 0
+    assert completed is not None
+    assert created <= completed
+    assert reopened == 0
     # Closing keeps the completion time; going back to work is a reopening; completing
     # again moves the completion time on.
     await store.append(edit.status("wo:1", "closed"))
@@ -251,7 +256,9 @@ async def test_the_writer_keeps_creation_completion_and_reopenings(path: Path) -
     await store.append(edit.status("wo:1", "in_progress"))
     await store.append(edit.status("wo:1", "completed"))
     again = await columns(store, "wo:1")
-    assert again[0] == created and again[1] is not None and again[1] >= completed
+    assert again[0] == created
+    assert again[1] is not None
+    assert again[1] >= completed
     assert again[2] == 1
     # Cancelling a completed work order ends it; it is not a reopening.
     await store.append(edit.status("wo:2", "completed"))
@@ -282,7 +289,8 @@ async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -
     await store.open()
     try:
         index = await store.index("wo:old")
-        assert index is not None and (index.site, index.asset_id) == ("Depot", "104")
+        assert index is not None
+        assert (index.site, index.asset_id) == ("Depot", "104")
         rows = await store.query(
             lambda db: db.execute(
                 "SELECT created_at, reopened FROM doc_index WHERE doc = 'wo:old'"
