@@ -208,6 +208,7 @@ class TestReferenceSqlContract(AdapterContract):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the import command alone is given 300 s
 def test_the_cli_backfills_a_hundred_thousand_rows_with_a_progress_bar(
     tmp_path: Path, legacy: sa.Engine
 ) -> None:

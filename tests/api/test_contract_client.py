@@ -27,7 +27,8 @@ import yaml
 from tests import contract
 from tests.harness import Server
 
-pytestmark = pytest.mark.slow
+# Generating the client and type-checking it are each given 300 s of their own (`run`, `mypy`).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PACKAGE = "fieldsync_client"
 APP = Path(__file__).with_name("client_app.py")
