@@ -13,7 +13,7 @@ from pycrdt import Array, Doc, Map, Subscription
 from fieldsync.records import FieldChange
 
 
-def watch(doc: Doc, roots: dict[str, Any], sink: list[FieldChange]) -> Callable[[], None]:
+def watch(doc: Doc[Any], roots: dict[str, Any], sink: list[FieldChange]) -> Callable[[], None]:
     """Record into `sink` every change made to `doc`'s schema roots from now on; returns the
     function that stops recording."""
     observed: list[tuple[Any, Subscription]] = []
@@ -34,7 +34,7 @@ class Scratch:
     than the check."""
 
     def __init__(self, state: bytes, roots: dict[str, Any]) -> None:
-        self.doc: Doc = Doc()
+        self.doc: Doc[Any] = Doc()
         self.doc.apply_update(state)
         self._roots = roots
         self._changes: list[FieldChange] = []
@@ -68,7 +68,7 @@ class Scratch:
         return changes + [FieldChange(path, None, None) for path in sorted(paths)]
 
 
-def root_names(doc: Doc) -> set[str]:
+def root_names(doc: Doc[Any]) -> set[str]:
     """The names of `doc`'s roots. pycrdt's `Doc.keys()` builds a Python view of every root to
     return their names (~40 µs for a work order's, a third of the server's time per update in
     the S1 benchmark); the native document lists the names alone in a few µs. Falls back to
@@ -96,7 +96,7 @@ def follow(content: list[Any], delta: list[dict[str, Any]]) -> None:
             del content[at : at + step["delete"]]
 
 
-def data(root: Map | Array) -> Any:
+def data(root: Map[Any] | Array[Any]) -> Any:
     """A map's or array's content as plain data, read in one call (pycrdt's `to_py` walks it
     item by item, about 18 times slower on a list of maps)."""
     return orjson.loads(str(root))

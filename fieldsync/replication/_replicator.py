@@ -312,7 +312,7 @@ class Replicator:
         if not corrections:
             return
 
-        def correct(doc: Doc) -> None:
+        def correct(doc: Doc[Any]) -> None:
             for correction in corrections:
                 correction.fix(doc)
 
@@ -343,7 +343,7 @@ class Replicator:
         if not corrections:
             return
 
-        def correct(doc: Doc) -> None:
+        def correct(doc: Doc[Any]) -> None:
             for correction in corrections:
                 correction.fix(doc)
 

@@ -77,7 +77,7 @@ class Room:
     def __init__(self, doc_id: str, stored: StoredDoc | None) -> None:
         self.doc_id = doc_id
         self.type = documents.doc_type(doc_id)
-        self.ydoc: Doc = Doc()
+        self.ydoc: Doc[Any] = Doc()
         self.subscribers: dict[Peer, None] = {}  # an ordered set
         self.pending: dict[Peer, None] = {}
         self.awareness: Awareness[Peer] = Awareness()
@@ -199,7 +199,7 @@ class Room:
             parsed = self._parsed[root] = documents.data(self.ydoc.get(root, type=Array))
         return parsed
 
-    def write(self, change: Callable[[Doc], Any]) -> bytes | None:
+    def write(self, change: Callable[[Doc[Any]], Any]) -> bytes | None:
         """Make a server-side change (a rule's correction) in one transaction; returns the
         update it made, None if it changed nothing."""
         self._mirror()  # as the document is before the change, to read the change on
@@ -246,7 +246,7 @@ class Room:
         return documents.to_json(self.doc_id, self.ydoc)
 
 
-def diff(doc: Doc, state_vector: bytes) -> bytes:
+def diff(doc: Doc[Any], state_vector: bytes) -> bytes:
     """What a replica at `state_vector` lacks of `doc`; a state vector that does not decode is
     an `InvalidUpdate`, whichever document it is read against."""
     check_count(state_vector, "state vector")
@@ -258,10 +258,10 @@ def diff(doc: Doc, state_vector: bytes) -> bytes:
         raise InvalidUpdate("the state vector could not be decoded") from None
 
 
-def preview(update: bytes) -> Doc:
+def preview(update: bytes) -> Doc[Any]:
     """A new document as `update` would make it, on a scratch copy, so that nothing of a
     refused creation reaches the room."""
-    scratch: Doc = Doc()
+    scratch: Doc[Any] = Doc()
     try:
         scratch.apply_update(update)
     except BaseException as exc:

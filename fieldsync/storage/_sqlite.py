@@ -591,7 +591,7 @@ def _merge(parts: list[bytes]) -> bytes:
 
     Yrs leaves such structs out of `get_update()`; dropping them would lose those edits for good
     when the missing update arrives later, so they are kept beside the state."""
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     for part in parts:
         ydoc.apply_update(part)
     state = ydoc.get_update()

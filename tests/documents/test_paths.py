@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
@@ -12,7 +14,7 @@ from fieldsync.records import FieldChange
 
 
 def test_root_names_are_the_roots_keys_lists() -> None:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     assert root_names(doc) == set(doc.keys()) == set()
     doc.get("fields", type=Map)["status"] = "new"
     doc.get("notes", type=Text).insert(0, "hi")
@@ -21,12 +23,12 @@ def test_root_names_are_the_roots_keys_lists() -> None:
 
 
 def test_a_root_outside_the_schema_is_named_new_or_old() -> None:
-    seed: Doc = Doc()
+    seed: Doc[Any] = Doc()
     seed.get("fields", type=Map)["status"] = "new"
     scratch = documents.Scratch(seed.get_update(), documents.work_order.ROOTS)
 
     def written(change: object) -> set[str]:
-        replica: Doc = Doc()
+        replica: Doc[Any] = Doc()
         replica.apply_update(scratch.doc.get_update())
         before = replica.get_state()
         change(replica)  # type: ignore[operator]
@@ -53,7 +55,7 @@ def test_a_root_outside_the_schema_is_named_new_or_old() -> None:
 def test_a_parsed_array_follows_its_recorded_changes(ops: list[tuple[str, int]]) -> None:
     """What the room keeps of a log between changes, brought up to date from the changes alone,
     equals reading the array again."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     log = doc.get("status_log", type=Array)
     log.append(Map({"status": "new"}))
     changes: list[FieldChange] = []

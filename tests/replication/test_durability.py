@@ -173,7 +173,9 @@ class Writer:
         self.limit = limit
         # A new Yjs client per document and per run: a real device would resume its clock from
         # what the restarted server holds; new clients sidestep that without changing the test.
-        self.docs = {doc_id: Doc(client_id=rng.getrandbits(32)) for doc_id in DOCS}
+        self.docs: dict[str, Doc[Any]] = {
+            doc_id: Doc(client_id=rng.getrandbits(32)) for doc_id in DOCS
+        }
         self.in_flight: deque[Sent] = deque()
         self.acked: list[Acked] = []
         self.acking = asyncio.Event()
@@ -272,7 +274,7 @@ async def read_back(server: ServerProcess, token: str) -> tuple[int, dict[str, A
         await wire.send(*(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in DOCS))
         docs = {}
         for doc_id in DOCS:
-            doc: Doc = Doc()
+            doc: Doc[Any] = Doc()
             doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
             durable = decode_state_vector(await wire.doc_message(doc_id, SyncStep.STEP1))
             docs[doc_id] = (doc.get("fields", type=Map).to_py() or {}, doc.get_state(), durable)
