@@ -1,7 +1,7 @@
 """Where one update's server CPU goes, stage by stage (the write path issue's "measure first").
 
     .venv/bin/python bench/profile_stages.py [--s2 4000] [--s1-docs 20 --s1-clients 4
-        --s1-updates 25 --pace-ms 100] [--v1] [--no-rules] [--json out.json]
+        --s1-updates 25 --pace-ms 100] [--v1] [--s4 2000] [--no-rules] [--json out.json]
 
 Starts fieldsync as a child process (as `bench/serve.py` does: the real app, a loopback issuer,
 SQLite with fsync) with a CPU timer around each stage of the write path, and drives it with
@@ -12,6 +12,8 @@ real WebSocket clients from this process:
       client receives them; with `--v1`, the same over `/v1/sync` (one frame per update, acks).
   S1-like fleet: D documents x C clients, each sends U paced updates; every update fans out to
       the C-1 others.
+  S4-like idle (`--s4 N`): N synced idle connections over N/10 documents, the server's RSS
+      growth per connection (the one figure here that is not CPU).
 
 Each stage is timed with the thread's own CPU clock (`time.thread_time_ns`), exclusive of the
 stages nested in it, so other processes on a shared machine do not count; "event loop, other"
@@ -495,6 +497,37 @@ async def s1(server: Server, docs: int, clients: int, updates: int, pace_ms: flo
     return report
 
 
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def s4(server: Server, connections: int, run: str) -> float:
+    """Idle connections as S4 (synced, over one document per ten), the server's RSS growth
+    per connection in KiB."""
+    before = rss(server.proc.pid)
+    limit = asyncio.Semaphore(50)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        clients = [
+            YwsClient(server.yws_url(f"{run}-s4-{n % (connections // 10 or 1)}"))
+            for n in range(connections)
+        ]
+
+        async def connect(client: YwsClient) -> None:
+            async with limit:
+                await client.connect(session)
+                await asyncio.wait_for(client.synced.wait(), 60)
+
+        await asyncio.gather(*(connect(client) for client in clients))
+        await asyncio.sleep(2)  # the hold: what stays allocated per idle socket
+        grown = rss(server.proc.pid) - before
+        await asyncio.gather(*(client.close() for client in clients))
+    return grown / connections / 1024
+
+
 def table(report: dict[str, Any], updates: int) -> list[tuple[str, float]]:
     """µs per update by stage, then what is left of the loop thread and the process."""
     cpu = report["cpu_ns"]
@@ -518,14 +551,17 @@ async def drive(args: argparse.Namespace, server: Server) -> dict[str, tuple[int
         fleet = args.s1_docs * args.s1_clients * args.s1_updates
         report = await s1(server, args.s1_docs, args.s1_clients, args.s1_updates, args.pace_ms, run)
         results["S1 fleet /v1/yws"] = (fleet, report)
+    if args.s4:
+        kib = await s4(server, args.s4, run)
+        print(f"S4: {args.s4} idle /v1/yws connections: {kib:.1f} KiB of server RSS each")
     return results
 
 
 def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, __file__, "--serve", "--data-dir", tmp]
-        if args.no_rules:
-            command.append("--no-rules")
+        command += ["--no-rules"] if args.no_rules else []
+        command += ["--cprofile", str(args.cprofile.resolve())] if args.cprofile else []
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         try:
             results = asyncio.run(drive(args, Server(proc)))
@@ -533,6 +569,8 @@ def measure(args: argparse.Namespace) -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     names = list(results)
+    if not names:
+        return
     tables = {name: table(report, n) for name, (n, report) in results.items()}
     print(f"µs of server CPU per update ({'no rules' if args.no_rules else 'rules on'})")
     print("| stage | " + " | ".join(names) + " |")
@@ -554,10 +592,18 @@ def main() -> int:
     parser.add_argument("--s1-clients", type=int, default=4)
     parser.add_argument("--s1-updates", type=int, default=25)
     parser.add_argument("--pace-ms", type=float, default=100.0)
+    parser.add_argument("--s4", type=int, default=0, help="S4 idle connections (0: skip)")
     parser.add_argument("--no-rules", action="store_true")
+    parser.add_argument("--cprofile", type=Path, help="also a cProfile of the server, here")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.serve:
+    if args.serve and args.cprofile:
+        import cProfile
+
+        with cProfile.Profile() as profiler:
+            asyncio.run(serve(args))
+        profiler.dump_stats(args.cprofile)
+    elif args.serve:
         asyncio.run(serve(args))
     else:
         measure(args)
