@@ -29,6 +29,15 @@ def index_root(kind: DocType) -> str:
     return work_order.INDEX_ROOT if kind is DocType.WORK_ORDER else form.INDEX_ROOT
 
 
+def index_keys(kind: DocType) -> frozenset[str]:
+    """The keys of `index_root` that `index` reads: a change of any other key leaves it as it
+    was."""
+    return _WORK_ORDER_INDEX_KEYS if kind is DocType.WORK_ORDER else form.INDEX_KEYS
+
+
+_WORK_ORDER_INDEX_KEYS = frozenset(work_order.INDEX_FIELDS)
+
+
 def frozen_roots(kind: DocType) -> frozenset[str]:
     """The roots a document of `kind` is given at creation and never changes after."""
     return work_order.FROZEN if kind is DocType.WORK_ORDER else form.FROZEN
@@ -79,6 +88,7 @@ __all__ = [
     "form_templates",
     "frozen_roots",
     "index",
+    "index_keys",
     "index_root",
     "roots",
     "to_json",

@@ -13,6 +13,7 @@ from pycrdt import Doc, Map
 from fieldsync.records import DocIndex
 
 INDEX_ROOT = "meta"  # the root the index is read from
+INDEX_KEYS = frozenset({"wo"})  # the keys of it that `index` reads
 
 
 def index(doc_id: str, doc: Doc[Any]) -> DocIndex:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pycrdt import Array, Doc, TransactionEvent, get_update, merge_updates
@@ -91,6 +91,8 @@ class Room:
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
         self.index: DocIndex | None = None
+        self._index_root = documents.index_root(self.type)
+        self._index_keys = documents.index_keys(self.type)
         if stored is not None:
             for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
                 self.ydoc.apply_update(data)
@@ -224,12 +226,20 @@ class Room:
         self._changes.clear()
         return changes
 
+    def index_touched(self, changes: Iterable[FieldChange]) -> bool:
+        """Whether `changes` write a key the index reads (most edits write none: a checklist
+        tick, a note, a field the screens do not filter on), or the index root as a whole."""
+        root, keys = self._index_root, self._index_keys
+        for change in changes:
+            head, _, rest = change.path.partition(".")
+            if head == root and (not rest or rest.partition(".")[0] in keys):
+                return True
+        return False
+
     def reindex(self) -> DocIndex | None:
         """The document's index if the last updates changed it, else None."""
-        if self.index is not None:
-            root = documents.index_root(self.type)
-            if not any(change.path.startswith(root + ".") for change in self._changes):
-                return None  # the changes recorded since the last commit left its root alone
+        if self.index is not None and not self.index_touched(self._changes):
+            return None  # the changes recorded since the last commit left what it reads alone
         current = documents.index(self.doc_id, self.ydoc)
         if current == self.index:
             return None
