@@ -188,7 +188,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 device = ReferenceReplica("assets")
                 initial = await device.sync(http, base, device_token)
-                assert initial.snapshots == 1 and len(device.rows) == args.rows
+                assert initial.snapshots == 1
+                assert len(device.rows) == args.rows
                 since = device.since
                 assert since is not None
                 snapshot = {

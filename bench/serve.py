@@ -8,8 +8,8 @@ token being a long-lived admin token (the load generators put it in the y-websoc
 then shuts down cleanly (queued writes are committed, the store is closed).
 
 The server is configured as in production except for the rate limit (raised so that a burst of
-10,000 updates on one socket is measured, not refused), the sockets per subject (every device
-uses the one admin token) and the log level. The issuer generates
+10,000 updates on one socket is measured, not refused), the cap on sockets per token subject
+(every load client holds the one admin token) and the log level. The issuer generates
 new keys at each start, so a restarted server prints a new token.
 """
 
@@ -48,7 +48,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         rate=1e6,
         burst=1e6,
-        # Every load generator's device signs in with the one admin token: S1 opens 400 sockets.
+        # Every load client holds the one admin token: S1 opens 400 sockets, S4 2,000.
         max_sockets_per_subject=100_000,
         log_level=args.log_level,
     )

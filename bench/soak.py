@@ -87,7 +87,7 @@ class Soak:
                 device = Device(self.client(path, device_id), doc_id, path, device_id)
                 await device.client.start()
                 if c == 0:
-                    seed: Doc = Doc()
+                    seed: Doc[Any] = Doc()
                     documents.work_order.write(
                         seed,
                         {"number": str(d), "title": f"Soak {d}", "assignee": "tina"}
@@ -239,7 +239,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert server.stdout is not None and server.stderr is not None
+        assert server.stdout is not None
+        assert server.stderr is not None
         started = json.loads(await server.stdout.readline())
         log: list[str] = []
 

@@ -51,7 +51,12 @@ class Table:
         return statistics.median(values) if values else None
 
     def ratio(
-        self, label: str, peer: str, scenario: str, key: Callable[[Row], Any], peer_scenario=None
+        self,
+        label: str,
+        peer: str,
+        scenario: str,
+        key: Callable[[Row], Any],
+        peer_scenario: str | None = None,
     ) -> float | None:
         """Median over reps of label/peer, each pair measured in the same rep."""
         ours = {r["rep"]: key(r) for r in self.by.get((label, scenario), []) if r["converged"]}
@@ -86,7 +91,9 @@ def render(run: str, rows: list[Row]) -> str:
         "Medians over the reps of one run; `x peer` = fieldsync's figure / the peer's in the same "
         "rep (median of per-rep ratios): < 1 is better for fieldsync. ok = converged/total."
     )
-    sizes = {r["scenario"]: r.get("sizes") for r in rows if r.get("protocol") != "fieldsync.v1"}
+    sizes: dict[str, Any] = {
+        r["scenario"]: r.get("sizes") for r in rows if r.get("protocol") != "fieldsync.v1"
+    }
     for sc in ("s1", "s2", "s3", "s4"):
         if sc in sizes:
             keep = {
@@ -107,7 +114,10 @@ def render(run: str, rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in t.labels(sc):
-            m = lambda key, lb=label: t.median(lb, sc, key)  # noqa: E731
+
+            def m(key: Callable[[Row], Any], lb: str = label) -> float | None:
+                return t.median(lb, sc, key)
+
             out.append(
                 f"| {label} | {t.ok(label, sc)} | {f(m(lambda r: r.get('wall_s')))} "
                 f"| {f(m(lambda r: r.get('lat_p50_ms')))} | {f(m(lambda r: r.get('lat_p99_ms')))} "
@@ -130,7 +140,10 @@ def render(run: str, rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in t.labels(sc):
-            m = lambda key, lb=label: t.median(lb, sc, key)  # noqa: E731
+
+            def m(key: Callable[[Row], Any], lb: str = label) -> float | None:
+                return t.median(lb, sc, key)
+
             proto = next(r.get("protocol") for r in t.by[(label, sc)])
             out.append(
                 f"| {label} | {proto} | {t.ok(label, sc)} | {f(m(lambda r: r.get('wall_s')), 2)} "
@@ -152,9 +165,12 @@ def render(run: str, rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in t.labels(sc):
-            m = lambda key, lb=label: t.median(lb, sc, key)  # noqa: E731
+
+            def m(key: Callable[[Row], Any], lb: str = label) -> float | None:
+                return t.median(lb, sc, key)
+
             first = t.by[(label, sc)][0]
-            proto = first.get("protocol")
+            proto = str(first.get("protocol"))
             if proto == "fieldsync.v1":
                 proto += " (" + (",".join(first.get("caps") or []) or "no zstd, no batch") + ")"
             restarted = first.get("restarted") or proto.startswith("fieldsync.v1")
@@ -188,7 +204,10 @@ def render(run: str, rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in t.labels(sc):
-            m = lambda key, lb=label: t.median(lb, sc, key)  # noqa: E731
+
+            def m(key: Callable[[Row], Any], lb: str = label) -> float | None:
+                return t.median(lb, sc, key)
+
             out.append(
                 f"| {label} | {t.ok(label, sc)} | {f(m(lambda r: r.get('opened')), 0)} "
                 f"| {f(m(lambda r: r.get('alive_after_hold')), 0)} "
@@ -215,7 +234,17 @@ def targets(t: Table) -> list[str]:
     def verdict(value: float | None, limit: float) -> str:
         return "—" if value is None else ("**yes**" if value <= limit else "**no**")
 
-    def add(name, label, peer, sc, key, limit, unit, fmt=1, scale=1.0):
+    def add(
+        name: str,
+        label: str,
+        peer: str,
+        sc: str,
+        key: Callable[[Row], Any],
+        limit: float,
+        unit: str,
+        fmt: int = 1,
+        scale: float = 1.0,
+    ) -> None:
         ours, theirs = t.median(label, sc, key), t.median(peer, sc, key)
         ratio = t.ratio(label, peer, sc, key)
         rng = t.ratio_range(label, peer, sc, key)

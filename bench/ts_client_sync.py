@@ -40,8 +40,8 @@ USERS = {
 }
 
 
-def work_order(doc_id: str, n: int) -> Doc:
-    doc: Doc = Doc()
+def work_order(doc_id: str, n: int) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     documents.work_order.write(
         doc,
         {
@@ -92,7 +92,8 @@ async def run_device(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert process.stdin is not None and process.stdout is not None
+    assert process.stdin is not None
+    assert process.stdout is not None
     results: list[dict[str, Any]] = []
     async for line in process.stdout:
         message = json.loads(line)

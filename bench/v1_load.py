@@ -128,12 +128,12 @@ class Device:
         self.errors: list[dict[str, Any]] = []
         self.acks = 0
         self.ack_clock: dict[str, dict[int, int]] = {}  # doc -> client id -> durable clock
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
         self.step2: set[str] = set()
         self.close_code: int | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    def doc(self, doc_id: str) -> Doc:
+    def doc(self, doc_id: str) -> Doc[Any]:
         doc = self.docs.get(doc_id)
         if doc is None:
             doc = self.docs[doc_id] = Doc()
@@ -258,7 +258,11 @@ async def scenario_s2(args: argparse.Namespace, res: dict[str, Any]) -> list[str
             if not await wait_until(device.caught_up.is_set, deadline):
                 return ["no `changes` after hello"]
             await device.send([DocMessage(doc_id, encode_sync(SyncStep.STEP1, b"\x00"))])
-            if not await wait_until(lambda d=device: doc_id in d.step2, deadline):
+
+            def has_step2(d: Device = device) -> bool:
+                return doc_id in d.step2
+
+            if not await wait_until(has_step2, deadline):
                 return ["no step 2 for the new document"]
         # The edits are made up front (one transaction each) so that only send -> server ->
         # ack / receiver is timed; the same mix as ysync_load.py's S2.

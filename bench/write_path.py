@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -65,7 +66,7 @@ def workload(docs: int, updates: int) -> tuple[list[tuple[str, bytes]], list[tup
     replicas = {}
     for n in range(docs):
         doc_id = f"wo:bench{n}"
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         documents.work_order.write(
             doc,
             {"assignee": "tina", "team": "north", "region": "east", "status": "assigned"},

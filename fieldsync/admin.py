@@ -186,8 +186,8 @@ async def _doc(args: argparse.Namespace, settings: Settings, backend: Backend) -
         await backend.close()
 
 
-def _state(stored: StoredDoc) -> Doc:
-    doc: Doc = Doc()
+def _state(stored: StoredDoc) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
         doc.apply_update(data)
     return doc

@@ -96,11 +96,12 @@ def _latin1(data: bytes) -> str:
     return data.decode("latin-1")
 
 
-def registry(spec: Mapping[str, Any] | None = None) -> Registry:
+def registry(spec: Mapping[str, Any] | None = None) -> Registry[Any]:
     resource: Resource[Any] = Resource.from_contents(
         dict(spec or strict_spec()), default_specification=DRAFT202012
     )
-    return Registry().with_resource(SPEC_URI, resource)
+    registry: Registry[Any] = Registry().with_resource(SPEC_URI, resource)
+    return registry
 
 
 def schema_validator(

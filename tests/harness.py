@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol
 
 import brotli
 import zstandard
 from aiohttp import web
 from PIL import Image
 from pycrdt import Doc, Map
+from typing_extensions import TypeVar
 
 from fieldsync import documents
 from fieldsync.app import STORE, AccessLogger, create_app
@@ -51,7 +52,8 @@ class Issuer(Protocol):
     def issuer(self) -> str: ...
 
 
-IssuerT = TypeVar("IssuerT", bound=Issuer)
+# A bare `Server` is one with the development issuer, as most tests run (PEP 696 default).
+IssuerT = TypeVar("IssuerT", bound=Issuer, default=DevIssuer)
 
 
 @dataclass
@@ -120,8 +122,8 @@ def work_order(
     by: str = "sam",
     role: str = "supervisor",
     **fields: Any,
-) -> Doc:
-    doc: Doc = Doc()
+) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     documents.work_order.write(
         doc,
         {
@@ -142,11 +144,11 @@ def work_order(
     return doc
 
 
-async def stored_doc(server: Server, doc_id: str) -> Doc:
+async def stored_doc(server: Server, doc_id: str) -> Doc[Any]:
     """The document as the server's store holds it (snapshot, then the log after it)."""
     stored = await server.app[STORE].load(doc_id)
     assert stored is not None, f"{doc_id} is not stored"
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
         doc.apply_update(data)
     return doc
@@ -168,7 +170,7 @@ class Replica:
         self.principal = Principal(subject, frozenset({Role.ADMIN}))
         self.scope = ScopeFilter(ScopeKind.ALL)
         self.origin = origin or Origin(OriginKind.DEVICE, subject)
-        self.doc: Doc = Doc()
+        self.doc: Doc[Any] = Doc()
         self.violations: list[tuple[str, str]] = []  # (doc, rule)
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
@@ -217,11 +219,12 @@ def decoded(reply: Reply) -> bytes:
     coding = reply.headers.get("Content-Encoding")
     if coding is None:
         return reply.body
-    return {
+    data: bytes = {
         "br": brotli.decompress,
         "gzip": gzip.decompress,
         "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b),
     }[coding](reply.body)
+    return data
 
 
 def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:

@@ -22,7 +22,8 @@ def test_the_readme_documents_every_setting_and_nothing_else() -> None:
 
 def test_the_readme_starts_with_the_two_commands() -> None:
     block = README.read_text().split("```")[1]
-    assert "make run" in block and "make test" in block
+    assert "make run" in block
+    assert "make test" in block
 
 
 def test_environment_overrides_file_overrides_default(tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ async def test_a_request_s_lines_carry_its_id_and_subject(server: Server, lines:
     ):
         assert response.status == 403
     (line,) = lines.where(request="edge-4f2a", logger="aiohttp.access")
-    assert "/v1/metrics" in line["message"] and line["level"] == "INFO"
+    assert "/v1/metrics" in line["message"]
+    assert line["level"] == "INFO"
     assert line["subject"] == "tina"
     assert all(token not in text for text in lines.lines)
 
@@ -65,7 +66,8 @@ async def test_a_session_s_lines_carry_session_subject_device_and_document(
         await tina.update("wo:logged", work_order("wo:logged").get_update())
         await tina.control("error", code="forbidden")
     (refused,) = lines.where(doc="wo:logged", device="phone-9")
-    assert refused["session"] == welcome["session"] and refused["subject"] == "tina"
+    assert refused["session"] == welcome["session"]
+    assert refused["subject"] == "tina"
     assert refused["message"].startswith("refused: forbidden")
     assert refused["request"]  # the upgrade request's id, on every line of its socket
     assert all(token not in text for text in lines.lines)

@@ -27,7 +27,8 @@ async def test_a_failed_run_is_logged_and_the_next_one_runs(
         await asyncio.wait_for(third.wait(), 5)
     assert runs[:3] == [0, 1, 2]
     (failure,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "sweep failed" in failure.getMessage() and failure.exc_info is not None
+    assert "sweep failed" in failure.getMessage()
+    assert failure.exc_info is not None
 
 
 async def test_stop_cancels_a_run_in_progress_and_nothing_runs_after() -> None:
@@ -48,7 +49,8 @@ async def test_stop_cancels_a_run_in_progress_and_nothing_runs_after() -> None:
     periodic.start()
     await asyncio.wait_for(started.wait(), 5)
     await periodic.stop()
-    assert cancelled.is_set() and runs == 1
+    assert cancelled.is_set()
+    assert runs == 1
     await periodic.stop()  # stopping twice is harmless
     periodic.start()  # and it can start again
     await periodic.stop()
@@ -71,5 +73,5 @@ def test_an_interval_must_be_positive() -> None:
     async def work() -> None:
         pass
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="interval must be positive"):
         Periodic("never", 0, work)

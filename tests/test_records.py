@@ -36,5 +36,5 @@ def test_the_text_of_untyped_origins_still_reads(text: str, origin: Origin) -> N
 
 @pytest.mark.parametrize("text", ["", "nobody:x", "Device:x", ":x"])
 def test_an_unknown_kind_is_refused(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a valid OriginKind"):
         Origin.parse(text)

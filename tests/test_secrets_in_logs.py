@@ -190,7 +190,8 @@ async def test_no_token_or_password_reaches_any_log(tmp_path: Path, issuer: DevI
 
     text = logs.text()
     # The capture saw what it must have seen: the access log, and DEBUG records.
-    assert "/v1/yws/wo:log1" in text and "/v1/metrics" in text
+    assert "/v1/yws/wo:log1" in text
+    assert "/v1/metrics" in text
     assert "ignoring control message" in text
     leaks = [
         (secret[:12] + "…", line)

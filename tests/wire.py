@@ -102,7 +102,7 @@ class Wire:
 
     async def control(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         """The first control message of `kind` (with fields equal to `match`) not yet taken."""
-        return await self._take(
+        control: dict[str, Any] = await self._take(
             self.controls,
             lambda body: (
                 body.get("type") == kind and all(body.get(k) == v for k, v in match.items())
@@ -110,6 +110,7 @@ class Wire:
             kind,
             timeout,
         )
+        return control
 
     async def doc_message(self, doc_id: str, step: SyncStep, timeout: float = 10.0) -> bytes:
         """The payload of the first y-protocols sync message of `step` about `doc_id`."""
@@ -119,7 +120,8 @@ class Wire:
             f"{step.name} of {doc_id}",
             timeout,
         )
-        return item[1].payload
+        payload: bytes = item[1].payload
+        return payload
 
     @property
     def closed(self) -> bool:
@@ -130,26 +132,26 @@ class Wire:
             await self._arrived.wait_for(lambda: self.closed)
         return self.close_code, self.close_reason
 
-    async def replica(self, doc_id: str) -> Doc:
+    async def replica(self, doc_id: str) -> Doc[Any]:
         """A fresh replica of `doc_id`, synced from the server (SyncStep1 with an empty state)."""
         await self.step1(doc_id)
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         doc.apply_update(await self.doc_message(doc_id, SyncStep.STEP2))
         return doc
 
-    async def edit(self, doc_id: str, doc: Doc, **fields: object) -> None:
+    async def edit(self, doc_id: str, doc: Doc[Any], **fields: object) -> None:
         """Set `fields` on the replica `doc` and send what changed."""
         before = doc.get_state()
         doc.get("fields", type=Map).update(fields)
         await self.update(doc_id, doc.get_update(before))
 
-    async def move(self, doc_id: str, doc: Doc, status: str, by: str, role: str) -> None:
+    async def move(self, doc_id: str, doc: Doc[Any], status: str, by: str, role: str) -> None:
         """Move the replica `doc` to `status` the way an app does, and send what changed."""
         before = doc.get_state()
         documents.work_order.set_status(doc, status, by=by, role=role)
         await self.update(doc_id, doc.get_update(before))
 
-    async def follow(self, doc_id: str, doc: Doc, until: Callable[[Doc], bool]) -> None:
+    async def follow(self, doc_id: str, doc: Doc[Any], until: Callable[[Doc[Any]], bool]) -> None:
         """Apply the updates received for `doc_id` to `doc` until `until(doc)` holds."""
         while not until(doc):
             doc.apply_update(await self.doc_message(doc_id, SyncStep.UPDATE))

@@ -115,7 +115,9 @@ class DocumentWriter(Protocol):
     """What an inbound adapter may do to documents: the device write path (authorise, apply,
     rules, commit, fan-out) as a service principal, its changes tagged with its origin."""
 
-    async def edit(self, doc_id: str, change: Callable[[Doc], None], origin: Origin) -> int | None:
+    async def edit(
+        self, doc_id: str, change: Callable[[Doc[Any]], None], origin: Origin
+    ) -> int | None:
         """Apply `change` to the document as it is now (an empty one when it does not exist
         yet) and commit it; return the change seq, None when it changed nothing. Raises what
         the write path raises (forbidden, rule violations are corrected as for a device)."""

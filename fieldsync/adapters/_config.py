@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from fieldsync.adapters._base import Adapter, AdapterConfigError, DocumentWriter
@@ -68,6 +68,9 @@ class AdapterContext:
 
 _MISSING: Final[Any] = object()
 
+# A reader's `default`, given back as it is when the key is absent (None for an optional key).
+Default = TypeVar("Default")
+
 
 class Table:
     """One adapter's table, read by its kind with typed readers: each takes the key, and a
@@ -89,21 +92,21 @@ class Table:
 
     # --- the readers -------------------------------------------------------------------------
 
-    def text(self, key: str, default: Any = _MISSING, *, empty: bool = False) -> str:
+    def text(self, key: str, default: Default = _MISSING, *, empty: bool = False) -> str | Default:
         value, secret = self._get(key, default)
         if value is default:
-            return value
+            return default
         if not isinstance(value, str):
             raise self._wrong(key, "text", value, secret)
         if not empty and not value.strip():
             raise self.error(key, "must not be empty")
         return value
 
-    def secret(self, key: str, default: Any = _MISSING) -> str:
+    def secret(self, key: str, default: Default = _MISSING) -> str | Default:
         """Text that is never quoted back, wherever it came from (a password, a token)."""
         value, _ = self._get(key, default)
         if value is default:
-            return value
+            return default
         if not isinstance(value, str) or not value:
             raise self.error(key, "must be non-empty text")
         return value
@@ -111,14 +114,14 @@ class Table:
     def integer(
         self,
         key: str,
-        default: Any = _MISSING,
+        default: Default = _MISSING,
         *,
         minimum: int | None = None,
         maximum: int | None = None,
-    ) -> int:
+    ) -> int | Default:
         value, secret = self._get(key, default)
         if value is default:
-            return value
+            return default
         if secret and isinstance(value, str):
             value = _parse(int, value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -129,14 +132,14 @@ class Table:
     def number(
         self,
         key: str,
-        default: Any = _MISSING,
+        default: Default = _MISSING,
         *,
         minimum: float | None = None,
         maximum: float | None = None,
-    ) -> float:
+    ) -> float | Default:
         value, secret = self._get(key, default)
         if value is default:
-            return value
+            return default
         if secret and isinstance(value, str):
             value = _parse(float, value)
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
@@ -144,40 +147,42 @@ class Table:
         self._bounds(key, value, minimum, maximum)
         return float(value)
 
-    def flag(self, key: str, default: Any = _MISSING) -> bool:
+    def flag(self, key: str, default: Default = _MISSING) -> bool | Default:
         value, secret = self._get(key, default)
         if value is default:
-            return value
+            return default
         if secret and isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         if not isinstance(value, bool):
             raise self._wrong(key, "true or false", value, secret)
         return value
 
-    def choice(self, key: str, choices: Iterable[str], default: Any = _MISSING) -> str:
+    def choice(
+        self, key: str, choices: Iterable[str], default: Default = _MISSING
+    ) -> str | Default:
         allowed = tuple(choices)
         value, secret = self._get(key, default)
         if value is default:
-            return value
-        if value not in allowed:
+            return default
+        if not isinstance(value, str) or value not in allowed:
             raise self._wrong(key, f"one of {', '.join(allowed)}", value, secret)
         return value
 
-    def texts(self, key: str, default: Any = _MISSING) -> tuple[str, ...]:
+    def texts(self, key: str, default: Default = _MISSING) -> tuple[str, ...] | Default:
         value, secret = self._get(key, default)
         if value is default:
-            return value
+            return default
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise self._wrong(key, "a list of non-empty texts", value, secret)
         return tuple(value)
 
-    def url(self, key: str, schemes: Iterable[str], default: Any = _MISSING) -> str:
+    def url(self, key: str, schemes: Iterable[str], default: Default = _MISSING) -> str | Default:
         """A URL of one of `schemes` (`postgresql+psycopg`, `https`…); it may hold a password,
         so it is never quoted back whole (`redact_url`)."""
         allowed = tuple(schemes)
         value, _ = self._get(key, default)
         if value is default:
-            return value
+            return default
         if not isinstance(value, str):
             raise self.error(key, "must be a URL")
         try:

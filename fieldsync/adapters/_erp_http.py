@@ -350,7 +350,7 @@ class ErpHttpAdapter:
         if fields.get("erp_ref") == answer.number and fields.get("erp_status") == answer.status:
             return
 
-        def post(doc: Doc) -> None:
+        def post(doc: Doc[Any]) -> None:
             with doc.transaction():
                 target = doc.get("fields", type=Map)
                 if target.get("erp_ref") != answer.number:

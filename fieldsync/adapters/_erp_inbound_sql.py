@@ -314,7 +314,7 @@ class ErpInboundSql:
 
     def _change(
         self, key: str, row: Mapping[str, Any], before: Mapping[str, Any] | None
-    ) -> Callable[[Doc], None]:
+    ) -> Callable[[Doc[Any]], None]:
         """The edit that brings the ERP's change of order `key` into its work order: on an
         empty document, the whole work order, if the order is released; on an existing one,
         the fields whose ERP value changed since `before` (the version last applied; None:
@@ -323,7 +323,7 @@ class ErpInboundSql:
         status = self.config.statuses.get(str(row.get("status")))
         values = {name: value for name, value in row.items() if name != "status"}
 
-        def change(doc: Doc) -> None:
+        def change(doc: Doc[Any]) -> None:
             fields = doc.get("fields", type=Map)
             if not fields:
                 if status is None or status in _NOT_CREATED_AS:

@@ -359,7 +359,7 @@ class MqttAlarms:
     # --- the connection --------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
-        connect = Properties(PacketTypes.CONNECT)
+        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
         connect.SessionExpiryInterval = self.config.session_expiry_s
         connect.ReceiveMaximum = self.config.in_flight
         parts = urlsplit(self.config.url)
@@ -585,11 +585,13 @@ class MqttAlarms:
         digest = hashlib.sha256(f"{self.name}\0{alarm.id}".encode()).hexdigest()[:20]
         return f"wo:alarm-{digest}"
 
-    def _change(self, plan: _Plan, asset: Mapping[str, Any], marker: str) -> Callable[[Doc], None]:
+    def _change(
+        self, plan: _Plan, asset: Mapping[str, Any], marker: str
+    ) -> Callable[[Doc[Any]], None]:
         by = str(self.origin)
         config = self.config
 
-        def change(doc: Doc) -> None:
+        def change(doc: Doc[Any]) -> None:
             fields = doc.get("fields", type=Map)
             if plan.create is not None and not fields:
                 alarm = plan.create

@@ -30,7 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asyncua import Client, Node, ua
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
 from asyncua.common.subscription import DataChangeNotif
 from pycrdt import Doc
 
@@ -332,7 +334,7 @@ class OpcuaReadings:
         at = dt.datetime.fromtimestamp(reading.at, dt.UTC).isoformat()
         by = str(self.origin)
 
-        def record(doc: Doc) -> None:
+        def record(doc: Doc[Any]) -> None:
             work_order.record_meter_reading(doc, reading.value, by=by, at=at)
 
         for doc_id in await self._screens.open_work_orders(asset, _OPEN_ORDERS):

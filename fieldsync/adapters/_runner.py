@@ -48,7 +48,7 @@ class Backoff:
 
     def delay(self, failures: int, retry_after: float | None, draw: float) -> float:
         """Seconds before the next attempt after `failures` failures; `draw` is in [0, 1)."""
-        ceiling = min(self.cap, self.base * 2 ** min(failures - 1, 62))
+        ceiling: float = min(self.cap, self.base * 2 ** min(failures - 1, 62))
         delay = ceiling * (0.5 + draw / 2)
         # The target's Retry-After is a floor (RFC 9110 §10.2.3): never earlier than it asked.
         return max(delay, retry_after) if retry_after is not None else delay
@@ -273,7 +273,7 @@ class OutboxRunner:
 def _project(doc_id: str, stored: StoredDoc) -> Mapping[str, Any]:
     """The document's JSON as of its last stored change (in a worker thread: replaying a log
     is CPU work)."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
         doc.apply_update(data)
     return documents.to_json(doc_id, doc)

@@ -29,7 +29,10 @@ _DOCS_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; for
 
 
 # libyaml's parser when PyYAML was built with it: ten times faster than the pure Python one.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+try:
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
 
 
 class _Loader(_SafeLoader):

@@ -75,7 +75,7 @@ def _filter(request: web.Request, name: str) -> str | None:
 
 # A work order's `attachments` as a principal's screen shows them, by sha256 (the attachments'
 # own module adds whether that principal may read the content: `Attachments.describe`).
-Describe = Callable[[Principal, Doc], Awaitable[dict[str, dict[str, Any]]]]
+Describe = Callable[[Principal, Doc[Any]], Awaitable[dict[str, dict[str, Any]]]]
 
 
 class ScreenRoutes:

@@ -123,7 +123,7 @@ class WorkOrderRoutes:
         except orjson.JSONDecodeError:
             raise FieldsyncError(ErrorCode.INVALID_REQUEST, "the body is not JSON") from None
         doc_id, fields, checklist, notes = parse_new_work_order(data, principal)
-        ydoc: Doc = Doc()
+        ydoc: Doc[Any] = Doc()
         role = self._replicator.policy.acting_role(principal) or ""
         documents.work_order.write(ydoc, fields, checklist, notes, by=principal.subject, role=role)
         try:

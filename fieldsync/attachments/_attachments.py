@@ -114,7 +114,7 @@ class Checksum:
     digest: bytes
 
 
-def attachment_hashes(doc: Doc) -> list[str]:
+def attachment_hashes(doc: Doc[Any]) -> list[str]:
     """The keys of a work order's `attachments` map: the sha256 of each attached content (a key
     that is not a sha256 is listed too: it references nothing that can exist)."""
     return sorted(doc.get("attachments", type=Map).keys())
@@ -437,7 +437,7 @@ class Attachments:
 
     # --- references from documents -------------------------------------------------------
 
-    async def unresolved_attachments(self, principal: Principal, doc: Doc) -> list[str]:
+    async def unresolved_attachments(self, principal: Principal, doc: Doc[Any]) -> list[str]:
         """The keys of a work order's `attachments` map that reference no content `principal`
         may read: an unknown hash, an upload not finished yet, or content that only work orders
         out of its scope reference. The last looks like the others, so that naming a hash in a
@@ -448,7 +448,7 @@ class Attachments:
         readable = await self.readable_among(principal, valid) if valid else set()
         return [key for key in keys if key not in readable]
 
-    async def describe(self, principal: Principal, doc: Doc) -> dict[str, dict[str, Any]]:
+    async def describe(self, principal: Principal, doc: Doc[Any]) -> dict[str, dict[str, Any]]:
         """A work order's `attachments` map as JSON for `principal`'s screen: each entry as the
         document holds it (mime, size, caption, by, at) plus `missing`, true unless the content
         is stored and `principal` may read it (`unresolved_attachments`)."""

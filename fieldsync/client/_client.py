@@ -120,7 +120,7 @@ class Client:
         self.compress = compress
         self.backoff = backoff or Backoff()
         self.traffic = Traffic()
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
         self.synced: dict[str, asyncio.Event] = {}
         self.errors: list[dict[str, Any]] = []
         self.resets: list[dict[str, Any]] = []
@@ -158,7 +158,7 @@ class Client:
 
     # --- documents ----------------------------------------------------------------------
 
-    def doc(self, doc_id: str) -> Doc:
+    def doc(self, doc_id: str) -> Doc[Any]:
         """The local replica of `doc_id`, created empty if the device has none; it syncs
         whenever the device is online."""
         if doc_id not in self.docs:
@@ -166,8 +166,8 @@ class Client:
             self._send([self._step1(doc_id)])
         return self.docs[doc_id]
 
-    def _open(self, doc_id: str, state: bytes | None) -> Doc:
-        doc: Doc = Doc()
+    def _open(self, doc_id: str, state: bytes | None) -> Doc[Any]:
+        doc: Doc[Any] = Doc()
         if state:
             doc.apply_update(state)
         doc.observe(lambda event: self._on_change(doc_id, event))

@@ -66,10 +66,10 @@ async def compare(store: Store, devices: list[Device]) -> Verdict:
     return verdict
 
 
-async def _stored(store: Store, doc_id: str) -> Doc:
+async def _stored(store: Store, doc_id: str) -> Doc[Any]:
     """The document as the server stores it: its snapshot, then its logged updates."""
     loaded = await store.load(doc_id)
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     if loaded is not None:
         for data in ([loaded.snapshot] if loaded.snapshot else []) + loaded.updates:
             doc.apply_update(data)

@@ -207,8 +207,8 @@ class SeedWorkOrder:
 
 
 def _weighted(rng: random.Random, choices: tuple[tuple[str, int], ...]) -> str:
-    values, weights = zip(*choices, strict=True)
-    return rng.choices(values, weights=weights)[0]
+    values = [value for value, _ in choices]
+    return rng.choices(values, weights=[weight for _, weight in choices])[0]
 
 
 def _number(i: int) -> str:

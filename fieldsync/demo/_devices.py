@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pycrdt import Doc
 
@@ -30,12 +31,12 @@ class Device:
     def is_supervisor(self) -> bool:
         return "supervisor" in self.user.roles
 
-    def set_status(self, doc: Doc, status: str, at: str) -> None:
+    def set_status(self, doc: Doc[Any], status: str, at: str) -> None:
         documents.work_order.set_status(
             doc, status, by=self.user.subject, role=self.user.roles[0], at=at
         )
 
-    def work_orders(self) -> list[tuple[str, Doc]]:
+    def work_orders(self) -> list[tuple[str, Doc[Any]]]:
         return [(d, doc) for d, doc in self.client.docs.items() if d.startswith("wo:")]
 
 

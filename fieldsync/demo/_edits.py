@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -77,7 +78,7 @@ _PRIORITIES = ("low", "normal", "high", "urgent")
 
 
 def _append_note(
-    device: Device, doc_id: str, doc: Doc, text: str, stamp: str, tally: Tally
+    device: Device, doc_id: str, doc: Doc[Any], text: str, stamp: str, tally: Tally
 ) -> None:
     line = f"{stamp} {device.user.name} ({device.name}): {text}\n"
     notes = doc.get("notes", type=Text)
@@ -138,7 +139,7 @@ def technician_visit(
 _PARTS = ("SEAL-40", "FLT-220", "BRG-6204", "VLV-DN50", "GSK-12")
 
 
-def _log_work(device: Device, doc: Doc, rng: random.Random, stamp: str) -> None:
+def _log_work(device: Device, doc: Doc[Any], rng: random.Random, stamp: str) -> None:
     """A time entry in the technician's own name (at most an hour from `stamp`: a later round
     starts two hours on, so one technician's entries never overlap) and, now and then, a part."""
     start = datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
@@ -180,8 +181,8 @@ def supervisor_review(
         tally.wrote(device, doc_id, "fields.status")
 
 
-def _open(doc: Doc) -> bool:
-    return doc.get("fields", type=Map).get("status") != "completed"
+def _open(doc: Doc[Any]) -> bool:
+    return bool(doc.get("fields", type=Map).get("status") != "completed")
 
 
 def plan_round(

@@ -17,7 +17,7 @@ from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.records import DocIndex
 
 
-def index(doc_id: str, doc: Doc) -> DocIndex:
+def index(doc_id: str, doc: Doc[Any]) -> DocIndex:
     """The fields of `doc` that scopes and screens filter on."""
     if doc_type(doc_id) is DocType.WORK_ORDER:
         return work_order.index(doc_id, doc)
@@ -29,12 +29,21 @@ def index_root(kind: DocType) -> str:
     return work_order.INDEX_ROOT if kind is DocType.WORK_ORDER else form.INDEX_ROOT
 
 
+def index_keys(kind: DocType) -> frozenset[str]:
+    """The keys of `index_root` that `index` reads: a change of any other key leaves it as it
+    was."""
+    return _WORK_ORDER_INDEX_KEYS if kind is DocType.WORK_ORDER else form.INDEX_KEYS
+
+
+_WORK_ORDER_INDEX_KEYS = frozenset(work_order.INDEX_FIELDS)
+
+
 def frozen_roots(kind: DocType) -> frozenset[str]:
     """The roots a document of `kind` is given at creation and never changes after."""
     return work_order.FROZEN if kind is DocType.WORK_ORDER else form.FROZEN
 
 
-def creation_problems(kind: DocType, doc: Doc, templates: Templates) -> dict[str, str]:
+def creation_problems(kind: DocType, doc: Doc[Any], templates: Templates) -> dict[str, str]:
     """Why `doc` may not come into existence as it is, by path (empty: it may); the one
     creation rule of every path a document is created by (v1, y-websocket, REST, adapters).
     A work order is created `new` or `assigned`; a form names a template version that is
@@ -52,7 +61,7 @@ def roots(kind: DocType) -> dict[str, Any]:
     return work_order.ROOTS if kind is DocType.WORK_ORDER else form.ROOTS
 
 
-def to_json(doc_id: str, doc: Doc) -> dict[str, Any]:
+def to_json(doc_id: str, doc: Doc[Any]) -> dict[str, Any]:
     """The document's content as plain JSON-ready data."""
     content: dict[str, Any] = {}
     for name, kind in roots(doc_type(doc_id)).items():
@@ -72,12 +81,14 @@ __all__ = [
     "TemplateError",
     "Templates",
     "creation_problems",
+    "data",
     "doc_type",
     "follow",
     "form",
     "form_templates",
     "frozen_roots",
     "index",
+    "index_keys",
     "index_root",
     "roots",
     "to_json",

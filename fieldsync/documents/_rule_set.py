@@ -4,7 +4,7 @@ so that what they cost can be measured by running the same path with `NO_RULES`.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from pycrdt import Doc, Map
 
@@ -21,7 +21,7 @@ class RuleSet(Protocol):
 
     def work_order(
         self,
-        doc: Doc,
+        doc: Doc[Any],
         may_move: MayMove,
         forms_blocking: Mapping[str, list[str]],
         *,
@@ -32,11 +32,11 @@ class RuleSet(Protocol):
         """The corrections a merged work order needs (`work_order_rules.check`)."""
         ...
 
-    def form(self, doc: Doc) -> list[Correction]:
+    def form(self, doc: Doc[Any]) -> list[Correction]:
         """The corrections a merged form needs: its `validation` marks."""
         ...
 
-    def form_blocks(self, doc: Doc) -> list[str]:
+    def form_blocks(self, doc: Doc[Any]) -> list[str]:
         """Why a form keeps its work order from completion (empty: it does not)."""
         ...
 
@@ -53,7 +53,7 @@ class DomainRules:
 
     def work_order(
         self,
-        doc: Doc,
+        doc: Doc[Any],
         may_move: MayMove,
         forms_blocking: Mapping[str, list[str]],
         *,
@@ -63,12 +63,12 @@ class DomainRules:
     ) -> list[Correction]:
         return rules.check(doc, may_move, forms_blocking, touched, creator, read)
 
-    def form(self, doc: Doc) -> list[Correction]:
+    def form(self, doc: Doc[Any]) -> list[Correction]:
         changes = form_templates.validation_changes(doc, self.templates)
         if not changes:
             return []
 
-        def mark(doc: Doc) -> None:
+        def mark(doc: Doc[Any]) -> None:
             validation = doc.get("validation", type=Map)
             validation.update(changes.to_set)
             for key in changes.to_delete:
@@ -76,7 +76,7 @@ class DomainRules:
 
         return [Correction(mark)]  # nobody is told: the marks are the app's to show
 
-    def form_blocks(self, doc: Doc) -> list[str]:
+    def form_blocks(self, doc: Doc[Any]) -> list[str]:
         if form.withdrawn(doc):
             return []
         problems = form_templates.check_form(doc, self.templates)
@@ -91,7 +91,7 @@ class NoRules:
 
     def work_order(
         self,
-        doc: Doc,
+        doc: Doc[Any],
         may_move: MayMove,
         forms_blocking: Mapping[str, list[str]],
         *,
@@ -101,10 +101,10 @@ class NoRules:
     ) -> list[Correction]:
         return []
 
-    def form(self, doc: Doc) -> list[Correction]:
+    def form(self, doc: Doc[Any]) -> list[Correction]:
         return []
 
-    def form_blocks(self, doc: Doc) -> list[str]:
+    def form_blocks(self, doc: Doc[Any]) -> list[str]:
         return []
 
 

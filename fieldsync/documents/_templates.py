@@ -28,7 +28,7 @@ from enum import StrEnum
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from pycrdt import Doc, Map
 
@@ -415,7 +415,7 @@ def _number_expected(field: Field, kind: str) -> str:
     return f"must be {kind}" + (f" ({field.unit})" if field.unit else "")
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -440,7 +440,7 @@ def _show(number: float) -> str:
 # -- The form document ----------------------------------------------------------------------
 
 
-def check_form(doc: Doc, templates: Templates) -> dict[str, str]:
+def check_form(doc: Doc[Any], templates: Templates) -> dict[str, str]:
     """What the form document's `validation` map must hold: `validate` against the template
     version named in `meta`, or a `_form` reason when there is none to validate against.
 
@@ -453,7 +453,7 @@ def check_form(doc: Doc, templates: Templates) -> dict[str, str]:
     return validate(template, answers)
 
 
-def form_template(doc: Doc, templates: Templates) -> Template | str:
+def form_template(doc: Doc[Any], templates: Templates) -> Template | str:
     """The template version named in the form's `meta`, or why there is none: a form is
     created only with one (see `documents.creation_problems`)."""
     meta = doc.get("meta", type=Map)
@@ -478,7 +478,7 @@ class ValidationChanges(NamedTuple):
         return bool(self.to_set or self.to_delete)
 
 
-def validation_changes(doc: Doc, templates: Templates) -> ValidationChanges:
+def validation_changes(doc: Doc[Any], templates: Templates) -> ValidationChanges:
     """What the server must set and delete in the form's `validation` map, and nothing more.
 
     Pure: reads `doc`, writes nothing. The caller (the replicator, after a merge) writes the

@@ -53,7 +53,7 @@ def due_key(value: str | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def index(doc_id: str, doc: Doc) -> DocIndex:
+def index(doc_id: str, doc: Doc[Any]) -> DocIndex:
     fields = data(doc.get("fields", type=Map))  # one read, not one transaction per field
     values = {name: _text(fields.get(name)) for name in INDEX_FIELDS}
     values["due_at"] = due_key(values["due_at"])
@@ -63,7 +63,7 @@ def index(doc_id: str, doc: Doc) -> DocIndex:
 # The document's roots and their types (DESIGN.md §2). `status_log` and `meter_readings` are
 # append-only logs: `fields.status` and `fields.meter_reading` are what the rules read off them
 # (see _workorder_rules.py), so that the outcome does not depend on the order updates arrive in.
-ROOTS: dict[str, type[Map] | type[Array] | type[Text]] = {
+ROOTS: dict[str, type[Map[Any]] | type[Array[Any]] | type[Text]] = {
     "fields": Map,
     "checklist": Array,
     "time_entries": Array,
@@ -83,7 +83,7 @@ FROZEN: frozenset[str] = frozenset()  # roots written at creation only: none
 CREATION_STATUSES = ("new", "assigned")
 
 
-def creation_problems(doc: Doc) -> dict[str, str]:
+def creation_problems(doc: Doc[Any]) -> dict[str, str]:
     """Why `doc` may not come into existence as it is, by path (empty: it may): a status it is
     created in other than `CREATION_STATUSES` (the first entry of `status_log`, or without a
     log the status shown, which the rules then log). Later entries of the log are moves,
@@ -121,7 +121,7 @@ def _path(start: str, goal: str) -> list[str]:
     return paths.get(goal, [goal])
 
 
-def set_status(doc: Doc, status: str, *, by: str, role: str, at: str | None = None) -> None:
+def set_status(doc: Doc[Any], status: str, *, by: str, role: str, at: str | None = None) -> None:
     """Move the work order to `status` as `by` acting in `role`: the log entry the rules judge,
     and the field the app shows meanwhile, in one transaction."""
     with doc.transaction():
@@ -131,7 +131,7 @@ def set_status(doc: Doc, status: str, *, by: str, role: str, at: str | None = No
         doc.get("fields", type=Map)["status"] = status
 
 
-def record_meter_reading(doc: Doc, value: float, *, by: str, at: str | None = None) -> None:
+def record_meter_reading(doc: Doc[Any], value: float, *, by: str, at: str | None = None) -> None:
     """Record a meter reading of the work order's asset: the log entry the rules judge, and the
     field the app shows meanwhile, in one transaction."""
     with doc.transaction():
@@ -142,7 +142,7 @@ def record_meter_reading(doc: Doc, value: float, *, by: str, at: str | None = No
 
 
 def write(
-    doc: Doc,
+    doc: Doc[Any],
     fields: Mapping[str, Any],
     checklist: list[Mapping[str, Any]] = (),  # type: ignore[assignment]
     notes: str = "",

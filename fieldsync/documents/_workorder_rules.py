@@ -68,7 +68,7 @@ class Correction:
     """A change that restores a legal state, and the violations it answers (none: the server's
     own bookkeeping, such as clearing a mark that no longer applies, which nobody is told of)."""
 
-    fix: Callable[[Doc], None]
+    fix: Callable[[Doc[Any]], None]
     violations: tuple[Violation, ...] = ()
 
 
@@ -114,7 +114,7 @@ def forms_needed(touched: Collection[str] | None, read: Reader) -> bool:
 
 
 def check(
-    doc: Doc,
+    doc: Doc[Any],
     may_move: MayMove,
     forms_blocking: Mapping[str, list[str]],
     touched: Collection[str] | None = None,
@@ -187,7 +187,7 @@ def _entry_problem(entry: Any, subject: str, roles: Collection[str] | None) -> s
 
 
 def _status(
-    doc: Doc,
+    doc: Doc[Any],
     read: Reader,
     may_move: MayMove,
     forms_blocking: Mapping[str, list[str]],
@@ -202,7 +202,7 @@ def _status(
             return []
         entry = {"status": shown, "by": creator.subject, "role": creator.role}
 
-        def log_creation(doc: Doc) -> None:
+        def log_creation(doc: Doc[Any]) -> None:
             doc.get("status_log", type=Array).append(Map(entry))
 
         # The creation's own entry, judged like any other once it is in the log.
@@ -281,7 +281,7 @@ def _completion_problems(read: Reader, forms_blocking: Mapping[str, list[str]]) 
 # --- meter readings -------------------------------------------------------------------------
 
 
-def _meter(doc: Doc, read: Reader, touched: Collection[str] | None) -> list[Correction]:
+def _meter(doc: Doc[Any], read: Reader, touched: Collection[str] | None) -> list[Correction]:
     """In log order, a reading below the highest one accepted before it is rejected; the
     field shows the highest accepted reading."""
     readings = read("meter_readings")
@@ -360,7 +360,7 @@ def _span(entry: Any) -> tuple[float, float] | None:
 
 
 def _project(
-    doc: Doc,
+    doc: Doc[Any],
     log_and_field: tuple[str, str],
     entries: list[Any],
     verdicts: list[tuple[str, str | None]],
@@ -380,7 +380,7 @@ def _project(
     elif not marks:
         return []
 
-    def fix(doc: Doc) -> None:
+    def fix(doc: Doc[Any]) -> None:
         _mark(doc.get(log, type=Array), marks)
         if outcome is not None and doc.get("fields", type=Map).get(field) != outcome:
             doc.get("fields", type=Map)[field] = outcome
@@ -411,7 +411,7 @@ def _told(
     return [Violation(rule, "; ".join(found)) for rule, found in reasons.items()]
 
 
-def _mark(log: Array, marks: Mapping[int, str | None]) -> None:
+def _mark(log: Array[Any], marks: Mapping[int, str | None]) -> None:
     """Set or clear the `rejected` reason of the log entries at `marks`. An entry written as a
     plain JSON object cannot take a key: it becomes a shared map with the same content."""
     for index, reason in marks.items():

@@ -91,14 +91,17 @@ class Connection:
         # Until `hello` names the device (v1), whose id defaults to this one; yws sets its own.
         self.origin = Origin(OriginKind.DEVICE, self.id)
         self.rooms: dict[str, Room] = {}
-        self._out: deque[bytes] = deque()
-        self._wake = asyncio.Event()
+        # What an idle socket holds is kept small (S4): a list rather than a deque, a future
+        # only while the sender waits, the backpressure queue and the task set made on first
+        # use, one expiry timer at a time.
+        self._out: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None  # the sender, waiting for output
         self._corked = False  # hold output until the incoming BATCH is handled
         self._closed: SessionClosed | None = None
         self._rate = TokenBucket(limits.rate, limits.burst)
-        self._in_flight: deque[asyncio.Future[Committed]] = deque()
-        self._timers: list[asyncio.TimerHandle] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight: deque[asyncio.Future[Committed]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] | None = None
         self._sockets = sockets
         self._counted: str | None = None  # the subject this socket counts against
         if self.authenticated:
@@ -140,11 +143,19 @@ class Connection:
                 if not self._out:
                     return []
                 break
-            self._wake.clear()
-            await self._wake.wait()
-        bodies = list(self._out)
-        self._out.clear()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        bodies, self._out = self._out, []
         return bodies
+
+    def _wake(self) -> None:
+        """Let the sender run: there is output, the cork is off, or the connection closed."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def closed(self) -> SessionClosed | None:
@@ -154,7 +165,7 @@ class Connection:
         """Mark the connection closed and raise `SessionClosed` for the transport to act on."""
         if self._closed is None:
             self._closed = SessionClosed(code, reason)
-            self._wake.set()
+            self._wake()
         raise self._closed
 
     def close_soon(self, code: CloseCode, reason: str) -> None:
@@ -189,22 +200,25 @@ class Connection:
         if self._sockets is not None and self._counted is not None:
             self._sockets.give_back(self._counted)
             self._counted = None
-        self._wake.set()
+        self._wake()
         self.replicator.leave(self, list(self.rooms.values()))
         self.rooms.clear()
-        for timer in self._timers:
-            timer.cancel()
-        for task in self._tasks:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in self._tasks or ():
             task.cancel()
 
     def _queue(self, message: bytes) -> None:
         if self._closed is None:
             self._out.append(message)
-            self._wake.set()
+            self._wake()
 
     def spawn(self, coro: Any) -> None:
         """Run `coro` for as long as the connection lives (cancelled at shutdown)."""
         task = asyncio.create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -227,6 +241,8 @@ class Connection:
         submitted = await self.replicator.submit(self, room, update)
         committed = submitted.committed
         if committed is not None and not committed.done():
+            if self._in_flight is None:
+                self._in_flight = deque()
             self._in_flight.append(committed)
             committed.add_done_callback(self._settled)
             seen = self.replicator.observer.acknowledged
@@ -237,11 +253,14 @@ class Connection:
         return submitted
 
     def _settled(self, done: asyncio.Future[Committed]) -> None:
-        if self._in_flight and self._in_flight[0] is done:
-            self._in_flight.popleft()
+        in_flight = self._in_flight
+        if not in_flight:
+            return
+        if in_flight[0] is done:
+            in_flight.popleft()
         else:
             with contextlib.suppress(ValueError):
-                self._in_flight.remove(done)
+                in_flight.remove(done)
 
     # --- token lifetime -----------------------------------------------------------------
 
@@ -250,24 +269,30 @@ class Connection:
         return expires is not None and time.time() >= expires
 
     def _schedule_expiry(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        """The expiry notice, then the close: one timer at a time, the close's set when the
+        notice fires (a renewal replaces whichever is pending)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         expires = self.principal.expires_at
         if expires is None:
             return
-        loop = asyncio.get_running_loop()
-        now = time.time()
-        notice_in = max(0.0, expires - self.limits.expiry_notice - now)
-        self._timers.append(loop.call_later(notice_in, self._expiring))
-        self._timers.append(
-            loop.call_later(
-                max(0.0, expires - now),
-                self.close_soon,
-                CloseCode.UNAUTHORIZED,
-                ErrorCode.TOKEN_EXPIRED,
-            )
+        notice_in = max(0.0, expires - self.limits.expiry_notice - time.time())
+        self._timer = asyncio.get_running_loop().call_later(notice_in, self._notice)
+
+    def _notice(self) -> None:
+        self._timer = None
+        expires = self.principal.expires_at
+        if expires is None:
+            return
+        self._expiring()
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, expires - time.time()), self._expire
         )
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.close_soon(CloseCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
 
     def _expiring(self) -> None:
         """Subclasses that can tell the client (v1) do so; plain y-websocket cannot."""

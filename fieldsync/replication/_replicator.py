@@ -294,7 +294,13 @@ class Replicator:
         )
         root = documents.index_root(room.type)
         keys = {path.split(".")[1] for path in paths if path.startswith(root + ".")}
-        moved = self.policy.outside(principal, room.scratch_index(), keys) if held else []
+        # The index is read only when the write touches a key the writer is held to: the
+        # others cannot move the document out of its scope.
+        moved = (
+            self.policy.outside(principal, room.scratch_index(), keys)
+            if not keys.isdisjoint(held)
+            else []
+        )
         if refused or fixed or forged or moved:
             room.forget_scratch()
             if refused:
@@ -322,7 +328,7 @@ class Replicator:
         if not corrections:
             return
 
-        def correct(doc: Doc) -> None:
+        def correct(doc: Doc[Any]) -> None:
             for correction in corrections:
                 correction.fix(doc)
 
@@ -353,7 +359,7 @@ class Replicator:
         if not corrections:
             return
 
-        def correct(doc: Doc) -> None:
+        def correct(doc: Doc[Any]) -> None:
             for correction in corrections:
                 correction.fix(doc)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pycrdt import Array, Doc, TransactionEvent, get_update, merge_updates
@@ -77,7 +77,7 @@ class Room:
     def __init__(self, doc_id: str, stored: StoredDoc | None) -> None:
         self.doc_id = doc_id
         self.type = documents.doc_type(doc_id)
-        self.ydoc: Doc = Doc()
+        self.ydoc: Doc[Any] = Doc()
         self.subscribers: dict[Peer, None] = {}  # an ordered set
         self.pending: dict[Peer, None] = {}
         self.awareness: Awareness[Peer] = Awareness()
@@ -91,6 +91,8 @@ class Room:
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
         self.index: DocIndex | None = None
+        self._index_root = documents.index_root(self.type)
+        self._index_keys = documents.index_keys(self.type)
         if stored is not None:
             for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
                 self.ydoc.apply_update(data)
@@ -199,7 +201,7 @@ class Room:
             parsed = self._parsed[root] = documents.data(self.ydoc.get(root, type=Array))
         return parsed
 
-    def write(self, change: Callable[[Doc], Any]) -> bytes | None:
+    def write(self, change: Callable[[Doc[Any]], Any]) -> bytes | None:
         """Make a server-side change (a rule's correction) in one transaction; returns the
         update it made, None if it changed nothing."""
         self._mirror()  # as the document is before the change, to read the change on
@@ -224,12 +226,20 @@ class Room:
         self._changes.clear()
         return changes
 
+    def index_touched(self, changes: Iterable[FieldChange]) -> bool:
+        """Whether `changes` write a key the index reads (most edits write none: a checklist
+        tick, a note, a field the screens do not filter on), or the index root as a whole."""
+        root, keys = self._index_root, self._index_keys
+        for change in changes:
+            head, _, rest = change.path.partition(".")
+            if head == root and (not rest or rest.partition(".")[0] in keys):
+                return True
+        return False
+
     def reindex(self) -> DocIndex | None:
         """The document's index if the last updates changed it, else None."""
-        if self.index is not None:
-            root = documents.index_root(self.type)
-            if not any(change.path.startswith(root + ".") for change in self._changes):
-                return None  # the changes recorded since the last commit left its root alone
+        if self.index is not None and not self.index_touched(self._changes):
+            return None  # the changes recorded since the last commit left what it reads alone
         current = documents.index(self.doc_id, self.ydoc)
         if current == self.index:
             return None
@@ -246,7 +256,7 @@ class Room:
         return documents.to_json(self.doc_id, self.ydoc)
 
 
-def diff(doc: Doc, state_vector: bytes) -> bytes:
+def diff(doc: Doc[Any], state_vector: bytes) -> bytes:
     """What a replica at `state_vector` lacks of `doc`; a state vector that does not decode is
     an `InvalidUpdate`, whichever document it is read against."""
     check_count(state_vector, "state vector")
@@ -258,10 +268,10 @@ def diff(doc: Doc, state_vector: bytes) -> bytes:
         raise InvalidUpdate("the state vector could not be decoded") from None
 
 
-def preview(update: bytes) -> Doc:
+def preview(update: bytes) -> Doc[Any]:
     """A new document as `update` would make it, on a scratch copy, so that nothing of a
     refused creation reaches the room."""
-    scratch: Doc = Doc()
+    scratch: Doc[Any] = Doc()
     try:
         scratch.apply_update(update)
     except BaseException as exc:

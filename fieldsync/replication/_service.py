@@ -72,7 +72,9 @@ class ServiceWriter:
     def __init__(self, replicator: Replicator) -> None:
         self._replicator = replicator
 
-    async def edit(self, doc_id: str, change: Callable[[Doc], None], origin: Origin) -> int | None:
+    async def edit(
+        self, doc_id: str, change: Callable[[Doc[Any]], None], origin: Origin
+    ) -> int | None:
         """Apply `change` to a copy of the document as it is now (empty when it does not exist:
         the edit then creates it, if the policy lets the service role create it) and submit
         what it changed; return the change seq once durable, None when it changed nothing.
@@ -85,7 +87,7 @@ class ServiceWriter:
         try:
             # A fresh copy, with a client id of its own: the room's client id is the server's
             # (its rules' corrections), and two edits in flight must never share one.
-            copy: Doc = Doc()
+            copy: Doc[Any] = Doc()
             copy.apply_update(room.ydoc.get_update())
             made: list[bytes] = []
             copy.observe(lambda event: made.append(event.update))

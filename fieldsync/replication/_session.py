@@ -146,7 +146,7 @@ class V1Session(Connection):
         finally:
             if self._corked:
                 self._corked = False
-                self._wake.set()
+                self._wake()
 
     # --- Peer ---------------------------------------------------------------------------
 

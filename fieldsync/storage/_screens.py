@@ -79,7 +79,7 @@ def _backfill_site_and_asset(db: Database) -> None:
     # order's `fields` map itself (DESIGN.md §2); every later write projects them as usual.
     rows = db.execute("SELECT doc FROM doc_index WHERE type = 'wo'").fetchall()
     for (doc,) in rows:
-        ydoc: pycrdt.Doc = pycrdt.Doc()
+        ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
         snapshot = db.execute("SELECT data, upto_seq FROM snapshots WHERE doc = ?", (doc,))
         row = snapshot.fetchone()
         if row is not None:

@@ -423,13 +423,19 @@ class SQLiteStore:
             # Read under the write lock rather than cached: another process may have written.
             ((seq,),) = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchall()
             txn = Transaction(db, seq)
+            # Each document's index as this batch left it: a burst of updates to one document
+            # reads its row once per batch, not once per update.
+            indexes: dict[str, DocIndex | None] = {}
             for job in batch:
                 if isinstance(job, _Touch):
                     _write_device(db, job)
                 elif isinstance(job, _Call):
+                    indexes.clear()  # a job of another concern may write any row
                     results.append(_run_isolated(txn, job))
                 else:
-                    committed, log_count, log_bytes = _write_update(db, job, txn.next_seq())
+                    committed, log_count, log_bytes = _write_update(
+                        db, job, txn.next_seq(), indexes
+                    )
                     results.append(committed)
                     # Outbox: in the update's transaction, so an ack implies its entries.
                     if routes and _outbox.write_entries(
@@ -498,11 +504,15 @@ def _merge_log(db: Database, doc: str) -> int:
     return len(rows)
 
 
-def _write_update(db: Database, job: _Append, seq: int) -> tuple[Committed, int, int]:
-    """Log the update and project it into `doc_index`; return the commit and the log's size."""
+def _write_update(
+    db: Database, job: _Append, seq: int, indexes: dict[str, DocIndex | None]
+) -> tuple[Committed, int, int]:
+    """Log the update and project it into `doc_index`; return the commit and the log's size.
+    `indexes`: the rows this batch wrote so far, by document (read from the table otherwise)."""
     write = job.write
-    before = _index(db, write.doc)
+    before = indexes[write.doc] if write.doc in indexes else _index(db, write.doc)
     after = write.index or before or _new_index(write.doc)
+    indexes[write.doc] = after
     db.execute(
         "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
         (seq, write.doc, write.data, str(write.origin), write.actor, job.at),
@@ -623,7 +633,7 @@ def _merge(parts: list[bytes]) -> bytes:
 
     Yrs leaves such structs out of `get_update()`; dropping them would lose those edits for good
     when the missing update arrives later, so they are kept beside the state."""
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     for part in parts:
         ydoc.apply_update(part)
     state = ydoc.get_update()

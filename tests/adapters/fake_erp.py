@@ -186,9 +186,10 @@ class FakeErp:
             order = StoredOrder(str(40000001 + len(self.orders)), content["external_ref"], content)
             self.orders[order.number] = order
             return 201, order.answer()
-        order = self.orders.get(request.match_info["number"])
-        if order is None:
+        stored = self.orders.get(request.match_info["number"])
+        if stored is None:
             return 404, _body("ORDER_NOT_FOUND", "no such order")
+        order = stored
         if order.status == "CLSD" and content != order.content:
             return 422, _body("ORDER_CLOSED", f"order {order.number} is closed")
         order.content = content

@@ -17,7 +17,9 @@ from typing import Any, NoReturn
 import aiomqtt
 import orjson
 import pytest
-from asyncua import Node, Server, ua
+from asyncua import ua
+from asyncua.common.node import Node
+from asyncua.server.server import Server
 
 from fieldsync.storage import ReferenceStore
 
@@ -110,9 +112,15 @@ async def plc(port: int, counter: float) -> AsyncIterator[Node]:
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/plc/")
     index = await server.register_namespace("urn:fieldsync:test:plc")
     assert index == 2
-    line = await server.nodes.objects.add_object(ua.NodeId("Line1", index), "Line1")
-    node = await line.add_variable(ua.NodeId("P-100.counter", index), "counter", counter)
-    await line.add_variable(ua.NodeId("P-200.label", index), "label", "running")
+    line = await server.nodes.objects.add_object(
+        ua.NodeId(ua.String("Line1"), ua.Int16(index)), "Line1"
+    )
+    node = await line.add_variable(
+        ua.NodeId(ua.String("P-100.counter"), ua.Int16(index)), "counter", counter
+    )
+    await line.add_variable(
+        ua.NodeId(ua.String("P-200.label"), ua.Int16(index)), "label", "running"
+    )
     await server.start()
     try:
         yield node

@@ -102,17 +102,20 @@ async def test_a_dead_letter_is_listed_with_its_error_then_retried_once_fixed(
         "message": "cost centre K-17 is closed",
         "entity": "order/4711",
     }
-    assert dead["seq"] > 0 and dead["created_at"] <= dead["updated_at"]
+    assert dead["seq"] > 0
+    assert dead["created_at"] <= dead["updated_at"]
     # The others flow.
     await until(lambda: _true("wo:good" in erp.applied))
     status, _, ready = await call(server, "GET", "/v1/ready", None)
-    assert status == 200 and ready["adapters"]["erp"]["state"] == "degraded"
+    assert status == 200
+    assert ready["adapters"]["erp"]["state"] == "degraded"
     status, _, metrics = await call(server, "GET", "/v1/metrics")
     assert metrics["adapters"]["erp"]["outbox"]["dead"] == 1
     # Fixed at the ERP; the operator retries and the document goes at once.
     del erp.poison["wo:bad"]
     status, _, retried = await call(server, "POST", f"/v1/admin/outbox/{dead['id']}/retry")
-    assert status == 200 and (retried["state"], retried["attempts"]) == ("pending", 0)
+    assert status == 200
+    assert (retried["state"], retried["attempts"]) == ("pending", 0)
     await until(lambda: _true("wo:bad" in erp.applied))
     assert await dead_letters(server) == []
 
@@ -132,7 +135,8 @@ async def test_skip_and_the_errors_operators_get(server: Server) -> None:
     await until(one_dead)
     (dead,) = await dead_letters(server)
     status, _, skipped = await call(server, "POST", f"/v1/admin/outbox/{dead['id']}/skip")
-    assert status == 200 and skipped["state"] == "skipped"
+    assert status == 200
+    assert skipped["state"] == "skipped"
     assert await dead_letters(server) == []
     for path, subject, code, expected in [
         ("/v1/admin/outbox/99999/retry", "ada", 404, "not_found"),
@@ -161,7 +165,8 @@ async def test_the_list_pages_cover_every_entry_once(server: Server) -> None:
     cursor: str | None = None
     while True:
         status, _, page = await call(server, "GET", path + (f"&cursor={cursor}" if cursor else ""))
-        assert status == 200 and len(page["items"]) <= 2
+        assert status == 200
+        assert len(page["items"]) <= 2
         seen += [item["id"] for item in page["items"]]
         cursor = page["next"]
         if cursor is None:
@@ -169,7 +174,8 @@ async def test_the_list_pages_cover_every_entry_once(server: Server) -> None:
         # A cursor is for its own list: another filter refuses it.
         status, _, problem = await call(server, "GET", f"/v1/admin/outbox?cursor={cursor}")
         assert (status, problem["code"]) == (400, "invalid_cursor")
-    assert len(seen) == 5 and seen == sorted(seen)
+    assert len(seen) == 5
+    assert seen == sorted(seen)
     status, _, by_doc = await call(server, "GET", "/v1/admin/outbox?doc=wo:p3")
     assert [item["doc"] for item in by_doc["items"]] == ["wo:p3"]
 
@@ -212,7 +218,8 @@ def test_the_cli_lists_retries_skips_and_replays(
     data = ("--data-dir", str(tmp_path))
     code, out, _ = run(capsys, *data, "list", "--json")
     entries = json.loads(out)
-    assert code == 0 and [(e["doc"], e["state"]) for e in entries] == [
+    assert code == 0
+    assert [(e["doc"], e["state"]) for e in entries] == [
         ("wo:1", "delivered"),
         ("wo:2", "dead"),
         ("wo:3", "pending"),
@@ -221,21 +228,28 @@ def test_the_cli_lists_retries_skips_and_replays(
     code, out, _ = run(capsys, *data, "list", "--state", "dead")
     assert code == 0
     (line,) = out.splitlines()
-    assert "wo:2" in line and "rejected_by_erp" in line and "order/4711" in line
+    assert "wo:2" in line
+    assert "rejected_by_erp" in line
+    assert "order/4711" in line
     code, out, _ = run(capsys, *data, "retry", str(dead["id"]))
-    assert code == 0 and "pending" in out
+    assert code == 0
+    assert "pending" in out
     code, out, _ = run(capsys, *data, "list", "--state", "dead", "--json")
     assert json.loads(out) == []
     code, out, _ = run(capsys, *data, "skip", str(entries[2]["id"]))
-    assert code == 0 and "skipped" in out
+    assert code == 0
+    assert "skipped" in out
     code, out, _ = run(capsys, *data, "replay", "--adapter", "erp", "--from-seq", str(seqs["wo:2"]))
-    assert code == 0 and out.startswith("2 entries")
+    assert code == 0
+    assert out.startswith("2 entries")
     code, out, _ = run(capsys, *data, "list", "--state", "pending", "--json")
     assert [e["doc"] for e in json.loads(out)] == ["wo:2", "wo:3"]
     code, _, err = run(capsys, *data, "retry", "99999")
-    assert code == 1 and "no outbox entry 99999" in err
+    assert code == 1
+    assert "no outbox entry 99999" in err
     code, _, err = run(capsys, "--data-dir", str(tmp_path / "none"), "list")
-    assert code == 2 and "no database" in err
+    assert code == 2
+    assert "no database" in err
 
 
 @pytest.mark.slow  # the server's runner sees another process's retry at its next poll (5 s)

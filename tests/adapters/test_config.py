@@ -55,8 +55,9 @@ def test_a_file_builds_its_adapters_in_order(
         """,
     )
     erp, projection = build_adapters(path, adapter_context, {})
-    assert isinstance(erp, Recorder) and isinstance(projection, Recorder)
-    assert (erp.name, erp.max_attempts, erp.doc_types) == ("erp", 5, {"wo"})
+    assert isinstance(erp, Recorder)
+    assert isinstance(projection, Recorder)
+    assert (erp.name, erp.max_attempts, erp.doc_types) == ("erp", 5, frozenset({"wo"}))
     assert (projection.name, projection.max_attempts) == ("projection", 10)
     assert projection.doc_types == {"wo", "form"}
 
@@ -102,10 +103,12 @@ def test_values_come_from_the_environment_and_are_never_quoted_back(
     text = f'[adapters.erp]\nkind = "{KIND}"\nmax_attempts = {{ env = "ERP_ATTEMPTS" }}\n'
     path = adapters_file(tmp_path, text)
     (erp,) = build_adapters(path, adapter_context, {"ERP_ATTEMPTS": "4"})
-    assert isinstance(erp, Recorder) and erp.max_attempts == 4
+    assert isinstance(erp, Recorder)
+    assert erp.max_attempts == 4
     with pytest.raises(AdapterConfigError) as error:
         build_adapters(path, adapter_context, {"ERP_ATTEMPTS": "s3cret-value"})
-    assert error.value.key == "max_attempts" and "s3cret-value" not in str(error.value)
+    assert error.value.key == "max_attempts"
+    assert "s3cret-value" not in str(error.value)
     with pytest.raises(AdapterConfigError, match="ERP_ATTEMPTS is not set"):
         build_adapters(path, adapter_context, {})
 
@@ -138,7 +141,8 @@ def test_the_typed_readers() -> None:
     assert error.value.key == "mapping.typo"
     with pytest.raises(AdapterConfigError) as error:
         table.url("url", ["https"])
-    assert "hunter2" not in str(error.value) and error.value.key == "url"
+    assert "hunter2" not in str(error.value)
+    assert error.value.key == "url"
     with pytest.raises(AdapterConfigError, match="one of insert, append"):
         table.choice("mode", ["insert", "append"])
 

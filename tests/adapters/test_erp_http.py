@@ -49,11 +49,13 @@ class DocsWriter:
     given when it changed something."""
 
     def __init__(self) -> None:
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
         self.seq = 0
         self.origins: list[Origin] = []
 
-    async def edit(self, doc_id: str, change: Callable[[Doc], None], origin: Origin) -> int | None:
+    async def edit(
+        self, doc_id: str, change: Callable[[Doc[Any]], None], origin: Origin
+    ) -> int | None:
         doc = self.docs.setdefault(doc_id, Doc())
         before = doc.get_state()
         change(doc)
@@ -127,7 +129,8 @@ def order(writer: DocsWriter, doc_id: str, seq: int, **fields: Any) -> Delivery:
 
 
 def fields(writer: DocsWriter, doc_id: str) -> dict[str, Any]:
-    return documents.to_json(doc_id, writer.docs[doc_id])["fields"]
+    fields: dict[str, Any] = documents.to_json(doc_id, writer.docs[doc_id])["fields"]
+    return fields
 
 
 async def test_create_then_update_and_the_answer_is_written_back(
@@ -150,7 +153,8 @@ async def test_create_then_update_and_the_answer_is_written_back(
     documents.work_order.set_status(writer.docs["wo:1"], "in_progress", by="tina", role="t")
     second = order(writer, "wo:1", 5)
     await adapter.deliver(second)
-    assert len(fake.orders) == 1 and created.versions == 2
+    assert len(fake.orders) == 1
+    assert created.versions == 2
     assert fields(writer, "wo:1")["erp_status"] == "PCNF"
     assert [(r["method"], r["key"], r["status"]) for r in fake.requests] == [
         ("POST", first.key, 201),
@@ -183,7 +187,8 @@ async def test_accepted_but_connection_lost_then_the_retry_creates_nothing_more(
     delivery = order(writer, "wo:2", 1)
     with pytest.raises(DeliveryError) as lost:
         await adapter.deliver(delivery)
-    assert lost.value.retryable and lost.value.code == "erp_unreachable"
+    assert lost.value.retryable
+    assert lost.value.code == "erp_unreachable"
     assert len(fake.orders) == 1  # the ERP committed it
     assert "erp_ref" not in fields(writer, "wo:2")
 
@@ -294,7 +299,8 @@ async def test_the_breaker_opens_probes_and_closes(
         with pytest.raises(DeliveryError, match="erp_unavailable"):
             await adapter.deliver(delivery)
     health = adapter.health()
-    assert health.state is HealthState.DOWN and "circuit open" in health.detail
+    assert health.state is HealthState.DOWN
+    assert "circuit open" in health.detail
 
     # Open: the ERP is not called at all.
     with pytest.raises(DeliveryError) as refused:

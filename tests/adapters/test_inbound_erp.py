@@ -164,7 +164,8 @@ async def test_an_order_not_released_waits_and_a_cancellation_cancels(
         release(conn, "P", status="cancelled")
     assert await adapter.poll_now()
     document = await writer.read("wo:erp-P")
-    assert document is not None and document["fields"]["status"] == "cancelled"
+    assert document is not None
+    assert document["fields"]["status"] == "cancelled"
     assert [(e["status"], e["by"], e["role"]) for e in document["status_log"]] == [
         ("new", "adapter:erp", "service"),
         ("cancelled", "adapter:erp", "service"),
@@ -204,8 +205,9 @@ async def test_an_erp_change_merges_with_a_technicians_offline_edit(
 
         def merged(doc: Any) -> bool:
             fields = doc.get("fields", type=Map)
-            return fields["title"] == "Service pump T1 and its motor" and fields["status"] == (
-                "en_route"
+            return bool(
+                fields["title"] == "Service pump T1 and its motor"
+                and fields["status"] == "en_route"
             )
 
         await eventually(lambda: merged(mine))
@@ -262,7 +264,8 @@ async def test_an_unreachable_erp_degrades_health_and_keeps_what_was_applied(
         conn.exec_driver_sql("ALTER TABLE orders RENAME TO orders_moved")
     assert not await adapter.poll_now()
     health = adapter.health()
-    assert health.state is HealthState.DEGRADED and "orders" in health.detail
+    assert health.state is HealthState.DEGRADED
+    assert "orders" in health.detail
     assert adapter.metrics()["errors"] == 1
     assert await ServiceWriter(server.app[REPLICATOR]).read("wo:erp-H1") is not None
     with erp.begin() as conn:
@@ -298,7 +301,8 @@ async def test_the_polling_task_starts_and_stops_cleanly(
 def test_the_configuration_is_checked_key_by_key() -> None:
     base = {"url": "postgresql+psycopg://erp@db/erp", "table": "o"}
     config = ErpInboundSqlConfig.from_table(Table("erp", {**base, "columns": {"title": "ktext"}}))
-    assert config.columns["title"] == "ktext" and config.columns["team"] == "team"
+    assert config.columns["title"] == "ktext"
+    assert config.columns["team"] == "team"
     assert (config.key_column, config.lookback_s, config.statuses["released"]) == (
         "order_no",
         300.0,

@@ -132,7 +132,9 @@ async def test_a_teams_members_for_those_who_may_see_them(
     assert (await get(http, server, "/v1/teams/north/members", "sid"))[0] == 200
 
     status, body = await get(http, server, "/v1/teams/north/members?limit=4", "ada")
-    assert status == 200 and len(body["items"]) == 4 and body["next"]
+    assert status == 200
+    assert len(body["items"]) == 4
+    assert body["next"]
     status, rest = await get(
         http, server, f"/v1/teams/north/members?limit=4&cursor={body['next']}", "ada"
     )
@@ -143,7 +145,8 @@ async def test_a_teams_members_for_those_who_may_see_them(
     assert (await get(http, server, "/v1/teams/north/members", "mia"))[0] == 200
     for subject, team in (("mia", "south"), ("sue", "north"), ("tina", "north")):
         status, body = await get(http, server, f"/v1/teams/{team}/members", subject)
-        assert status == 403 and body["code"] == "forbidden", (subject, team)
+        assert status == 403, (subject, team)
+        assert body["code"] == "forbidden", (subject, team)
     status, body = await get(http, server, "/v1/teams/nowhere/members", "sam")
     assert status == 403
 
@@ -159,5 +162,6 @@ async def test_readiness_and_metrics_tell_the_directory_state(
     status, metrics = await get(http, server, "/v1/metrics", "ada")
     assert status == 200
     figures = metrics["adapters"]["people"]
-    assert figures["users"] == 8 and figures["syncs"] >= 1
+    assert figures["users"] == 8
+    assert figures["syncs"] >= 1
     assert (figures["refused_syncs"], figures["errors"]) == (0, 0)

@@ -136,7 +136,7 @@ async def test_an_alarm_opens_a_work_order_repeats_count_and_a_clear_is_noted(
     (pump_id,) = [i for i, o in orders.items() if o is pump]
     erp = Origin(OriginKind.ADAPTER, "erp")
 
-    def cancel(doc: Doc) -> None:
+    def cancel(doc: Doc[Any]) -> None:
         documents.work_order.set_status(doc, "cancelled", by="adapter:erp", role="service")
 
     assert await ServiceWriter(server.app[REPLICATOR]).edit(pump_id, cancel, erp) is not None
@@ -178,7 +178,9 @@ class _CrashAfterCommit:
         self._writer = writer
         self.crashed = False
 
-    async def edit(self, doc_id: str, change: Callable[[Doc], None], origin: Origin) -> int | None:
+    async def edit(
+        self, doc_id: str, change: Callable[[Doc[Any]], None], origin: Origin
+    ) -> int | None:
         seq = await self._writer.edit(doc_id, change, origin)
         if not self.crashed:
             self.crashed = True
@@ -278,7 +280,8 @@ async def test_a_flood_is_absorbed_in_bounded_batches_and_devices_are_unaffected
             ),
             Origin(OriginKind.ADAPTER, "device"),
         )
-        assert seq is not None and time.monotonic() - began < 2.0
+        assert seq is not None
+        assert time.monotonic() - began < 2.0
         await burst
         await eventually(lambda: adapter.metrics()["settled"] >= 10_000, timeout=60)
         metrics = adapter.metrics()
@@ -329,7 +332,8 @@ async def test_an_unreachable_broker_is_reported_and_retried(
         await eventually(lambda: adapter.metrics()["reconnects"] >= 1)
         health = adapter.health()
         assert health.state is HealthState.DEGRADED
-        assert health.detail.startswith("mqtt://127.0.0.1:") and "reconnecting" in health.detail
+        assert health.detail.startswith("mqtt://127.0.0.1:")
+        assert "reconnecting" in health.detail
     finally:
         await adapter.stop()
 
@@ -341,7 +345,7 @@ def test_the_payload_schema() -> None:
         (b"[]", "not a JSON object"),
         (alarm("p", state="gone"), "`state`"),
         (alarm("p", at="yesterday"), "`at`"),
-        (alarm("p", severity=True), "`severity`"),  # type: ignore[arg-type]
+        (alarm("p", severity=True), "`severity`"),
         (alarm(""), "`id`"),
     ]:
         with pytest.raises(BadAlarm, match=reason):
@@ -354,7 +358,7 @@ def test_its_settings_are_checked_naming_the_key() -> None:
     assert (config.client_id, config.host, config.port) == ("fieldsync-alarms", "127.0.0.1", 1883)
     priorities = [config.priority(s) for s in (0, 499, 500, 999)]
     assert priorities == ["normal", "normal", "high", "urgent"]
-    for values, key in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"url": "http://broker"}, "url"),
         ({"url": "mqtt://:1883"}, "url"),
         ({"topics": []}, "topics"),
@@ -363,7 +367,8 @@ def test_its_settings_are_checked_naming_the_key() -> None:
         ({"min_severity": "high"}, "min_severity"),
         ({"in_flight": 0}, "in_flight"),
         ({"priorities": {"urgent": "soon"}}, "priorities.urgent"),
-    ]:
+    ]
+    for values, key in cases:
         with pytest.raises(AdapterConfigError) as error:
             MqttAlarmsConfig.from_table("alarms", Table("alarms", {**base, **values}, {}))
         assert error.value.key == key, values

@@ -45,7 +45,7 @@ async def asset(server: FieldsyncServer, asset_id: str) -> dict[str, Any]:
 
 
 async def open_order(server: FieldsyncServer, doc_id: str, asset_id: str) -> None:
-    def create(doc: Doc) -> None:
+    def create(doc: Doc[Any]) -> None:
         documents.work_order.write(
             doc,
             {"title": "Service press", "status": "new", "asset_id": asset_id, "team": "north"},
@@ -94,7 +94,7 @@ async def test_counters_become_meter_readings_and_bad_values_change_nothing(
 
             # Someone recorded a higher reading on the work order: the adapter's lower one is
             # judged by the never-decreasing rule like any device's, and rejected there.
-            def higher(doc: Doc) -> None:
+            def higher(doc: Doc[Any]) -> None:
                 documents.work_order.record_meter_reading(doc, 1000.0, by="adapter:erp")
 
             await ServiceWriter(server.app[REPLICATOR]).edit("wo:press-1", higher, ERP)
@@ -109,10 +109,11 @@ async def test_counters_become_meter_readings_and_bad_values_change_nothing(
                 (130.0, "adapter:plc", True),
             ]
             document = await ServiceWriter(server.app[REPLICATOR]).read("wo:press-1")
-            assert document is not None and document["fields"]["meter_reading"] == 1000.0
+            assert document is not None
+            assert document["fields"]["meter_reading"] == 1000.0
 
             # A cancelled work order is not open: the asset's row still gets the reading.
-            def cancel(doc: Doc) -> None:
+            def cancel(doc: Doc[Any]) -> None:
                 documents.work_order.set_status(doc, "cancelled", by="adapter:erp", role="service")
 
             await ServiceWriter(server.app[REPLICATOR]).edit("wo:press-1", cancel, ERP)
@@ -170,7 +171,8 @@ async def test_the_server_going_away_and_back_costs_a_logged_gap(
             assert adapter.health().state is HealthState.OK
             assert (await asset(server, "P-100"))["meter_reading"] == 25.0
             metrics = adapter.metrics()
-            assert metrics["gaps"] == 1 and metrics["last_gap_s"] > 0
+            assert metrics["gaps"] == 1
+            assert metrics["last_gap_s"] > 0
             assert "readings resumed after a gap of" in caplog.text
     finally:
         await adapter.stop()
@@ -179,14 +181,16 @@ async def test_the_server_going_away_and_back_costs_a_logged_gap(
 def test_its_settings_are_checked_naming_the_key() -> None:
     base = {"endpoint": "opc.tcp://127.0.0.1:4840/", "nodes": {"i=2258": "P-1"}}
     config = OpcuaReadingsConfig.from_table(Table("plc", base, {}))
-    assert config.nodes == {"i=2258": "P-1"} and config.interval_ms == 1000
-    for values, key in [
+    assert config.nodes == {"i=2258": "P-1"}
+    assert config.interval_ms == 1000
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"endpoint": "http://plc"}, "endpoint"),
         ({"nodes": {}}, "nodes"),
         ({"nodes": {"not a node": "P-1"}}, "nodes.not a node"),
         ({"nodes": {"i=2258": 7}}, "nodes.i=2258"),
         ({"interval_ms": 0}, "interval_ms"),
-    ]:
+    ]
+    for values, key in cases:
         with pytest.raises(AdapterConfigError) as error:
             OpcuaReadingsConfig.from_table(Table("plc", {**base, **values}, {}))
         assert error.value.key == key, values

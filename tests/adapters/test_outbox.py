@@ -38,7 +38,7 @@ class Documents:
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
-        self.docs: dict[str, Doc] = {}
+        self.docs: dict[str, Doc[Any]] = {}
 
     async def write(self, doc_id: str, origin: Any = PHONE, **fields: Any) -> int:
         doc = self.docs.get(doc_id)
@@ -99,7 +99,7 @@ async def test_an_acknowledged_update_has_its_entry_in_the_same_transaction(
         ("erp", "wo:1", seq, OutboxState.PENDING)
     ]
     # Forms are not routed to `erp`: no entry.
-    form = Doc()
+    form: Doc[Any] = Doc()
     form.get("answers", type=Map)["a"] = 1
     await sqlite_store.append(
         Write("form:1", form.get_update(), Origin(OriginKind.DEVICE, "phone"), "tina")
@@ -159,7 +159,8 @@ async def test_a_failure_is_retried_after_a_backoff_and_not_before_retry_after(
     await runner.deliver_due()
     (entry,) = await entries(outbox)
     assert (entry.state, entry.attempts) == (OutboxState.PENDING, 1)
-    assert entry.error is not None and entry.error.code == "erp_unavailable"
+    assert entry.error is not None
+    assert entry.error.code == "erp_unavailable"
     assert entry.next_at == clock.now + 0.5  # base 1 s, jitter drawn at its low end
     # A change committed meanwhile waits with the rest: no early retry.
     await docs.write("wo:1", title="meanwhile")
@@ -168,7 +169,8 @@ async def test_a_failure_is_retried_after_a_backoff_and_not_before_retry_after(
     clock.now += 0.1
     await runner.deliver_due()  # the second attempt: 429 with Retry-After 30 s
     (entry, _) = await entries(outbox)
-    assert entry.attempts == 2 and entry.next_at == clock.now + 30.0
+    assert entry.attempts == 2
+    assert entry.next_at == clock.now + 30.0
     clock.now += 29.9
     assert await runner.deliver_due() == 0
     clock.now += 0.1
@@ -182,7 +184,8 @@ def test_the_backoff_grows_to_its_cap_with_jitter() -> None:
     backoff = Backoff(base=1.0, cap=60.0)
     assert [backoff.delay(n, None, 0.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert backoff.delay(3, None, 0.999) == pytest.approx(4.0, abs=0.01)
-    assert backoff.delay(20, None, 0.0) == 30.0 and backoff.delay(500, None, 1.0) == 60.0
+    assert backoff.delay(20, None, 0.0) == 30.0
+    assert backoff.delay(500, None, 1.0) == 60.0
     assert backoff.delay(1, 120.0, 0.5) == 120.0  # Retry-After is a floor
 
 
@@ -222,7 +225,8 @@ async def test_a_poison_document_is_dead_lettered_while_the_others_flow_then_ret
     # The ERP's data is fixed; the operator retries: the document's latest state goes.
     del erp.poison["wo:bad"]
     retried = await outbox.retry(dead.id, clock.now)
-    assert retried is not None and (retried.state, retried.attempts) == (OutboxState.PENDING, 0)
+    assert retried is not None
+    assert (retried.state, retried.attempts) == (OutboxState.PENDING, 0)
     await runner.deliver_due()
     assert erp.applied["wo:bad"][1]["fields"]["title"] == "still bad"
     assert {e.state for e in await entries(outbox, doc="wo:bad")} == {OutboxState.DELIVERED}
@@ -246,7 +250,8 @@ async def test_an_unexpected_adapter_error_is_retried_and_recorded(
     await runner.deliver_due()
     (entry,) = await entries(outbox)
     assert entry.state is OutboxState.PENDING
-    assert entry.error is not None and entry.error.code == "adapter_error"
+    assert entry.error is not None
+    assert entry.error.code == "adapter_error"
     assert "KeyError" in entry.error.message
     clock.now += 10
     await runner.deliver_due()
@@ -261,7 +266,8 @@ async def test_a_skipped_entry_is_never_delivered_and_its_document_flows_again(
     (dead,) = await entries(outbox, state=OutboxState.DEAD)
     del erp.poison["wo:1"]
     skipped = await outbox.skip(dead.id, clock.now)
-    assert skipped is not None and skipped.state is OutboxState.SKIPPED
+    assert skipped is not None
+    assert skipped.state is OutboxState.SKIPPED
     await runner.deliver_due()
     assert "wo:1" not in erp.applied
     later = await docs.write("wo:1", title="next")
@@ -311,12 +317,15 @@ async def test_metrics_give_pending_lag_and_dead_letters(
 ) -> None:
     await docs.write("wo:1")
     metrics = (await runner.metrics())["erp"]
-    assert metrics["pending"] == 1 and metrics["dead"] == 0
+    assert metrics["pending"] == 1
+    assert metrics["dead"] == 0
     erp.script["wo:1"] = [DeliveryError("down", "connection refused")]
     await runner.deliver_due()
     clock.now += 90
     metrics = (await runner.metrics())["erp"]
-    assert metrics["pending"] == 1 and metrics["attempts"] == 1 and metrics["failures"] == 1
+    assert metrics["pending"] == 1
+    assert metrics["attempts"] == 1
+    assert metrics["failures"] == 1
     assert metrics["lag_seconds"] >= 90
 
 

@@ -19,7 +19,7 @@ async def get(server: Server, path: str, subject: str) -> tuple[int, dict[str, A
         return r.status, await r.json(content_type=None)
 
 
-async def edit(wire: Wire, doc_id: str, doc: Doc, **fields: object) -> dict[str, Any]:
+async def edit(wire: Wire, doc_id: str, doc: Doc[Any], **fields: object) -> dict[str, Any]:
     await wire.edit(doc_id, doc, **fields)
     return await wire.control("ack", doc=doc_id)
 
@@ -54,8 +54,8 @@ async def test_who_changed_the_due_date_and_when(history: Server) -> None:
     assert seqs == sorted(seqs, reverse=True)
     assert {i["origin"] for i in body["items"]} == {"device:wire"}  # `hello`'s device id
     # The correction of tina's closing is the rules' own change.
-    _, status = await get(history, "/v1/work-orders/wo:a1/history?path=fields.status", "sam")
-    assert [(i["new"], i["origin"]) for i in status["items"]][:2] == [
+    _, changes = await get(history, "/v1/work-orders/wo:a1/history?path=fields.status", "sam")
+    assert [(i["new"], i["origin"]) for i in changes["items"]][:2] == [
         ("en_route", "rules"),
         ("closed", "device:wire"),
     ]
@@ -73,7 +73,8 @@ async def test_history_pages_cover_every_change_once(history: Server) -> None:
         )
     _, everything = await get(history, "/v1/work-orders/wo:a1/history?limit=200", "mia")
     assert seen == [(i["seq"], i["path"]) for i in everything["items"]]
-    assert ("fields.title" in {p for _, p in seen}) and len(seen) == len(set(seen))
+    assert "fields.title" in {p for _, p in seen}
+    assert len(seen) == len(set(seen))
 
 
 @pytest.mark.parametrize(("subject", "status"), [("tina", 403), ("ulla", 403), ("sue", 403)])

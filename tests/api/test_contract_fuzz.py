@@ -34,7 +34,8 @@ from schemathesis.specs.openapi.checks import (
 from tests import contract
 from tests.harness import Server
 
-pytestmark = pytest.mark.slow
+# About two minutes a principal on the development machine: twice that is still no hang.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # Examples per operation and generation mode: ~30 operations, 2 modes, 2 principals.
 EXAMPLES = 25

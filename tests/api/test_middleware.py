@@ -111,8 +111,10 @@ async def test_every_request_below_the_minimum_gets_426(
         return
     assert status == 426
     assert response_headers["Content-Type"] == "application/problem+json"
-    assert body["code"] == "client_upgrade_required" and body["status"] == 426
-    assert body["min_version"] == minimum and body["upgrade_url"] == upgrade_url
+    assert body["code"] == "client_upgrade_required"
+    assert body["status"] == 426
+    assert body["min_version"] == minimum
+    assert body["upgrade_url"] == upgrade_url
 
 
 async def test_the_gate_comes_before_authentication(gated: Server) -> None:
@@ -279,7 +281,8 @@ async def test_deprecated_paths_carry_deprecation_and_sunset(sunsetting: Server)
     assert headers["Sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
     # Errors under a prefix carry them too (here: a plain GET where a WebSocket belongs).
     status, headers, _ = await get(sunsetting.url + "/v1/yws/wo:plain")
-    assert status == 400 and headers["Sunset"] == "Fri, 31 Dec 2027 17:00:00 GMT"
+    assert status == 400
+    assert headers["Sunset"] == "Fri, 31 Dec 2027 17:00:00 GMT"
 
 
 @pytest.mark.parametrize(
@@ -306,15 +309,21 @@ async def test_a_deprecated_websocket_says_so_in_its_handshake(sunsetting: Serve
 @pytest.mark.parametrize("path", ["/v1/ready", "/v1/sync", "/v1/healthcheck"])
 async def test_other_paths_carry_neither(sunsetting: Server, path: str) -> None:
     async with aiohttp.ClientSession() as http, http.get(sunsetting.url + path) as r:
-        assert "Deprecation" not in r.headers and "Sunset" not in r.headers
+        assert "Deprecation" not in r.headers
+        assert "Sunset" not in r.headers
 
 
 def test_deprecations_are_read_as_documented() -> None:
     deprecations = parsed("deprecations", "/v1=2030-01-01,/v1/old/=2020-01-01/2027-06-30")
     assert set(deprecations) == {"/v1", "/v1/old"}
     assert deprecations["/v1/old"].since == datetime(2020, 1, 1, tzinfo=UTC)
-    for bad in ("v1=2027-01-01", "/v1=someday", "/v1=2028-01-01/2027-01-01", "/v1"):
-        with pytest.raises(ValueError):
+    for bad, error in (
+        ("v1=2027-01-01", "expected /path=sunset"),
+        ("/v1=someday", "Invalid isoformat string"),
+        ("/v1=2028-01-01/2027-01-01", "the sunset comes before the deprecation"),
+        ("/v1", "expected /path=sunset"),
+    ):
+        with pytest.raises(ValueError, match=error):
             parsed("deprecations", bad)
 
 
@@ -371,7 +380,8 @@ async def test_what_each_route_declares_is_what_it_enforces(server: Server) -> N
     )
     for route in server.app.router.routes():
         permission = permission_of(route)
-        assert permission is not None and route.resource is not None
+        assert permission is not None
+        assert route.resource is not None
         if route.method == "HEAD":
             continue  # what GET needs (RFC 9110 §9.3.2)
         path = route.resource.canonical.replace("{doc_id}", "wo:perm1")

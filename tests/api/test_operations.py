@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,7 +19,9 @@ from tests.harness import Server, work_order
 from tests.wire import connect
 
 
-async def get(server: Server, path: str, token: str | None = None) -> tuple[int, dict, str]:
+async def get(
+    server: Server, path: str, token: str | None = None
+) -> tuple[int, dict[str, Any], str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as http, http.get(server.url + path, headers=headers) as r:
         return r.status, await r.json(content_type=None), r.content_type
@@ -27,7 +30,9 @@ async def get(server: Server, path: str, token: str | None = None) -> tuple[int,
 async def test_health_and_readiness(server: Server) -> None:
     assert (await get(server, "/v1/health"))[:2] == (200, {"status": "ok"})
     status, body, _ = await get(server, "/v1/ready")
-    assert status == 200 and body["status"] == "ready" and body["seq"] == 0
+    assert status == 200
+    assert body["status"] == "ready"
+    assert body["seq"] == 0
 
 
 @pytest.mark.parametrize(
@@ -50,8 +55,10 @@ async def test_metrics_for_admins_count_what_is_stored(server: Server) -> None:
         await wire.control("ack")
         status, body, _ = await get(server, "/v1/metrics", server.token("ada"))
     assert status == 200
-    assert body["store"]["docs"] == 1 and body["store"]["updates"] == 1
-    assert body["connections"] == 1 and body["rooms_loaded"] == 1
+    assert body["store"]["docs"] == 1
+    assert body["store"]["updates"] == 1
+    assert body["connections"] == 1
+    assert body["rooms_loaded"] == 1
 
 
 async def test_a_token_in_the_query_string_never_reaches_the_log(
@@ -68,7 +75,8 @@ async def test_a_token_in_the_query_string_never_reaches_the_log(
         await http.get(server.url + f"/v1/health?token={token}")
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "/v1/health" in logged  # the access log ran…
-    assert token not in logged and token[-20:] not in logged  # …without the token
+    assert token not in logged  # …without the token
+    assert token[-20:] not in logged
 
 
 async def test_a_server_that_cannot_start_leaves_its_database_closed(

@@ -46,7 +46,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.mark.parametrize("token", [None, "not-the-token"])
 async def test_the_main_listener_wants_the_scrape_token(server: Server, token: str | None) -> None:
     status, body = await scrape(server.url + "/metrics", token)
-    assert status == 401 and "reauthenticate" in body
+    assert status == 401
+    assert "reauthenticate" in body
 
 
 async def test_without_a_configured_token_nobody_scrapes_the_main_listener(
@@ -118,4 +119,5 @@ async def test_the_grafana_dashboard_uses_only_families_the_server_exports(serve
         for name in re.findall(r"^# HELP (\S+)", text, re.MULTILINE)
         for suffix in ("", "_total")
     }
-    assert used and used <= exported, used - exported
+    assert used
+    assert used <= exported, used - exported

@@ -96,7 +96,9 @@ async def test_devices_get_only_the_fields_that_changed_and_the_keys_deleted(
     assert status == 200
     assert (created["created"], created["updated"], created["deleted"]) == (5, 0, 0)
     status, first = await changes(server, 0)
-    assert status == 200 and not first["more"] and first["deleted"] == []
+    assert status == 200
+    assert not first["more"]
+    assert first["deleted"] == []
     assert {c["key"]: c["row"] for c in first["changes"]} == {r["id"]: r for r in assets(5)}
 
     rows = assets(5)
@@ -109,7 +111,8 @@ async def test_devices_get_only_the_fields_that_changed_and_the_keys_deleted(
 
     status, delta = await changes(server, first["next"])
     assert status == 200
-    assert delta["since"] == first["next"] and not delta["more"]
+    assert delta["since"] == first["next"]
+    assert not delta["more"]
     assert delta["deleted"] == ["AS-00004"]
     assert sorted(delta["changes"], key=lambda c: c["key"]) == [
         {"key": "AS-00001", "set": {"name": "Pump 1 (rebuilt)"}},
@@ -136,7 +139,8 @@ async def test_changes_are_paged_with_the_next_since(server: Server) -> None:
     since, pages = 0, []
     while True:
         status, page = await changes(server, since, limit="1000")  # more than the maximum
-        assert status == 200 and page["since"] == since
+        assert status == 200
+        assert page["since"] == since
         pages.append(len(page["changes"]))
         seen.update((c["key"], c["row"]) for c in page["changes"])
         since = page["next"]
@@ -377,7 +381,8 @@ async def test_an_unchanged_snapshot_revalidates_to_304(server: Server) -> None:
     assert again.status == 304
     await send(server, "PATCH", [{"id": "AS-00001", "name": "changed"}])
     changed = await snapshot(server, "zstd", **{"If-None-Match": etag})
-    assert changed.status == 200 and changed.headers["ETag"] != etag
+    assert changed.status == 200
+    assert changed.headers["ETag"] != etag
 
 
 # --- imports do not hold up devices -------------------------------------------------------------

@@ -44,7 +44,7 @@ async def call(
         return Reply(response.status, response.headers, await response.read())
 
 
-async def create(server: Server, subject: str, *docs: tuple[str, Doc]) -> None:
+async def create(server: Server, subject: str, *docs: tuple[str, Doc[Any]]) -> None:
     """Create documents as a device of `subject` would, pipelined, and wait for every ack."""
     async with connect(server.sync_url, server.token(subject)) as wire:
         await wire.hello()
@@ -55,7 +55,7 @@ async def create(server: Server, subject: str, *docs: tuple[str, Doc]) -> None:
         assert not [c for c in wire.controls if c.get("type") == "error"]
 
 
-def wo(doc_id: str, **fields: Any) -> tuple[str, Doc]:
+def wo(doc_id: str, **fields: Any) -> tuple[str, Doc[Any]]:
     return doc_id, work_order(doc_id, **fields)
 
 
@@ -139,7 +139,7 @@ async def test_the_work_order_screen_shows_document_forms_attachments_and_asset(
     doc.get("attachments", type=Map)["ab" * 32] = Map(
         {"mime": "image/jpeg", "size": 1234, "caption": "seal", "by": "sam", "at": 1.0}
     )
-    form: Doc = Doc()
+    form: Doc[Any] = Doc()
     documents.form.write(form, "wo:d1", "safety-check", 3, {"permit": "PTW-1"})
     await create(server, "sam", ("wo:d1", doc), ("form:d1-safety", form))
     await add_asset(server, "AHU-7", {"name": "Air handler 7", "floor": 2})
@@ -147,8 +147,10 @@ async def test_the_work_order_screen_shows_document_forms_attachments_and_asset(
     reply = await call(server, "/v1/screens/work-order/wo:d1", "tina")
     assert reply.status == 200
     body = reply.json
-    assert body["id"] == "wo:d1" and body["seq"] >= 1
-    assert body["fields"]["asset_id"] == "AHU-7" and body["fields"]["site"] == "Depot"
+    assert body["id"] == "wo:d1"
+    assert body["seq"] >= 1
+    assert body["fields"]["asset_id"] == "AHU-7"
+    assert body["fields"]["site"] == "Depot"
     assert body["checklist"] == [
         {"id": "c1", "label": "Check seals", "required": True, "done": False}
     ]
@@ -163,7 +165,8 @@ async def test_the_work_order_screen_shows_document_forms_attachments_and_asset(
     # The server's marks on the answers, as the form document holds them (null: none).
     assert validation is None or all(isinstance(v, str) for v in validation.values())
     (attachment,) = body["attachments"]
-    assert attachment["sha256"] == "ab" * 32 and attachment["mime"] == "image/jpeg"
+    assert attachment["sha256"] == "ab" * 32
+    assert attachment["mime"] == "image/jpeg"
     assert attachment["caption"] == "seal"
     assert body["asset"] == {"id": "AHU-7", "name": "Air handler 7", "floor": 2}
 
@@ -246,16 +249,21 @@ async def test_region_metrics_aggregate_per_team_of_the_region(server: Server) -
         wo("wo:w1", assignee="ulla", team="south", region="west"),  # another region
     )
     reply = await call(server, "/v1/screens/region-metrics", "mia")
-    assert reply.status == 200 and reply.json["next"] is None
+    assert reply.status == 200
+    assert reply.json["next"] is None
     east2, north = reply.json["items"]
-    assert north["team"] == "north" and north["total"] == 4
+    assert north["team"] == "north"
+    assert north["total"] == 4
     assert north["by_status"] == {"assigned": 2, "cancelled": 1, "completed": 1}
-    assert north["overdue"] == 1 and north["completed"] == 1
+    assert north["overdue"] == 1
+    assert north["completed"] == 1
     assert north["first_time_fix_rate"] == 1.0
     assert north["mean_seconds_to_complete"] == 0.0  # created completed
     assert isinstance(north["conflicts_24h"], int)
-    assert east2["team"] == "east-2" and east2["by_status"] == {"on_hold": 1}
-    assert east2["completed"] == 0 and east2["first_time_fix_rate"] is None
+    assert east2["team"] == "east-2"
+    assert east2["by_status"] == {"on_hold": 1}
+    assert east2["completed"] == 0
+    assert east2["first_time_fix_rate"] is None
     assert east2["mean_seconds_to_complete"] is None
 
 
@@ -300,13 +308,15 @@ async def test_a_page_is_never_larger_than_the_maximum(server: Server) -> None:
     count = MAX_PAGE + 3
     await create(server, "sam", *(wo(f"wo:m{n:03d}", due_at="2026-12-01") for n in range(count)))
     default = await call(server, "/v1/screens/my-work", "tina")
-    assert len(ids(default)) == 50 and default.json["next"]
+    assert len(ids(default)) == 50
+    assert default.json["next"]
     everything = await call(server, "/v1/screens/my-work?limit=100000", "tina")
     assert len(ids(everything)) == MAX_PAGE
     rest = await call(
         server, f"/v1/screens/my-work?limit=100000&cursor={everything.json['next']}", "tina"
     )
-    assert len(ids(rest)) == 3 and rest.json["next"] is None
+    assert len(ids(rest)) == 3
+    assert rest.json["next"] is None
     assert set(ids(everything) + ids(rest)) == {f"wo:m{n:03d}" for n in range(count)}
 
 
@@ -355,7 +365,8 @@ async def test_responses_are_compressed_by_accept_encoding(
 ) -> None:
     await create(server, "sam", *(wo(f"wo:z{n}", due_at="2026-12-01") for n in range(12)))
     plain = await call(server, "/v1/screens/my-work", "tina")
-    assert len(plain.body) > MIN_COMPRESSED and "Content-Encoding" not in plain.headers
+    assert len(plain.body) > MIN_COMPRESSED
+    assert "Content-Encoding" not in plain.headers
     reply = await call(server, "/v1/screens/my-work", "tina", headers={"Accept-Encoding": accept})
     assert reply.status == 200
     assert reply.headers.get("Content-Encoding") == coding
@@ -369,7 +380,8 @@ async def test_responses_are_compressed_by_accept_encoding(
 
 async def test_small_bodies_travel_uncompressed(server: Server) -> None:
     reply = await call(server, "/v1/screens/my-work", "tina", headers={"Accept-Encoding": "br"})
-    assert reply.status == 200 and reply.json == {"items": [], "next": None}
+    assert reply.status == 200
+    assert reply.json == {"items": [], "next": None}
     assert "Content-Encoding" not in reply.headers
 
 
@@ -377,7 +389,8 @@ async def test_an_unchanged_screen_revalidates_with_304_and_no_body(server: Serv
     await create(server, "sam", wo("wo:e1"), wo("wo:e2"))
     first = await call(server, "/v1/screens/my-work", "tina", headers={"Accept-Encoding": "br"})
     etag = first.headers["ETag"]
-    assert etag.startswith('W/"') and first.headers["Cache-Control"] == "private, no-cache"
+    assert etag.startswith('W/"')
+    assert first.headers["Cache-Control"] == "private, no-cache"
     for validator in (etag, etag.removeprefix("W/"), f'"other", {etag}', "*"):
         again = await call(
             server,
@@ -385,11 +398,14 @@ async def test_an_unchanged_screen_revalidates_with_304_and_no_body(server: Serv
             "tina",
             headers={"If-None-Match": validator, "Accept-Encoding": "br"},
         )
-        assert again.status == 304 and again.body == b""
-        assert again.headers["ETag"] == etag and "Content-Encoding" not in again.headers
+        assert again.status == 304
+        assert again.body == b""
+        assert again.headers["ETag"] == etag
+        assert "Content-Encoding" not in again.headers
     await create(server, "sam", wo("wo:e3"))
     changed = await call(server, "/v1/screens/my-work", "tina", headers={"If-None-Match": etag})
-    assert changed.status == 200 and changed.headers["ETag"] != etag
+    assert changed.status == 200
+    assert changed.headers["ETag"] != etag
     assert ids(changed) == ["wo:e1", "wo:e2", "wo:e3"]
     # Another caller's view of other content never matches.
     toms = await call(server, "/v1/screens/my-work", "tom", headers={"If-None-Match": etag})
@@ -410,20 +426,26 @@ async def test_the_change_feed_pages_what_the_caller_may_see(small_pages: Server
     await create(server, "sam", wo("wo:f1"), wo("wo:f2", assignee="tom"), wo("wo:f3"))
     first = (await call(server, "/v1/changes?limit=1000", "tina")).json
     assert [d["id"] for d in first["docs"]] == ["wo:f1", "wo:f3"]  # at most changes_page
-    assert first["more"] is False and first["since"] == 0 and first["removed"] == []
+    assert first["more"] is False
+    assert first["since"] == 0
+    assert first["removed"] == []
     sams = (await call(server, "/v1/changes", "sam")).json
-    assert [d["id"] for d in sams["docs"]] == ["wo:f1", "wo:f2"] and sams["more"] is True
+    assert [d["id"] for d in sams["docs"]] == ["wo:f1", "wo:f2"]
+    assert sams["more"] is True
     rest = (await call(server, f"/v1/changes?since={sams['upto']}", "sam")).json
-    assert [d["id"] for d in rest["docs"]] == ["wo:f3"] and rest["more"] is False
+    assert [d["id"] for d in rest["docs"]] == ["wo:f3"]
+    assert rest["more"] is False
     one = (await call(server, "/v1/changes?limit=1", "sam")).json
-    assert len(one["docs"]) == 1 and one["more"] is True
+    assert len(one["docs"]) == 1
+    assert one["more"] is True
     nothing = (await call(server, f"/v1/changes?since={rest['upto']}", "sam")).json
-    assert nothing["docs"] == [] and nothing["upto"] == rest["upto"]
+    assert nothing["docs"] == []
+    assert nothing["upto"] == rest["upto"]
     for bad in ("since=-1", "since=x", "limit=0"):
         assert_problem(await call(server, f"/v1/changes?{bad}", "sam"), 400, "invalid_request")
 
 
-NEW = {
+NEW: dict[str, Any] = {
     "fields": {
         "number": "WO-9001",
         "title": "Replace seal on pump P-104",
@@ -459,13 +481,15 @@ async def test_a_supervisor_creates_a_work_order_through_the_write_path(server: 
             {"id": "c1", "label": "Isolate the pump", "required": True, "done": False},
             {"id": "leak", "label": "Leak test", "required": False, "done": False},
         ]
-        assert body["notes"] == "Drips at the seal." and body["seq"] >= 1
+        assert body["notes"] == "Drips at the seal."
+        assert body["seq"] >= 1
         # The assignee's live session hears of it as of any device-made work order.
         scope = await device.control("scope")
         assert scope["added"] == [doc_id]
     assert (await call(server, f"/v1/work-orders/{doc_id}", "tina")).json == body
     (card,) = (await call(server, "/v1/screens/my-work", "tina")).json["items"]
-    assert card["due_at"] == "2026-12-24T09:00:00Z" and card["priority"] == "high"
+    assert card["due_at"] == "2026-12-24T09:00:00Z"
+    assert card["priority"] == "high"
     backend = server.app[BACKEND]
     assert isinstance(backend, SQLiteBackend)  # the log's columns are SQLite's
     rows = await backend.store.query(

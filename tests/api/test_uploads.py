@@ -197,7 +197,8 @@ async def test_the_full_flow_stores_verified_content_and_serves_it(
     location = await tina.created(photo, "wo:p1", filename="pump.jpg", filetype="image/jpeg")
     assert location.startswith("/v1/uploads/")
     status, headers = await tina.head(location)
-    assert status == 200 and headers["Tus-Resumable"] == "1.0.0"
+    assert status == 200
+    assert headers["Tus-Resumable"] == "1.0.0"
     assert (headers["Upload-Offset"], headers["Upload-Length"]) == ("0", str(len(photo)))
     assert headers["Cache-Control"] == "no-store"
     assert "filename" in headers["Upload-Metadata"]
@@ -212,7 +213,8 @@ async def test_the_full_flow_stores_verified_content_and_serves_it(
     assert (last.status, last.headers["Upload-Offset"]) == (204, str(len(photo)))
 
     status, headers, body = await tina.get(f"/v1/attachments/{sha256(photo)}")
-    assert status == 200 and body == photo
+    assert status == 200
+    assert body == photo
     assert headers["Content-Type"] == "image/jpeg"
     assert headers["ETag"] == f'"{sha256(photo)}"'
     assert headers["Accept-Ranges"] == "bytes"
@@ -222,7 +224,8 @@ async def test_the_full_flow_stores_verified_content_and_serves_it(
     assert stored.relative_to(seeded.data_dir / "attachments").as_posix() == (
         f"{sha256(photo)[:2]}/{sha256(photo)[2:]}"
     )
-    assert stored.read_bytes() == photo and staged_files(seeded) == []
+    assert stored.read_bytes() == photo
+    assert staged_files(seeded) == []
     # GET on the upload tells the same as HEAD, as JSON.
     status, _, body = await tina.get(location, **TUS)
     assert status == 200
@@ -316,7 +319,8 @@ async def test_content_that_does_not_match_its_sha256_is_refused_and_never_visib
     assert (await tina.head(location))[0] == 403  # the upload is gone
     for digest in (sha256(photo), sha256(claimed)):
         assert (await tina.get(f"/v1/attachments/{digest}"))[0] == 403
-    assert stored_files(seeded) == [] and staged_files(seeded) == []
+    assert stored_files(seeded) == []
+    assert staged_files(seeded) == []
 
 
 async def test_the_same_content_is_stored_once_however_often_it_is_sent(
@@ -337,7 +341,8 @@ async def test_the_same_content_is_stored_once_however_often_it_is_sent(
     assert (await ulla.patch(other, 0, photo)).status == 204
     # …and then reads it through her own work order; the content is still on disk once.
     assert (await ulla.get(f"/v1/attachments/{sha256(photo)}"))[2] == photo
-    assert len(stored_files(seeded)) == 1 and staged_files(seeded) == []
+    assert len(stored_files(seeded)) == 1
+    assert staged_files(seeded) == []
 
 
 async def test_the_type_is_read_from_the_bytes_not_the_name(
@@ -354,7 +359,8 @@ async def test_the_type_is_read_from_the_bytes_not_the_name(
     Image.new("RGB", (64, 64), "navy").save(webp, "WEBP")
     location = await tina.created(webp.getvalue(), "wo:p1", filetype="image/png")
     refused = await tina.patch(location, 0, webp.getvalue())
-    assert refused.status == 415 and b"image/webp" in refused.body  # type: ignore[attr-defined]
+    assert refused.status == 415
+    assert b"image/webp" in refused.body  # type: ignore[attr-defined]
 
     text = b"just some notes, not a photo at all\n" * 10
     location = await tina.created(text, "wo:p1", filename="photo.jpg", filetype="image/jpeg")
@@ -389,7 +395,8 @@ async def test_uploads_over_the_size_limit_get_413(
 ) -> None:
     tina = Tus(small, http, "tina")
     too_big = await tina.create(b"\xff\xd8\xff" + bytes(100_000), "wo:p1")
-    assert too_big.status == 413 and too_big.headers["Tus-Resumable"] == "1.0.0"
+    assert too_big.status == 413
+    assert too_big.headers["Tus-Resumable"] == "1.0.0"
     # A chunk past the upload's own length is refused too, and nothing of it counts.
     photo = png()
     location = await tina.created(photo, "wo:p1")
@@ -412,7 +419,8 @@ async def test_a_decompression_bomb_is_refused_before_it_is_decoded(
     assert refused.status == 422, which
     assert b"image_too_large" in refused.body  # type: ignore[attr-defined]
     assert (await tina.get(f"/v1/attachments/{sha256(bomb)}"))[0] == 403
-    assert stored_files(small) == [] and staged_files(small) == []
+    assert stored_files(small) == []
+    assert staged_files(small) == []
 
 
 # --- downloads ----------------------------------------------------------------------------------
@@ -433,7 +441,8 @@ async def test_range_downloads(seeded: Server, http: aiohttp.ClientSession) -> N
     status, _, body = await tina.get(path, Range=f"bytes={size - 10}-")
     assert (status, body) == (206, photo[-10:])
     status, headers, _ = await tina.get(path, Range=f"bytes={size}-")
-    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{size}"
     # If-Range naming another version: the whole content (RFC 9110 §13.1.5).
     status, _, body = await tina.get(path, Range="bytes=0-9", **{"If-Range": '"other"'})
     assert (status, body) == (200, photo)
@@ -489,9 +498,11 @@ async def test_downloads_need_a_work_order_in_scope(
         assert (await Tus(seeded, http, subject).get(path))[0] == 200, subject
     for subject in ("tom", "ulla", "sue", "nobody"):
         status, _, body = await Tus(seeded, http, subject).get(path)
-        assert status == 403 and b'"code":"forbidden"' in body, subject
+        assert status == 403, subject
+        assert b'"code":"forbidden"' in body, subject
     unknown = await Tus(seeded, http, "tina").get(f"/v1/attachments/{'0' * 64}")
-    assert unknown[0] == 403 and b'"code":"forbidden"' in unknown[2]
+    assert unknown[0] == 403
+    assert b'"code":"forbidden"' in unknown[2]
     async with http.get(seeded.url + path) as anonymous:
         assert anonymous.status == 401
 
@@ -505,7 +516,8 @@ async def test_thumbnails_for_supervisors_and_above(
     status, headers, body = await sam.get(path + "/thumbnail")
     assert (status, headers["Content-Type"]) == (200, "image/jpeg")
     with Image.open(io.BytesIO(body)) as thumbnail:
-        assert thumbnail.format == "JPEG" and max(thumbnail.size) == 256
+        assert thumbnail.format == "JPEG"
+        assert max(thumbnail.size) == 256
         assert thumbnail.size == (256, 192)
     assert len(body) < len(photo) // 10
     # Made once, then served from the cache on disk.
@@ -513,7 +525,8 @@ async def test_thumbnails_for_supervisors_and_above(
     assert [p.name for p in cached.iterdir()] == [f"{sha256(photo)[2:]}.jpg"]
     assert (await Tus(seeded, http, "mia").get(path + "/thumbnail"))[2] == body
     status, _, body = await Tus(seeded, http, "tina").get(path + "/thumbnail")
-    assert status == 403 and b'"code":"forbidden"' in body
+    assert status == 403
+    assert b'"code":"forbidden"' in body
     assert (await Tus(seeded, http, "sue").get(path + "/thumbnail"))[0] == 403  # other team
     # A signed PDF is content like a photo, but has no thumbnail.
     pdf = b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
@@ -521,7 +534,8 @@ async def test_thumbnails_for_supervisors_and_above(
     status, headers, body = await sam.get(pdf_path)
     assert (status, headers["Content-Type"], body) == (200, "application/pdf", pdf)
     status, _, body = await sam.get(pdf_path + "/thumbnail")
-    assert status == 404 and b'"code":"no_thumbnail"' in body
+    assert status == 404
+    assert b'"code":"no_thumbnail"' in body
 
 
 async def test_termination_deletes_the_upload_and_its_bytes(
@@ -538,10 +552,12 @@ async def test_termination_deletes_the_upload_and_its_bytes(
         assert response.status == 403
     assert (await tom.head(location))[0] == 403
     async with http.delete(tina.url(location), headers=tina.headers) as response:
-        assert response.status == 204 and response.headers["Tus-Resumable"] == "1.0.0"
+        assert response.status == 204
+        assert response.headers["Tus-Resumable"] == "1.0.0"
     assert (await tina.head(location))[0] == 403
     assert (await tina.patch(location, 1000, photo[1000:])).status == 403
-    assert staged_files(seeded) == [] and stored_files(seeded) == []
+    assert staged_files(seeded) == []
+    assert stored_files(seeded) == []
 
 
 async def test_creating_an_upload_needs_a_work_order_to_attach_to(
@@ -559,7 +575,8 @@ async def test_creating_an_upload_needs_a_work_order_to_attach_to(
     # tus 1.0 core: a request without a version the server speaks gets 412 and Tus-Version.
     old = {**tina.headers, "Tus-Resumable": "0.2.2", "Upload-Length": "10"}
     async with http.post(seeded.url + "/v1/uploads", headers=old) as response:
-        assert response.status == 412 and response.headers["Tus-Version"] == "1.0.0"
+        assert response.status == 412
+        assert response.headers["Tus-Version"] == "1.0.0"
 
 
 # --- references from documents ------------------------------------------------------------------
@@ -574,7 +591,7 @@ async def test_unknown_or_unfinished_references_are_flagged_not_dropped(
     location = await tina.created(unfinished, "wo:p1")
     assert (await tina.patch(location, 0, unfinished[:5000])).status == 204
 
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     attachments = doc.get("attachments", type=Map)
     meta = {"mime": "image/jpeg", "size": 1, "caption": "", "by": "tina", "at": "2026-11-30"}
     for key in (sha256(stored), sha256(unfinished), "f" * 64, "not-a-hash"):
@@ -604,7 +621,7 @@ async def screen_attachments(
 
 async def attach(server: Server, subject: str, wo: str, *hashes: str) -> None:
     """What a device does once a photo is taken: an entry in the work order's `attachments`."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     for digest in hashes:
         doc.get("attachments", type=Map)[digest] = Map({"mime": "image/png", "by": subject})
     async with connect(server.sync_url, server.token(subject)) as wire:

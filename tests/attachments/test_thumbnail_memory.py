@@ -78,7 +78,8 @@ async def server_process(data_dir: Path, issuer: DevIssuer) -> AsyncIterator[Ser
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert process.stdin is not None and process.stdout is not None
+    assert process.stdin is not None
+    assert process.stdout is not None
     try:
         async with asyncio.timeout(30):
             url = (await process.stdout.readline()).decode().strip()
@@ -182,9 +183,11 @@ async def test_thumbnails_of_large_images_take_bounded_memory(
 
         refused, made = answers[:SUPERVISORS], answers[SUPERVISORS:]
         for status, body in refused:
-            assert status == 404 and b'"code":"no_thumbnail"' in body
+            assert status == 404
+            assert b'"code":"no_thumbnail"' in body
             assert b"too large to thumbnail" in body
         for status, body in made:
             assert status == 200, body[:200]
             with Image.open(io.BytesIO(body)) as small:
-                assert small.format == "JPEG" and small.size == (256, 256)
+                assert small.format == "JPEG"
+                assert small.size == (256, 256)

@@ -228,7 +228,8 @@ async def test_sign_in_sync_refresh_then_revocation_means_sign_in_again(
     tokens = signed_in.json
     claims = jwt_part(tokens["access_token"], 1)
     assert jwt_part(tokens["access_token"], 0)["typ"] == "at+jwt"  # RFC 9068 §2.1
-    assert claims["iss"] == idp.issuer and claims["aud"] == "fieldsync"
+    assert claims["iss"] == idp.issuer
+    assert claims["aud"] == "fieldsync"
     assert (claims["sub"], claims["roles"], claims["team"]) == ("tina", ["technician"], "north")
     await syncs_with(server, tokens["access_token"])
 

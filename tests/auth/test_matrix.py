@@ -130,10 +130,10 @@ def doc_id(kind: DocType, subject: str, name: str) -> str:
     return f"{kind.value}:{subject}.{name}"
 
 
-def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> Doc:
+def build(kind: DocType, subject: str, scope: str, name: str | None = None) -> Doc[Any]:
     """The document of `kind` that lies in `scope` of `subject` (named `name`: one that
     `subject` tries to create; else one of the matrix, which holds a root outside the schema)."""
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     if kind is DocType.WORK_ORDER:
         documents.work_order.write(
             doc,
@@ -173,7 +173,7 @@ def write_paths(kind: DocType) -> list[str]:
     return [*paths, NEW_ROOT, LEGACY_ROOT]
 
 
-def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
+def mutate(doc: Doc[Any], kind: DocType, path: str, n: int, by: str) -> None:
     """Write exactly `path` of `doc` as `by`. A key that is there is set again to its value: a
     real write (a new item) that moves no document out of anyone's scope and no status
     anywhere. A log gets an entry in the writer's own name that changes nothing: the status it
@@ -199,7 +199,7 @@ def mutate(doc: Doc, kind: DocType, path: str, n: int, by: str) -> None:
         doc.get(root, type=Text).insert(0, f"matrix-{n} ")
 
 
-def append_entry(doc: Doc, root: str, n: int, by: str, role: str) -> None:
+def append_entry(doc: Doc[Any], root: str, n: int, by: str, role: str) -> None:
     """Append to a record of `OWN_ENTRIES` an entry in `by`'s name that changes nothing: the
     status the work order has, a first reading, time without a span."""
     if root == "status_log":
@@ -211,7 +211,7 @@ def append_entry(doc: Doc, root: str, n: int, by: str, role: str) -> None:
         doc.get(root, type=Array).append(Map({"by": by, "minutes": n}))
 
 
-def write_cell(doc: Doc, cell: Cell, n: int) -> None:
+def write_cell(doc: Doc[Any], cell: Cell, n: int) -> None:
     """Make on `doc` the write `cell` tries."""
     if cell.message == "as_other":
         append_entry(doc, cell.path, n, OUTSIDER, ROLE[cell.subject])
@@ -248,9 +248,9 @@ class Cell:
         parts = [f"{ROLE[self.subject]}:{self.subject}", self.scope, self.kind.value, self.message]
         return "-".join([*parts, self.path] if self.path else parts)
 
-    def new(self) -> Doc:
+    def new(self) -> Doc[Any]:
         """What a creation cell creates."""
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         if self.message == "create_completed":  # shown completed, as a stock Yjs app would
             fields = {"title": "Inspect pump", "status": "completed"}
             doc.get("fields", type=Map).update(fields | scope_fields(self.subject, self.scope))
@@ -380,7 +380,7 @@ class Run:
 
 
 def content(doc_id: str, update: bytes) -> dict[str, Any]:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.apply_update(update)
     return documents.to_json(doc_id, doc)
 
@@ -388,7 +388,7 @@ def content(doc_id: str, update: bytes) -> dict[str, Any]:
 async def take(wire: Wire, doc: str, *kinds: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     """The first control message about `doc` of one of `kinds`. A domain rule's correction
     (`rule_violation`) is no answer to a write: the write was accepted."""
-    return await wire._take(
+    control: dict[str, Any] = await wire._take(
         wire.controls,
         lambda body: (
             body.get("doc") == doc
@@ -398,6 +398,7 @@ async def take(wire: Wire, doc: str, *kinds: str, timeout: float = TIMEOUT) -> d
         f"{'/'.join(kinds)} of {doc}",
         timeout,
     )
+    return control
 
 
 def answered(wire: Wire, doc: str) -> bool:
@@ -432,7 +433,8 @@ async def corrections_of(wire: Wire, store: Store, doc: str) -> int:
     await wire.doc_message(doc, SyncStep.STEP2)
     await wire.doc_message(doc, SyncStep.STEP1)
     stored = await store.load(doc)
-    assert stored is not None and stored.snapshot is None
+    assert stored is not None
+    assert stored.snapshot is None
     return len(stored.updates) - 1
 
 
@@ -508,7 +510,7 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
         await wire.send(
             *(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in targets.values())
         )
-        replicas: dict[str, Doc] = {}
+        replicas: dict[str, Doc[Any]] = {}
         for doc in targets.values():
             await eventually(lambda doc=doc: answered(wire, doc))
             step2 = [y.payload for d, y in wire.docs if d == doc and isinstance(y, YSync)]
@@ -583,7 +585,7 @@ async def run_principal(server: Server, observer: Wire, subject: str, run: Run) 
                     await wire.step1(doc, mirror.get_state())
                     mirror.apply_update(await wire.doc_message(doc, SyncStep.STEP2))
                     await wire.doc_message(doc, SyncStep.STEP1)  # all of it committed
-                replica: Doc = Doc()
+                replica: Doc[Any] = Doc()
                 replica.apply_update(mirror.get_update())
                 before = replica.get_state()
                 write_cell(replica, c, n)
@@ -736,7 +738,7 @@ class _Tokens(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The matrix, run once for the module. `tests/conftest.py`'s token watch is per test and
     does not see module fixtures: this one watches its own logs."""
     watch = _Tokens()
@@ -746,7 +748,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     finally:
         logging.getLogger().removeHandler(watch)
     result.logged_tokens = watch.found
-    yield result
+    return result
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -770,10 +772,13 @@ def test_v1_read(run: Run, cell: Cell) -> None:
             assert not seen["relayed"]  # held: heard by nobody while it waits
         assert run.doc_bytes[cell.subject, cell.doc] == 0
         return
-    assert seen["reply"] is not None and seen["reply"]["code"] == "forbidden", seen["reply"]
-    assert seen["reset"] is not None and seen["reset"]["reason"] == "forbidden"
+    assert seen["reply"] is not None
+    assert seen["reply"]["code"] == "forbidden", seen["reply"]
+    assert seen["reset"] is not None
+    assert seen["reset"]["reason"] == "forbidden"
     # Not a byte of the document, then or after (writes and awareness included).
-    assert seen.get("content") is None and not seen.get("relayed")
+    assert seen.get("content") is None
+    assert not seen.get("relayed")
     assert run.doc_bytes[cell.subject, cell.doc] == 0
 
 
@@ -784,7 +789,8 @@ def test_yws_connect(run: Run, cell: Cell) -> None:
         assert seen["close"] is None
         assert seen["content"] == run.contents[cell.doc]
     elif expected(cell).outcome == "absent":
-        assert seen["close"] is None and seen["content"] == EMPTY[cell.kind]
+        assert seen["close"] is None
+        assert seen["content"] == EMPTY[cell.kind]
     else:
         assert seen["close"] == (CloseCode.FORBIDDEN, "forbidden")
         assert seen["received"] == 0  # not a message before the close
@@ -822,7 +828,8 @@ def test_write(run: Run, cell: Cell) -> None:
     assert (reply["type"], reply["code"]) == ("error", expect.outcome), reply
     if expect.outcome == "forbidden_field":
         assert tuple(reply["paths"]) == expect.paths
-    assert seen["reset"] is not None and seen["reset"]["reason"] == expect.outcome
+    assert seen["reset"] is not None
+    assert seen["reset"]["reason"] == expect.outcome
     assert after == before  # nothing of it stored
 
 
@@ -860,7 +867,8 @@ def test_create(run: Run, cell: Cell) -> None:
             assert tuple(seen["reply"]["paths"]) == expect.paths
         assert seen["reset"] is not None
     if allowed:
-        assert seen["index"] is not None and seen["index"].doc == cell.doc
+        assert seen["index"] is not None
+        assert seen["index"].doc == cell.doc
     else:
         assert seen["index"] is None  # nothing of it stored
 
@@ -942,7 +950,7 @@ def test_mutate_writes_exactly_the_path_it_names() -> None:
     for kind in DocType:
         for path in write_paths(kind):
             base = build(kind, "tina", "assigned")
-            replica: Doc = Doc()
+            replica: Doc[Any] = Doc()
             replica.apply_update(base.get_update())
             before = replica.get_state()
             mutate(replica, kind, path, 0, "tina")
@@ -1003,7 +1011,7 @@ async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_crea
         assert empty["fields"] == {}
         await created_not_committed(server, sam, "wo:race")
 
-        blind: Doc = Doc()
+        blind: Doc[Any] = Doc()
         blind.get("fields", type=Map)["assignee"] = "ulla"
         await sue.update("wo:race", blind.get_update())
         reply = await take(sue, "wo:race", "ack", "error")
@@ -1015,7 +1023,8 @@ async def test_a_peer_waiting_for_a_document_gets_nothing_of_another_scopes_crea
     # Nothing of the document reached her: empty syncs and empty state vectors only.
     assert not [y for d, y in sue.docs if d == "wo:race" and carries_content(y)]
     stored = await server.app[STORE].load("wo:race")
-    assert stored is not None and len(stored.updates) == 1
+    assert stored is not None
+    assert len(stored.updates) == 1
     assert content("wo:race", stored.updates[0])["fields"]["assignee"] == "tina"
 
 
@@ -1030,7 +1039,8 @@ async def test_a_waiting_y_websocket_gets_nothing_of_another_scopes_creation(
     ):
         await sam.hello()
         greeting = decode_y((await sue.receive(timeout=TIMEOUT)).data)
-        assert isinstance(greeting, YSync) and greeting.step is SyncStep.STEP1
+        assert isinstance(greeting, YSync)
+        assert greeting.step is SyncStep.STEP1
         await created_not_committed(server, sam, "wo:race2")
         await sue.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
         message = await sue.receive(timeout=TIMEOUT)
@@ -1093,10 +1103,10 @@ async def test_a_technician_write_waiting_for_the_supervisors_next_edit_is_refus
         await tina.step1("wo:ahead")
         state = await tina.doc_message("wo:ahead", SyncStep.STEP2)
 
-        guess: Doc = Doc(client_id=theirs.client_id)  # sam's next struct, as tina predicts it
+        guess: Doc[Any] = Doc(client_id=theirs.client_id)  # sam's next struct, as tina predicts it
         guess.apply_update(state)
         guess.get("fields", type=Map)["priority"] = "guessed"
-        forged: Doc = Doc()
+        forged: Doc[Any] = Doc()
         forged.apply_update(guess.get_update())
         if edit == "set":
             forged.get("fields", type=Map)["priority"] = "zed"  # its origin is sam's next struct
@@ -1114,4 +1124,5 @@ async def test_a_technician_write_waiting_for_the_supervisors_next_edit_is_refus
         await sam.update("wo:ahead", theirs.get_update(before))
         await sam.control("ack", doc="wo:ahead")
     index = await server.app[STORE].index("wo:ahead")
-    assert index is not None and index.assignee == "tom"
+    assert index is not None
+    assert index.assignee == "tom"

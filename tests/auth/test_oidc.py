@@ -46,7 +46,10 @@ def b64url_json(value: object) -> str:
 
 def segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header, payload, _ = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
+
+    def pad(s: str) -> str:
+        return s + "=" * (-len(s) % 4)
+
     return (
         json.loads(base64.urlsafe_b64decode(pad(header))),
         json.loads(base64.urlsafe_b64decode(pad(payload))),

@@ -81,7 +81,8 @@ async def run_node_tests(package: Path, test_file: str, env: dict[str, str], tim
 
 class TsDevice(YjsPeer):
     """One Node process running `@fieldsync/client` (`clients/ts/test/device.mjs`), with its
-    documents and queued edits in a file: the same JSON-lines driving as the Yjs peer."""
+    documents and queued edits in a file: the same JSON-lines driving as the Yjs peer, with
+    many documents (`edit_doc`, `dump_doc` name theirs)."""
 
     async def start(self) -> None:
         await self.request("start")
@@ -95,7 +96,7 @@ class TsDevice(YjsPeer):
     async def wait_synced(self, doc_id: str, timeout: float = 30.0) -> None:
         await self.request("synced", timeout=timeout + 1, doc=doc_id, ms=int(timeout * 1000))
 
-    async def edit(self, doc_id: str, ops: list[dict[str, Any]]) -> None:
+    async def edit_doc(self, doc_id: str, ops: list[dict[str, Any]]) -> None:
         await self.request("edit", doc=doc_id, ops=ops)
 
     async def wait_acked(self, timeout: float = 30.0) -> None:
@@ -104,7 +105,7 @@ class TsDevice(YjsPeer):
     async def state(self) -> dict[str, Any]:
         return await self.request("state")
 
-    async def dump(self, doc_id: str) -> dict[str, Any]:
+    async def dump_doc(self, doc_id: str) -> dict[str, Any]:
         return await self.request("dump", doc=doc_id)
 
 

@@ -103,7 +103,7 @@ async def test_server_killed_mid_sync_loses_nothing(
     await tina.wait_caught_up()
     await tina.stop()
     for i, doc_id in enumerate(ids):
-        await tina.edit(doc_id, [{"insert": [0.0, f"offline-{i} "]}, {"meter": 100 + i}])
+        await tina.edit_doc(doc_id, [{"insert": [0.0, f"offline-{i} "]}, {"meter": 100 + i}])
     assert (await tina.state())["pending"] == 2 * COUNT
 
     # Back online; the server dies while the device's offer is being answered.
@@ -114,7 +114,7 @@ async def test_server_killed_mid_sync_loses_nothing(
     # Killed mid-sync: the welcome had come, acknowledgements of the offline edits had not
     # all (the device offers 100 documents in one BATCH; the server answers it whole).
     assert (await tina.state())["pending"] > 0
-    await tina.edit(ids[0], [{"insert": [1.0, " during-outage"]}])
+    await tina.edit_doc(ids[0], [{"insert": [1.0, " during-outage"]}])
 
     await server_process.start()
     await tina.wait_acked(timeout=60)

@@ -20,7 +20,9 @@ from tests.interop.test_yjs_interop import canonical, js_state_vector, py_conten
 DOC = "wo:ts-interop-1"
 
 
-async def converged(ts: TsDevice, yjs: YjsPeer, doc: Doc, timeout: float = 15.0) -> dict[str, Any]:
+async def converged(
+    ts: TsDevice, yjs: YjsPeer, doc: Doc[Any], timeout: float = 15.0
+) -> dict[str, Any]:
     """Wait until the TypeScript and the Yjs replicas have the Python replica's content and
     state vector. Nothing announces "every side has it all": ask again after each answer."""
     want: tuple[str, dict[int, int]] = ("", {})
@@ -29,7 +31,7 @@ async def converged(ts: TsDevice, yjs: YjsPeer, doc: Doc, timeout: float = 15.0)
         async with asyncio.timeout(timeout):
             while True:
                 want = (canonical(py_content(doc)), py_state_vector(doc))
-                ts_dump, js_dump = await ts.dump(DOC), await yjs.dump()
+                ts_dump, js_dump = await ts.dump_doc(DOC), await yjs.dump()
                 seen = [ts_dump, js_dump]
                 ts_json = {k: ts_dump["json"][k] for k in ("fields", "checklist", "notes")}
                 if (canonical(ts_json), js_state_vector(ts_dump)) == want and (
@@ -61,7 +63,7 @@ async def test_ts_python_and_yjs_devices_converge(
 
     # All three go offline and edit the same work order.
     await asyncio.gather(ts.stop(), py.go_offline(), yjs.disconnect())
-    await ts.edit(
+    await ts.edit_doc(
         DOC,
         [{"status": "en_route"}, {"insert": [0.0, "ts-note "]}, {"check": [0.0, True]}],
     )

@@ -36,13 +36,13 @@ def one_field(**spec: Any) -> Template:
     return parse("t", 1, {"title": "T", "fields": [{"id": "f", "label": "F", **spec}]}, "t.v1.toml")
 
 
-def form_doc(answers: dict[str, Any], template: str = "t", version: int = 1) -> Doc:
-    doc: Doc = Doc()
+def form_doc(answers: dict[str, Any], template: str = "t", version: int = 1) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     documents.form.write(doc, "wo:1", template, version, answers)
     return doc
 
 
-def apply(doc: Doc, templates: Templates) -> None:
+def apply(doc: Doc[Any], templates: Templates) -> None:
     """What the replicator does with `validation_changes` (as the server's origin)."""
     changes = validation_changes(doc, templates)
     with doc.transaction():
@@ -68,11 +68,14 @@ def test_shipped_templates_load() -> None:
 
 def test_safety_check_v2_adds_a_field_and_changes_the_hazard_options() -> None:
     v1, v2 = SHIPPED.get("safety-check", 1), SHIPPED.get("safety-check", 2)
-    assert v1 is not None and v2 is not None
+    assert v1 is not None
+    assert v2 is not None
     assert {f.id for f in v2.fields} - {f.id for f in v1.fields} == {"signed_by"}
     hazards1, hazards2 = v1.field("hazards"), v2.field("hazards")
-    assert hazards1 is not None and hazards2 is not None
-    assert "electrical" in hazards1.options and "electrical" not in hazards2.options
+    assert hazards1 is not None
+    assert hazards2 is not None
+    assert "electrical" in hazards1.options
+    assert "electrical" not in hazards2.options
     assert "electrical, 400 V" in hazards2.options
 
 
@@ -465,7 +468,7 @@ def test_load_an_empty_or_missing_folder(tmp_path: Path) -> None:
 def test_a_form_without_a_known_template_is_reported_whole(
     meta: dict[str, Any], reason: str
 ) -> None:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.get("meta", type=Map).update(meta)
     doc.get("answers", type=Map).update({"permit_number": "PTW-1"})
     assert check_form(doc, SHIPPED) == {FORM_KEY: reason}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pytest
@@ -42,8 +43,8 @@ replicas = st.lists(
 )
 
 
-def base() -> Doc:
-    doc: Doc = Doc()
+def base() -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     documents.work_order.write(
         doc,
         {
@@ -60,7 +61,7 @@ def base() -> Doc:
     return doc
 
 
-def edit(doc: Doc, who: str, change: Edit) -> None:
+def edit(doc: Doc[Any], who: str, change: Edit) -> None:
     status = rules.STATUSES[change.value % len(rules.STATUSES)]
     if change.kind == "status":
         documents.work_order.set_status(doc, status, by=who, role=ROLES[who], at="t")
@@ -77,7 +78,7 @@ def edit(doc: Doc, who: str, change: Edit) -> None:
         doc.get("checklist", type=Array)[0]["done"] = change.kind == "check"
 
 
-def correct(server: Doc, touched: frozenset[str] | None) -> list[rules.Correction]:
+def correct(server: Doc[Any], touched: frozenset[str] | None) -> list[rules.Correction]:
     corrections = rules.check(server, POLICY.may_move, {}, touched)
     with server.transaction(origin="server"):
         for correction in corrections:
@@ -85,9 +86,9 @@ def correct(server: Doc, touched: frozenset[str] | None) -> list[rules.Correctio
     return corrections
 
 
-def merge(seed: bytes, updates: list[bytes]) -> Doc:
+def merge(seed: bytes, updates: list[bytes]) -> Doc[Any]:
     """The server: apply each update, then correct what it touched, as the replicator does."""
-    server: Doc = Doc()
+    server: Doc[Any] = Doc()
     server.apply_update(seed)
     changes: list[FieldChange] = []
     unwatch = documents.watch(server, documents.work_order.ROOTS, changes)
@@ -100,8 +101,11 @@ def merge(seed: bytes, updates: list[bytes]) -> Doc:
     return server
 
 
-def content(doc: Doc) -> dict:
-    return orjson.loads(orjson.dumps(documents.to_json("wo:x", doc), option=orjson.OPT_SORT_KEYS))
+def content(doc: Doc[Any]) -> dict[str, Any]:
+    loaded: dict[str, Any] = orjson.loads(
+        orjson.dumps(documents.to_json("wo:x", doc), option=orjson.OPT_SORT_KEYS)
+    )
+    return loaded
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,7 +114,7 @@ def test_every_merge_order_ends_in_the_same_legal_state(plan: list[tuple[str, li
     seed = base().get_update()
     updates = []
     for who, changes in plan:
-        replica: Doc = Doc()
+        replica: Doc[Any] = Doc()
         replica.apply_update(seed)
         state = replica.get_state()
         with replica.transaction():
@@ -175,7 +179,10 @@ def test_a_completion_waits_for_its_forms() -> None:
     doc = base()
     doc.get("checklist", type=Array)[0]["done"] = True
     documents.work_order.set_status(doc, "completed", by="tina", role="technician")
-    read = lambda root: documents.data(doc.get(root, type=Array))  # noqa: E731
+
+    def read(root: str) -> Any:
+        return documents.data(doc.get(root, type=Array))
+
     # Looked up only when judging reaches a completion, and then before judging.
     assert rules.forms_needed(None, read)
     assert not rules.forms_needed(frozenset({"notes"}), read)
@@ -196,7 +203,7 @@ def test_a_completion_waits_for_its_forms() -> None:
 
 
 def test_a_creation_without_a_log_is_logged_in_its_creators_name() -> None:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.get("fields", type=Map).update({"status": "assigned", "assignee": "tina"})
     creator = rules.Creator("sam", "supervisor")
     (logged,) = rules.check(doc, POLICY.may_move, {}, None, creator)
@@ -210,9 +217,9 @@ def test_a_creation_without_a_log_is_logged_in_its_creators_name() -> None:
 def test_only_entries_in_the_writers_own_name_are_appended() -> None:
     seed = base().get_update()
 
-    def problems(change: Callable[[Doc], object]) -> list[str]:
+    def problems(change: Callable[[Doc[Any]], object]) -> list[str]:
         """What the write path's own reading of `change`, made by tina, finds wrong."""
-        replica: Doc = Doc()
+        replica: Doc[Any] = Doc()
         replica.apply_update(seed)
         before = replica.get_state()
         change(replica)
@@ -240,7 +247,7 @@ def test_only_entries_in_the_writers_own_name_are_appended() -> None:
     ]
 
 
-def entry(by: str) -> Map:
+def entry(by: str) -> Map[Any]:
     return Map({"by": by, "start": 100, "end": 200})
 
 
@@ -267,7 +274,7 @@ def entry(by: str) -> Map:
 def test_a_work_order_is_created_new_or_assigned(
     fields: dict[str, str], log: list[str], problems: dict[str, str]
 ) -> None:
-    doc: Doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.get("fields", type=Map).update(fields)
     for status in log:
         doc.get("status_log", type=Array).append(Map({"status": status, "by": "sam"}))
@@ -277,7 +284,8 @@ def test_a_work_order_is_created_new_or_assigned(
 
 def test_a_form_is_created_with_a_loaded_template() -> None:
     templates = documents.Templates.load()
-    known, unknown = Doc(), Doc()
+    known: Doc[Any] = Doc()
+    unknown: Doc[Any] = Doc()
     documents.form.write(known, "wo:1", "safety-check", 1, {})
     documents.form.write(unknown, "wo:1", "nope", 1, {})
     assert documents.creation_problems(documents.DocType.FORM, known, templates) == {}
@@ -290,7 +298,7 @@ def test_a_form_is_created_with_a_loaded_template() -> None:
 
 def test_a_withdrawn_form_blocks_no_completion() -> None:
     rule_set = documents.DomainRules(documents.Templates.load())
-    form: Doc = Doc()
+    form: Doc[Any] = Doc()
     documents.form.write(form, "wo:1", "safety-check", 1, {})
     assert rule_set.form_blocks(form)  # required answers missing
     documents.form.withdraw(form, by="sam", reason="started against the wrong work")

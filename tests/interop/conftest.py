@@ -88,7 +88,7 @@ class YjsPeer:
         self.process.stdin.write(json.dumps({"id": ident, "cmd": cmd, **args}).encode() + b"\n")
         await self.process.stdin.drain()
         async with asyncio.timeout(timeout):
-            message = await reply
+            message: dict[str, Any] = await reply
         if "error" in message:
             raise AssertionError(f"{self.name}: {cmd} failed: {message['error']}")
         return message

@@ -48,7 +48,7 @@ def canonical(content: dict[str, Any]) -> str:
     return json.dumps(_plain(content), sort_keys=True, ensure_ascii=False)
 
 
-def py_content(doc: Doc) -> dict[str, Any]:
+def py_content(doc: Doc[Any]) -> dict[str, Any]:
     return {
         "fields": doc.get("fields", type=Map).to_py() or {},
         "checklist": doc.get("checklist", type=Array).to_py() or [],
@@ -56,7 +56,7 @@ def py_content(doc: Doc) -> dict[str, Any]:
     }
 
 
-def py_state_vector(doc: Doc) -> dict[int, int]:
+def py_state_vector(doc: Doc[Any]) -> dict[int, int]:
     return decode_state_vector(doc.get_state())
 
 
@@ -64,7 +64,7 @@ def js_state_vector(dump: dict[str, Any]) -> dict[int, int]:
     return {int(client): clock for client, clock in dump["sv"].items()}
 
 
-async def converged(peer: YjsPeer, doc: Doc, timeout: float = 10.0) -> dict[str, Any]:
+async def converged(peer: YjsPeer, doc: Doc[Any], timeout: float = 10.0) -> dict[str, Any]:
     """Wait until the Yjs replica has the same content and state vector as `doc`. Nothing
     announces "the other side has it all", so this asks the peer again after each answer."""
     try:
@@ -110,7 +110,7 @@ def _at(fraction: float, length: int) -> int:
     return min(length, int(fraction * (length + 1)))  # as `at` in yjs_peer.mjs
 
 
-def apply_py(doc: Doc, ops: list[dict[str, Any]]) -> None:
+def apply_py(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
     fields = doc.get("fields", type=Map)
     checklist = doc.get("checklist", type=Array)
     notes = doc.get("notes", type=Text)
@@ -127,7 +127,7 @@ def apply_py(doc: Doc, ops: list[dict[str, Any]]) -> None:
 
 
 async def concurrent_round(
-    rng: random.Random, round_: int, peer: YjsPeer, doc: Doc, client: Client | None
+    rng: random.Random, round_: int, peer: YjsPeer, doc: Doc[Any], client: Client | None
 ) -> None:
     """Both sides edit at once, neither waiting for the other's edits to arrive (while one is
     offline, neither can)."""
@@ -284,7 +284,7 @@ def state(content: dict[str, Any], state_vector: dict[int, int]) -> str:
     return f"{canonical(content)} {sorted(state_vector.items())}"
 
 
-async def all_converged(server: Server, peers: list[YjsPeer], timeout: float = 15.0) -> Doc:
+async def all_converged(server: Server, peers: list[YjsPeer], timeout: float = 15.0) -> Doc[Any]:
     """Wait until every Yjs replica holds what the server stored (content and state vector);
     returns the stored document. Asks again after each answer: nothing announces convergence."""
     seen: list[str] = []

@@ -72,7 +72,8 @@ async def test_a_backup_taken_under_load_restores_every_document(
         code, out, err = await taken
         assert code == 0, err
         manifest = orjson.loads(out)
-        assert manifest["docs"] == DEVICES and manifest["attachments"] == 1
+        assert manifest["docs"] == DEVICES
+        assert manifest["attachments"] == 1
         for device, doc_id, task in zip(devices, docs, nexts, strict=True):
             first = task.result()
             for n in range(first, first + 5):
@@ -92,7 +93,8 @@ async def test_a_backup_taken_under_load_restores_every_document(
     code, _, err = await fieldsync(restored, "restore", str(backup))
     assert code == 0, err
     code, _, err = await fieldsync(restored, "restore", str(backup))
-    assert code == 2 and "--force" in err
+    assert code == 2
+    assert "--force" in err
     assert (await fieldsync(restored, "restore", str(backup), "--force"))[0] == 0
 
     async with running_server(restored, issuer) as server, aiohttp.ClientSession() as http:

@@ -7,6 +7,7 @@ import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, Phase, given, settings
@@ -49,7 +50,7 @@ toggles = st.builds(Toggle, device=st.integers(0, len(DEVICES) - 1))
 scenarios = st.lists(st.one_of(edits, edits, toggles), min_size=5, max_size=40)
 
 
-def apply_edit(doc: Doc, edit: Edit) -> None:
+def apply_edit(doc: Doc[Any], edit: Edit) -> None:
     # A technician's policy lets it set the status only (fieldsync/auth/policy.toml).
     key = "status" if DEVICES[edit.device] == "tina" else edit.key
     with doc.transaction():
@@ -72,12 +73,12 @@ def apply_edit(doc: Doc, edit: Edit) -> None:
             doc.get("parts", type=Array).append(Map({"sku": f"P-{edit.value}", "qty": 1}))
 
 
-def content(doc_id: str, doc: Doc) -> bytes:
+def content(doc_id: str, doc: Doc[Any]) -> bytes:
     # yrs does not keep key order in nested maps: compare content with sorted keys.
     return orjson.dumps(documents.to_json(doc_id, doc), option=orjson.OPT_SORT_KEYS)
 
 
-def same(doc_id: str, doc: Doc, devices: list[Client]) -> bool:
+def same(doc_id: str, doc: Doc[Any], devices: list[Client]) -> bool:
     # State vectors are maps (their encoding's order differs between replicas), and a delete
     # moves none: compare both.
     state = decode_state_vector(doc.get_state())

@@ -175,7 +175,9 @@ class Writer:
         self.limit = limit
         # A new Yjs client per document and per run: a real device would resume its clock from
         # what the restarted server holds; new clients sidestep that without changing the test.
-        self.docs = {doc_id: Doc(client_id=rng.getrandbits(32)) for doc_id in DOCS}
+        self.docs: dict[str, Doc[Any]] = {
+            doc_id: Doc(client_id=rng.getrandbits(32)) for doc_id in DOCS
+        }
         self.in_flight: deque[Sent] = deque()
         self.acked: list[Acked] = []
         self.acking = asyncio.Event()
@@ -274,7 +276,7 @@ async def read_back(server: ServerProcess, token: str) -> tuple[int, dict[str, A
         await wire.send(*(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in DOCS))
         docs = {}
         for doc_id in DOCS:
-            doc: Doc = Doc()
+            doc: Doc[Any] = Doc()
             doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
             durable = decode_state_vector(await wire.doc_message(doc_id, SyncStep.STEP1))
             docs[doc_id] = (doc.get("fields", type=Map).to_py() or {}, doc.get_state(), durable)
@@ -378,7 +380,8 @@ async def test_sigterm_drains_without_losing_an_acknowledged_write(
         for writer in writers:
             assert writer.wire.close_code == 4503
             (told,) = [c for c in writer.wire.controls if c["type"] == "error"]
-            assert told["code"] == "draining" and 0 < told["retry_after"] <= 10
+            assert told["code"] == "draining"
+            assert 0 < told["retry_after"] <= 10
             acked += writer.acked
         problems = [line for line in server.output if " ERROR " in line or "Traceback" in line]
         assert not problems, "".join(server.output)

@@ -3,6 +3,8 @@ write is refused whole, never stored or broadcast, and the device is told to res
 
 from __future__ import annotations
 
+from typing import Any
+
 from pycrdt import Doc, Map, Text
 
 from fieldsync import documents
@@ -70,7 +72,7 @@ async def test_a_form_keeps_its_work_order_and_template_version(server: Server) 
         await sam.hello()
         await sam.update("wo:m1", work_order("wo:m1").get_update())
         await sam.update("wo:m2", work_order("wo:m2", assignee="tom").get_update())
-        form: Doc = Doc()
+        form: Doc[Any] = Doc()
         documents.form.write(form, "wo:m1", "safety-check", 1, {"permit_number": "PTW-1"})
         await sam.update("form:m1", form.get_update())
         for _ in range(3):

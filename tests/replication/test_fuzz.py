@@ -265,7 +265,7 @@ def local_verdict(frame: bytes) -> ProtocolError | None:
 class Fuzz:
     """A seeded source of malformed frames, each with the answer DESIGN.md §3 promises."""
 
-    def __init__(self, seed: int, own: dict[str, Doc], tokens: dict[str, str]) -> None:
+    def __init__(self, seed: int, own: dict[str, Doc[Any]], tokens: dict[str, str]) -> None:
         self.rng = random.Random(seed)
         self.own = own
         self.tokens = tokens
@@ -364,7 +364,7 @@ class Fuzz:
     def mutated(self, doc_id: str) -> bytes:
         """A real edit of one of sue's work orders, with a few bytes changed."""
         rng = self.rng
-        replica = Doc()
+        replica: Doc[Any] = Doc()
         replica.apply_update(self.own[doc_id].get_update())
         before = replica.get_state()
         notes = replica.get("notes", type=Text)
@@ -811,7 +811,9 @@ class Campaign:
                 return
             choice = rng.random()
             if choice < 0.3:
-                frame: bytes | str = y_update(fuzz.garbage_update(), rng.choice([1, 2]))
+                frame: bytes | str = y_update(
+                    fuzz.garbage_update(), rng.choice([SyncStep.STEP2, SyncStep.UPDATE])
+                )
                 codes, category = {4400}, "yws garbage update"
             elif choice < 0.45:
                 frame = y_update(fuzz.garbage_state_vector(), SyncStep.STEP1)
@@ -935,7 +937,7 @@ async def test_malformed_input_gets_its_answer_and_loses_nothing(
         Device("tina", tina, ["wo:h1", "wo:h3"]),
         Device("tom", tom, ["wo:h2"]),
     ]
-    own: dict[str, Doc] = {}
+    own: dict[str, Doc[Any]] = {}
     try:
         for client in (sam, tina, tom, sue):
             await client.start()
@@ -1080,7 +1082,7 @@ async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
             async with connect(server.sync_url, server.token("sam")) as late:
                 await late.hello()
                 await late.step1("wo:mid")
-                doc: Doc = Doc()
+                doc: Doc[Any] = Doc()
                 doc.apply_update(await late.doc_message("wo:mid", SyncStep.STEP2))
                 served = documents.to_json("wo:mid", doc)
                 assert served == await stored_json(server, "wo:mid")
@@ -1089,7 +1091,7 @@ async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
                 # Live edits reach every replica again: one room per document.
                 await tina.step1("wo:mid")
                 await tina.doc_message("wo:mid", SyncStep.STEP2)
-                edit: Doc = Doc()
+                edit: Doc[Any] = Doc()
                 edit.apply_update(BASE)
                 before = edit.get_state()
                 edit.get("notes", type=Text).insert(5, " checked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pycrdt import Doc, Map, Text
@@ -18,7 +19,7 @@ from tests.harness import Server, eventually, running_server, stored_doc, work_o
 from tests.wire import Wire, connect
 
 
-async def create(server: Server, subject: str, doc: Doc, doc_id: str) -> dict:
+async def create(server: Server, subject: str, doc: Doc[Any], doc_id: str) -> dict[str, Any]:
     async with connect(server.sync_url, server.token(subject)) as wire:
         await wire.hello()
         await wire.update(doc_id, doc.get_update())
@@ -36,7 +37,8 @@ async def test_ack_comes_after_commit_with_the_durable_clock(server: Server) -> 
         ack = await wire.control("ack", doc="wo:1")
         # The ack is only sent once the update is committed: a fresh read of the store sees it.
         stored = await server.app[STORE].load("wo:1")
-        assert stored is not None and stored.seq == ack["seq"]
+        assert stored is not None
+        assert stored.seq == ack["seq"]
         expected = decode_state_vector(doc.get_state())
         assert ack["clock"] == {str(k): v for k, v in expected.items()}
 
@@ -75,7 +77,8 @@ async def test_each_pipelined_update_is_acked_in_order_with_its_own_clock(
             await wire.update("wo:3", update)
         acks = [await wire.control("ack", doc="wo:3") for _ in updates]
     seqs = [ack["seq"] for ack in acks]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     # Each ack names exactly what its update made durable: no more (later updates may still be
     # in flight), no less.
     for ack, clock in zip(acks, clocks, strict=True):
@@ -94,7 +97,7 @@ async def test_changes_pages_list_every_document_in_scope_once(
         await create(server, "sue", work_order("wo:s1", team="south", region="west"), "wo:s1")
         async with connect(server.sync_url, server.token("sam")) as wire:
             welcome = await wire.hello()
-            pages = []
+            pages: list[dict[str, Any]] = []
             while not pages or pages[-1]["more"]:
                 pages.append(await wire.control("changes"))
     assert [len(p["docs"]) for p in pages] == [4, 4, 3]
@@ -156,13 +159,13 @@ async def test_scope_decides_what_a_principal_sees(
 
 async def test_forms_follow_their_work_order(server: Server) -> None:
     await create(server, "sam", work_order("wo:f1", assignee="tina"), "wo:f1")
-    form = Doc()
+    form: Doc[Any] = Doc()
     from fieldsync import documents
 
     documents.form.write(form, "wo:f1", "safety-check", 1, {"gloves": True})
     ack = await create(server, "tina", form, "form:f1")
     assert ack["seq"] > 0
-    other = Doc()
+    other: Doc[Any] = Doc()
     documents.form.write(other, "wo:f1", "safety-check", 1, {"gloves": True})
     async with connect(server.sync_url, server.token("ulla")) as wire:
         await wire.hello()
@@ -193,7 +196,7 @@ async def test_reassignment_moves_the_work_order_between_devices(server: Server)
         await tina.step1("wo:r")
         state = await tina.doc_message("wo:r", SyncStep.STEP2)
         await sam.step1("wo:r")
-        sam_doc = Doc()
+        sam_doc: Doc[Any] = Doc()
         sam_doc.apply_update(await sam.doc_message("wo:r", SyncStep.STEP2))
         before = sam_doc.get_state()
         sam_doc.get("fields", type=Map)["assignee"] = "tom"
@@ -201,7 +204,7 @@ async def test_reassignment_moves_the_work_order_between_devices(server: Server)
         assert (await tina.control("scope"))["removed"] == ["wo:r"]
         assert (await tom.control("scope"))["added"] == ["wo:r"]
         # The old assignee's later edits are refused and never stored.
-        tina_doc = Doc()
+        tina_doc: Doc[Any] = Doc()
         tina_doc.apply_update(state)
         before = tina_doc.get_state()
         tina_doc.get("notes", type=Text).insert(0, "late edit")
@@ -423,7 +426,7 @@ async def test_peers_creating_one_document_at_once_all_converge(server: Server) 
         connect(server.sync_url, server.token("ada")) as ada,
     ):
         wires = (sam, mia, ada)
-        replicas: list[Doc] = []
+        replicas: list[Doc[Any]] = []
         for wire in wires:
             await wire.hello()
             await wire.step1("wo:race")
@@ -437,7 +440,7 @@ async def test_peers_creating_one_document_at_once_all_converge(server: Server) 
         whole = await stored_doc(server, "wo:race")
         want = decode_state_vector(whole.get_state())
 
-        def caught_up(wire: Wire, doc: Doc) -> bool:
+        def caught_up(wire: Wire, doc: Doc[Any]) -> bool:
             for item in [d for d in wire.docs if d[0] == "wo:race"]:
                 wire.docs.remove(item)
                 if hasattr(item[1], "payload") and item[1].step is not SyncStep.STEP1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from pycrdt import Array, Doc, Map, Text
@@ -22,7 +23,7 @@ from tests.wire import connect
 ERP = Origin(OriginKind.ADAPTER, "erp")
 
 
-def released(doc: Doc) -> None:
+def released(doc: Doc[Any]) -> None:
     documents.work_order.write(
         doc,
         {"number": "4711", "title": "Replace the valve", "team": "north", "region": "east"},
@@ -46,11 +47,12 @@ async def test_an_adapter_creates_and_edits_as_its_service_principal(server: Ser
         mine.apply_update(await sam.doc_message("wo:erp-4711", SyncStep.UPDATE))
         assert mine.get("fields", type=Map)["title"] == "Replace the valve"
 
-        def retitle(doc: Doc) -> None:
+        def retitle(doc: Doc[Any]) -> None:
             doc.get("fields", type=Map)["title"] = "Replace the valve and the seal"
 
         edited = await writer.edit("wo:erp-4711", retitle, ERP)
-        assert edited is not None and edited > created
+        assert edited is not None
+        assert edited > created
         mine.apply_update(await sam.doc_message("wo:erp-4711", SyncStep.UPDATE))
         assert mine.get("fields", type=Map)["title"] == "Replace the valve and the seal"
 
@@ -67,7 +69,8 @@ async def test_an_adapter_creates_and_edits_as_its_service_principal(server: Ser
     ]
     # The index the screens and scopes read follows.
     index = await store.index("wo:erp-4711")
-    assert index is not None and (index.team, index.title) == (
+    assert index is not None
+    assert (index.team, index.title) == (
         "north",
         "Replace the valve and the seal",
     )
@@ -78,7 +81,7 @@ async def test_an_edit_that_changes_nothing_is_not_stored(server: Server) -> Non
     await writer.edit("wo:erp-1", released, ERP)
     head = await server.app[STORE].head()
 
-    def same_title(doc: Doc) -> None:
+    def same_title(doc: Doc[Any]) -> None:
         fields = doc.get("fields", type=Map)
         if fields["title"] != "Replace the valve":
             fields["title"] = "Replace the valve"
@@ -91,7 +94,7 @@ async def test_what_the_service_role_may_not_write_is_refused_whole(server: Serv
     writer = ServiceWriter(server.app[REPLICATOR])
     await writer.edit("wo:erp-2", released, ERP)
 
-    def tick_and_note(doc: Doc) -> None:
+    def tick_and_note(doc: Doc[Any]) -> None:
         doc.get("notes", type=Text).insert(0, "from the ERP")
         doc.get("checklist", type=Array).append(Map({"id": "c9", "label": "x", "done": True}))
 
@@ -104,7 +107,7 @@ async def test_what_the_service_role_may_not_write_is_refused_whole(server: Serv
     stored = await stored_doc(server, "wo:erp-2")
     assert str(stored.get("notes", type=Text)) == ""  # nothing of the refused edit is kept
 
-    def in_another_name(doc: Doc) -> None:
+    def in_another_name(doc: Doc[Any]) -> None:
         documents.work_order.set_status(doc, "cancelled", by="sam", role="supervisor")
 
     with pytest.raises(FieldsyncError) as refused:
@@ -118,7 +121,7 @@ async def test_the_rules_judge_an_adapters_status_moves(server: Server) -> None:
     writer = ServiceWriter(server.app[REPLICATOR])
     await writer.edit("wo:erp-3", released, ERP)
 
-    def move(status: str) -> Callable[[Doc], None]:
+    def move(status: str) -> Callable[[Doc[Any]], None]:
         return lambda doc: documents.work_order.set_status(
             doc, status, by=str(ERP), role=Role.SERVICE
         )

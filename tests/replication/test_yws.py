@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 from pycrdt import Doc, Map
@@ -61,11 +62,11 @@ class Yws:
         await self.wait("SyncStep1", lambda: self.synced(SyncStep.STEP1))
         return self.synced(SyncStep.STEP1)[0]
 
-    async def replica(self) -> Doc:
+    async def replica(self) -> Doc[Any]:
         """The document as the server gives it to a replica that has nothing (its SyncStep2)."""
         await self.ws.send_bytes(encode_sync(SyncStep.STEP1, b"\x00"))
         await self.wait("SyncStep2", lambda: self.synced(SyncStep.STEP2))
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         doc.apply_update(self.synced(SyncStep.STEP2)[0])
         return doc
 
@@ -154,10 +155,15 @@ async def test_presence_before_the_document_exists_is_held_not_fatal(server: Ser
         # Both are admitted once it exists in their scope: each gets the document and hears
         # the other's presence, announced while they waited.
         for peer, other in ((ada, 8), (sam, 7)):
-            await peer.wait("the other's presence", lambda p=peer, o=other: o in p.presence())
+
+            def heard(p: Yws = peer, o: int = other) -> bool:
+                return o in p.presence()
+
+            await peer.wait("the other's presence", heard)
             assert peer.presence()[other] == f'{{"user":"{other}"}}'
         await sam.wait("the document", lambda: sam.synced(SyncStep.UPDATE))
-        assert ada.close_code is None and sam.close_code is None
+        assert ada.close_code is None
+        assert sam.close_code is None
     stored = await stored_doc(server, doc_id)
     assert stored.get("fields", type=Map)["assignee"] == "tina"
 
@@ -187,4 +193,5 @@ async def test_presence_of_a_peer_that_may_not_see_the_document_never_reaches_it
                 for entry in decode_update(y.payload)
             ]
         assert [client for client, _, _ in presence] == [8]
-        assert sue.presence() == {} and sue.close_code is None
+        assert sue.presence() == {}
+        assert sue.close_code is None

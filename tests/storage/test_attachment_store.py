@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import pycrdt
 import pytest
@@ -49,7 +50,7 @@ def work_order(n: int, assignee: str | None, team: str | None, region: str | Non
 
 
 async def put_work_order(store: Store, index: DocIndex) -> None:
-    ydoc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, index.doc)
     await store.append(
         Write(index.doc, ydoc.get_update(), Origin(OriginKind.DEVICE, "d-1"), "sam", index)
@@ -97,7 +98,8 @@ async def test_two_writers_from_one_offset_one_wins(records: AttachmentStore) ->
     )
     assert sorted(moved) == [False, False, True]
     current = await records.upload("u1")
-    assert current is not None and current.received == (10, 20, 30)[moved.index(True)]
+    assert current is not None
+    assert current.received == (10, 20, 30)[moved.index(True)]
 
 
 async def test_completing_records_the_content_and_the_reference_together(
@@ -108,11 +110,13 @@ async def test_completing_records_the_content_and_the_reference_together(
     assert await records.record_received("u1", 0, 60, 1001.0)
     # From a stale offset: nothing at all is written, neither content nor reference.
     assert not await records.complete_upload(new_upload(), 0, content(), 1002.0)
-    assert await records.attachment(SHA_A) is None and await records.readers([SHA_A]) == {}
+    assert await records.attachment(SHA_A) is None
+    assert await records.readers([SHA_A]) == {}
 
     assert await records.complete_upload(new_upload(), 60, content(), 1002.0)
     done = await records.upload("u1")
-    assert done == replace(new_upload(), received=100, completed_at=1002.0) and done.complete
+    assert done == replace(new_upload(), received=100, completed_at=1002.0)
+    assert done.complete
     assert await records.attachment(SHA_A) == content()
     assert await records.readers([SHA_A]) == {SHA_A: [work_order(1, "tina", "north", "east")]}
     # A complete upload takes no more chunks and cannot complete twice.
@@ -157,9 +161,11 @@ async def test_deleting_an_upload_keeps_its_content(
     await records.create_upload(new_upload())
     assert await records.complete_upload(new_upload(), 0, content(), 2.0)
     await records.create_upload(new_upload("u2", sha256=SHA_B))
-    assert await records.delete_upload("u2") and await records.delete_upload("u1")
+    assert await records.delete_upload("u2")
+    assert await records.delete_upload("u1")
     assert not await records.delete_upload("u1")
-    assert await records.upload("u1") is None and await records.upload("u2") is None
+    assert await records.upload("u1") is None
+    assert await records.upload("u2") is None
     assert not await records.record_received("u2", 0, 10, 3.0)
     assert await records.attachment(SHA_A) == content()
     assert list(await records.readers([SHA_A, SHA_B])) == [SHA_A]
@@ -177,7 +183,8 @@ async def test_only_uploads_left_unfinished_and_idle_expire(records: AttachmentS
     assert not await records.expire_upload("u4", 100.0)  # complete: never expires
     assert await records.expire_upload("u2", 15.0)
     assert not await records.expire_upload("u2", 15.0)
-    assert await records.upload("u2") is None and await records.upload("u4") is not None
+    assert await records.upload("u2") is None
+    assert await records.upload("u4") is not None
     assert await records.stale_uploads(100.0) == ["u1", "u3"]
 
 

@@ -26,7 +26,8 @@ async def test_a_replace_reports_what_it_changed_and_keeps_the_departed_disabled
     directory: Directory,
 ) -> None:
     first = await directory.replace([person("ann"), person("bob"), person("cy")], 1.0)
-    assert {p.subject for p in first.changed} == {"ann", "bob", "cy"} and first.people == 3
+    assert {p.subject for p in first.changed} == {"ann", "bob", "cy"}
+    assert first.people == 3
     assert (
         await directory.replace([person("ann"), person("bob"), person("cy")], 2.0)
     ).changed == []
@@ -47,7 +48,7 @@ async def test_a_replace_reports_what_it_changed_and_keeps_the_departed_disabled
 
 async def test_a_subject_twice_is_refused_and_changes_nothing(directory: Directory) -> None:
     await directory.replace([person("ann")], 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="twice"):
         await directory.replace([person("bob"), person("bob", team="south")], 2.0)
     assert [p.subject for p in await directory.people()] == ["ann"]
 
@@ -63,7 +64,8 @@ async def test_members_are_the_enabled_people_of_a_team_by_subject_in_pages(
     rest = await directory.members("north", after=first[-1].subject, limit=100)
     assert len(first) + len(rest) == 25  # `off` is disabled, `s1` of another team
     east = await directory.members("north", region="east", limit=100)
-    assert {p.region for p in east} == {"east"} and len(east) == 12
+    assert {p.region for p in east} == {"east"}
+    assert len(east) == 12
     assert await directory.members("nowhere", limit=10) == []
 
 

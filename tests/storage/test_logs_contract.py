@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pycrdt
 
@@ -14,7 +15,7 @@ NORTH = ScopeFilter(ScopeKind.TEAM, "north")
 
 
 def write(doc: str, *changes: FieldChange, actor: str = "tina") -> Write:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, doc)
     return Write(doc, ydoc.get_update(), Origin(OriginKind.DEVICE, actor), actor, None, changes)
 
@@ -39,7 +40,8 @@ async def test_history_is_newest_first_with_who_and_which_commit(store: Store) -
         (first.seq, "tina", "fields.status"),
     ]
     assert entries[0].change == FieldChange("fields.title", "Pump", "Pump 4")
-    assert entries[0].origin == by_sam.origin and entries[0].at <= time.time()
+    assert entries[0].origin == by_sam.origin
+    assert entries[0].at <= time.time()
     assert await store.history("wo:404", None, None, 10) == []
 
 
@@ -111,6 +113,7 @@ async def test_a_devices_last_contact_is_its_subjects(store: Store) -> None:
     store.touch_device(DeviceSeen("d-1", "tina", "android", "1.4.0", 0))
     await store.append(write("wo:1"))
     seen = await store.last_seen("d-1", "tina")
-    assert seen is not None and before <= seen <= time.time()
+    assert seen is not None
+    assert before <= seen <= time.time()
     # Another subject on the same device has not been seen there.
     assert await store.last_seen("d-1", "tom") is None

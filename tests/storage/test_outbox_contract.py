@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pycrdt
 import pytest
@@ -33,7 +34,7 @@ def outbox(backend: Backend) -> Outbox:
 
 
 async def change(store: Store, doc: str, origin: Origin = PHONE) -> int:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, f"{doc} {time.monotonic()}")
     return (await store.append(Write(doc, ydoc.get_update(), origin, "sam"))).seq
 
@@ -113,7 +114,8 @@ async def test_a_failure_waits_its_backoff_and_a_dead_letter_pauses_only_its_doc
 
     # The operator retries: the document's dead and pending entries are one delivery, now.
     back = await outbox.retry(dead.id, now + 30)
-    assert back is not None and (back.state, back.attempts) == (OutboxState.PENDING, 0)
+    assert back is not None
+    assert (back.state, back.attempts) == (OutboxState.PENDING, 0)
     assert await outbox.due("erp", now + 30, 10) == [
         DueDoc("erp", "wo:1", one, later, 0),
         DueDoc("erp", "wo:2", two, two, 0),
@@ -128,7 +130,8 @@ async def test_a_skipped_entry_is_never_delivered(outbox: Outbox, store: Store) 
     await outbox.dead_letter("erp", "wo:1", one, TIMEOUT, now)
     first = (await outbox.entries(adapter="erp", limit=10))[0]
     skipped = await outbox.skip(first.id, now)
-    assert skipped is not None and skipped.state is OutboxState.SKIPPED
+    assert skipped is not None
+    assert skipped.state is OutboxState.SKIPPED
     # Only up to the skipped entry's seq; the later change flows again.
     assert await states(outbox) == [
         ("wo:1", one, OutboxState.SKIPPED),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pycrdt
@@ -17,7 +18,14 @@ from pycrdt import Map
 
 from fieldsync.app import BACKEND
 from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
-from fieldsync.storage import PostgresBackend, Screens, SQLiteBackend, StorageError, Write
+from fieldsync.storage import (
+    Backend,
+    PostgresBackend,
+    Screens,
+    SQLiteBackend,
+    StorageError,
+    Write,
+)
 from fieldsync.storage._migrations import MIGRATIONS as SQLITE_MIGRATIONS
 from fieldsync.storage._postgres import PgTransaction
 from fieldsync.storage._postgres_migrations import MIGRATIONS
@@ -36,7 +44,7 @@ def url(postgres_schemas: PostgresSchemas) -> Iterator[str]:
 
 
 def new_work_order(doc: str, node: int) -> Write:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, doc)
     return Write(
         doc,
@@ -210,7 +218,7 @@ async def test_nodes_compacting_one_document_keep_every_edit(url: str) -> None:
     for node in nodes:
         await node.open()
     try:
-        editors = [pycrdt.Doc(client_id=n + 1) for n in range(2)]
+        editors: list[pycrdt.Doc[Any]] = [pycrdt.Doc(client_id=n + 1) for n in range(2)]
 
         async def edit(n: int) -> None:
             text = editors[n].get("body", type=pycrdt.Text)
@@ -223,8 +231,9 @@ async def test_nodes_compacting_one_document_keep_every_edit(url: str) -> None:
 
         await asyncio.gather(edit(0), edit(1))
         stored = await nodes[0].store.load("wo:1")
-        assert stored is not None and stored.snapshot is not None
-        merged: pycrdt.Doc = pycrdt.Doc()
+        assert stored is not None
+        assert stored.snapshot is not None
+        merged: pycrdt.Doc[Any] = pycrdt.Doc()
         for data in [stored.snapshot, *stored.updates]:
             merged.apply_update(data)
         body = str(merged.get("body", type=pycrdt.Text))
@@ -266,7 +275,7 @@ async def test_the_screens_answer_as_sqlites_do(url: str, tmp_path: Path) -> Non
     """The same writes to both backends, then every screen page by page: the same answers,
     with keys chosen where collations disagree (case, punctuation, '~', no due time)."""
     rng = random.Random(7)
-    backends = [SQLiteBackend(tmp_path / "screens.db"), PostgresBackend(url)]
+    backends: list[Backend] = [SQLiteBackend(tmp_path / "screens.db"), PostgresBackend(url)]
     for backend in backends:
         await backend.open()
     teams = ["north", "North", "n-1", "n_1", "Ödland", None]

@@ -101,7 +101,8 @@ async def test_a_full_import_creates_rows_and_an_identical_one_records_nothing(
 ) -> None:
     first = await reference.import_rows("assets", assets(7), full=True)
     assert (first.rows, first.created, first.updated, first.deleted) == (7, 7, 0, 0)
-    assert first.done and first.seq > 0
+    assert first.done
+    assert first.seq > 0
     again = await reference.import_rows("assets", reversed(assets(7)), full=True)
     assert (again.unchanged, again.created, again.updated, again.deleted, again.seq) == (
         7,
@@ -172,7 +173,14 @@ async def test_integer_keys_are_keys_and_bad_rows_are_refused(reference: Referen
     assert result.created == 1
     stored, _ = await snapshot(reference, "parts")
     assert stored == {"7": {"no": 7, "qty": 1}}
-    for bad in ([{"qty": 1}], [{"no": True}], [{"no": ""}], ["a string"], [{"no": "x", "v": {1}}]):
+    bads: list[list[Any]] = [
+        [{"qty": 1}],
+        [{"no": True}],
+        [{"no": ""}],
+        ["a string"],
+        [{"no": "x", "v": {1}}],
+    ]
+    for bad in bads:
         with pytest.raises(InvalidRow, match="row 1"):
             await reference.import_rows("parts", bad, key="no", full=False)
 
@@ -210,9 +218,11 @@ async def test_pages_end_between_row_changes_and_chain_by_next(reference: Refere
     whole = await read_all(reference, "assets", 0, 1000)
     assert whole.pages == 1
     paged = await read_all(reference, "assets", 0, 3)
-    assert paged.pages == 4 and paged.rows == whole.rows
+    assert paged.pages == 4
+    assert paged.rows == whole.rows
     first = await reference.changes("assets", 0, 3)
-    assert first.more and len(first.changes) == 3
+    assert first.more
+    assert len(first.changes) == 3
     second = await reference.changes("assets", first.next, 3)
     assert second.since == first.next
     assert {c.key for c in first.changes}.isdisjoint(c.key for c in second.changes)
@@ -266,7 +276,8 @@ async def test_compaction_moves_the_horizon_and_a_snapshot_plus_changes_converge
         assert refused.value.horizon == head
     # A device that had synced: snapshot, then the changes after it, ends where the server is.
     rows, seq = await snapshot(reference, "assets")
-    assert seq == head and len(rows) == 8
+    assert seq == head
+    assert len(rows) == 8
     await reference.import_rows("assets", [{"id": "A000", "name": "Late"}], full=False)
     device.rows, device.since = rows, seq
     await device.sync(reference, "assets", 4)
@@ -300,7 +311,8 @@ async def test_a_snapshot_is_the_rows_at_its_seq(store: Store, reference: Refere
     assert seq == await store.head()
     assert rows == {row["id"]: row for row in assets(5)}
     info = await reference.info("assets")
-    assert info is not None and (info.rows, info.seq, info.horizon) == (5, seq, 0)
+    assert info is not None
+    assert (info.rows, info.seq, info.horizon) == (5, seq, 0)
     assert await reference.info("nothing") is None
     assert await snapshot(reference, "nothing") == ({}, seq)
 
@@ -362,5 +374,5 @@ async def test_a_device_applying_pages_ends_with_the_servers_rows(
 
 
 async def test_changes_need_a_positive_limit(reference: ReferenceStore) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be at least 1"):
         await reference.changes("assets", 0, 0)

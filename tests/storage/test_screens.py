@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from typing import Any
 
 import pycrdt
 import pytest
@@ -15,7 +16,7 @@ from fieldsync.storage import MetricsPage, Screens, Store, Write
 
 EAST = ScopeFilter(ScopeKind.REGION, "east")
 TINA_PHONE = Origin(OriginKind.DEVICE, "t")
-_edits: dict[str, pycrdt.Doc] = {}
+_edits: dict[str, pycrdt.Doc[Any]] = {}
 
 
 def edit(doc: str, **fields: str | None) -> Write:
@@ -56,7 +57,8 @@ async def test_region_metrics_follow_their_definitions(store: Store, screens: Sc
         return screens.region_metrics(EAST, now=at(now), after=None, limit=10)
 
     page = await north("2026-12-01T09:59:59")
-    assert [t.team for t in page.teams] == ["north", "south"] and page.next is None
+    assert [t.team for t in page.teams] == ["north", "south"]
+    assert page.next is None
     team = page.teams[0]
     assert team.total == 6
     assert team.by_status == {
@@ -77,11 +79,13 @@ async def test_region_metrics_follow_their_definitions(store: Store, screens: Sc
     assert (await north("2026-12-02T00:00:00")).teams[0].overdue == 2
     # Pages of teams, by name.
     first = await screens.region_metrics(EAST, now=at("2026-12-01T00:00:00"), after=None, limit=1)
-    assert [t.team for t in first.teams] == ["north"] and first.next == "north"
+    assert [t.team for t in first.teams] == ["north"]
+    assert first.next == "north"
     second = await screens.region_metrics(
         EAST, now=at("2026-12-01T00:00:00"), after=first.next, limit=1
     )
-    assert [t.team for t in second.teams] == ["south"] and second.next is None
+    assert [t.team for t in second.teams] == ["south"]
+    assert second.next is None
     nothing = await screens.region_metrics(
         ScopeFilter(ScopeKind.NONE), now=0.0, after=None, limit=5
     )
@@ -90,7 +94,7 @@ async def test_region_metrics_follow_their_definitions(store: Store, screens: Sc
 
 async def test_forms_never_appear_in_a_list(store: Store, screens: Screens) -> None:
     await store.append(edit("wo:1", status="assigned"))
-    form = pycrdt.Doc()
+    form: pycrdt.Doc[Any] = pycrdt.Doc()
     form.get("body", type=pycrdt.Text).insert(0, "f")
     await store.append(
         Write("form:1", form.get_update(), TINA_PHONE, "tina", DocIndex("form:1", "form", "wo:1"))
@@ -98,7 +102,8 @@ async def test_forms_never_appear_in_a_list(store: Store, screens: Screens) -> N
     page = await screens.my_work("tina", ScopeFilter(ScopeKind.ALL), None, 10)
     assert [card.id for card in page.cards] == ["wo:1"]
     refs = await screens.work_order_refs("wo:1", 10)
-    assert refs.forms == ["form:1"] and refs.asset is None
+    assert refs.forms == ["form:1"]
+    assert refs.asset is None
 
 
 async def test_metrics_of_work_orders_without_status_or_team(

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pycrdt
 import pytest
@@ -37,7 +38,7 @@ RULES = Origin(OriginKind.RULES)
 
 
 def update(text: str) -> bytes:
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("body", type=pycrdt.Text).insert(0, text)
     return ydoc.get_update()
 
@@ -71,7 +72,8 @@ def test_a_failing_migration_leaves_nothing_behind(raw: sqlite3.Connection) -> N
         migrate(Database(raw), migrations)
     assert raw.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
     tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
-    assert "things" in tables and "half" not in tables
+    assert "things" in tables
+    assert "half" not in tables
     assert "colour" in {row[1] for row in raw.execute("PRAGMA table_info(things)")}
     assert migrate(Database(raw), migrations[:2]) == []
 
@@ -180,7 +182,9 @@ async def test_transact_jobs_share_the_group_commit_and_fail_alone(tmp_path: Pat
         results = await asyncio.gather(*jobs, return_exceptions=True)
         assert isinstance(results[1], ValueError)
         a, b = results[0], results[2]
-        assert isinstance(a, int) and isinstance(b, int) and b == a + 1  # the bad seq is reused
+        assert isinstance(a, int)
+        assert isinstance(b, int)
+        assert b == a + 1  # the bad seq is reused
         rows = await store.query(lambda db: db.execute("SELECT seq, text FROM notes").fetchall())
         assert rows == [(a, "a"), (b, "b")]
         assert await store.head() == b
@@ -215,7 +219,7 @@ class Editing:
     """Successive updates of work orders, each with the status given in its index."""
 
     def __init__(self) -> None:
-        self.ydocs: dict[str, pycrdt.Doc] = {}
+        self.ydocs: dict[str, pycrdt.Doc[Any]] = {}
 
     def status(self, doc: str, status: str) -> Write:
         ydoc = self.ydocs.setdefault(doc, pycrdt.Doc())
@@ -227,7 +231,7 @@ class Editing:
 
 async def columns(store: SQLiteStore, doc: str) -> tuple[float, float | None, int]:
     """What the writer keeps beside the index for the screens' metrics."""
-    rows = await store.query(
+    rows: list[tuple[float, float | None, int]] = await store.query(
         lambda db: db.execute(
             "SELECT created_at, completed_at, reopened FROM doc_index WHERE doc = ?", (doc,)
         ).fetchall()
@@ -242,7 +246,9 @@ async def test_the_writer_keeps_creation_completion_and_reopenings(path: Path) -
     for status in ("assigned", "in_progress", "completed"):
         await store.append(edit.status("wo:1", status))
     created, completed, reopened = await columns(store, "wo:1")
-    assert completed is not None and created <= completed and reopened == 0
+    assert completed is not None
+    assert created <= completed
+    assert reopened == 0
     # Closing keeps the completion time; going back to work is a reopening; completing
     # again moves the completion time on.
     await store.append(edit.status("wo:1", "closed"))
@@ -250,7 +256,9 @@ async def test_the_writer_keeps_creation_completion_and_reopenings(path: Path) -
     await store.append(edit.status("wo:1", "in_progress"))
     await store.append(edit.status("wo:1", "completed"))
     again = await columns(store, "wo:1")
-    assert again[0] == created and again[1] is not None and again[1] >= completed
+    assert again[0] == created
+    assert again[1] is not None
+    assert again[1] >= completed
     assert again[2] == 1
     # Cancelling a completed work order ends it; it is not a reopening.
     await store.append(edit.status("wo:2", "completed"))
@@ -263,7 +271,7 @@ async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -
     path = tmp_path / "old.db"
     db = Database(sqlite3.connect(path, isolation_level=None))
     migrate(db, [m for m in MIGRATIONS if m.version < 3])
-    ydoc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     ydoc.get("fields", type=pycrdt.Map).update({"title": "t", "site": "Depot", "asset_id": 104.0})
     db.execute(
         "INSERT INTO updates (seq, doc, data, origin, actor, at) VALUES (1, 'wo:old', ?, 'x',"
@@ -281,7 +289,8 @@ async def test_migration_3_fills_in_documents_stored_before_it(tmp_path: Path) -
     await store.open()
     try:
         index = await store.index("wo:old")
-        assert index is not None and (index.site, index.asset_id) == ("Depot", "104")
+        assert index is not None
+        assert (index.site, index.asset_id) == ("Depot", "104")
         rows = await store.query(
             lambda db: db.execute(
                 "SELECT created_at, reopened FROM doc_index WHERE doc = 'wo:old'"

@@ -4,7 +4,7 @@ must keep, driven with real pycrdt documents."""
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Any, cast
 
 import pycrdt
 import pytest
@@ -46,7 +46,7 @@ class Editor:
 
     def __init__(self, doc: str) -> None:
         self.doc = doc
-        self.ydoc: pycrdt.Doc = pycrdt.Doc()
+        self.ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.text = self.ydoc.get("body", type=pycrdt.Text)
 
     def type(self, text: str, index: DocIndex | None = None) -> Write:
@@ -69,15 +69,15 @@ def put(index: DocIndex) -> Write:
     return Editor(index.doc).type("x", index)
 
 
-def rebuild(stored: StoredDoc | None) -> pycrdt.Doc:
+def rebuild(stored: StoredDoc | None) -> pycrdt.Doc[Any]:
     assert stored is not None
-    ydoc: pycrdt.Doc = pycrdt.Doc()
+    ydoc: pycrdt.Doc[Any] = pycrdt.Doc()
     for update in [stored.snapshot or b"\x00\x00", *stored.updates]:
         ydoc.apply_update(update)
     return ydoc
 
 
-def same_state(a: pycrdt.Doc, b: pycrdt.Doc) -> bool:
+def same_state(a: pycrdt.Doc[Any], b: pycrdt.Doc[Any]) -> bool:
     text = [str(ydoc.get("body", type=pycrdt.Text)) for ydoc in (a, b)]
     return a.get_state() == b.get_state() and text[0] == text[1]
 
@@ -113,7 +113,8 @@ async def test_seqs_strictly_increase_and_survive_reopen(make_backend: BackendFa
     editor = Editor("wo:1")
     seqs = [(await store.append(editor.type(c))).seq for c in "abcd"]
     await store.append(put(work_order(2)))
-    assert seqs == sorted(set(seqs)) and seqs[0] >= 1
+    assert seqs == sorted(set(seqs))
+    assert seqs[0] >= 1
     head = await store.head()
     await backend.close()
 
@@ -190,7 +191,8 @@ async def test_a_failing_write_fails_its_batch_and_later_writes_commit(store: St
     assert await store.head() == after.seq
     assert await store.index("wo:2") is None
     stored = await store.load("wo:1")
-    assert stored is not None and stored.seq == after.seq
+    assert stored is not None
+    assert stored.seq == after.seq
     assert len(stored.updates) == (2 if isinstance(outcome, Committed) else 1)
 
 
@@ -282,7 +284,9 @@ async def test_pages_cover_every_document_exactly_once(store: Store) -> None:
             last[editor.doc] = (await store.append(editor.type("x"))).seq
     for limit in (1, 4, 7, 100):
         seen, removed, upto = await read_all(store, ALL, 0, limit)
-        assert seen == last and not removed and upto == await store.head()
+        assert seen == last
+        assert not removed
+        assert upto == await store.head()
     middle = sorted(last.values())[len(last) // 2]
     seen, _, _ = await read_all(store, ALL, middle, 4)
     assert seen == {doc: seq for doc, seq in last.items() if seq > middle}
@@ -354,7 +358,8 @@ async def test_reassignment_moves_the_forms_to_the_new_scope(store: Store) -> No
 async def test_a_work_order_arriving_after_its_forms_takes_them_in(store: Store) -> None:
     await store.append(put(form(1, wo=1)))
     created = await store.append(put(work_order(1, "u-tom")))
-    assert created.scope_change is not None and created.scope_change.forms == ("form:1",)
+    assert created.scope_change is not None
+    assert created.scope_change.forms == ("form:1",)
     seen, _, _ = await read_all(store, assignee("u-tom"), 0, 10)
     assert seen == {"wo:1": created.seq, "form:1": created.seq}
 
@@ -411,7 +416,8 @@ async def test_compaction_keeps_the_state_and_bounds_the_log(make_backend: Backe
     await store.append(put(work_order(2)))
 
     stored = await store.load("wo:1")
-    assert stored is not None and stored.snapshot is not None
+    assert stored is not None
+    assert stored.snapshot is not None
     assert len(stored.updates) < 10
     assert same_state(rebuild(stored), editor.ydoc)
     assert (await store.stats())["updates"] < 10 + 1
@@ -426,7 +432,8 @@ async def test_compaction_by_size_keeps_a_pipelined_burst(make_backend: BackendF
     await asyncio.gather(*(store.append(editor.type("x" * 40)) for _ in range(50)))
     await store.append(put(work_order(2)))
     stored = await store.load("wo:1")
-    assert stored is not None and stored.snapshot is not None
+    assert stored is not None
+    assert stored.snapshot is not None
     assert sum(map(len, stored.updates)) < 512
     assert same_state(rebuild(stored), editor.ydoc)
     await backend.close()
