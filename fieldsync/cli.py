@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--devices", type=int, default=15)
     demo.add_argument("--rounds", type=int, default=3, help="offline/online rounds of the devices")
     demo.add_argument("--exit", action="store_true", help="stop after the summary")
+    demo.add_argument(
+        "--mqtt",
+        default="127.0.0.1:1883",
+        help="host:port of the MQTT broker for the plant floor (alarms, meter readings), or off",
+    )
     commands.add_parser("settings", help="list every setting with its variable and default")
     _add_reference_commands(commands)
     _outbox_parser(commands)
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 devices=args.devices,
                 rounds=args.rounds,
                 stay=not args.exit,
+                mqtt=None if args.mqtt == "off" else args.mqtt,
             )
         )
     try:

@@ -1,9 +1,12 @@
-"""`fieldsync demo`: a small run converges and says so; a second run on the same data does not
-seed again; the command line knows the command."""
+"""`fieldsync demo`: a small run converges and says so; the plant floor's alarm becomes a work
+order and a meter reading lands in it when the broker is there, and is said skipped when not; a
+second run on the same data does not seed again; the command line knows the command."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +21,25 @@ async def small_demo(data_dir: Path) -> int:
     return await run_demo(
         data_dir=data_dir, port=0, work_orders=30, devices=4, rounds=2, stay=False
     )
+
+
+PLANT_FLOOR = re.compile(
+    r"alarm (?P<asset>[A-Z]+-\d+)/overpressure -> (?P<order>wo:alarm-\w+) \(priority \w+\); "
+    r"meter (?P=asset) [\d.]+ -> (?P=order) meter_readings"
+)
+
+
+def plant_floor(out: str) -> set[str]:
+    """The work order the plant floor's alarm and meter reading landed in (the machine's and
+    CI's Mosquitto on 1883: they must when `FIELDSYNC_REQUIRE_SERVICES=1`); none when the
+    plant floor was said skipped."""
+    line = summary_value(out, "plant floor")
+    landed = PLANT_FLOOR.fullmatch(line)
+    if landed:
+        return {landed.group("order")}
+    assert os.environ.get("FIELDSYNC_REQUIRE_SERVICES") != "1", line
+    assert line.startswith("skipped: no MQTT broker at 127.0.0.1:1883"), line
+    return set()
 
 
 def summary_value(out: str, label: str) -> str:
@@ -42,14 +64,15 @@ async def test_small_demo_converges_and_a_restart_does_not_seed_twice(
     assert kept.group(1) == kept.group(2)
     assert int(kept.group(1)) > 0
     assert summary_value(first, "refused / resets") == "0 / 0"
-    assert "60 documents" in summary_value(first, "updates stored")
+    alarm_orders = plant_floor(first)  # a work order more, in the store and in the ERP
+    assert f"{60 + len(alarm_orders)} documents" in summary_value(first, "updates stored")
     assert "x smaller" in summary_value(first, "bytes on the wire")
     # Every work order reached the demo's ERP through the outbox, and the file says so too.
     erp = summary_value(first, "ERP \\(erp_sql\\)")
-    assert re.match(r"30 orders \(.*\); \d+ time confirmations", erp), erp
+    assert re.match(rf"{30 + len(alarm_orders)} orders \(.*\); \d+ time confirmations", erp), erp
     assert erp.endswith("outbox: 0 still pending, 0 dead letters"), erp
     with sqlite3.connect(data_dir / "erp.db") as db:
-        assert db.execute("SELECT COUNT(*) FROM pm_order").fetchone() == (30,)
+        assert db.execute("SELECT COUNT(*) FROM pm_order").fetchone() == (30 + len(alarm_orders),)
         # Time stands confirmed only on completed (TECO) or closed (CLSD) orders: elsewhere each
         # confirmation has its reversal.
         standing = db.execute(
@@ -64,7 +87,23 @@ async def test_small_demo_converges_and_a_restart_does_not_seed_twice(
     assert "not seeded again" in second
     assert "created offline" not in second
     assert re.match(r"yes: (\d+)/\1 documents", summary_value(second, "converged"))
-    assert "60 documents" in summary_value(second, "updates stored")
+    # The second alarm counts on the work order the first opened, unless the devices closed it.
+    alarm_orders |= plant_floor(second)
+    assert f"{60 + len(alarm_orders)} documents" in summary_value(second, "updates stored")
+
+
+async def test_without_a_broker_the_plant_floor_is_said_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers there
+        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+        code = await run_demo(
+            data_dir=tmp_path, port=0, work_orders=3, devices=1, rounds=0, stay=False, mqtt=nobody
+        )
+    assert code == 0
+    line = summary_value(capsys.readouterr().out, "plant floor")
+    assert line.startswith(f"skipped: no MQTT broker at {nobody} ("), line
 
 
 def test_demo_help() -> None:
@@ -76,5 +115,13 @@ def test_demo_help() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    for option in ("--data-dir", "--port", "--work-orders", "--devices", "--rounds", "--exit"):
+    for option in (
+        "--data-dir",
+        "--port",
+        "--work-orders",
+        "--devices",
+        "--rounds",
+        "--exit",
+        "--mqtt",
+    ):
         assert option in done.stdout

@@ -3,8 +3,9 @@
 In one process: a development OpenID issuer and the server on SQLite in a local folder; a
 realistic dataset created through the server by the supervisors' devices; simulated technicians
 and supervisors who go offline, edit the same work orders, and come back; then a check that every
-replica converged on what the server stored, and a summary. With `stay` it keeps serving until
-Ctrl-C.
+replica converged on what the server stored; when an MQTT broker is reachable, the plant floor
+(an alarm becomes a work order, a machine counter a meter reading in it); and a summary. With
+`stay` it keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 from fieldsync.app import configure_logging
-from fieldsync.demo import _converge, _dataset, _devices, _edits, _erp, _report, _seed
+from fieldsync.demo import _converge, _dataset, _devices, _edits, _erp, _plant, _report, _seed
 from fieldsync.demo._devices import Device, Fleet, Stalled
 from fieldsync.demo._server import QuietLog, Running, quiet_access_log, running
 from fieldsync.demo._signals import interrupts
@@ -40,16 +41,24 @@ async def run_demo(
     devices: int = 15,
     rounds: int = 3,
     stay: bool = True,
+    mqtt: str | None = _plant.DEFAULT_BROKER,
 ) -> int:
     """Run the demo and return the exit code: 0 when every replica converged, 1 when not, 2 when
-    it could not start, 130 when interrupted before the summary (after it: the summary's code)."""
+    it could not start, 130 when interrupted before the summary (after it: the summary's code).
+    `mqtt` is the broker's host:port for the plant floor (None: no plant floor)."""
     if work_orders < 1 or devices < 1 or rounds < 0:
         print("fieldsync demo: needs 1+ work orders, 1+ devices, 0+ rounds", file=sys.stderr)
         return EXIT_NOT_STARTED
+    if mqtt is not None:
+        try:
+            _plant.parse_broker(mqtt)
+        except ValueError as exc:
+            print(f"fieldsync demo: {exc}", file=sys.stderr)
+            return EXIT_NOT_STARTED
     outcome = _Outcome()
     with interrupts() as interrupted:
         try:
-            return await _run(data_dir, port, work_orders, devices, rounds, stay, outcome)
+            return await _run(data_dir, port, work_orders, devices, rounds, stay, mqtt, outcome)
         except asyncio.CancelledError:
             if not interrupted.count:
                 raise
@@ -72,6 +81,7 @@ async def _run(
     devices: int,
     rounds: int,
     stay: bool,
+    mqtt: str | None,
     outcome: _Outcome,
 ) -> int:
     progress = _report.Progress()
@@ -82,8 +92,11 @@ async def _run(
     users = _dataset.users()
     async with contextlib.AsyncExitStack() as stack:
         access_log = stack.enter_context(quiet_access_log())
+        floor = await stack.enter_async_context(_plant.floor(mqtt, date.today()))
         try:
-            server = await stack.enter_async_context(running(data_dir, port, users))
+            server = await stack.enter_async_context(
+                running(data_dir, port, users, floor.adapters())
+            )
         except OSError as exc:
             print(
                 f"fieldsync demo: cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"
@@ -97,10 +110,11 @@ async def _run(
             timed=False,
         )
         progress.line("server", f"{server.url} on SQLite {data_dir / 'fieldsync.db'}")
+        await _plant.register_assets(floor, server)
         fleet = Fleet(server.sync_url, server.issuer, data_dir / "devices")
         stack.push_async_callback(fleet.retire)
         try:
-            summary = await _simulate(server, fleet, progress, work_orders, devices, rounds)
+            summary = await _simulate(server, fleet, floor, progress, work_orders, devices, rounds)
         except Stalled as exc:
             print(f"fieldsync demo: {exc}", file=sys.stderr)
             return EXIT_DIVERGED
@@ -116,6 +130,7 @@ async def _run(
 async def _simulate(
     server: Running,
     fleet: Fleet,
+    floor: _plant.Floor,
     progress: _report.Progress,
     work_orders: int,
     devices: int,
@@ -152,6 +167,8 @@ async def _simulate(
         f"{verdict.identical}/{verdict.docs} documents identical on every device and in the "
         f"server's store ({verdict.replicas} replicas compared)",
     )
+    plant_floor = await _plant.show(floor, server)
+    progress.line("plant floor", plant_floor)
     erp = await _erp.landed(server.backend, server.data_dir)
     everyone = fleet.everyone()
     return _report.Summary(
@@ -182,6 +199,7 @@ async def _simulate(
         resets=sum(len(d.client.resets) for d in everyone),
         elapsed=progress.elapsed,
         erp=erp.lines(),
+        plant_floor=plant_floor,
     )
 
 

@@ -17,17 +17,14 @@ FILE = "erp.db"
 _WAIT = 60.0  # seconds the summary waits for the outbox to deliver what the demo committed
 
 
-def adapters_file(data_dir: Path) -> Path:
-    """Write the demo's adapters file (the ERP's SQLite file beside the server's) and return it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "adapters.toml"
+def section(data_dir: Path) -> str:
+    """The ERP's section of the demo's adapters file: its SQLite file beside the server's."""
     url = f"sqlite:///{(data_dir / FILE).resolve()}"
-    path.write_text(
-        "# Written by `fieldsync demo`: the completed work orders' confirmations and goods issues\n"
-        "# land in an ERP-style schema in a SQLite file (README: erp_sql and erp_http).\n"
+    return (
+        "# The completed work orders' confirmations and goods issues land in an ERP-style\n"
+        "# schema in a SQLite file (README: erp_sql and erp_http).\n"
         f'[adapters.{ADAPTER}]\nkind = "erp_sql"\nurl = "{url}"\ncreate_schema = true\n'
     )
-    return path
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class Summary:
     resets: int
     elapsed: float
     erp: list[str]  # what landed in the demo's ERP (`_erp.Landed.lines`)
+    plant_floor: str  # what the alarm and the meter reading did, or why they were skipped
 
     @property
     def converged(self) -> bool:
@@ -110,6 +111,7 @@ class Summary:
             f"  rule corrections      {self.correction_summary()}",
             f"  refused / resets      {self.refused} / {self.resets}",
             *self.erp,
+            f"  plant floor           {self.plant_floor}",
             f"  time                  {self.elapsed:.1f}s",
         ]
         out += [f"  MISMATCH              {m}" for m in self.mismatches[:10]]

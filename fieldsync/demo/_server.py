@@ -16,7 +16,7 @@ from aiohttp import web
 from fieldsync.app import BACKEND, REPLICATOR, STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
-from fieldsync.demo import _erp
+from fieldsync.demo import _adapters
 from fieldsync.replication import Replicator
 from fieldsync.storage import Backend, Store
 
@@ -58,11 +58,11 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    data_dir: Path, port: int, users: Mapping[str, DevUser]
+    data_dir: Path, port: int, users: Mapping[str, DevUser], plant_floor: str = ""
 ) -> AsyncIterator[Running]:
     """The issuer, then the server (which fetches the issuer's keys as it starts), with the
-    demo's ERP adapter."""
-    adapters = await asyncio.to_thread(_erp.adapters_file, data_dir)
+    demo's ERP adapter and the plant floor's adapters (`plant_floor`: their sections)."""
+    adapters = await asyncio.to_thread(_adapters.adapters_file, data_dir, plant_floor)
     async with DevIssuer(users, host=HOST) as issuer:
         settings = Settings.load(
             environ={},
