@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_BROKER = "127.0.0.1:1883"
 ALARMS, METERS = "plant_alarms", "plant_meters"  # the adapters' names in the adapters file
 ALARM, SEVERITY = "overpressure", 700  # severity 700: priority high
-_PROBE = 1.0  # seconds to reach the broker
+_PROBE = 2.0  # seconds the broker has to answer
 _WAIT = 20.0  # seconds the demo waits for the alarm's work order, then for the reading
 _NS = "urn:fieldsync:demo:plc"
 T = TypeVar("T")
@@ -89,8 +89,8 @@ def demo_assets(today: date) -> list[dict[str, Any]]:
 
 
 def _run_hours() -> float:
-    """A counter that only goes up, run after run: hours since 2020."""
-    return round((time.time() - datetime(2020, 1, 1, tzinfo=UTC).timestamp()) / 3600, 1)
+    """A counter that only goes up, run after run: hours since 2020 (to 0.36 s)."""
+    return round((time.time() - datetime(2020, 1, 1, tzinfo=UTC).timestamp()) / 3600, 4)
 
 
 @asynccontextmanager
@@ -101,37 +101,52 @@ async def floor(broker: str | None, today: date) -> AsyncIterator[Floor]:
         yield Floor(skipped="--mqtt off")
         return
     address = parse_broker(broker)
-    try:
-        await asyncio.to_thread(socket.create_connection(address, timeout=_PROBE).close)
-    except OSError as exc:
-        yield Floor(skipped=f"no MQTT broker at {broker} ({exc.strerror or exc})")
+    prefix = f"fieldsync-demo-{secrets.token_hex(4)}"
+    try:  # an MQTT handshake: something listening there may be no broker
+        async with aiomqtt.Client(*address, identifier=f"{prefix}-probe", timeout=_PROBE):
+            pass
+    except aiomqtt.MqttError as exc:
+        yield Floor(skipped=f"no MQTT broker at {broker} ({exc})")
         return
     # The in-process OPC UA server warns of its unencrypted endpoint: a demo on loopback.
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    quiet = logging.getLogger("asyncua")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     assets = demo_assets(today)
-    server = Server()
-    await server.init()
-    endpoint = f"opc.tcp://127.0.0.1:{_free_port()}/demo-plc/"
-    server.set_endpoint(endpoint)
-    index = await server.register_namespace(_NS)
-    line = await server.nodes.objects.add_object(
-        ua.NodeId(ua.String("Line1"), ua.Int16(index)), "Line1"
-    )
-    counters = {}
-    for asset in assets:
-        node_id = ua.NodeId(ua.String(f"{asset['id']}.run_hours"), ua.Int16(index))
-        counters[asset["id"]] = await line.add_variable(node_id, "run_hours", _run_hours())
-    await server.start()
+    try:
+        server, counters, endpoint = await _plc(assets)
+    except OSError as exc:
+        quiet.setLevel(level)
+        yield Floor(skipped=f"the demo's OPC UA server could not start: {exc}")
+        return
     try:
         yield Floor(
             broker=address,
-            prefix=f"fieldsync-demo-{secrets.token_hex(4)}",
+            prefix=prefix,
             opcua_endpoint=endpoint,
             assets=assets,
             counters=counters,
         )
     finally:
         await server.stop()
+        quiet.setLevel(level)
+
+
+async def _plc(assets: list[dict[str, Any]]) -> tuple[Server, dict[str, Node], str]:
+    """The OPC UA server of a line's controller, started: a run-hours counter per asset."""
+    server = Server()
+    await server.init()
+    endpoint = f"opc.tcp://127.0.0.1:{_free_port()}/demo-plc/"
+    server.set_endpoint(endpoint)
+    index = await server.register_namespace(_NS)
+    line_id = ua.NodeId(ua.String("Line1"), ua.Int16(index))
+    line = await server.nodes.objects.add_object(line_id, "Line1")
+    counters = {}
+    for asset in assets:
+        node_id = ua.NodeId(ua.String(f"{asset['id']}.run_hours"), ua.Int16(index))
+        counters[asset["id"]] = await line.add_variable(node_id, "run_hours", _run_hours())
+    await server.start()
+    return server, counters, endpoint
 
 
 def _free_port() -> int:
@@ -173,13 +188,11 @@ async def show(floor: Floor, server: Running) -> str:
     if order is None:
         return f"FAILED: no work order for alarm {alarm_id} after {_WAIT:.0f}s"
     doc_id, document = order
-    fields = document.get("fields") or {}
+    fields = document["fields"]
     said = f"alarm {asset['id']}/{ALARM} -> {doc_id} (priority {fields.get('priority')})"
-    # Above every reading the work order holds (an earlier run's among them), so that the one
-    # found there is this one.
+    # The counter goes on from where it stands: above what this run and the earlier ones read.
     counter = floor.counters[asset["id"]]
-    held = [float(r.get("value") or 0) for r in document.get("meter_readings") or []]
-    reading = round(max([await counter.read_value(), _run_hours(), *held]) + 0.1, 1)
+    reading = max(_run_hours(), round(await counter.read_value() + 0.0001, 4))
     await counter.write_value(reading)
 
     async def landed() -> bool | None:
