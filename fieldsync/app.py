@@ -50,7 +50,14 @@ from fieldsync.auth import (
 from fieldsync.config import Settings, listen_address
 from fieldsync.documents import Templates
 from fieldsync.records import UNOBSERVED, Observer, Person
-from fieldsync.replication import Endpoints, Limits, Replicator, ServiceWriter, V1Session
+from fieldsync.replication import (
+    Endpoints,
+    Limits,
+    Replicator,
+    ServiceWriter,
+    V1Session,
+    Views,
+)
 from fieldsync.storage import Backend, PostgresBackend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -59,6 +66,8 @@ BACKEND = web.AppKey("backend", Backend)
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
 ENDPOINTS = web.AppKey("endpoints", Endpoints)
+# The dashboards' live views over `/v1/sync` (`subscribe`), fed by the write path's commits.
+VIEWS = web.AppKey("views", Views)
 # Uploads, downloads, and `describe(doc)` / `unresolved_attachments(doc)` for screens.
 ATTACHMENTS = web.AppKey("attachments", Attachments)
 # Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
@@ -128,7 +137,8 @@ def create_app(settings: Settings) -> web.Application:
     adapters = app[ADAPTERS] = _load_adapters(app, settings, backend)
     verify = _principals(verifier, backend, adapters)
     install_middleware(app, settings, verify)
-    endpoints = _add_sync(app, settings, replicator, verify)
+    views = _add_views(app, settings, backend, replicator)
+    endpoints = _add_sync(app, settings, replicator, verify, views)
     _add_operations(app, backend.store, replicator, endpoints)
     _add_prometheus(app, settings, backend, endpoints, verifier)
     _add_auth_helpers(app, settings, verifier)
@@ -203,11 +213,34 @@ def _replicator(settings: Settings, store: Store, observer: Observer) -> Replica
     )
 
 
+def _add_views(
+    app: web.Application, settings: Settings, backend: Backend, replicator: Replicator
+) -> Views:
+    def online() -> set[str]:
+        connections = app[ENDPOINTS].connections
+        return {c.device_id for c in connections if isinstance(c, V1Session) and c.device_id}
+
+    views = app[VIEWS] = Views(
+        backend.store,
+        backend.screens,
+        lambda: replicator.policy,  # read per change: SIGHUP may replace it
+        min_versions=settings.min_client_versions,
+        online=online,
+    )
+    replicator.commit_hooks.append(views.committed)
+    app.cleanup_ctx.append(_resource(views.start, views.stop))
+    return views
+
+
 def _add_sync(
-    app: web.Application, settings: Settings, replicator: Replicator, verify: Verify
+    app: web.Application,
+    settings: Settings,
+    replicator: Replicator,
+    verify: Verify,
+    views: Views,
 ) -> Endpoints:
     endpoints = app[ENDPOINTS] = Endpoints(
-        replicator, verify, limits_from(settings), settings.min_client_versions
+        replicator, verify, limits_from(settings), settings.min_client_versions, views
     )
 
     async def drain(app: web.Application) -> None:

@@ -26,6 +26,7 @@ from fieldsync.replication._replicator import (
 from fieldsync.replication._room import Room
 from fieldsync.replication._service import SERVICE_ROLE, ServiceWriter, service_principal
 from fieldsync.replication._session import V1Session
+from fieldsync.replication._views import View, Views
 from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
 
@@ -45,6 +46,8 @@ __all__ = [
     "SessionClosed",
     "SyncStep",
     "V1Session",
+    "View",
+    "Views",
     "YAwareness",
     "YSync",
     "YwsSession",

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,9 @@ class Replicator:
         self._loading: dict[str, asyncio.Future[Room]] = {}
         self._evictor = Periodic("room-evictor", max(idle_seconds / 4, 0.05), self._evict_idle)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called after each commit's fan-out, with the room and what the commit stored (the
+        # dashboards' live views); a hook never suspends and never raises.
+        self.commit_hooks: list[Callable[[Room, Committed], None]] = []
 
     async def start(self) -> None:
         self._evictor.start()
@@ -519,6 +522,8 @@ class Replicator:
         for peer in room.subscribers:
             if peer is not author:
                 peer.send_doc(room.doc_id, message)
+        for hook in self.commit_hooks:
+            hook(room, committed)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` on its own, kept until done (or until `stop`); a failure is logged."""

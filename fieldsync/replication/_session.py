@@ -42,6 +42,7 @@ from fieldsync.replication._connection import (
 )
 from fieldsync.replication._replicator import Forbidden, Replicator
 from fieldsync.replication._room import Room
+from fieldsync.replication._views import Views
 from fieldsync.storage import Committed, DeviceSeen
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ class V1Session(Connection):
         limits: Limits = DEFAULT_LIMITS,
         min_versions: dict[str, str] | None = None,
         sockets: SubjectSockets | None = None,
+        views: Views | None = None,
     ) -> None:
         super().__init__(replicator, principal, limits, sockets)
+        self.views = views
         self.verify = verify
         self.min_versions = min_versions or {}
         self.state = State.AWAITING_HELLO
@@ -148,6 +151,11 @@ class V1Session(Connection):
                 self._corked = False
                 self._wake()
 
+    def shutdown(self) -> None:
+        if self.views is not None:
+            self.views.leave(self)
+        super().shutdown()
+
     # --- Peer ---------------------------------------------------------------------------
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
@@ -198,6 +206,8 @@ class V1Session(Connection):
                 await self._auth(message.body)
             case _ if self.state is State.AWAITING_HELLO:
                 self.close(CloseCode.PROTOCOL_ERROR, "expected hello")
+            case "subscribe" | "unsubscribe" if self.views is not None:
+                await self.views.control(self, message.body)
             case other:
                 # Unknown types are ignored so that both sides can evolve (DESIGN.md §3).
                 log.debug("session %s: ignoring control message %r", self.id, other[:40])
@@ -291,7 +301,16 @@ class V1Session(Connection):
             }
         )
         self._schedule_expiry()
-        seen = DeviceSeen(self.device_id, self.principal.subject, platform, version, since)
+        principal = self.principal
+        seen = DeviceSeen(
+            self.device_id,
+            principal.subject,
+            platform,
+            version,
+            since,
+            principal.team,
+            principal.region,
+        )
         store.touch_device(seen)
         self.spawn(self._send_changes(seen))
 
@@ -314,7 +333,15 @@ class V1Session(Connection):
             if not page.more:
                 break
         store.touch_device(
-            DeviceSeen(seen.device_id, seen.subject, seen.platform, seen.version, since)
+            DeviceSeen(
+                seen.device_id,
+                seen.subject,
+                seen.platform,
+                seen.version,
+                since,
+                seen.team,
+                seen.region,
+            )
         )
 
     # --- document messages --------------------------------------------------------------

@@ -18,6 +18,7 @@ from fieldsync.errors import AuthError, CloseCode, ErrorCode
 from fieldsync.replication._connection import Connection, Limits, SessionClosed, SubjectSockets
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._session import V1Session
+from fieldsync.replication._views import Views
 from fieldsync.replication._yws import YwsSession
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ class Endpoints:
         verify: Verify,
         limits: Limits,
         min_versions: dict[str, str],
+        views: Views | None = None,
     ) -> None:
         self.replicator = replicator
+        self.views = views
         self.verify = verify
         self.limits = limits
         self.min_versions = min_versions
@@ -75,6 +78,7 @@ class Endpoints:
             limits=self.limits,
             min_versions=self.min_versions,
             sockets=self.sockets,
+            views=self.views,
         )
         session.spawn(self._hello_deadline(session))
         await self._serve(ws, session)

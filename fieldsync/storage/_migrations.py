@@ -164,6 +164,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(7, "outbox: an entry per change an outbound adapter receives", _outbox.SCHEMA),
     Migration(8, "directory: the people the directory adapter last read", _directory.SCHEMA),
+    Migration(
+        9,
+        "devices: the user's team and region, for the supervisors' view of the devices",
+        (
+            "ALTER TABLE devices ADD COLUMN team TEXT",
+            "ALTER TABLE devices ADD COLUMN region TEXT",
+            "CREATE INDEX devices_seen ON devices (last_seen)",
+        ),
+    ),
 )
 
 

@@ -319,6 +319,9 @@ class SQLiteStore:
         past `compact_after_updates` anyway); resolves with the log rows merged."""
         return self.transact(lambda txn: _merge_log(txn.db, doc))
 
+    async def devices_in(self, scope: ScopeFilter, limit: int) -> list[DeviceRecord]:
+        return await self._read(lambda db: _devices_in(db, scope, limit))
+
     async def forms(self, wo: str) -> list[str]:
         query = "SELECT doc FROM doc_index WHERE wo = ? AND type = 'form' ORDER BY doc"
         return await self._read(lambda db: [row[0] for row in db.execute(query, (wo,))])
@@ -617,14 +620,42 @@ def _scope(index: DocIndex) -> tuple[str | None, str | None, str | None]:
 def _write_device(db: Database, job: _Touch) -> None:
     seen = job.seen
     db.execute(
-        """INSERT INTO devices (device_id, subject, platform, version, last_seen, last_seq)
-        VALUES (?, ?, ?, ?, ?, ?)
+        """INSERT INTO devices
+            (device_id, subject, platform, version, last_seen, last_seq, team, region)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (device_id) DO UPDATE SET
             subject = excluded.subject, platform = excluded.platform,
             version = excluded.version, last_seen = excluded.last_seen,
-            last_seq = excluded.last_seq""",
-        (seen.device_id, seen.subject, seen.platform, seen.version, job.at, seen.last_seq),
+            last_seq = excluded.last_seq, team = excluded.team, region = excluded.region""",
+        (
+            seen.device_id,
+            seen.subject,
+            seen.platform,
+            seen.version,
+            job.at,
+            seen.last_seq,
+            seen.team,
+            seen.region,
+        ),
     )
+
+
+_DEVICE_SCOPE = {ScopeKind.ASSIGNEE: "subject", ScopeKind.TEAM: "team", ScopeKind.REGION: "region"}
+
+
+def _devices_in(db: Database, scope: ScopeFilter, limit: int) -> list[DeviceRecord]:
+    if scope.kind is ScopeKind.NONE:
+        return []
+    params: list[object] = [limit]
+    where = "1"
+    if scope.kind is not ScopeKind.ALL:
+        where, params = f"{_DEVICE_SCOPE[scope.kind]} = ?", [scope.value, limit]
+    rows = db.execute(
+        "SELECT device_id, subject, platform, version, last_seen, last_seq, team, region"
+        f" FROM devices WHERE {where} ORDER BY last_seen DESC, device_id LIMIT ?",
+        params,
+    ).fetchall()
+    return [DeviceRecord(*row) for row in rows]
 
 
 def _merge(parts: list[bytes]) -> bytes:

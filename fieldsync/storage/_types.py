@@ -86,6 +86,9 @@ class DeviceSeen:
     platform: str
     version: str
     last_seq: int
+    # The user's team and region when it connected, for the supervisors' view of the devices.
+    team: str | None = None
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,9 @@ class DeviceRecord:
     version: str | None
     last_seen: float
     last_seq: int
+    # The user's team and region when it last connected (the dashboards' devices view).
+    team: str | None = None
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +194,7 @@ class ConflictLog(Protocol):
 
 
 class Devices(Protocol):
-    """When each device last connected, for the offline limit."""
+    """When each device last connected, for the offline limit and the supervisors' view."""
 
     def touch_device(self, seen: DeviceSeen) -> None:
         """Record a device's last contact; written with the next group commit, not awaited."""
@@ -200,6 +206,11 @@ class Devices(Protocol):
 
     async def devices(self, subject: str | None = None, limit: int = 1000) -> list[DeviceRecord]:
         """The devices (of one subject, when given), most recently seen first."""
+        ...
+
+    async def devices_in(self, scope: ScopeFilter, limit: int) -> list[DeviceRecord]:
+        """The devices whose user was in `scope` when they last connected (by team, region or
+        subject), most recently seen first, at most `limit`."""
         ...
 
 

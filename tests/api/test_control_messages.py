@@ -25,8 +25,19 @@ from tests import contract
 from tests.harness import Server, eventually, work_order
 from tests.wire import Wire, connect
 
-SERVER_TYPES = {"welcome", "changes", "ack", "scope", "auth_expiring", "error", "reset"}
-CLIENT_TYPES = {"hello", "auth"}
+SERVER_TYPES = {
+    "welcome",
+    "changes",
+    "ack",
+    "scope",
+    "auth_expiring",
+    "error",
+    "reset",
+    "view",
+    "view_changes",
+}
+CLIENT_TYPES = {"hello", "auth"}  # what the Python client sends
+DASHBOARD_TYPES = {"subscribe", "unsubscribe"}  # what dashboards send besides
 
 
 def server_control() -> jsonschema.Draft202012Validator:
@@ -49,14 +60,14 @@ def test_every_control_message_has_a_schema_and_a_direction() -> None:
         if name.startswith("Control")
     }
     assert controls == {
-        **dict.fromkeys(CLIENT_TYPES, "client-to-server"),
+        **dict.fromkeys(CLIENT_TYPES | DASHBOARD_TYPES, "client-to-server"),
         **dict.fromkeys(SERVER_TYPES, "server-to-client"),
     }
     listed = {
         name: {ref["$ref"].rsplit("/", 1)[-1] for ref in schemas[name]["oneOf"]}
         for name in ("ClientControl", "ServerControl")
     }
-    assert len(listed["ClientControl"]) == len(CLIENT_TYPES)
+    assert len(listed["ClientControl"]) == len(CLIENT_TYPES | DASHBOARD_TYPES)
     assert len(listed["ServerControl"]) == len(SERVER_TYPES)
 
 
@@ -70,9 +81,15 @@ async def test_what_the_server_sends_matches_the_schemas(server: Server) -> None
         wires += [sam, tina, tom]
         for wire in wires:
             await wire.hello()
+        # view and view_changes: the supervisor's dashboard follows the team queue.
+        subscribe = {"type": "subscribe", "view": "team-queue", "params": {"limit": 50}}
+        assert problems(client_control(), subscribe) == []
+        await sam.send(Control(subscribe))
+        await sam.control("view", view="team-queue")
         # ack: a supervisor creates a work order; scope: it is assigned to tina, then to tom.
         await sam.update("wo:cm1", work_order("wo:cm1", assignee="tina").get_update())
         await sam.control("ack", doc="wo:cm1")
+        await sam.control("view_changes", view="team-queue")
         await tina.control("scope")
         await sam.step1("wo:cm1")
         doc: Doc[Any] = Doc()
@@ -187,6 +204,12 @@ async def test_what_the_python_client_sends_matches_the_schemas(
             "client",
         ),
         ({"type": "goodbye"}, "client"),
+        ({"type": "subscribe", "view": "everything"}, "client"),
+        ({"type": "view", "view": "team-queue", "rows": [{"id": "wo:1"}]}, "server"),
+        (
+            {"type": "view_changes", "view": "devices", "added": [], "changed": []},
+            "server",
+        ),
     ],
 )
 def test_the_schemas_refuse_what_the_protocol_does_not_say(

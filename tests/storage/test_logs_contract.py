@@ -117,3 +117,28 @@ async def test_a_devices_last_contact_is_its_subjects(store: Store) -> None:
     assert before <= seen <= time.time()
     # Another subject on the same device has not been seen there.
     assert await store.last_seen("d-1", "tom") is None
+
+
+async def test_devices_are_listed_in_the_scope_their_user_had(store: Store) -> None:
+    store.touch_device(DeviceSeen("d-1", "tina", "android", "1.4.0", 3, "north", "east"))
+    store.touch_device(DeviceSeen("d-2", "ulla", "ios", "2.0.0", 5, "south", "west"))
+    store.touch_device(DeviceSeen("d-3", "tom", "ios", "2.1.0", 0, "north", "east"))
+    await store.append(write("wo:1"))
+    north = await store.devices_in(NORTH, 10)
+    assert {d.device_id for d in north} == {"d-1", "d-3"}
+    tina = next(d for d in north if d.device_id == "d-1")
+    assert (tina.subject, tina.platform, tina.version, tina.last_seq) == (
+        "tina",
+        "android",
+        "1.4.0",
+        3,
+    )
+    assert (tina.team, tina.region) == ("north", "east")
+    assert tina.last_seen > 0
+    assert len(await store.devices_in(ScopeFilter(ScopeKind.ALL), 10)) == 3
+    assert len(await store.devices_in(ScopeFilter(ScopeKind.ALL), 2)) == 2
+    west = await store.devices_in(ScopeFilter(ScopeKind.REGION, "west"), 10)
+    assert [d.device_id for d in west] == ["d-2"]
+    mine = await store.devices_in(ScopeFilter(ScopeKind.ASSIGNEE, "tom"), 10)
+    assert [d.device_id for d in mine] == ["d-3"]
+    assert await store.devices_in(ScopeFilter(ScopeKind.NONE), 10) == []
