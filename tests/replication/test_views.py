@@ -68,9 +68,13 @@ async def test_the_team_queue_follows_commits_within_the_supervisors_scope(serve
         assert [(r["id"], r["status"]) for r in moved["changed"]] == [("wo:2", "en_route")]
         assert moved["counts"] == {"assigned": 1, "en_route": 1}
 
-        # Reassigned to another team: gone from sam's view, in sue's.
-        mine = await sam.replica("wo:2")
-        await sam.edit("wo:2", mine, team="south", region="west", assignee="ulla")
+        # Moved to another team (an admin's act: a supervisor reassigns within the team): gone
+        # from sam's view, in sue's.
+        async with connect(server.sync_url, server.token("ada")) as ada:
+            await ada.hello()
+            theirs = await ada.replica("wo:2")
+            await ada.edit("wo:2", theirs, team="south", region="west", assignee="ulla")
+            await ada.control("ack", doc="wo:2")
         gone = await changes_until(sam, "team-queue", lambda m: m["removed"])
         assert gone["removed"] == ["wo:2"]
         arrived = await changes_until(sue, "team-queue", lambda m: m["added"])
