@@ -88,6 +88,10 @@ ROUTE_PERMISSIONS: Mapping[tuple[str, str], Permission] = {
     # The people of a team (the directory adapter's table): the handler scopes it by the
     # policy, as documents are (a supervisor its team, a manager its region's, an admin all).
     ("GET", "/v1/teams/{team}/members"): Permission.SIGNED_IN,
+    # Dashboards' acts on one work order, through the device write path as the caller: the
+    # policy's field rights and the rules decide.
+    ("POST", "/v1/work-orders/{doc_id}/reassign"): Permission.SIGNED_IN,
+    ("POST", "/v1/work-orders/{doc_id}/cancel"): Permission.SIGNED_IN,
     # Audit (issue 4): supervisors, managers and admins, checked in the handler per document.
     ("GET", "/v1/work-orders/{doc_id}/history"): Permission.SIGNED_IN,
     ("GET", "/v1/conflicts"): Permission.SIGNED_IN,

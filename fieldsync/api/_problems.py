@@ -14,6 +14,8 @@ STATUS = {
     ErrorCode.TOKEN_EXPIRED: 401,
     ErrorCode.REAUTHENTICATE: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.FORBIDDEN_FIELD: 403,  # REST edits: the role may not write what the change writes
+    ErrorCode.RULE_VIOLATION: 409,  # REST edits: a domain rule refused the change
     ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.OFFSET_MISMATCH: 409,
     ErrorCode.NO_THUMBNAIL: 404,

@@ -26,7 +26,7 @@ from fieldsync.auth import Principal, in_scope
 from fieldsync.documents import DocType, InvalidDocId, doc_type
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.records import Origin, OriginKind
-from fieldsync.replication import AlreadyExists, Replicator
+from fieldsync.replication import AlreadyExists, Replicator, edit_as
 
 __all__ = ["WorkOrderRoutes", "parse_new_work_order"]
 
@@ -68,6 +68,8 @@ class WorkOrderRoutes:
             web.get("/v1/changes", rest(self.changes)),
             web.get(WORK_ORDERS + "/{doc_id}", rest(self.get)),
             web.post(WORK_ORDERS, rest(self.create)),
+            web.post(WORK_ORDERS + "/{doc_id}/reassign", rest(self.reassign)),
+            web.post(WORK_ORDERS + "/{doc_id}/cancel", rest(self.cancel)),
         ]
 
     async def changes(self, request: web.Request) -> web.StreamResponse:
@@ -145,6 +147,78 @@ class WorkOrderRoutes:
             status=201,
             headers={hdrs.LOCATION: f"{WORK_ORDERS}/{doc_id}"},
         )
+
+    async def reassign(self, request: web.Request) -> web.StreamResponse:
+        """Give the work order to `assignee` (null: nobody), and optionally another `team` and
+        `region`, as the caller's update through the device write path: the same field rights
+        (a supervisor reassigns within the team), scopes, history and fan-out. 200 with the
+        projection once durable."""
+        body = await _json_body(request, {"assignee", "team", "region"})
+        changes: dict[str, Any] = {}
+        for key in ("assignee", "team", "region"):
+            if key not in body:
+                continue
+            value = body[key]
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 200):
+                raise FieldsyncError(
+                    ErrorCode.INVALID_REQUEST, f"{key} must be null or text of 1 to 200 characters"
+                )
+            changes[key] = value
+        if "assignee" not in changes:
+            raise FieldsyncError(ErrorCode.INVALID_REQUEST, "assignee is required (null: nobody)")
+
+        def move(doc: Doc) -> None:
+            documents.work_order.reassign(doc, **changes)
+
+        return await self._edit(request, move)
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """Cancel the work order: an entry `cancelled` in its status log in the caller's name
+        and role, judged by the rules as a device's (a supervisor's cancel dominates a
+        technician's offline completion; a closed work order stays closed: 409)."""
+        await _json_body(request, set(), required=False)
+        principal: Principal = request[PRINCIPAL]
+        role = self._replicator.policy.acting_role(principal) or ""
+
+        def cancelled(doc: Doc) -> None:
+            documents.work_order.set_status(doc, "cancelled", by=principal.subject, role=role)
+
+        return await self._edit(request, cancelled)
+
+    async def _edit(
+        self, request: web.Request, change: Callable[[Doc], None]
+    ) -> web.StreamResponse:
+        principal: Principal = request[PRINCIPAL]
+        room = await visible_work_order(self._replicator, principal, request.match_info["doc_id"])
+        edited = await edit_as(self._replicator, principal, ORIGIN, room.doc_id, change)
+        if edited.violations:
+            rule, detail = edited.violations[0]
+            raise FieldsyncError(ErrorCode.RULE_VIOLATION, detail, rule=rule)
+        room = await self._replicator.room(room.doc_id)
+        return await json_response(request, {"id": room.doc_id, "seq": room.seq, **room.to_json()})
+
+
+async def _json_body(
+    request: web.Request, members: set[str], *, required: bool = True
+) -> dict[str, Any]:
+    """The request's JSON object (an empty one when none is sent and none is required)."""
+    body = await request.read()
+    if not body and not required:
+        return {}
+    if request.content_type != "application/json":
+        raise FieldsyncError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+    if len(body) > _MAX_BODY:
+        raise FieldsyncError(ErrorCode.INVALID_REQUEST, f"at most {_MAX_BODY} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise FieldsyncError(ErrorCode.INVALID_REQUEST, "the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise FieldsyncError(ErrorCode.INVALID_REQUEST, "the body must be a JSON object")
+    unknown = sorted(set(data) - members)
+    if unknown:
+        raise FieldsyncError(ErrorCode.INVALID_REQUEST, f"not taken here: {unknown[0][:64]}")
+    return data
 
 
 def parse_new_work_order(

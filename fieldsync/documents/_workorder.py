@@ -131,6 +131,18 @@ def set_status(doc: Doc[Any], status: str, *, by: str, role: str, at: str | None
         doc.get("fields", type=Map)["status"] = status
 
 
+def reassign(doc: Doc[Any], **fields: str | None) -> None:
+    """Set `assignee` (and `team`, `region` when given); a None assignee leaves it unassigned."""
+    root = doc.get(INDEX_ROOT, type=Map)
+    for key in ("assignee", "team", "region"):
+        if key in fields and root.get(key) != fields[key]:
+            if fields[key] is None:
+                if key in root:
+                    del root[key]
+            else:
+                root[key] = fields[key]
+
+
 def record_meter_reading(doc: Doc[Any], value: float, *, by: str, at: str | None = None) -> None:
     """Record a meter reading of the work order's asset: the log entry the rules judge, and the
     field the app shows meanwhile, in one transaction."""

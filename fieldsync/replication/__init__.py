@@ -24,7 +24,13 @@ from fieldsync.replication._replicator import (
     Replicator,
 )
 from fieldsync.replication._room import Room
-from fieldsync.replication._service import SERVICE_ROLE, ServiceWriter, service_principal
+from fieldsync.replication._service import (
+    SERVICE_ROLE,
+    Edited,
+    ServiceWriter,
+    edit_as,
+    service_principal,
+)
 from fieldsync.replication._session import V1Session
 from fieldsync.replication._views import View, Views
 from fieldsync.replication._websocket import Endpoints
@@ -36,6 +42,7 @@ __all__ = [
     "Control",
     "DocMessage",
     "DocTooLarge",
+    "Edited",
     "Endpoints",
     "Forbidden",
     "InvalidUpdate",
@@ -55,6 +62,7 @@ __all__ = [
     "decode_frame",
     "decode_state_vector",
     "decode_y",
+    "edit_as",
     "encode_body",
     "encode_frame",
     "encode_sync",

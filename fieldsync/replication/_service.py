@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pycrdt import Doc, merge_updates
@@ -20,7 +21,7 @@ from fieldsync.auth import Principal, Role
 from fieldsync.records import Origin, ScopeFilter
 from fieldsync.replication._replicator import Replicator
 
-__all__ = ["SERVICE_ROLE", "ServiceWriter", "service_principal"]
+__all__ = ["SERVICE_ROLE", "Edited", "ServiceWriter", "edit_as", "service_principal"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class _ServicePeer:
         self.principal = principal
         self.scope = scope
         self.origin = origin
+        self.violations: list[tuple[str, str]] = []  # (rule, detail)
 
     def send_doc(self, doc_id: str, message: bytes) -> None:
         pass  # an adapter reads the document when it needs it; nothing is pushed to it
@@ -58,11 +60,57 @@ class _ServicePeer:
         pass
 
     def rule_violation(self, doc_id: str, rule: str, detail: str) -> None:
-        # The replicator records the conflict; the adapter's log says who caused it.
+        # The replicator records the conflict; the log says who caused it.
         log.warning("%s: the rules corrected %s (%s): %s", doc_id, self.origin, rule, detail)
+        self.violations.append((rule, detail))
 
     def reset(self, doc_id: str, reason: str) -> None:
         pass  # the edit in hand fails with its commit; the next one starts from storage
+
+
+@dataclass(frozen=True, slots=True)
+class Edited:
+    """An edit's outcome: its change seq once durable (None: it changed nothing), and what the
+    rules corrected of it, as (rule, detail)."""
+
+    seq: int | None
+    violations: tuple[tuple[str, str], ...] = ()
+
+
+async def edit_as(
+    replicator: Replicator,
+    principal: Principal,
+    origin: Origin,
+    doc_id: str,
+    change: Callable[[Doc], None],
+) -> Edited:
+    """Apply `change` to a copy of the document as it is now, as `principal` (a peer with no
+    socket), and submit what it changed through the write path; return once it is durable.
+    Raises what a device's update would meet (`Forbidden`, `ForbiddenField`, `InvalidUpdate`,
+    `DocTooLarge`)."""
+    peer = _ServicePeer(principal, replicator.policy.scope(principal), origin)
+    room = await replicator.subscribe(peer, doc_id)
+    try:
+        # A fresh copy, with a client id of its own: the room's client id is the server's (its
+        # rules' corrections), and two edits in flight must never share one.
+        copy: Doc[Any] = Doc()
+        copy.apply_update(room.ydoc.get_update())
+        made: list[bytes] = []
+        copy.observe(lambda event: made.append(event.update))
+        with copy.transaction(origin=peer.origin):
+            change(copy)
+        if not made:
+            return Edited(None)
+        update = made[0] if len(made) == 1 else merge_updates(*made)
+        submitted = await replicator.submit(peer, room, update)
+        if submitted.committed is None:
+            return Edited(None, tuple(peer.violations))
+        # Shielded: a caller stopped mid-edit must not cancel the store's commit future (the
+        # replicator would take that for a failed commit and reset the room).
+        committed = await asyncio.shield(submitted.committed)
+        return Edited(committed.seq, tuple(peer.violations))
+    finally:
+        replicator.unsubscribe(peer, room)
 
 
 class ServiceWriter:
@@ -80,31 +128,8 @@ class ServiceWriter:
         what it changed; return the change seq once durable, None when it changed nothing.
         Raises what a device's update would meet (`Forbidden`, `ForbiddenField`,
         `InvalidUpdate`, `DocTooLarge`); what the rules correct is corrected and logged."""
-        replicator = self._replicator
-        principal = service_principal(origin)
-        peer = _ServicePeer(principal, replicator.policy.scope(principal), origin)
-        room = await replicator.subscribe(peer, doc_id)
-        try:
-            # A fresh copy, with a client id of its own: the room's client id is the server's
-            # (its rules' corrections), and two edits in flight must never share one.
-            copy: Doc[Any] = Doc()
-            copy.apply_update(room.ydoc.get_update())
-            made: list[bytes] = []
-            copy.observe(lambda event: made.append(event.update))
-            with copy.transaction(origin=peer.origin):
-                change(copy)
-            if not made:
-                return None
-            update = made[0] if len(made) == 1 else merge_updates(*made)
-            submitted = await replicator.submit(peer, room, update)
-            if submitted.committed is None:
-                return None
-            # Shielded: an adapter stopped mid-edit must not cancel the store's commit future
-            # (the replicator would take that for a failed commit and reset the room).
-            committed = await asyncio.shield(submitted.committed)
-            return committed.seq
-        finally:
-            replicator.unsubscribe(peer, room)
+        edited = await edit_as(self._replicator, service_principal(origin), origin, doc_id, change)
+        return edited.seq
 
     async def read(self, doc_id: str) -> Mapping[str, Any] | None:
         """The document's JSON projection as the room holds it now, None when it does not

@@ -312,6 +312,7 @@ async def test_every_operation_answers_as_documented(
     await _teams(c)
     await _outbox(c)
     await _uploads_and_attachments(c)
+    await _dashboard_acts(c)
     await _websockets(c)
     await _the_contract_itself(c)
     await _revalidation(c)
@@ -325,6 +326,65 @@ async def test_every_operation_answers_as_documented(
     elsewhere |= {(m, "/v1/auth/token", s) for m, s in (("POST", "200"), ("POST", "503"))}
     elsewhere.add(("POST", "/v1/auth/token", "429"))  # with a tight limit, in its own test
     assert documented - driven - elsewhere == set()
+
+
+async def _dashboard_acts(c: Contract) -> None:
+    """Reassign and cancel, as a supervisor's dashboard does them, and their refusals."""
+    json_type = "application/json"
+    new = {"id": "wo:r1", "fields": {"title": "Reset breaker", "assignee": "tina"}}
+    await c.call(
+        "POST",
+        "/v1/work-orders",
+        201,
+        subject="sam",
+        body=orjson.dumps(new),
+        content_type=json_type,
+    )
+    path = "/v1/work-orders/wo:r1"
+
+    async def act(verb: str, status: int, subject: str, body: Any, **kwargs: Any) -> Answer:
+        return await c.call(
+            "POST",
+            f"{path}/{verb}",
+            status,
+            subject=subject,
+            body=None if body is None else orjson.dumps(body),
+            content_type=None if body is None else json_type,
+            **kwargs,
+        )
+
+    moved = await act("reassign", 200, "sam", {"assignee": "tom"})
+    assert moved.json["fields"]["assignee"] == "tom"
+    await act("reassign", 403, "tina", {"assignee": "tina"})  # no longer hers to see
+    away = await act("reassign", 403, "sam", {"assignee": "ulla", "team": "south"})
+    assert away.json["code"] == "forbidden_field" and away.json["paths"]
+    await act("reassign", 400, "sam", {}, request_valid=False)
+    await act("reassign", 400, "sam", {"assignee": "tom", "why": "x"}, request_valid=None)
+    await c.call(
+        "POST",
+        f"{path}/reassign",
+        415,
+        subject="sam",
+        body=b"tom",
+        content_type="text/plain",
+        request_valid=False,
+    )
+    # A technician may not cancel: the status machine refuses it, as it would a device's entry.
+    refused = await act("cancel", 409, "tom", None)
+    assert refused.json["rule"] == "status_transition"
+    await act("cancel", 403, "ulla", None)
+    await act("cancel", 400, "sam", {"why": "no"}, request_valid=False)
+    await c.call(
+        "POST",
+        f"{path}/cancel",
+        415,
+        subject="sam",
+        body=b"now",
+        content_type="text/plain",
+        request_valid=False,
+    )
+    cancelled = await act("cancel", 200, "sam", None)
+    assert cancelled.json["fields"]["status"] == "cancelled"
 
 
 async def _operations(c: Contract) -> None:
@@ -347,15 +407,17 @@ async def _operations(c: Contract) -> None:
     await c.call("GET", "/metrics", 200, headers=scrape)
     config = await c.call("GET", "/v1/auth/config", 200)
     assert config.json["token_endpoint"].endswith("/v1/auth/token")
-    # The development issuer grants passwords only: the relay's refusals.
+    # The relay's refusals: a refresh token the development issuer never gave (sign in again),
+    # a grant it does not relay.
     form = "application/x-www-form-urlencoded"
-    await c.call(
+    refused = await c.call(
         "POST",
         "/v1/auth/token",
-        400,
+        401,
         body=b"grant_type=refresh_token&refresh_token=x",
         content_type=form,
     )
+    assert refused.json["code"] == "reauthenticate"
     await c.call(
         "POST",
         "/v1/auth/token",
@@ -930,8 +992,8 @@ async def test_the_token_relay_limits_each_address(
         c = Contract(server, http, contract.openapi())
         form = "application/x-www-form-urlencoded"
         body = b"grant_type=refresh_token&refresh_token=x"
-        for _ in range(2):  # refused by the provider (it grants passwords only), but relayed
-            await c.call("POST", "/v1/auth/token", 400, body=body, content_type=form)
+        for _ in range(2):  # refused by the provider (it never gave that token), but relayed
+            await c.call("POST", "/v1/auth/token", 401, body=body, content_type=form)
         limited = await c.call("POST", "/v1/auth/token", 429, body=body, content_type=form)
         assert limited.json["error"] == "slow_down"
         assert 1 <= int(limited.headers["Retry-After"]) <= 100

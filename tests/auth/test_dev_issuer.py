@@ -1,4 +1,5 @@
-"""The development OpenID provider: loopback only, discovery, JWKS, and the password grant."""
+"""The development OpenID provider: loopback only, discovery, JWKS, the password grant, and the
+authorization-code flow with PKCE and refresh tokens."""
 
 from __future__ import annotations
 
