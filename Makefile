@@ -3,18 +3,32 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+DASHBOARD := fieldsync/api/dashboard/app.js
 
-run: $(VENV)/.installed
+.PHONY: run test lint bench clean dashboard
+
+run: $(VENV)/.installed $(DASHBOARD)
 	$(BIN)/fieldsync demo
 
-test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built
+test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built $(DASHBOARD)
 	$(BIN)/pytest -q
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed web/dashboard/node_modules/.installed
 	$(BIN)/ruff check fieldsync tests bench
 	$(BIN)/ruff format --check fieldsync tests bench
 	$(BIN)/mypy
+	cd web/dashboard && npm run --silent check
+
+# The web dashboard (served at /dashboard/): TypeScript and Yjs bundled by esbuild into the
+# package, so nothing is fetched from elsewhere at run time.
+dashboard: $(DASHBOARD)
+
+$(DASHBOARD): web/dashboard/node_modules/.installed web/dashboard/build.mjs web/dashboard/index.html web/dashboard/style.css $(wildcard web/dashboard/src/*.ts)
+	cd web/dashboard && npm run --silent build
+
+web/dashboard/node_modules/.installed: web/dashboard/package.json web/dashboard/package-lock.json
+	cd web/dashboard && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,4 +46,5 @@ clients/ts/dist/.built: clients/ts/package.json clients/ts/package-lock.json cli
 	touch $@
 
 clean:
-	rm -rf $(VENV) .data tests/interop/node_modules clients/ts/node_modules clients/ts/dist
+	rm -rf $(VENV) .data tests/interop/node_modules clients/ts/node_modules clients/ts/dist \
+		web/dashboard/node_modules fieldsync/api/dashboard

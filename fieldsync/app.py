@@ -20,6 +20,7 @@ from fieldsync.api import (
     AuditRoutes,
     AuthHelpers,
     ContractRoutes,
+    DashboardRoutes,
     Downloads,
     MetricsEndpoint,
     Operations,
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     # The contract, read at start: a broken file stops the server rather than serve a lie.
     app.router.add_routes(ContractRoutes(load_spec()).routes())
+    app.router.add_routes(DashboardRoutes().routes())
     return app
 
 

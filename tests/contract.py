@@ -36,6 +36,8 @@ BINARY_TYPES = (
     "image/png",
     "image/webp",
     "application/pdf",
+    "text/javascript",  # the dashboard's files
+    "text/css",
 )
 
 

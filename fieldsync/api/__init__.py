@@ -4,6 +4,7 @@
 from fieldsync.api._audit import AuditRoutes
 from fieldsync.api._auth import AuthHelpers
 from fieldsync.api._contract import ContractRoutes, load_spec
+from fieldsync.api._dashboard import DashboardRoutes
 from fieldsync.api._downloads import Downloads
 from fieldsync.api._middleware import install as install_middleware
 from fieldsync.api._operations import Operations
@@ -34,6 +35,7 @@ __all__ = [
     "AuditRoutes",
     "AuthHelpers",
     "ContractRoutes",
+    "DashboardRoutes",
     "Downloads",
     "MetricsEndpoint",
     "Operations",

@@ -948,6 +948,13 @@ async def _the_contract_itself(c: Contract) -> None:
     served = await c.call("GET", "/v1/openapi.json", 200)
     await c.call("GET", "/v1/openapi.json", 304, headers={"If-None-Match": served.headers["ETag"]})
     await c.call("GET", "/v1/docs", 200)
+    # The dashboard's files (built by `make dashboard`, which `make test` runs first).
+    page = await c.call("GET", "/dashboard/", 200)
+    assert b'src="app.js"' in page.body
+    await c.call("GET", "/dashboard/", 304, headers={"If-None-Match": page.headers["ETag"]})
+    script = await c.call("GET", "/dashboard/app.js", 200)
+    await c.call("GET", "/dashboard/app.js", 304, headers={"If-None-Match": script.headers["ETag"]})
+    await c.call("GET", "/dashboard/secrets.env", 404)
 
 
 async def test_the_token_relay_answers_as_documented(
