@@ -43,6 +43,7 @@ export class Auth {
   accessToken: string | null = null;
   expiresAt = 0; // epoch milliseconds
   private timer: number | undefined;
+  private renewAt = 0; // epoch milliseconds of the renewal scheduled
   private renewing: Promise<string> | null = null;
   private listeners: Array<(token: string) => void> = [];
 
@@ -178,8 +179,20 @@ export class Auth {
     return tokens.access_token;
   }
 
+  /** The server says the token it holds expires at `at` (epoch seconds): renew now unless a
+   * renewal is due before then anyway (with tokens shorter than the server's notice, the
+   * notice comes with every token), and hand a newer token held already to the listeners. */
+  expiring(at: number): void {
+    if (this.accessToken !== null && this.expiresAt > at * 1000 + 1000) {
+      for (const listener of this.listeners) listener(this.accessToken);
+    } else if (this.renewAt === 0 || this.renewAt > at * 1000) {
+      this.renew().catch(() => undefined);
+    }
+  }
+
   private schedule(delay: number): void {
     window.clearTimeout(this.timer);
+    this.renewAt = Date.now() + delay;
     this.timer = window.setTimeout(() => {
       this.renew().catch(() => undefined);
     }, delay);

@@ -37,7 +37,7 @@ function teamName(row: Row): string {
 /** One stacked bar per team: its work orders by status. */
 export function statusChart(rows: Row[]): SVGElement {
   const max = Math.max(1, ...rows.map((row) => Number(row.total)));
-  const height = rows.length * (BAR + GAP) + 40;
+  const height = rows.length * (BAR + GAP) + 60;
   const svg = s("svg", {
     viewBox: `0 0 ${WIDTH} ${height}`,
     role: "img",
@@ -65,13 +65,13 @@ export function statusChart(rows: Row[]): SVGElement {
     }
     svg.append(s("text", { x: x + 4, y: y + BAR * 0.7, class: "value" }, String(row.total)));
   });
-  let lx = 0;
-  const ly = rows.length * (BAR + GAP) + 20;
-  for (const status of STATUS_ORDER) {
+  // The legend, four to a row.
+  STATUS_ORDER.forEach((status, i) => {
+    const lx = (i % 4) * 130;
+    const ly = rows.length * (BAR + GAP) + 20 + Math.floor(i / 4) * 20;
     svg.append(s("rect", { x: lx, y: ly - 10, width: 10, height: 10, fill: COLOURS[status] }));
-    svg.append(s("text", { x: lx + 13, y: ly, class: "legend" }, status.replace("_", " ")));
-    lx += 70;
-  }
+    svg.append(s("text", { x: lx + 14, y: ly, class: "legend" }, status.replace("_", " ")));
+  });
   return svg;
 }
 

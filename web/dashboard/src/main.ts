@@ -365,7 +365,7 @@ function metricsPage(): void {
           rows,
           "Mean hours from creation to completion per team",
           (r) => (r.mean_seconds_to_complete === null ? null : Number(r.mean_seconds_to_complete) / 3600),
-          (v) => `${v.toFixed(1)} h`,
+          (v) => (v < 1 ? `${Math.round(v * 60)} min` : `${v.toFixed(1)} h`),
         ),
       ),
       section(

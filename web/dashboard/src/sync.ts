@@ -156,7 +156,7 @@ export class Connection {
         break;
       }
       case "auth_expiring":
-        void this.auth.renew().catch(() => undefined);
+        this.auth.expiring(Number(body.at));
         break;
       case "error": {
         const sub = typeof body.view === "string" ? this.views.get(body.view) : undefined;
