@@ -127,6 +127,9 @@ def serving(
     return [
         "",
         f"fieldsync keeps serving at {server_url}  (Ctrl-C to stop)",
+        f"  dashboard             {server_url}/dashboard/   (sign in as a supervisor, e.g. "
+        f"sam, the manager {_dataset.MANAGER.subject} or the admin {_dataset.ADMIN.subject}; "
+        "password demo)",
         f"  device sync (v1)      {ws}/v1/sync",
         f"  y-websocket           {ws}/v1/yws/{{doc}}   e.g. {ws}/v1/yws/{example_doc}",
         f"  health                {server_url}/v1/health",
