@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from pycrdt import Map
 
-from fieldsync.auth import DevIssuer
+import fieldsync.auth
+from fieldsync.app import REPLICATOR
+from fieldsync.auth import DevIssuer, Policy
 from fieldsync.replication import Control
 from tests import contract
 from tests.harness import Server, running_server, work_order
@@ -272,3 +274,29 @@ async def test_a_field_only_edit_changes_the_row(server: Server) -> None:
         await sam.update("wo:1", doc.get_update(before))
         changed = await changes_until(sam, "team-queue", lambda m: m["changed"])
         assert changed["changed"][0]["priority"] == "urgent"
+
+
+async def test_a_policy_reloaded_with_another_scope_moves_the_view(
+    server: Server, tmp_path: Path
+) -> None:
+    """SIGHUP may give supervisors their region instead of their team: the scope is read again
+    at the next change, and the view starts over in the new one."""
+    shipped = Path(fieldsync.auth.__file__).with_name("policy.toml").read_text()
+    wider = tmp_path / "policy.toml"
+    wider.write_text(
+        shipped.replace(
+            '[roles.supervisor]\ntransitions = ["*"]\nscope = "team"',
+            '[roles.supervisor]\ntransitions = ["*"]\nscope = "region"',
+        )
+    )
+    async with connect(server.sync_url, server.token("sam")) as sam:
+        await sam.hello()
+        await create(sam, "wo:1")
+        async with connect(server.sync_url, server.token("mia")) as mia:
+            await mia.hello()
+            await create(mia, "wo:2", team="east-2", by="mia", role="manager")
+        assert ids((await subscribe(sam, "team-queue"))["rows"]) == {"wo:1"}
+        server.app[REPLICATOR].policy = Policy.load(wider)
+        await create(sam, "wo:3")
+        again = await sam.control("view", view="team-queue")
+        assert ids(again["rows"]) == {"wo:1", "wo:2", "wo:3"}
