@@ -379,6 +379,9 @@ class PostgresStore:
 
         return await self.query(read)
 
+    async def devices_in(self, scope: ScopeFilter, limit: int) -> list[DeviceRecord]:
+        return await self.query(lambda conn: _devices_in(conn, scope, limit))
+
     async def forms(self, wo: str) -> list[str]:
         async def read(conn: AsyncConnection) -> list[str]:
             cursor = await conn.execute(
@@ -640,14 +643,42 @@ def _scope(index: DocIndex) -> tuple[str | None, str | None, str | None]:
 async def _write_device(conn: AsyncConnection, job: _Touch) -> None:
     seen = job.seen
     await conn.execute(
-        """INSERT INTO devices (device_id, subject, platform, version, last_seen, last_seq)
-        VALUES (%s, %s, %s, %s, %s, %s)
+        """INSERT INTO devices
+            (device_id, subject, platform, version, last_seen, last_seq, team, region)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (device_id) DO UPDATE SET
             subject = excluded.subject, platform = excluded.platform,
             version = excluded.version, last_seen = excluded.last_seen,
-            last_seq = excluded.last_seq""",
-        (seen.device_id, seen.subject, seen.platform, seen.version, job.at, seen.last_seq),
+            last_seq = excluded.last_seq, team = excluded.team, region = excluded.region""",
+        (
+            seen.device_id,
+            seen.subject,
+            seen.platform,
+            seen.version,
+            job.at,
+            seen.last_seq,
+            seen.team,
+            seen.region,
+        ),
     )
+
+
+_DEVICE_SCOPE = {ScopeKind.ASSIGNEE: "subject", ScopeKind.TEAM: "team", ScopeKind.REGION: "region"}
+
+
+async def _devices_in(conn: AsyncConnection, scope: ScopeFilter, limit: int) -> list[DeviceRecord]:
+    if scope.kind is ScopeKind.NONE:
+        return []
+    params: list[object] = [limit]
+    where = "TRUE"
+    if scope.kind is not ScopeKind.ALL:
+        where, params = f"{_DEVICE_SCOPE[scope.kind]} = %s", [scope.value, limit]
+    cursor = await conn.execute(
+        "SELECT device_id, subject, platform, version, last_seen, last_seq, team, region"
+        f" FROM devices WHERE {where} ORDER BY last_seen DESC, device_id LIMIT %s",
+        params,
+    )
+    return [DeviceRecord(*row) for row in await cursor.fetchall()]
 
 
 async def _write_outbox(

@@ -287,6 +287,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX directory_people_team ON directory_people (team, subject)",
         ),
     ),
+    Migration(
+        9,
+        "devices: the user's team and region, for the supervisors' view of the devices",
+        (
+            f"ALTER TABLE devices ADD COLUMN team {_T}",
+            f"ALTER TABLE devices ADD COLUMN region {_T}",
+            "CREATE INDEX devices_seen ON devices (last_seen)",
+        ),
+    ),
 )
 
 
