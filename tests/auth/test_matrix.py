@@ -106,10 +106,19 @@ CREATES = {
 V1_CREATES = ("create", "create_completed", "create_unknown_template")
 # A work order in its creator's team (when it has one) but in another region.
 ASTRAY = "astray"
+# A dashboard's acts on a work order over REST, as the caller through the device write path:
+# a reassignment (a move of `fields.assignee`, as "move" writes it) and a cancellation (an entry
+# of `status_log`, judged by the status machine). Each on a work order of its own, run after the
+# rest of the matrix so that its counts of what was stored and broadcast stay exact.
+HTTP_ACTS = {
+    "http_reassign": ("/v1/work-orders/{doc_id}/reassign", "fields.assignee"),
+    "http_cancel": ("/v1/work-orders/{doc_id}/cancel", "status_log"),
+}
 # Routes that name a document, and the message of the matrix that drives each.
 DOCUMENT_ROUTES = {
     ("GET", "/v1/yws/{doc_id}"): "yws_connect",
     **{("GET", path): message for message, path in HTTP_READS.items()},
+    **{("POST", path): message for message, (path, _) in HTTP_ACTS.items()},
 }
 TIMEOUT = 10.0
 
@@ -239,7 +248,7 @@ class Cell:
 
     @property
     def doc(self) -> str:
-        if self.creates:
+        if self.creates or self.message in HTTP_ACTS:
             return doc_id(self.kind, self.subject, f"{self.message}-{self.scope}")
         return doc_id(self.kind, self.subject, self.scope)
 
@@ -317,14 +326,20 @@ def expected(cell: Cell) -> Expect:
         and not POLICY.writes_everything(principal, cell.kind.value)
     ):
         refused = [cell.path]  # held to its own entries
-    if not refused and cell.message in MOVE_WRITES:
+    if not refused and cell.message in (*MOVE_WRITES, "http_reassign"):
         key = cell.path.split(".")[1]
         seeded = scope_index(cell.subject, cell.scope)
         assert seeded is not None
         moved = dataclasses.replace(seeded, **{key: MOVES[key]})
         if POLICY.outside(principal, moved, [key]):
             refused = [cell.path]  # it would leave the writer's scope
-    return Expect("forbidden_field", tuple(refused)) if refused else Expect("allowed")
+    if refused:
+        return Expect("forbidden_field", tuple(refused))
+    if cell.message == "http_cancel":
+        role = POLICY.acting_role(principal) or ""
+        if not POLICY.may_move(role, "assigned", "cancelled"):
+            return Expect("rule_violation")  # the status machine refuses it, as a device's
+    return Expect("allowed")
 
 
 def generate() -> list[Cell]:
@@ -340,6 +355,7 @@ def generate() -> list[Cell]:
                 ]
                 if kind is DocType.WORK_ORDER:
                     cells += [Cell(subject, scope, kind, "as_other", r) for r in OWN_ENTRIES]
+                    cells += [Cell(subject, scope, kind, m, p) for m, (_, p) in HTTP_ACTS.items()]
                     cells += [
                         Cell(subject, scope, kind, message, f"fields.{key}")
                         for message in MOVE_WRITES
@@ -721,7 +737,31 @@ async def run_matrix(data_dir: Path) -> Run:
             await observer.doc_message(some, SyncStep.STEP2)
             run.stored_rows = (await store.stats())["updates"] - rows
             run.broadcasts = updates_of(observer) - seeding
+            await run_acts(server, observer, run)
     return run
+
+
+async def run_acts(server: Server, observer: Wire, run: Run) -> None:
+    """Every principal's REST acts, each on a work order of its own in each scope."""
+    acts = [c for c in CELLS if c.message in HTTP_ACTS]
+    await observer.send(
+        *(
+            DocMessage(
+                c.doc, encode_sync(SyncStep.UPDATE, build(c.kind, c.subject, c.scope).get_update())
+            )
+            for c in acts
+        )
+    )
+    for c in acts:
+        await take(observer, c.doc, "ack")
+    async with aiohttp.ClientSession() as http:
+        for c in acts:
+            path, _ = HTTP_ACTS[c.message]
+            body = {"assignee": MOVES["assignee"]} if c.message == "http_reassign" else {}
+            headers = {"Authorization": f"Bearer {server.token(c.subject)}"}
+            url = server.url + path.format(doc_id=c.doc)
+            async with http.post(url, json=body, headers=headers) as answer:
+                run.seen[c] = {"status": answer.status, "body": await answer.json()}
 
 
 class _Tokens(logging.Handler):
@@ -871,6 +911,26 @@ def test_create(run: Run, cell: Cell) -> None:
         assert seen["index"].doc == cell.doc
     else:
         assert seen["index"] is None  # nothing of it stored
+
+
+@pytest.mark.parametrize("cell", cells(*HTTP_ACTS))
+def test_http_act(run: Run, cell: Cell) -> None:
+    status, body = run.seen[cell]["status"], run.seen[cell]["body"]
+    expect = expected(cell)
+    if expect.outcome == "allowed":
+        assert status == 200, body
+        if cell.message == "http_reassign":
+            assert body["fields"]["assignee"] == MOVES["assignee"]
+        else:
+            assert body["fields"]["status"] == "cancelled"
+    elif expect.outcome == "rule_violation":
+        assert (status, body["code"], body["rule"]) == (409, "rule_violation", "status_transition")
+    else:
+        assert (status, body["code"]) == (403, expect.outcome), body
+        if expect.outcome == "forbidden_field":
+            assert tuple(body["paths"]) == expect.paths
+        else:
+            assert set(body) == {"type", "title", "status", "code", "detail"}  # nothing of it
 
 
 def test_nothing_refused_was_stored_or_broadcast(run: Run) -> None:
