@@ -148,7 +148,7 @@ class Device:
         self.conn = conn
         self.doc_id = doc_id
         self.subject = subject
-        self.doc: Doc = Doc()
+        self.doc: Doc[Any] = Doc()
         self.status = "in_progress"
         self.sent: dict[str, float] = {}  # status -> when its move was sent
         self.acked: dict[str, float] = {}  # status -> when its ack arrived
@@ -202,7 +202,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE,
         limit=1 << 24,  # one line carries every user's token
     )
-    assert process.stdout is not None and process.stdin is not None
+    assert process.stdout is not None
+    assert process.stdin is not None
     info = json.loads(await process.stdout.readline())
     url = f"ws://127.0.0.1:{info['port']}/v1/sync"
     tokens = info["tokens"]
@@ -217,7 +218,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ]
         for n in range(args.devices):
             sup = supervisors[n % len(supervisors)]
-            doc: Doc = Doc()
+            doc: Doc[Any] = Doc()
             fields = {"title": f"Pump {n}", "number": str(n), "assignee": f"t{n}"}
             fields |= {"team": f"team{n % args.teams}", "region": "east", "status": "assigned"}
             documents.work_order.write(

@@ -167,7 +167,7 @@ class WorkOrderRoutes:
         if "assignee" not in changes:
             raise FieldsyncError(ErrorCode.INVALID_REQUEST, "assignee is required (null: nobody)")
 
-        def move(doc: Doc) -> None:
+        def move(doc: Doc[Any]) -> None:
             documents.work_order.reassign(doc, **changes)
 
         return await self._edit(request, move)
@@ -180,13 +180,13 @@ class WorkOrderRoutes:
         principal: Principal = request[PRINCIPAL]
         role = self._replicator.policy.acting_role(principal) or ""
 
-        def cancelled(doc: Doc) -> None:
+        def cancelled(doc: Doc[Any]) -> None:
             documents.work_order.set_status(doc, "cancelled", by=principal.subject, role=role)
 
         return await self._edit(request, cancelled)
 
     async def _edit(
-        self, request: web.Request, change: Callable[[Doc], None]
+        self, request: web.Request, change: Callable[[Doc[Any]], None]
     ) -> web.StreamResponse:
         principal: Principal = request[PRINCIPAL]
         room = await visible_work_order(self._replicator, principal, request.match_info["doc_id"])

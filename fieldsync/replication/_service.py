@@ -82,7 +82,7 @@ async def edit_as(
     principal: Principal,
     origin: Origin,
     doc_id: str,
-    change: Callable[[Doc], None],
+    change: Callable[[Doc[Any]], None],
 ) -> Edited:
     """Apply `change` to a copy of the document as it is now, as `principal` (a peer with no
     socket), and submit what it changed through the write path; return once it is durable.

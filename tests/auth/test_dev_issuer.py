@@ -147,7 +147,8 @@ async def sign_in(issuer: DevIssuer, user: str, password: str) -> aiohttp.Client
             assert page.status == 200
             text = await page.text()
             # The state is escaped in the page, never injected; the page runs no script.
-            assert "st&lt;&amp;&gt;" in text and "st<&>" not in text
+            assert "st&lt;&amp;&gt;" in text
+            assert "st<&>" not in text
             assert "<script" not in text
         form = params | {"username": user, "password": password}
         url = f"{issuer.issuer}/authorize"
@@ -180,7 +181,8 @@ async def test_the_code_flow_signs_in_with_pkce_and_refreshes(issuer: DevIssuer)
     assert (await post_token(issuer, exchange))[1]["error"] == "invalid_grant"
     refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
     status, renewed = await post_token(issuer, refresh)
-    assert status == 200 and decode_claims(renewed["access_token"])["sub"] == "u-sue"
+    assert status == 200
+    assert decode_claims(renewed["access_token"])["sub"] == "u-sue"
     # Refresh tokens rotate: the old one is spent; a revoked one is refused.
     assert (await post_token(issuer, refresh))[1]["error"] == "invalid_grant"
     async with (
