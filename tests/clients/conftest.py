@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from fieldsync.auth import DevIssuer
 from tests.harness import Server
@@ -20,6 +21,16 @@ from tests.interop.conftest import YjsPeer, node, yjs_peer  # noqa: F401 - fixtu
 ROOT = Path(__file__).parents[2]
 PACKAGE = ROOT / "clients" / "ts"
 BUILT = PACKAGE / "dist" / "index.js"
+BROWSER_PAGE = PACKAGE / "test" / "browser"  # index.html, and dist/page.js once bundled
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download is not used
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _unavailable(reason: str) -> None:
@@ -43,7 +54,9 @@ def ts_client() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         _unavailable("node and npm on PATH")
     steps = []
-    if not (PACKAGE / "node_modules" / "yjs" / "package.json").exists():
+    installed = PACKAGE / "node_modules" / ".package-lock.json"  # written by npm ci
+    lock = PACKAGE / "package-lock.json"
+    if not installed.exists() or lock.stat().st_mtime > installed.stat().st_mtime:
         steps.append(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"])
     if steps or _stale():
         steps.append(["npm", "run", "build", "--silent"])
@@ -52,6 +65,32 @@ def ts_client() -> Path:
         if done.returncode != 0:
             pytest.fail(f"{' '.join(step)} failed in clients/ts:\n{done.stdout}\n{done.stderr}")
     return PACKAGE
+
+
+@pytest.fixture(scope="session")
+def ts_browser_page(ts_client: Path) -> Path:
+    """The folder of the browser test page, its module (the built client and yjs) bundled by
+    esbuild (`npm run build:browser-test`, a fraction of a second) for this run."""
+    step = ["npm", "run", "build:browser-test", "--silent"]
+    done = subprocess.run(step, cwd=ts_client, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(step)} failed in clients/ts:\n{done.stdout}\n{done.stderr}")
+    return BROWSER_PAGE
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    """Headless Chromium (Debian's `chromium` package), driven by Playwright."""
+    if shutil.which(CHROMIUM) is None:  # absent, or not executable
+        _unavailable(f"Chromium at {CHROMIUM} (Debian package chromium)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 async def run_node_tests(package: Path, test_file: str, env: dict[str, str], timeout: float) -> str:
