@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.logs import JsonFormatter
@@ -18,6 +21,36 @@ from tests.harness import USERS, Issuer, Server, running_issuer, running_server
 # The server most tests run against: `server`, trusting `issuer`, which signs in `users`. A folder
 # or a module that needs other users or settings overrides `users` or `server_settings` (or
 # `issuer`, for another kind of OpenID provider), never the server itself.
+
+
+# Debian's Chromium: Playwright drives it and never downloads a browser of its own.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    """Headless Chromium driven by Playwright: the one browser of the browser tests (the
+    dashboard's, the TypeScript client's IndexedDB)."""
+    if shutil.which(CHROMIUM) is None:  # absent, or not executable
+        if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"the browser tests need {CHROMIUM} (FIELDSYNC_REQUIRE_SERVICES=1)")
+        pytest.skip(f"the browser tests need {CHROMIUM} (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 @pytest.fixture

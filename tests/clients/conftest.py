@@ -20,6 +20,7 @@ from tests.interop.conftest import YjsPeer, node, yjs_peer  # noqa: F401 - fixtu
 ROOT = Path(__file__).parents[2]
 PACKAGE = ROOT / "clients" / "ts"
 BUILT = PACKAGE / "dist" / "index.js"
+BROWSER_PAGE = PACKAGE / "test" / "browser"  # index.html, and dist/page.js once bundled
 
 
 def _unavailable(reason: str) -> None:
@@ -43,7 +44,9 @@ def ts_client() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         _unavailable("node and npm on PATH")
     steps = []
-    if not (PACKAGE / "node_modules" / "yjs" / "package.json").exists():
+    installed = PACKAGE / "node_modules" / ".package-lock.json"  # written by npm ci
+    lock = PACKAGE / "package-lock.json"
+    if not installed.exists() or lock.stat().st_mtime > installed.stat().st_mtime:
         steps.append(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"])
     if steps or _stale():
         steps.append(["npm", "run", "build", "--silent"])
@@ -52,6 +55,17 @@ def ts_client() -> Path:
         if done.returncode != 0:
             pytest.fail(f"{' '.join(step)} failed in clients/ts:\n{done.stdout}\n{done.stderr}")
     return PACKAGE
+
+
+@pytest.fixture(scope="session")
+def ts_browser_page(ts_client: Path) -> Path:
+    """The folder of the browser test page, its module (the built client and yjs) bundled by
+    esbuild (`npm run build:browser-test`, a fraction of a second) for this run."""
+    step = ["npm", "run", "build:browser-test", "--silent"]
+    done = subprocess.run(step, cwd=ts_client, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(step)} failed in clients/ts:\n{done.stdout}\n{done.stderr}")
+    return BROWSER_PAGE
 
 
 async def run_node_tests(package: Path, test_file: str, env: dict[str, str], timeout: float) -> str:

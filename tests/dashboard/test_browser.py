@@ -29,15 +29,6 @@ from tests.harness import USERS, Server, eventually, running_server
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TOKEN_TTL = 8  # seconds: the dashboard renews twice or more while the test runs
 TIMEOUT = 15_000  # milliseconds a page may take to show what a test waits for
 
@@ -46,13 +37,9 @@ playwright_api = pytest.importorskip("playwright.async_api")
 
 def _require_browser() -> None:
     built = Path(__file__).resolve().parents[2] / "fieldsync" / "api" / "dashboard" / "app.js"
-    missing = None
-    if not CHROMIUM.exists():
-        missing = f"{CHROMIUM} (apt-get install chromium)"
-    elif not built.exists():
-        missing = "the built dashboard (make dashboard)"
-    if missing is None:
+    if built.exists():
         return
+    missing = "the built dashboard (make dashboard)"
     if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
         pytest.fail(f"the browser tests need {missing} (FIELDSYNC_REQUIRE_SERVICES=1)")
     pytest.skip(f"the browser tests need {missing}")
@@ -94,14 +81,9 @@ async def server(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Server[DevI
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+def browser(chromium: Any) -> Any:
     _require_browser()
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    return chromium
 
 
 class Dashboard:
