@@ -368,6 +368,9 @@ def _convert(column: Column, value: Any) -> Any:
                 text = str(value)
             else:
                 raise ValueError(f"{type(value).__name__} is not text")
+            # A device may type any character; PostgreSQL's text cannot hold NUL, so no target's
+            # does (the same rows on every dialect, not an order dead-lettered on one of them).
+            text = text.replace("\x00", "")
             assert column.length is not None
             if len(text) > column.length:
                 raise ValueError(f"{len(text)} characters do not fit the column's {column.length}")

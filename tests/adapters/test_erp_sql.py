@@ -227,6 +227,18 @@ async def test_a_delivery_not_newer_than_the_last_applied_changes_nothing(
     assert adapter.metrics()["unchanged"] == 2
 
 
+async def test_a_nul_character_a_device_typed_is_left_out_on_every_dialect(
+    database: Target, adapter: ErpSqlAdapter
+) -> None:
+    """PostgreSQL's text cannot hold NUL: found by the property test below, which had the order
+    dead-lettered there as unprojectable while the other dialects stored it."""
+    order = new_order("wo:nul")
+    order.doc.get("fields", type=Map)["title"] = "Pump\x00 seal"
+    await adapter.deliver(order.delivery())
+    (head,) = stored(database, order.id)["order"]
+    assert head["title"] == "Pump seal"
+
+
 async def test_racing_deliveries_of_one_document_end_at_the_newer(
     database: Target, adapter: ErpSqlAdapter
 ) -> None:
