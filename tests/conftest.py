@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hypothesis
 import pytest
 from playwright.async_api import Browser, async_playwright
 
@@ -21,6 +22,14 @@ from tests.harness import USERS, Issuer, Server, running_issuer, running_server
 # The server most tests run against: `server`, trusting `issuer`, which signs in `users`. A folder
 # or a module that needs other users or settings overrides `users` or `server_settings` (or
 # `issuer`, for another kind of OpenID provider), never the server itself.
+
+
+# Property tests: CI replays the same examples every run (`derandomize`), so a red CI is a
+# regression, never a new draw (local runs explore new examples); and no per-example deadline
+# anywhere, since speed is measured by the benchmarks, never by timing a test on a shared machine.
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None)
+hypothesis.settings.register_profile("dev", deadline=None)
+hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 # Debian's Chromium: Playwright drives it and never downloads a browser of its own.
