@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 DASHBOARD := fieldsync/api/dashboard/app.js
+# More options for `fieldsync demo`, e.g. make run DEMO="--ldap ldap://host ...".
+DEMO ?=
 
 .PHONY: run test lint bench clean dashboard
 
 run: $(VENV)/.installed $(DASHBOARD)
-	$(BIN)/fieldsync demo
+	$(BIN)/fieldsync demo $(DEMO)
 
 test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built $(DASHBOARD)
 	$(BIN)/pytest -q

@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         default="127.0.0.1:1883",
         help="host:port of the MQTT broker for the plant floor (alarms, meter readings), or off",
     )
+    demo.add_argument(
+        "--ldap",
+        metavar="URL",
+        help="ldap:// or ldaps:// URL of a directory the server takes team and region from "
+        "(default: none; bind password in FIELDSYNC_DEMO_LDAP_PASSWORD)",
+    )
+    demo.add_argument("--ldap-bind-dn", default="", help="the DN the demo binds to --ldap as")
+    demo.add_argument("--ldap-base-dn", default="", help="the DN the directory is read under")
     commands.add_parser("settings", help="list every setting with its variable and default")
     _add_reference_commands(commands)
     _outbox_parser(commands)
@@ -83,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("doc", "devices", "sessions"):
         return admin.run(args)
     if args.command == "demo":
-        from fieldsync.demo import run_demo
+        from fieldsync.demo import LdapOption, run_demo
+
+        ldap = None
+        if args.ldap is not None:
+            ldap = LdapOption(args.ldap, args.ldap_bind_dn, args.ldap_base_dn)
 
         return asyncio.run(
             run_demo(
@@ -94,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds=args.rounds,
                 stay=not args.exit,
                 mqtt=None if args.mqtt == "off" else args.mqtt,
+                ldap=ldap,
             )
         )
     try:

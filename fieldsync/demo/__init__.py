@@ -4,7 +4,8 @@ In one process: a development OpenID issuer and the server on SQLite in a local 
 realistic dataset created through the server by the supervisors' devices; simulated technicians
 and supervisors who go offline, edit the same work orders, and come back; then a check that every
 replica converged on what the server stored; when an MQTT broker is reachable, the plant floor
-(an alarm becomes a work order, a machine counter a meter reading in it); and a summary. With
+(an alarm becomes a work order, a machine counter a meter reading in it); when a directory is
+named, the team and region it gives the users; and a summary. With
 `stay` it keeps serving until Ctrl-C.
 """
 
@@ -17,17 +18,30 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from fieldsync.app import configure_logging
-from fieldsync.demo import _converge, _dataset, _devices, _edits, _erp, _plant, _report, _seed
+from fieldsync.auth import DevUser
+from fieldsync.demo import (
+    _converge,
+    _dataset,
+    _devices,
+    _directory,
+    _edits,
+    _erp,
+    _plant,
+    _report,
+    _seed,
+)
 from fieldsync.demo._devices import Device, Fleet, Stalled
+from fieldsync.demo._directory import LdapOption
 from fieldsync.demo._server import QuietLog, Running, quiet_access_log, running
 from fieldsync.demo._signals import interrupts
 
-__all__ = ["run_demo"]
+__all__ = ["LdapOption", "run_demo"]
 
 EXIT_CONVERGED, EXIT_DIVERGED, EXIT_NOT_STARTED = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -42,10 +56,13 @@ async def run_demo(
     rounds: int = 3,
     stay: bool = True,
     mqtt: str | None = _plant.DEFAULT_BROKER,
+    ldap: LdapOption | None = None,
 ) -> int:
     """Run the demo and return the exit code: 0 when every replica converged, 1 when not, 2 when
     it could not start, 130 when interrupted before the summary (after it: the summary's code).
-    `mqtt` is the broker's host:port for the plant floor (None: no plant floor)."""
+    `mqtt` is the broker's host:port for the plant floor (None: no plant floor); `ldap` the
+    directory the server reads team and region from (None: none; its bind password is in the
+    environment variable `_directory.PASSWORD_ENV`)."""
     if work_orders < 1 or devices < 1 or rounds < 0:
         print("fieldsync demo: needs 1+ work orders, 1+ devices, 0+ rounds", file=sys.stderr)
         return EXIT_NOT_STARTED
@@ -55,10 +72,16 @@ async def run_demo(
         except ValueError as exc:
             print(f"fieldsync demo: {exc}", file=sys.stderr)
             return EXIT_NOT_STARTED
+    wrong = ldap.check() if ldap is not None else None
+    if wrong is not None:
+        print(f"fieldsync demo: {wrong}", file=sys.stderr)
+        return EXIT_NOT_STARTED
     outcome = _Outcome()
     with interrupts() as interrupted:
         try:
-            return await _run(data_dir, port, work_orders, devices, rounds, stay, mqtt, outcome)
+            return await _run(
+                data_dir, port, work_orders, devices, rounds, stay, mqtt, ldap, outcome
+            )
         except asyncio.CancelledError:
             if not interrupted.count:
                 raise
@@ -82,6 +105,7 @@ async def _run(
     rounds: int,
     stay: bool,
     mqtt: str | None,
+    ldap: LdapOption | None,
     outcome: _Outcome,
 ) -> int:
     progress = _report.Progress()
@@ -89,13 +113,14 @@ async def _run(
         f"fieldsync demo: {work_orders} work orders, {devices} devices, {rounds} rounds; "
         f"data in {data_dir}"
     )
-    users = _dataset.users()
+    directory = await _directory.probe(ldap)
+    users = directory.users(_dataset.users())
     async with contextlib.AsyncExitStack() as stack:
         access_log = stack.enter_context(quiet_access_log())
         floor = await stack.enter_async_context(_plant.floor(mqtt, date.today()))
         try:
             server = await stack.enter_async_context(
-                running(data_dir, port, users, floor.adapters())
+                running(data_dir, port, users, floor.adapters() + directory.section())
             )
         except OSError as exc:
             print(
@@ -114,7 +139,9 @@ async def _run(
         fleet = Fleet(server.sync_url, server.issuer, data_dir / "devices")
         stack.push_async_callback(fleet.retire)
         try:
-            summary = await _simulate(server, fleet, floor, progress, work_orders, devices, rounds)
+            summary = await _simulate(
+                server, fleet, floor, directory, users, progress, work_orders, devices, rounds
+            )
         except Stalled as exc:
             print(f"fieldsync demo: {exc}", file=sys.stderr)
             return EXIT_DIVERGED
@@ -131,6 +158,8 @@ async def _simulate(
     server: Running,
     fleet: Fleet,
     floor: _plant.Floor,
+    directory: _directory.Directory,
+    users: Mapping[str, DevUser],
     progress: _report.Progress,
     work_orders: int,
     devices: int,
@@ -169,6 +198,8 @@ async def _simulate(
     )
     plant_floor = await _plant.show(floor, server)
     progress.line("plant floor", plant_floor)
+    read = await _directory.show(directory, server, users)
+    progress.line("directory", read)
     erp = await _erp.landed(server.backend, server.data_dir)
     everyone = fleet.everyone()
     return _report.Summary(
@@ -200,6 +231,7 @@ async def _simulate(
         elapsed=progress.elapsed,
         erp=erp.lines(),
         plant_floor=plant_floor,
+        directory=read,
     )
 
 

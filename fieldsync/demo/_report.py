@@ -70,6 +70,7 @@ class Summary:
     elapsed: float
     erp: list[str]  # what landed in the demo's ERP (`_erp.Landed.lines`)
     plant_floor: str  # what the alarm and the meter reading did, or why they were skipped
+    directory: str  # what the directory gave, why it failed, or that there is none
 
     @property
     def converged(self) -> bool:
@@ -112,6 +113,7 @@ class Summary:
             f"  refused / resets      {self.refused} / {self.resets}",
             *self.erp,
             f"  plant floor           {self.plant_floor}",
+            f"  directory             {self.directory}",
             f"  time                  {self.elapsed:.1f}s",
         ]
         out += [f"  MISMATCH              {m}" for m in self.mismatches[:10]]

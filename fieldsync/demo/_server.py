@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from fieldsync.app import BACKEND, REPLICATOR, STORE, AccessLogger, create_app
+from fieldsync.adapters import Adapter
+from fieldsync.app import ADAPTERS, BACKEND, REPLICATOR, STORE, AccessLogger, create_app
 from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.config import Settings
 from fieldsync.demo import _adapters
@@ -55,14 +56,18 @@ class Running:
     def replicator(self) -> Replicator:
         return self.app[REPLICATOR]
 
+    @property
+    def adapters(self) -> Sequence[Adapter]:
+        return self.app[ADAPTERS].adapters
+
 
 @asynccontextmanager
 async def running(
-    data_dir: Path, port: int, users: Mapping[str, DevUser], plant_floor: str = ""
+    data_dir: Path, port: int, users: Mapping[str, DevUser], sections: str = ""
 ) -> AsyncIterator[Running]:
     """The issuer, then the server (which fetches the issuer's keys as it starts), with the
-    demo's ERP adapter and the plant floor's adapters (`plant_floor`: their sections)."""
-    adapters = await asyncio.to_thread(_adapters.adapters_file, data_dir, plant_floor)
+    demo's ERP adapter and those of `sections` (the plant floor's, the directory's)."""
+    adapters = await asyncio.to_thread(_adapters.adapters_file, data_dir, sections)
     async with DevIssuer(users, host=HOST) as issuer:
         settings = Settings.load(
             environ={},
