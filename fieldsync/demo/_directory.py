@@ -30,7 +30,8 @@ ADAPTER = "directory"  # the adapter's name in the adapters file
 PASSWORD_ENV = "FIELDSYNC_DEMO_LDAP_PASSWORD"  # the bind password: never on the command line
 SKIPPED = "skipped: no directory configured (--ldap)"
 _TIMEOUT = 5  # seconds the directory has to answer a read
-# Who the directory's people are, in the adapters file and for the demo's own look alike.
+# The people's filter and subject attribute: written into the adapters file and used by `probe`,
+# so that the adapter and the demo see the same people.
 _PEOPLE, _SUBJECT = "(objectClass=inetOrgPerson)", "uid"
 _WAIT = 20.0  # seconds the summary waits for the adapter's first sync
 
