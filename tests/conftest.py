@@ -17,7 +17,7 @@ from fieldsync.auth import DevIssuer, DevUser
 from fieldsync.logs import JsonFormatter
 from fieldsync.replication import V1Session
 from tests import contract
-from tests.harness import USERS, Issuer, Server, running_issuer, running_server
+from tests.harness import USERS, Issuer, Server, running_issuer, running_server, unavailable
 
 # The server most tests run against: `server`, trusting `issuer`, which signs in `users`. A folder
 # or a module that needs other users or settings overrides `users` or `server_settings` (or
@@ -49,9 +49,7 @@ async def chromium() -> AsyncIterator[Browser]:
     """Headless Chromium driven by Playwright: the one browser of the browser tests (the
     dashboard's, the TypeScript client's IndexedDB)."""
     if shutil.which(CHROMIUM) is None:  # absent, or not executable
-        if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"the browser tests need {CHROMIUM} (FIELDSYNC_REQUIRE_SERVICES=1)")
-        pytest.skip(f"the browser tests need {CHROMIUM} (apt-get install chromium)")
+        unavailable(f"the browser tests need {CHROMIUM} (apt-get install chromium)")
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS

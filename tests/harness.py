@@ -8,13 +8,15 @@ import asyncio
 import gzip
 import io
 import json
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol
+from typing import Any, Generic, NoReturn, Protocol
 
 import brotli
+import pytest
 import zstandard
 from aiohttp import web
 from PIL import Image
@@ -42,6 +44,14 @@ USERS = {
         DevUser("nobody", (), None, None, "No Roles"),
     )
 }
+
+
+def unavailable(message: str) -> NoReturn:
+    """A service or tool a test needs is missing: the test is skipped, or fails where CI says
+    that everything must be there (`FIELDSYNC_REQUIRE_SERVICES=1`)."""
+    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message} (FIELDSYNC_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
 
 
 class Issuer(Protocol):

@@ -4,7 +4,6 @@ is skipped, or fails when `FIELDSYNC_REQUIRE_SERVICES=1`."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
+
+from tests.harness import unavailable
 
 SERVERS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -68,9 +68,7 @@ def _server(dialect: str) -> URL:
 
 def _unavailable(what: str, error: Exception) -> None:
     message = f"{what} is not reachable on loopback: {str(error).splitlines()[0]}"
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
+    unavailable(message)
 
 
 @contextmanager

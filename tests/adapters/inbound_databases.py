@@ -4,13 +4,13 @@ Without the server the test is skipped, or fails when `FIELDSYNC_REQUIRE_SERVICE
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
 import sqlalchemy as sa
+
+from tests.harness import unavailable
 
 SERVERS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -29,9 +29,7 @@ def foreign_database(dialect: str) -> Iterator[str]:
             connection.exec_driver_sql(f"CREATE DATABASE {name}")
     except sa.exc.OperationalError as error:
         message = f"{dialect} is not reachable on loopback: {str(error).splitlines()[0]}"
-        if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-            pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
-        pytest.skip(message)
+        unavailable(message)
     try:
         yield server.set(database=name).render_as_string(hide_password=False)
     finally:

@@ -19,12 +19,12 @@ from typing import Any, NoReturn
 
 import aiomqtt
 import orjson
-import pytest
 from asyncua import ua
 from asyncua.common.node import Node
 from asyncua.server.server import Server
 
 from fieldsync.storage import ReferenceStore
+from tests.harness import unavailable
 
 BROKER = ("127.0.0.1", 1883)
 ASSETS = [
@@ -43,9 +43,7 @@ def broker_or_skip() -> str:
 
 
 def _missing(message: str) -> NoReturn:
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
+    unavailable(message)
 
 
 async def add_assets(reference: ReferenceStore, rows: Iterable[Mapping[str, Any]] = ASSETS) -> None:

@@ -8,7 +8,6 @@ Clients other than the rootdn read through `cn=reader`, whose searches are limit
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import socket
 import subprocess
@@ -19,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import ldap3
-import pytest
 from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import escape_rdn
 
 from fieldsync.adapters._ldap import close
+from tests.harness import unavailable
 
 SUFFIX = "dc=example,dc=org"
 ROOT_DN = f"cn=admin,{SUFFIX}"
@@ -41,10 +40,7 @@ def slapd_binary() -> str:
     found = shutil.which("slapd") or shutil.which("slapd", path="/usr/sbin")
     if found is not None:
         return found
-    message = "the directory tests need OpenLDAP's slapd (apt-get install slapd ldap-utils)"
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{message} (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
+    unavailable("the directory tests need OpenLDAP's slapd (apt-get install slapd ldap-utils)")
 
 
 def _free_port() -> int:

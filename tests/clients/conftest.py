@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fieldsync.auth import DevIssuer
-from tests.harness import Server
+from tests.harness import Server, unavailable
 from tests.interop.conftest import YjsPeer, node, yjs_peer  # noqa: F401 - fixtures used here too
 
 ROOT = Path(__file__).parents[2]
@@ -24,9 +24,7 @@ BROWSER_PAGE = PACKAGE / "test" / "browser"  # index.html, and dist/page.js once
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"the TypeScript client needs {reason} (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(f"the TypeScript client needs {reason}")
+    unavailable(f"the TypeScript client needs {reason}")
 
 
 def _stale() -> bool:

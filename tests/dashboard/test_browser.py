@@ -25,7 +25,7 @@ from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control, decode_frame
-from tests.harness import USERS, Server, eventually, running_server
+from tests.harness import USERS, Server, eventually, running_server, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,7 @@ def _require_browser() -> None:
     built = Path(__file__).resolve().parents[2] / "fieldsync" / "api" / "dashboard" / "app.js"
     if built.exists():
         return
-    missing = "the built dashboard (make dashboard)"
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"the browser tests need {missing} (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(f"the browser tests need {missing}")
+    unavailable("the browser tests need the built dashboard (make dashboard)")
 
 
 def artefacts() -> Path:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Server
+from tests.harness import Server, unavailable
 
 HERE = Path(__file__).parent
 PEER = HERE / "yjs_peer.mjs"
@@ -36,9 +35,7 @@ def node() -> None:
     missing = _missing()
     if missing is None:
         return
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"Yjs interop needs Node: {missing} (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(f"Yjs interop needs Node: {missing}")
+    unavailable(f"Yjs interop needs Node: {missing}")
 
 
 class YjsPeer:

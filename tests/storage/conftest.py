@@ -11,7 +11,6 @@ PostgreSQL runs are skipped, or fail when `FIELDSYNC_REQUIRE_SERVICES=1`."""
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,6 +30,7 @@ from fieldsync.storage import (
     Store,
 )
 from fieldsync.storage._postgres_migrations import MIGRATIONS
+from tests.harness import unavailable
 
 POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
 # Left alone when a schema is emptied: what migrations wrote once (the cursor key is one).
@@ -52,9 +52,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def postgres_unavailable(error: Exception) -> None:
     message = f"PostgreSQL is not reachable on loopback: {str(error).splitlines()[0]}"
-    if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
-        pytest.fail(message + " (FIELDSYNC_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
+    unavailable(message)
 
 
 class PostgresSchemas:
