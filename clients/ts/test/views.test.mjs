@@ -103,6 +103,8 @@ test('a team queue follows the field live, and catches up after a dropped socket
   await eventually(() => toms.row(third) !== undefined, 10_000, "tom's queue")
   assert.equal(toms.row(first), undefined, "tina's work order is not in tom's queue")
   assert.equal(queue.calls, calls)
+  // Through reconnects, change feed pages and scope changes, the one document opened.
+  assert.deepEqual(dashboard.documents(), [first])
 })
 
 test("a technician's subscription is refused, to the view's listener", async (t) => {
