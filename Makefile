@@ -15,17 +15,18 @@ run: $(VENV)/.installed $(DASHBOARD)
 test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built $(DASHBOARD)
 	$(BIN)/pytest -q
 
-lint: $(VENV)/.installed web/dashboard/node_modules/.installed
+lint: $(VENV)/.installed web/dashboard/node_modules/.installed clients/ts/dist/.built
 	$(BIN)/ruff check fieldsync tests bench
 	$(BIN)/ruff format --check fieldsync tests bench
 	$(BIN)/mypy
 	cd web/dashboard && npm run --silent check
 
-# The web dashboard (served at /dashboard/): TypeScript and Yjs bundled by esbuild into the
-# package, so nothing is fetched from elsewhere at run time.
+# The web dashboard (served at /dashboard/): TypeScript, the TypeScript client (linked from
+# clients/ts, built first) and Yjs bundled by esbuild into the package, so nothing is fetched
+# from elsewhere at run time.
 dashboard: $(DASHBOARD)
 
-$(DASHBOARD): web/dashboard/node_modules/.installed web/dashboard/build.mjs web/dashboard/index.html web/dashboard/style.css $(wildcard web/dashboard/src/*.ts)
+$(DASHBOARD): web/dashboard/node_modules/.installed clients/ts/dist/.built web/dashboard/build.mjs web/dashboard/index.html web/dashboard/style.css $(wildcard web/dashboard/src/*.ts)
 	cd web/dashboard && npm run --silent build
 
 web/dashboard/node_modules/.installed: web/dashboard/package.json web/dashboard/package-lock.json
@@ -42,7 +43,8 @@ tests/interop/node_modules/.installed: tests/interop/package.json tests/interop/
 	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The TypeScript client (`@fieldsync/client`): installed and built before the tests that run it.
+# The TypeScript client (`@fieldsync/client`): installed and built before the tests that run it
+# and the dashboard that uses it (and before `make lint` type-checks the dashboard against it).
 clients/ts/dist/.built: clients/ts/package.json clients/ts/package-lock.json clients/ts/tsconfig.json $(wildcard clients/ts/src/*.ts)
 	cd clients/ts && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 	touch $@

@@ -26,6 +26,8 @@ AWAY = 1  # seconds of absence that break the offline contract in `offline_too_l
         "refused_edit.test.mjs",
         "token_renewal.test.mjs",
         "awareness.test.mjs",
+        "token_request.test.mjs",
+        "views.test.mjs",
     ],
 )
 async def test_node(ts_client: Path, server: Server[DevIssuer], test_file: str) -> None:

@@ -24,7 +24,7 @@ from fieldsync.app import ENDPOINTS
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.errors import CloseCode
-from fieldsync.replication import Control, decode_frame
+from fieldsync.replication import Control, DocMessage, decode_frame
 from tests.harness import USERS, Server, eventually, running_server, unavailable
 
 pytestmark = pytest.mark.slow
@@ -84,12 +84,14 @@ def browser(chromium: Any) -> Any:
 
 
 class Dashboard:
-    """One signed-in user's tab, and every control message its socket received."""
+    """One signed-in user's tab, every control message its socket received, and the documents
+    whose messages it received."""
 
     def __init__(self, page: Any) -> None:
         self.page = page
         self.sockets = 0
         self.received: list[dict[str, Any]] = []
+        self.docs: set[str] = set()
         self.refreshes = 0
         page.on("websocket", self._socket)
         page.on("requestfinished", self._request)
@@ -103,6 +105,8 @@ class Dashboard:
         for message in decode_frame(data, max_frame=1 << 30, max_body=1 << 30):
             if isinstance(message, Control):
                 self.received.append(message.body)
+            elif isinstance(message, DocMessage):
+                self.docs.add(message.doc)
 
     def _request(self, request: Any) -> None:
         if request.url.endswith("/v1/auth/token") and "refresh_token" in (request.post_data or ""):
@@ -263,6 +267,8 @@ async def test_the_supervisors_dashboard_follows_the_field_live(
         await expect(sam.card("wo:105")).to_be_visible()
         assert sam.sockets == reconnected, "a renewal must not reconnect"
         await expect(sam.connection()).to_have_text("Live")
+        # The page follows views and the work order it opened, not the team's every document.
+        assert sam.docs == {"wo:103"}
     finally:
         await tina.close()
 

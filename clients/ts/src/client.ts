@@ -19,12 +19,18 @@ import {
   encodeSync
 } from './codec.js'
 import { type Changes, MemoryStorage, type PendingEdit, type Storage, emptyChanges, isEmpty, mergeChanges } from './storage.js'
+import { type ViewListener, type ViewName, type ViewTypes, Views } from './views.js'
 
 export const VERSION = '0.1.0'
 
+/** Why the client asks its token source for a token: to open a connection, or because the
+ * server said that the socket's token expires at `expiresAt` (epoch milliseconds): the answer
+ * should then outlive it (a token the socket holds already is not sent again). */
+export type TokenRequest = { reason: 'connect' } | { reason: 'expiring', expiresAt: number }
+
 /** An access token, or a function that fetches a fresh one (called on every connect and on
- * `auth_expiring`). */
-export type TokenSource = string | (() => string | Promise<string>)
+ * `auth_expiring`, told which). */
+export type TokenSource = string | ((request: TokenRequest) => string | Promise<string>)
 
 /** What the client needs of a WebSocket: the browser's, React Native's, or `ws` in Node. */
 export interface WebSocketLike {
@@ -56,8 +62,13 @@ export interface FieldsyncClientOptions {
   deviceId?: string
   /** Ask the server for zstd-compressed frames (`hello.caps`); default true. */
   zstd?: boolean
-  /** Reconnect delays: full jitter over `base * 2^attempt` ms, at most `cap` ms. */
-  backoff?: { base?: number, cap?: number }
+  /** Reconnect delays over `base * 2^attempt` ms, at most `cap` ms: `full` jitter (the
+   * default: anywhere from 0) or `equal` (from half of it: a drop is seen for a moment). */
+  backoff?: { base?: number, cap?: number, jitter?: 'full' | 'equal' }
+  /** Follow the server's change feed (default true): every document in the user's scope comes
+   * to the device. `false` (a dashboard): only the documents opened with `doc(id)` sync; the
+   * feed's pages just move `since`, and a `scope` that adds documents opens none. */
+  feed?: boolean
 }
 
 /** `error` from the server: `code` is one of `fieldsync/errors.py`'s (`forbidden_field`, ...). */
@@ -169,7 +180,12 @@ export class FieldsyncClient {
   private readonly zstd: boolean
   private readonly backoffBase: number
   private readonly backoffCap: number
+  private readonly backoffJitter: 'full' | 'equal'
+  private readonly feed: boolean
   private attempt = 0
+  private socketToken: string | null = null // the token the socket was last given
+  private welcomed = false // this socket's `welcome` arrived: views may be subscribed
+  private readonly views = new Views((body) => { if (this.welcomed) this.send([encodeControl(body)]) })
 
   private readonly docs = new Map<string, Y.Doc>()
   private readonly unobserve = new Map<string, () => void>()
@@ -217,6 +233,8 @@ export class FieldsyncClient {
     this.zstd = options.zstd ?? true
     this.backoffBase = options.backoff?.base ?? 200
     this.backoffCap = options.backoff?.cap ?? 30_000
+    this.backoffJitter = options.backoff?.jitter ?? 'full'
+    this.feed = options.feed ?? true
   }
 
   // --- events ---------------------------------------------------------------------------
@@ -286,6 +304,15 @@ export class FieldsyncClient {
       this.awarenesses.set(id, awareness)
     }
     return awareness
+  }
+
+  /** Follow a live view (dashboards: supervisors, managers, admins): `listener` gets the
+   * view's state at once when the server's rows arrive, and again at every change (or when the
+   * server refuses the subscription: `state.error`). Kept across reconnects, and across
+   * `stop()`/`start()`; one subscription per view name (a second replaces the first). Returns
+   * the function that unsubscribes. */
+  view<N extends ViewName> (view: N, params: ViewTypes[N]['params'], listener: ViewListener<N>): () => void {
+    return this.views.add(view, params, listener)
   }
 
   /** Local edits the server has not yet acknowledged as durable (of one document, or all). */
@@ -494,8 +521,8 @@ export class FieldsyncClient {
     }
   }
 
-  private async tokenValue (): Promise<string> {
-    return typeof this.token === 'string' ? this.token : await this.token()
+  private async tokenValue (request: TokenRequest): Promise<string> {
+    return typeof this.token === 'string' ? this.token : await this.token(request)
   }
 
   private async run (): Promise<void> {
@@ -518,7 +545,8 @@ export class FieldsyncClient {
         if (close.code === DRAINING) this.attempt = 0 // reconnect elsewhere at once
       }
       if (!this.online) break
-      await this.sleep(Math.random() * Math.min(this.backoffCap, this.backoffBase * 2 ** this.attempt++))
+      const delay = Math.min(this.backoffCap, this.backoffBase * 2 ** this.attempt++)
+      await this.sleep(this.backoffJitter === 'full' ? Math.random() * delay : delay / 2 + Math.random() * delay / 2)
     }
   }
 
@@ -539,7 +567,7 @@ export class FieldsyncClient {
   private async session (): Promise<FatalEvent> {
     // A token source may hang (no network to the identity provider): `stop()` must not.
     const stopped = new Promise<null>((resolve) => { this.wake = () => resolve(null) })
-    const token = await Promise.race([this.tokenValue(), stopped])
+    const token = await Promise.race([this.tokenValue({ reason: 'connect' }), stopped])
     if (token === null || !this.online) return { code: 1000, reason: 'offline' }
     this.emit('status', 'connecting')
     return await new Promise<FatalEvent>((resolve) => {
@@ -552,6 +580,7 @@ export class FieldsyncClient {
         this.resynced.clear()
         this.outbox = []
         this.caughtUp = false
+        this.socketToken = token
         // The token travels in `hello` (as browsers must send it), never in the URL. Every
         // local document is offered at once: the server answers with what the device lacks
         // and asks for what it lacks, so offline edits flow up in the same exchange.
@@ -578,6 +607,7 @@ export class FieldsyncClient {
       ws.onclose = (event) => {
         if (this.ws === ws) this.ws = null
         this.wake = null
+        this.welcomed = false
         this.resynced.clear()
         this.caughtUp = false
         this.catchingUp = null
@@ -656,6 +686,8 @@ export class FieldsyncClient {
         this.maxFrame = limits.max_frame ?? DEFAULT_MAX_FRAME
         this.maxBody = limits.max_body ?? DEFAULT_MAX_BODY
         this.attempt = 0
+        this.welcomed = true
+        this.send(this.views.resubscribe().map(encodeControl))
         this.emit('status', 'connected')
         break
       }
@@ -667,7 +699,7 @@ export class FieldsyncClient {
         break
       case 'scope': {
         const removed = (body.removed ?? []) as string[]
-        const added = ((body.added ?? []) as string[]).filter((id) => !this.docs.has(id))
+        const added = this.feed ? ((body.added ?? []) as string[]).filter((id) => !this.docs.has(id)) : []
         for (const id of removed) this.forget(id)
         for (const id of added) this.open(id, null)
         this.send(added.map((id) => this.step1(id)))
@@ -677,14 +709,22 @@ export class FieldsyncClient {
       case 'reset':
         this.reset(String(body.doc), String(body.reason ?? ''))
         break
+      case 'view':
+      case 'view_changes':
+        this.views.receive(body)
+        break
       case 'error':
-        this.emit('error', body as unknown as ServerError)
+        // A view's refusal goes to that view's listener; every other error to the app.
+        if (!this.views.receive(body)) this.emit('error', body as unknown as ServerError)
         break
       case 'auth_expiring':
         if (typeof this.token !== 'string') {
           const ws = this.ws
-          this.tokenValue().then((token) => {
-            if (this.ws === ws) this.send([encodeControl({ type: 'auth', token })])
+          this.tokenValue({ reason: 'expiring', expiresAt: typeof body.at === 'number' ? body.at * 1000 : Date.now() }).then((token) => {
+            // The same token again would only bring the same notice back at once.
+            if (this.ws !== ws || token === this.socketToken) return
+            this.socketToken = token
+            this.send([encodeControl({ type: 'auth', token })])
           }, () => {}) // no fresh token: the socket closes at expiry and the next connect retries
         }
         break
@@ -700,7 +740,7 @@ export class FieldsyncClient {
     const removed = (page.removed ?? []).filter((id) => this.docs.has(id))
     for (const id of removed) this.forget(id)
     if (removed.length > 0) this.emit('scope', { added: [], removed })
-    const wanted = (page.docs ?? []).map((d) => d.id)
+    const wanted = (page.docs ?? []).map((d) => d.id).filter((id) => this.feed || this.docs.has(id))
     if (this.catchingUp === null) this.catchingUp = new Set()
     for (const id of wanted) {
       this.catchingUp.add(id)

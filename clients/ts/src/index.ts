@@ -8,6 +8,7 @@ export {
   type ResetEvent,
   type ScopeEvent,
   type ServerError,
+  type TokenRequest,
   type TokenSource,
   type Traffic,
   type WebSocketConstructor,
@@ -21,6 +22,17 @@ export {
   type Storage,
   type StoredState
 } from './storage.js'
+export type {
+  ConflictRow,
+  DeviceRow,
+  TeamMetricsRow,
+  ViewError,
+  ViewListener,
+  ViewName,
+  ViewState,
+  ViewTypes,
+  WorkOrderCard
+} from './views.js'
 export { IndexedDBStorage, type IndexedDBStorageOptions } from './indexeddb.js'
 export * as workOrder from './workorder.js'
 export { ProtocolError, decodeFrame, encodeFrame } from './codec.js'

@@ -1,6 +1,7 @@
 // Sign-in with the authorization-code flow and PKCE (RFC 6749 §4.1, RFC 7636, S256) at the
 // organisation's OpenID provider, through fieldsync's `/v1/auth/config` and `/v1/auth/token`
-// relay; silent renewal with the refresh token before the access token expires; sign-out.
+// relay; silent renewal with the refresh token before the access token expires (the socket's
+// client asks for the renewed token: `current`, `outliving`); sign-out.
 // The access token lives in memory only; the refresh token in this tab's sessionStorage, so a
 // reload does not sign the user out (and closing the tab does).
 
@@ -45,7 +46,7 @@ export class Auth {
   private timer: number | undefined;
   private renewAt = 0; // epoch milliseconds of the renewal scheduled
   private renewing: Promise<string> | null = null;
-  private listeners: Array<(token: string) => void> = [];
+  private waiting: Array<(token: string) => void> = []; // for the next renewal's token
 
   constructor(readonly config: AuthConfig) {}
 
@@ -57,10 +58,6 @@ export class Auth {
 
   get redirectUri(): string {
     return `${location.origin}/dashboard/`;
-  }
-
-  onToken(listener: (token: string) => void): void {
-    this.listeners.push(listener);
   }
 
   /** Go to the provider's login page. */
@@ -175,19 +172,26 @@ export class Auth {
     if (tokens.refresh_token) sessionStorage.setItem(REFRESH, tokens.refresh_token);
     // Renew at three quarters of the lifetime: well before the socket's `auth_expiring`.
     this.schedule(Math.max(1_000, lifetime * 0.75));
-    for (const listener of this.listeners) listener(tokens.access_token);
+    for (const resolve of this.waiting.splice(0)) resolve(tokens.access_token);
     return tokens.access_token;
   }
 
-  /** The server says the token it holds expires at `at` (epoch seconds): renew now unless a
-   * renewal is due before then anyway (with tokens shorter than the server's notice, the
-   * notice comes with every token), and hand a newer token held already to the listeners. */
-  expiring(at: number): void {
-    if (this.accessToken !== null && this.expiresAt > at * 1000 + 1000) {
-      for (const listener of this.listeners) listener(this.accessToken);
-    } else if (this.renewAt === 0 || this.renewAt > at * 1000) {
-      this.renew().catch(() => undefined);
+  /** The access token, renewed first if it has (nearly) expired: for a new connection. */
+  async current(): Promise<string> {
+    if (this.accessToken !== null && this.expiresAt > Date.now() + 5_000) return this.accessToken;
+    return await this.renew();
+  }
+
+  /** A token that outlives `at` (epoch milliseconds: when the socket's token expires): the one
+   * held if it is newer, else the renewal due before then, else a renewal now. Tokens shorter
+   * than the server's notice come with a notice each: waiting for the renewal due anyway keeps
+   * that to one renewal per three quarters of a lifetime. */
+  async outliving(at: number): Promise<string> {
+    if (this.accessToken !== null && this.expiresAt > at + 1000) return this.accessToken;
+    if (this.renewAt > Date.now() && this.renewAt < at) {
+      return await new Promise<string>((resolve) => this.waiting.push(resolve));
     }
+    return await this.renew();
   }
 
   private schedule(delay: number): void {

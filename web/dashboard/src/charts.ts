@@ -1,7 +1,7 @@
 // Inline SVG charts of the region metrics: every number is the server's (`region-metrics`
 // rows); the charts only draw them.
 import { s } from "./dom";
-import type { Row } from "./sync";
+import type { TeamMetricsRow as Row } from "@fieldsync/client";
 
 export const STATUS_ORDER = [
   "new",
@@ -31,12 +31,12 @@ const GAP = 10;
 const LABEL = 110;
 
 function teamName(row: Row): string {
-  return (row.team as string | null) ?? "(no team)";
+  return row.team ?? "(no team)";
 }
 
 /** One stacked bar per team: its work orders by status. */
 export function statusChart(rows: Row[]): SVGElement {
-  const max = Math.max(1, ...rows.map((row) => Number(row.total)));
+  const max = Math.max(1, ...rows.map((row) => row.total));
   const height = rows.length * (BAR + GAP) + 60;
   const svg = s("svg", {
     viewBox: `0 0 ${WIDTH} ${height}`,
@@ -48,7 +48,7 @@ export function statusChart(rows: Row[]): SVGElement {
     const y = i * (BAR + GAP);
     svg.append(s("text", { x: 0, y: y + BAR * 0.7, class: "label" }, teamName(row)));
     let x = LABEL;
-    const counts = row.by_status as Record<string, number>;
+    const counts = row.by_status;
     const others = Object.keys(counts).filter((status) => !STATUS_ORDER.includes(status));
     for (const status of [...STATUS_ORDER, ...others]) {
       const count = counts[status];

@@ -1,12 +1,12 @@
 // The dashboard: supervisors' team queue, work order detail, devices and conflicts; managers'
 // region metrics; admins' dead letters. Every figure comes from the server (views over the
 // socket, REST for acts and the outbox); the page only shows it.
-import * as Y from "yjs";
+import type { ViewName, ViewState, ViewTypes, WorkOrderCard } from "@fieldsync/client";
 
 import { Auth, SignInRequired } from "./auth";
 import { barChart, STATUS_ORDER, statusChart } from "./charts";
 import { h, when } from "./dom";
-import { Connection, type Row, type ViewState } from "./sync";
+import { Connection } from "./sync";
 
 const app = document.getElementById("app") as HTMLElement;
 const status = document.getElementById("connection") as HTMLElement;
@@ -88,9 +88,8 @@ function route(): void {
   }
 }
 
-function follow(view: string, params: Record<string, unknown>, draw: (state: ViewState) => void): void {
-  connection.subscribe(view, params, draw);
-  leave = () => connection.unsubscribe(view);
+function follow<N extends ViewName>(view: N, params: ViewTypes[N]["params"], draw: (state: ViewState<N>) => void): void {
+  leave = connection.client.view(view, params, draw);
 }
 
 // --- supervisor: the team queue -----------------------------------------------------------------
@@ -98,8 +97,8 @@ function follow(view: string, params: Record<string, unknown>, draw: (state: Vie
 let queueStatus = "";
 let queueAssignee = "";
 
-function dueText(row: Row): string {
-  return (row.due_at as string | null) ?? "no due date";
+function dueText(row: WorkOrderCard): string {
+  return row.due_at ?? "no due date";
 }
 
 function queuePage(): void {
@@ -131,10 +130,10 @@ function queuePage(): void {
   const error = h("p", { role: "alert", class: "error", hidden: true });
   show(heading, form, tabs, error, list);
 
-  const draw = (state: ViewState) => {
+  const draw = (state: ViewState<"team-queue">) => {
     error.hidden = state.error === null;
-    error.textContent = state.error ?? "";
-    const counts = (state.extra.counts ?? {}) as Record<string, number>;
+    error.textContent = state.error?.message ?? "";
+    const counts = state.extra.counts ?? {};
     const total = Object.values(counts).reduce((a, b) => a + b, 0);
     const statuses = [...STATUS_ORDER.filter((s) => counts[s]), ...Object.keys(counts).filter((s) => !STATUS_ORDER.includes(s))];
     if (queueStatus && !statuses.includes(queueStatus)) statuses.push(queueStatus);
@@ -161,8 +160,8 @@ function queuePage(): void {
     const rows = [...state.rows.values()]
       .filter((row) => queueStatus === "" || (row.status ?? "") === queueStatus)
       .sort((a, b) => {
-        const da = (a.due_at as string | null) ?? "~";
-        const db = (b.due_at as string | null) ?? "~";
+        const da = a.due_at ?? "~";
+        const db = b.due_at ?? "~";
         return da < db ? -1 : da > db ? 1 : a.id < b.id ? -1 : 1;
       });
     list.replaceChildren(
@@ -188,7 +187,7 @@ function queuePage(): void {
 // --- a work order, live ---------------------------------------------------------------------------
 
 function detailPage(id: string): void {
-  const doc = connection.open(id);
+  let doc = connection.client.doc(id);
   const body = h("div", { class: "detail" });
   const message = h("p", { role: "status", class: "help" });
   const reassignInput = h("input", { id: "reassign-to", type: "text", required: true }) as HTMLInputElement;
@@ -278,7 +277,23 @@ function detailPage(id: string): void {
   const observer = () => draw();
   doc.on("update", observer);
   draw();
-  leave = () => doc.off("update", observer);
+  // A `reset` replaces the document (the server's copy is synced afresh); out of scope, it is
+  // gone from the socket.
+  const offReset = connection.client.on("reset", (event) => {
+    if (event.doc !== id || event.reason === "forbidden") return;
+    doc.off("update", observer);
+    doc = connection.client.doc(id);
+    doc.on("update", observer);
+    draw();
+  });
+  const offScope = connection.client.on("scope", (event) => {
+    if (event.removed.includes(id)) message.textContent = "This work order has left your scope.";
+  });
+  leave = () => {
+    doc.off("update", observer);
+    offReset();
+    offScope();
+  };
 }
 
 // --- devices, conflicts ---------------------------------------------------------------------------
@@ -467,8 +482,7 @@ async function main(): Promise<void> {
   connection.onSignedOut = () => signedOut("Your session ended: sign in again.");
   window.addEventListener("hashchange", () => routed && route());
   renderState();
-  connection.connect();
+  await connection.connect();
 }
 
 void main();
-void Y; // one copy of Yjs, shared with the sync module
