@@ -1,0 +1,124 @@
+"""A peer's update reaches the other replicas before it is durable (`Replicator._commit`); the
+durable promises do not: no ack and no durable state vector covers it, and the change feed does
+not list it, until it is committed. When the commit then fails, every replica that got it is
+reset and drops it, and its author's device sends it again.
+
+The storage fails for real: another process holds SQLite's write lock (an operator's `sqlite3`
+shell, a backup tool) past the server writer's busy timeout, so the writer's batch fails with
+"database is locked" and is rolled back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pycrdt import Doc, Text
+
+from fieldsync.app import STORE
+from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.replication import SyncStep, decode_state_vector
+from tests.harness import Server, eventually, stored_doc
+from tests.wire import sam_and_tina
+
+EVERYTHING = ScopeFilter(ScopeKind.ALL)
+
+
+@contextmanager
+def write_lock_held(server: Server) -> Iterator[None]:
+    """Another connection to the server's database holds the write lock until the block ends."""
+    other = sqlite3.connect(server.data_dir / "fieldsync.db", isolation_level=None, timeout=30)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def notes(doc: Doc[Any]) -> str:
+    return str(doc.get("notes", type=Text))
+
+
+def covers(clock: dict[Any, int], client: int, upto: int) -> bool:
+    return int(clock.get(client, clock.get(str(client), 0))) >= upto
+
+
+async def test_a_peer_has_an_update_before_any_ack_or_durable_state_vector_covers_it(
+    server: Server,
+) -> None:
+    doc_id = "wo:relay-early"
+    store = server.app[STORE]
+    async with sam_and_tina(server, doc_id) as (sam, tina):
+        theirs = await sam.replica(doc_id)
+        await sam.doc_message(doc_id, SyncStep.STEP1)  # the durable state vector, all committed
+        mine = await tina.replica(doc_id)
+        head = await store.head()
+        with write_lock_held(server):
+            before = theirs.get_state()
+            theirs.get("notes", type=Text).insert(0, "never stored ")
+            await sam.update(doc_id, theirs.get_update(before))
+            writer = theirs.client_id
+            upto = decode_state_vector(theirs.get_state())[writer]
+            # tina has it while no commit can happen: it was relayed before it was durable.
+            await tina.follow(doc_id, mine, lambda d: "never stored" in notes(d))
+            # A device syncing now is shown it (a step 2 is the room's), but the state vector
+            # it may take as acks waits for the commit.
+            await sam.step1(doc_id)
+            shown = Doc()
+            shown.apply_update(await sam.doc_message(doc_id, SyncStep.STEP2))
+            assert "never stored" in notes(shown)
+            # The commit fails once the lock outlasts the writer's busy timeout: the room is
+            # dropped and both replicas are told to drop their copies.
+            for wire in (sam, tina):
+                reset = await wire.control("reset", doc=doc_id, timeout=60)
+                assert reset["reason"].startswith("storage failure")
+            error = await sam.control("error", doc=doc_id, timeout=30)
+            assert error["code"] == "storage_unavailable"
+            durable = decode_state_vector(await sam.doc_message(doc_id, SyncStep.STEP1))
+        assert not covers(durable, writer, upto)
+        acks = [c for c in sam.received if c["type"] == "ack" and c["doc"] == doc_id]
+        assert not any(covers(ack["clock"], writer, upto) for ack in acks), acks
+        # Nothing of it is stored, and the change feed and the head did not move for it.
+        assert "never stored" not in notes(await stored_doc(server, doc_id))
+        assert await store.head() == head
+        page = await store.changes(EVERYTHING, head, 100)
+        assert doc_id not in [doc.id for doc in page.docs]
+
+
+async def test_a_relayed_update_whose_commit_fails_is_dropped_then_sent_again_by_its_author(
+    server: Server,
+) -> None:
+    """The device client on both sides: the receiver drops the copy that held the update that
+    was never stored; the author, whose edit no ack covered, applies it again on the server's
+    state and sends it; both end with the server's document, the edit stored once."""
+    doc_id = "wo:relay-failed"
+    async with sam_and_tina(server, doc_id):
+        pass  # created durably
+    sam, tina = server.client("sam"), server.client("tina")
+    try:
+        await sam.start()
+        await tina.start()
+        await sam.wait_synced(doc_id)
+        await tina.wait_synced(doc_id)
+        with write_lock_held(server):
+            tina.doc(doc_id).get("notes", type=Text).insert(0, "replaced the seal ")
+            await eventually(lambda: "replaced the seal" in notes(sam.doc(doc_id)))
+            assert tina.pending(doc_id) == 1  # relayed, not acknowledged
+            await eventually(lambda: bool(sam.resets and tina.resets), timeout=60)
+        assert [r["reason"][:15] for r in sam.resets + tina.resets] == ["storage failure"] * 2
+        # Resynced, tina's device applies its edit again on the server's state and sends it.
+        await eventually(lambda: "replaced the seal" in notes(tina.doc(doc_id)))
+        await tina.wait_acked(doc_id)
+        stored = await stored_doc(server, doc_id)
+        assert notes(stored).count("replaced the seal") == 1
+
+        def agree() -> bool:
+            return all(notes(client.doc(doc_id)) == notes(stored) for client in (sam, tina))
+
+        await eventually(agree)
+    finally:
+        await sam.close()
+        await tina.close()
