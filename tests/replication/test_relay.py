@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pycrdt import Doc, Text
+from pycrdt import Doc, Map, Text
 
 from fieldsync.app import STORE
 from fieldsync.records import ScopeFilter, ScopeKind
-from fieldsync.replication import SyncStep, decode_state_vector
+from fieldsync.replication import SyncStep, YSync, decode_state_vector
 from tests.harness import Server, eventually, stored_doc
 from tests.wire import sam_and_tina
 
@@ -122,3 +122,35 @@ async def test_a_relayed_update_whose_commit_fails_is_dropped_then_sent_again_by
     finally:
         await sam.close()
         await tina.close()
+
+
+async def test_a_reassignment_and_what_follows_it_never_reach_the_device_it_moves_out(
+    server: Server,
+) -> None:
+    """The move is fanned out after its commit, once the old assignee is unsubscribed, and so
+    is every write applied while it is in flight (here a note sent right after it, while the
+    write lock holds the move's commit back)."""
+    doc_id = "wo:relay-move"
+    async with sam_and_tina(server, doc_id, assignee="tina") as (sam, tina):
+        mine = await tina.replica(doc_id)
+        theirs = await sam.replica(doc_id)
+        with write_lock_held(server):
+            before = theirs.get_state()
+            theirs.get("fields", type=Map)["assignee"] = "tom"
+            await sam.update(doc_id, theirs.get_update(before))
+            before = theirs.get_state()
+            theirs.get("notes", type=Text).insert(0, "for tom's eyes ")
+            await sam.update(doc_id, theirs.get_update(before))
+            # Both applied (sam's messages are handled in order) while neither is committed.
+            await sam.step1(doc_id)
+            shown = Doc()
+            shown.apply_update(await sam.doc_message(doc_id, SyncStep.STEP2))
+            assert "for tom's eyes" in notes(shown)
+        await tina.control("scope", timeout=30, removed=[doc_id])
+        for _, message in tina.docs:
+            if isinstance(message, YSync) and message.step is SyncStep.UPDATE:
+                mine.apply_update(message.payload)
+        assert mine.get("fields", type=Map)["assignee"] == "tina"
+        assert notes(mine) == ""
+        stored = await stored_doc(server, doc_id)
+        assert stored.get("fields", type=Map)["assignee"] == "tom"
