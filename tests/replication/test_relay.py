@@ -3,16 +3,12 @@ durable promises do not: no ack and no durable state vector covers it, and the c
 not list it, until it is committed. When the commit then fails, every replica that got it is
 reset and drops it, and its author's device sends it again.
 
-The storage fails for real: another process holds SQLite's write lock (an operator's `sqlite3`
-shell, a backup tool) past the server writer's busy timeout, so the writer's batch fails with
-"database is locked" and is rolled back.
+The storage fails for real: another connection holds SQLite's write lock past the server
+writer's busy timeout (`write_lock_held`).
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from pycrdt import Doc, Map, Text
@@ -20,22 +16,10 @@ from pycrdt import Doc, Map, Text
 from fieldsync.app import STORE
 from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import SyncStep, YSync, decode_state_vector
-from tests.harness import Server, eventually, stored_doc
+from tests.harness import Server, eventually, stored_doc, write_lock_held
 from tests.wire import sam_and_tina
 
 EVERYTHING = ScopeFilter(ScopeKind.ALL)
-
-
-@contextmanager
-def write_lock_held(server: Server) -> Iterator[None]:
-    """Another connection to the server's database holds the write lock until the block ends."""
-    other = sqlite3.connect(server.data_dir / "fieldsync.db", isolation_level=None, timeout=30)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
 
 
 def notes(doc: Doc[Any]) -> str:
