@@ -51,7 +51,7 @@ async def test_a_peer_has_an_update_before_any_ack_or_durable_state_vector_cover
             # A device syncing now is shown it (a step 2 is the room's), but the state vector
             # it may take as acks waits for the commit.
             await sam.step1(doc_id)
-            shown = Doc()
+            shown: Doc[Any] = Doc()
             shown.apply_update(await sam.doc_message(doc_id, SyncStep.STEP2))
             assert "never stored" in notes(shown)
             # The commit fails once the lock outlasts the writer's busy timeout: the room is
@@ -127,7 +127,7 @@ async def test_a_reassignment_and_what_follows_it_never_reach_the_device_it_move
             await sam.update(doc_id, theirs.get_update(before))
             # Both applied (sam's messages are handled in order) while neither is committed.
             await sam.step1(doc_id)
-            shown = Doc()
+            shown: Doc[Any] = Doc()
             shown.apply_update(await sam.doc_message(doc_id, SyncStep.STEP2))
             assert "for tom's eyes" in notes(shown)
         await tina.control("scope", timeout=30, removed=[doc_id])
