@@ -1,6 +1,7 @@
 """The one write path for documents, and the rooms it keeps in memory.
 
-authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1). A connected replica (a
+authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1); a peer's update is
+fanned out as soon as it is applied, before its commit (see `_commit`). A connected replica (a
 device over v1, a Yjs client over y-websocket) writes through `submit`; a document the server
 builds for someone (REST's `POST /v1/work-orders`) comes into existence through `create`, held to
 the creation rights a device's first update is, and committed and fanned out the same way. Every
