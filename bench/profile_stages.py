@@ -34,7 +34,8 @@ session glue), "other threads" the process's CPU outside the loop thread and the
   SQL (writer)      the writer thread's batch: statements, history rows, COMMIT (its CPU)
   commit callbacks  the futures the writer settles, on the loop
   ack               the v1 `ack` control (clocks, JSON)
-  fan-out encode    `_on_commit`: the y message encoded once, queued to every other peer
+  fan-out encode    `_fan_out` (and `_on_commit`): the y message encoded once, queued to
+                    every other peer
   fan-out send      aiohttp framing and the socket write of every outgoing message
 """
 
@@ -190,6 +191,8 @@ def install(timers: Timers) -> None:
     wrap(V1Session, "_acked", "ack")
     wrap(V1Session, "_ack", "ack")
     wrap(Replicator, "_on_commit", "fan-out encode")
+    if hasattr(Replicator, "_fan_out"):  # since the relay before the commit (`fanout`)
+        wrap(Replicator, "_fan_out", "fan-out encode")
     wrap(_replicator, "encode_sync", "fan-out encode")
     wrap(web.WebSocketResponse, "send_bytes", "fan-out send", "coro")
 

@@ -9,8 +9,9 @@ import gzip
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NoReturn, Protocol
@@ -162,6 +163,21 @@ async def stored_doc(server: Server, doc_id: str) -> Doc[Any]:
     for data in ([stored.snapshot] if stored.snapshot else []) + stored.updates:
         doc.apply_update(data)
     return doc
+
+
+@contextmanager
+def write_lock_held(server: Server) -> Iterator[None]:
+    """Another connection to the server's SQLite database holds the write lock until the block
+    ends (an operator's `sqlite3` shell, a backup tool): a batch of the server's writer that
+    waits longer than its busy timeout fails for real ("database is locked") and is rolled
+    back."""
+    other = sqlite3.connect(server.data_dir / "fieldsync.db", isolation_level=None, timeout=30)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
 
 
 async def eventually(predicate: Any, timeout: float = 10.0) -> None:

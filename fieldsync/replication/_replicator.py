@@ -1,6 +1,7 @@
 """The one write path for documents, and the rooms it keeps in memory.
 
-authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1). A connected replica (a
+authorise -> apply -> rules -> commit -> ack -> fan-out (DESIGN.md §1); a peer's update is
+fanned out as soon as it is applied, before its commit (see `_commit`). A connected replica (a
 device over v1, a Yjs client over y-websocket) writes through `submit`; a document the server
 builds for someone (REST's `POST /v1/work-orders`) comes into existence through `create`, held to
 the creation rights a device's first update is, and committed and fanned out the same way. Every
@@ -105,6 +106,7 @@ class Replicator:
         self._loading: dict[str, asyncio.Future[Room]] = {}
         self._evictor = Periodic("room-evictor", max(idle_seconds / 4, 0.05), self._evict_idle)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._moving = 0  # scope-moving commits in flight: fan-out waits for commits meanwhile
         # Called after each commit's fan-out, with the room and what the commit stored (the
         # dashboards' live views); a hook never suspends and never raises.
         self.commit_hooks: list[Callable[[Room, Committed], None]] = []
@@ -417,14 +419,18 @@ class Replicator:
 
     async def durable_state_vector(self, peer: Peer, room: Room) -> bytes:
         """The room's state vector, returned once all it covers is committed: a device may
-        forget its queued edits that this state vector covers. A waiting peer gets an empty
-        document's."""
+        forget its queued edits that this state vector covers. A waiting peer, and one reset
+        meanwhile because a commit failed, get an empty document's."""
         if peer not in room.subscribers:
             return _EMPTY_STATE
         state_vector = room.state_vector()
         tail = room.tail
         if room.in_flight and tail is not None and not tail.done():
             await asyncio.wait([tail])
+            if peer not in room.subscribers:
+                # A commit failed (the room was dropped, the peer reset) or the peer left: what
+                # the state vector covers may never be stored, and a device takes it as acks.
+                return _EMPTY_STATE
         return state_vector
 
     async def _authorise_creation(self, principal: Principal, room: Room, update: bytes) -> None:
@@ -489,6 +495,7 @@ class Replicator:
         actor: str | None = None,
         origin: Origin | None = None,
     ) -> asyncio.Future[Committed]:
+        before = room.index
         write = Write(
             doc=room.doc_id,
             data=effective,
@@ -500,13 +507,45 @@ class Replicator:
         room.in_flight += 1
         committed = asyncio.ensure_future(self.store.append(write))
         room.tail = committed
-        committed.add_done_callback(lambda f: self._on_commit(room, effective, author, f))
+        # A peer's update goes to the other replicas now, before it is durable: their fan-out
+        # must not wait for an fsync that has nothing to do with them (S1: stalls of 28-150 ms
+        # on a shared disk; Hocuspocus and y-websocket relay first too). Only the durable
+        # promises wait for the commit: the author's ack, `durable_state_vector`, the change
+        # feed and the live views (`_on_commit`). A commit that fails drops the room and resets
+        # every peer: a replica that got the update drops it with its copy and applies again
+        # only its own edits, which no ack covered (both clients). A step 2 served to a syncing
+        # peer shows uncommitted updates already; a live update is no different.
+        # Fanned out after their commit, as before, with the writes after them in their room:
+        # - the server's own writes (rule corrections, REST creations): what a replica is told
+        #   the server decided is what it holds;
+        # - a write that creates the document or moves it between scopes, with every room's
+        #   writes while it is in flight: a peer it moves out is unsubscribed (`_rescope`, on
+        #   the commit) before it could be sent the move, a later update, or a form of it.
+        moves = _moves_scope(before, write.index)
+        relayed = author is not None and not (moves or self._moving or room.held)
+        if relayed:
+            self._fan_out(room, effective, author)
+        else:
+            room.held += 1
+            self._moving += moves
+        committed.add_done_callback(
+            lambda f: self._on_commit(room, effective, author, relayed, moves, f)
+        )
         return committed
 
     def _on_commit(
-        self, room: Room, effective: bytes, author: Peer | None, done: asyncio.Future[Committed]
+        self,
+        room: Room,
+        effective: bytes,
+        author: Peer | None,
+        relayed: bool,
+        moves: bool,
+        done: asyncio.Future[Committed],
     ) -> None:
         room.in_flight -= 1
+        if not relayed:
+            room.held -= 1
+            self._moving -= moves
         if done.cancelled() or done.exception() is not None:
             log.error("commit of %s failed: %r", room.doc_id, done.exception())
             self._drop(room, "storage failure: the last update was not stored")
@@ -518,12 +557,17 @@ class Replicator:
             self._rescope(committed.scope_change)
         if created and room.pending:
             self._spawn(self._settle_pending(room))
+        if not relayed:
+            self._fan_out(room, effective, author)
+        for hook in self.commit_hooks:
+            hook(room, committed)
+
+    def _fan_out(self, room: Room, effective: bytes, author: Peer | None) -> None:
+        """Send an update to every subscriber but its author, encoded once for all."""
         message = encode_sync(SyncStep.UPDATE, effective)
         for peer in room.subscribers:
             if peer is not author:
                 peer.send_doc(room.doc_id, message)
-        for hook in self.commit_hooks:
-            hook(room, committed)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` on its own, kept until done (or until `stop`); a failure is logged."""
@@ -646,6 +690,18 @@ class Replicator:
                 excess -= 1
                 dropped += 1
         return dropped
+
+
+def _moves_scope(before: DocIndex | None, after: DocIndex | None) -> bool:
+    """Whether a write whose new index is `after` (None: unchanged) creates the document or
+    moves it between scopes: the storage reports a `ScopeChange` for such a commit."""
+    if after is None:
+        return False
+    return before is None or (before.assignee, before.team, before.region) != (
+        after.assignee,
+        after.team,
+        after.region,
+    )
 
 
 __all__ = [

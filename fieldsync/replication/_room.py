@@ -83,6 +83,7 @@ class Room:
         self.awareness: Awareness[Peer] = Awareness()
         self.in_flight = 0  # updates applied in memory, not yet committed
         self.tail: asyncio.Future[Any] | None = None  # the commit of the last applied update
+        self.held = 0  # commits in flight whose fan-out waits for them (`Replicator._commit`)
         self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted
         self.last_used = time.monotonic()
         self._emitted: list[bytes] = []
