@@ -62,6 +62,9 @@ class Leases(Protocol):
     """One node's leases. `open()` registers the node (its id and URL, for the others to reach
     it); `close()` releases every lease it holds."""
 
+    # Where the other nodes reach this node, registered by `open()` (set before it).
+    url: str
+
     @property
     def node(self) -> str: ...
 
@@ -144,7 +147,7 @@ class PostgresLeases:
             raise ValueError("ttl must be positive")
         self._store = store
         self._node = node
-        self._url = url
+        self.url = url
         self.ttl = ttl
         self._held: dict[str, int] = {}  # doc -> fencing token
 
@@ -162,7 +165,7 @@ class PostgresLeases:
         return dict(self._held)
 
     async def open(self) -> None:
-        await self._store.run(lambda conn: conn.execute(_HEARTBEAT, (self._node, self._url)))
+        await self._store.run(lambda conn: conn.execute(_HEARTBEAT, (self._node, self.url)))
 
     async def close(self) -> None:
         await self.release(list(self._held))
@@ -173,14 +176,14 @@ class PostgresLeases:
     async def claim(self, doc: str) -> Lease:
         held = self._held.get(doc)
         if held is not None:
-            return Lease(doc, self._node, self._url, held, True)
+            return Lease(doc, self._node, self.url, held, True)
 
         async def work(conn: AsyncConnection) -> Lease | None:
             params = {"doc": doc, "node": self._node, "ttl": self.ttl}
             cursor = await conn.execute(_CLAIM, params)
             row = await cursor.fetchone()
             if row is not None:
-                return Lease(doc, self._node, self._url, int(row[0]), True)
+                return Lease(doc, self._node, self.url, int(row[0]), True)
             cursor = await conn.execute(_HOLDER, (doc,))
             holder = await cursor.fetchone()
             if holder is None:
@@ -200,7 +203,7 @@ class PostgresLeases:
         sent = dict(self._held)
 
         async def work(conn: AsyncConnection) -> set[str]:
-            await conn.execute(_HEARTBEAT, (self._node, self._url))
+            await conn.execute(_HEARTBEAT, (self._node, self.url))
             if not sent:
                 return set()
             cursor = await conn.execute(
