@@ -321,7 +321,7 @@ class NodeLink:
         self._opening: asyncio.Lock = asyncio.Lock()
         self._receiver: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
-        self._requests: dict[int, asyncio.Future[Message]] = {}
+        self._requests: dict[int, tuple[str, asyncio.Future[Message]]] = {}  # by id: doc, reply
         self._commits: dict[int, asyncio.Future[Committed]] = {}
         self._pids: dict[Peer, int] = {}
         self._peers: dict[int, Peer] = {}
@@ -356,7 +356,7 @@ class NodeLink:
         wire = await self._connected(doc_id)
         rid = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = future
+        self._requests[rid] = (doc_id, future)
         wire.send({**header, "id": rid, "doc": doc_id}, *parts)
         try:
             async with asyncio.timeout(self._cluster.timeout):
@@ -476,9 +476,9 @@ class NodeLink:
 
     def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
         if "re" in header:
-            future = self._requests.get(int(header["re"]))
-            if future is not None and not future.done():
-                future.set_result((header, parts))
+            request = self._requests.get(int(header["re"]))
+            if request is not None and not request[1].done():
+                request[1].set_result((header, parts))
             return
         kind = header.get("type")
         if kind in ("committed", "failed"):
@@ -518,9 +518,9 @@ class NodeLink:
             return
         self.closed = True
         self._cluster.forget(self)
-        for future in self._requests.values():
+        for doc_id, future in self._requests.values():
             if not future.done():
-                future.set_exception(OwnerUnavailable(""))
+                future.set_exception(OwnerUnavailable(doc_id))
         for committed in self._commits.values():
             if not committed.done():
                 committed.set_exception(StorageError("the owner node became unreachable"))
