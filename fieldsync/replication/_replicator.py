@@ -108,12 +108,13 @@ class Elsewhere(Exception):
 
 
 class OwnerUnavailable(FieldsyncError):
-    """The node that owns the document could not be reached, or no longer owns it; the device
-    sends again (its edits were not stored) once the lease has moved."""
+    """The node that owns the document could not be reached, or no longer owns it. The device
+    resyncs the document (`resync_required`: a session resets it), which sends its edits not
+    yet acknowledged again, to wherever the document's owner then is."""
 
     def __init__(self, doc_id: str) -> None:
         super().__init__(
-            ErrorCode.STORAGE_UNAVAILABLE, f"{doc_id}: its owner node is unreachable; resend"
+            ErrorCode.RESYNC_REQUIRED, f"{doc_id}: its owner node is unreachable; resync"
         )
 
 
@@ -283,7 +284,8 @@ class Replicator:
             try:
                 await proxy.owner.subscribe(peer, doc_id)
             except OwnerUnavailable:
-                self._proxies.pop(doc_id, None)  # the lease moved, or its node is gone
+                # The lease moved, or its node is gone: everyone served through it resyncs.
+                self._drop_proxy(proxy, "owner_unreachable")
             else:
                 proxy.subscribers[peer] = None
                 return proxy
@@ -868,12 +870,16 @@ class Replicator:
     def owner_lost(self, owner: Owner, reason: str = "owner_unreachable") -> None:
         """The link to `owner` broke: every peer served through it resyncs (the next
         subscribe finds the document's owner anew, or claims it once its lease expired)."""
-        for doc_id, proxy in list(self._proxies.items()):
+        for proxy in list(self._proxies.values()):
             if proxy.owner is owner:
-                del self._proxies[doc_id]
-                for peer in list(proxy.subscribers):
-                    peer.reset(doc_id, reason)
-                proxy.subscribers.clear()
+                self._drop_proxy(proxy, reason)
+
+    def _drop_proxy(self, proxy: Room, reason: str) -> None:
+        if self._proxies.get(proxy.doc_id) is proxy:
+            del self._proxies[proxy.doc_id]
+        for peer in list(proxy.subscribers):
+            peer.reset(proxy.doc_id, reason)
+        proxy.subscribers.clear()
 
     def proxied_scope_removed(self, peer: Peer, doc_ids: Iterable[str]) -> None:
         """The owner unsubscribed `peer` from these documents (they left its scope)."""

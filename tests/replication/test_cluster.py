@@ -27,6 +27,7 @@ from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.records import ScopeFilter, ScopeKind
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
+from tests.replication.test_yws import yws
 
 # The session's PostgreSQL database, as the storage tests get it.
 from tests.storage.conftest import PostgresSchemas, postgres_schemas  # noqa: F401
@@ -161,14 +162,18 @@ async def test_rules_run_once_on_the_owner_whichever_node_the_device_is_on(
         await tina_on_a.wait_synced("wo:1")
         async with device(b, "tina") as tina_on_b:
             await tina_on_b.wait_synced("wo:1")
-            # assigned → closed is not a technician's to make: corrected by the rules.
+            # assigned → closed is not a technician's to make: corrected by the rules; at the
+            # same time the supervisor, on the other node, edits the same document.
             documents.work_order.set_status(
                 tina_on_b.doc("wo:1"), "closed", by="tina", role="technician"
             )
+            fields(sam, "wo:1")["priority"] = "high"
             await tina_on_b.wait_acked("wo:1")
+            await sam.wait_acked("wo:1")
             await eventually(lambda: any(e["code"] == "rule_violation" for e in tina_on_b.errors))
             for client in (tina_on_b, tina_on_a, sam):
                 await eventually(lambda c=client: fields(c, "wo:1")["status"] == "assigned")
+                await eventually(lambda c=client: fields(c, "wo:1").get("priority") == "high")
         store = a.app[STORE]
 
         async def recorded() -> list[str]:
@@ -321,3 +326,60 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         stored = notes(await stored_doc(b, "wo:1"))
         assert [n for n in range(10) if f"edit {n}. " not in stored] == []
         assert notes(tina.doc("wo:1")) == stored
+
+
+async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with (
+        node(tmp_path, issuer, url, "a", idle_seconds=0.2) as a,
+        node(tmp_path, issuer, url, "b") as b,
+    ):
+        async with device(a, "sam") as sam:
+            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
+            await sam.wait_acked("wo:1")
+        assert await owner_of(url, "wo:1") == "a"
+
+        async def released() -> bool:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                cursor = await conn.execute(
+                    "SELECT expires_at < clock_timestamp() FROM leases WHERE doc = 'wo:1'"
+                )
+                row = await cursor.fetchone()
+                return bool(row and row[0])
+
+        # Nobody replicates it: node a unloads the room and gives its lease up.
+        await until(released)
+        assert a.app[REPLICATOR].loaded == 0
+        async with device(b, "tina") as tina:
+            tina.doc("wo:1").get("notes", type=Text).insert(0, "on b. ")
+            await tina.wait_acked("wo:1")
+        assert await owner_of(url, "wo:1") == "b"
+        assert "on b. " in notes(await stored_doc(b, "wo:1"))
+
+
+async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_the_owner(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with (
+        node(tmp_path, issuer, url, "a") as a,
+        node(tmp_path, issuer, url, "b") as b,
+        device(a, "sam") as sam,
+    ):
+        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
+        await sam.wait_acked("wo:1")
+        async with yws(a, "wo:1", "sam") as on_a, yws(b, "wo:1", "tina") as on_b:
+            await on_a.step1()
+            await on_b.step1()
+            replica = await on_b.replica()
+            assert replica.get("fields", type=Map)["title"] == "Inspect pump wo:1"
+            before = replica.get_state()
+            replica.get("notes", type=Text).insert(0, "from yws on b. ")
+            await on_b.send_update(replica.get_update(before))
+            await eventually(lambda: "from yws on b" in notes(sam.doc("wo:1")))
+            # Presence crosses the link both ways, never stored.
+            await on_b.announce(4242, 1, '{"user":"tina"}')
+            await on_a.wait("tina's presence", lambda: 4242 in on_a.presence())
+            await on_a.announce(4343, 1, '{"user":"sam"}')
+            await on_b.wait("sam's presence", lambda: 4343 in on_b.presence())
+        assert b.app[REPLICATOR].loaded == 0
