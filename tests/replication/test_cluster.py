@@ -25,7 +25,8 @@ from fieldsync import documents
 from fieldsync.app import REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
-from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.replication import ServiceWriter
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.replication.test_yws import yws
 
@@ -86,12 +87,18 @@ async def until(check: Callable[[], Awaitable[object]], timeout: float = 20.0) -
             await asyncio.sleep(0.02)
 
 
-async def owner_of(url: str, doc_id: str) -> str:
+async def holder(url: str, doc_id: str) -> str | None:
+    """The node holding `doc_id`'s lease, as PostgreSQL records it."""
     async with await psycopg.AsyncConnection.connect(url) as conn:
         cursor = await conn.execute("SELECT node FROM leases WHERE doc = %s", (doc_id,))
         row = await cursor.fetchone()
-        assert row is not None, f"{doc_id} has no lease"
-        return str(row[0])
+        return None if row is None else str(row[0])
+
+
+async def owner_of(url: str, doc_id: str) -> str:
+    node = await holder(url, doc_id)
+    assert node is not None, f"{doc_id} has no lease"
+    return node
 
 
 async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_after_commit(
@@ -382,4 +389,40 @@ async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_th
             await on_a.wait("tina's presence", lambda: 4242 in on_a.presence())
             await on_a.announce(4343, 1, '{"user":"sam"}')
             await on_b.wait("sam's presence", lambda: 4343 in on_b.presence())
+        assert b.app[REPLICATOR].loaded == 0
+
+
+async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_owner(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    erp = Origin(OriginKind.ADAPTER, "erp")
+    async with (
+        node(tmp_path, issuer, url, "a") as a,
+        node(tmp_path, issuer, url, "b") as b,
+        device(a, "sam") as sam,
+    ):
+        # The supervisor's device asks for a work order that does not exist yet: its node
+        # holds the document's lease from then on.
+        sam.doc("wo:new")
+        await until(lambda: holder(url, "wo:new"))
+        body = {"id": "wo:new", "fields": {"number": "N-1", "title": "New", "assignee": "tina"}}
+        headers = {"Authorization": f"Bearer {b.token('sam')}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as http,
+            http.post(b.url + "/v1/work-orders", json=body) as created,
+        ):
+            assert created.status == 201, await created.text()
+            assert (await created.json())["fields"]["title"] == "New"
+        await eventually(lambda: fields(sam, "wo:new").get("title") == "New")
+        assert await owner_of(url, "wo:new") == "a"
+
+        def retitle(doc: Doc[Any]) -> None:
+            doc.get("fields", type=Map)["title"] = "Renamed by the ERP"
+
+        writer = ServiceWriter(b.app[REPLICATOR])
+        assert await writer.edit("wo:new", retitle, erp) is not None
+        await eventually(lambda: fields(sam, "wo:new").get("title") == "Renamed by the ERP")
+        document = await writer.read("wo:new")
+        assert document is not None
+        assert document["fields"]["title"] == "Renamed by the ERP"
         assert b.app[REPLICATOR].loaded == 0
