@@ -120,6 +120,7 @@ class _Wire:
         self.ws = ws
         self._out: deque[bytes] = deque()
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
         self._sender = asyncio.create_task(self._send_all(), name="fieldsync-link-sender")
 
     def send(self, header: dict[str, Any], *parts: bytes) -> None:
@@ -134,8 +135,16 @@ class _Wire:
                 self._ready.clear()
                 while self._out:
                     await self.ws.send_bytes(self._out.popleft())
+                self._drained.set()
 
     async def close(self) -> None:
+        # What is queued goes out first (a commit's outcome, a reset), for a bounded time: the
+        # other side takes whatever does not arrive for not stored, and resyncs.
+        if self._out and not self.ws.closed:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._drained.wait()
         self._sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sender
@@ -329,10 +338,10 @@ class NodeLink:
 
     async def _connected(self, doc_id: str) -> _Wire:
         async with self._opening:
-            if self._wire is not None:
-                return self._wire
             if self.closed:
                 raise OwnerUnavailable(doc_id)
+            if self._wire is not None:
+                return self._wire
             try:
                 ws = await self._cluster.http.ws_connect(
                     self.url + CLUSTER_PATH,
