@@ -62,6 +62,26 @@ async def node(
 
 
 @asynccontextmanager
+async def two_nodes(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> AsyncIterator[tuple[Server, Server, Client]]:
+    """Nodes a and b on one database, and the supervisor's device on a."""
+    async with (
+        node(tmp_path, issuer, url, "a") as a,
+        node(tmp_path, issuer, url, "b") as b,
+        device(a, "sam") as sam,
+    ):
+        yield a, b, sam
+
+
+async def create(supervisor: Client, doc_id: str) -> None:
+    """`doc_id`, assigned to tina, created by the supervisor's device (whose node then holds
+    the document's lease)."""
+    supervisor.doc(doc_id).apply_update(work_order(doc_id, assignee="tina").get_update())
+    await supervisor.wait_acked(doc_id)
+
+
+@asynccontextmanager
 async def device(server: Server, subject: str) -> AsyncIterator[Client]:
     client = server.client(subject)
     await client.start()
@@ -104,13 +124,8 @@ async def owner_of(url: str, doc_id: str) -> str:
 async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_after_commit(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         assert await owner_of(url, "wo:1") == "a"
         async with device(b, "tina") as tina:
             await tina.wait_synced("wo:1")
@@ -132,13 +147,8 @@ async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_aft
 async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as_such(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         async with device(b, "tina") as tina:
             await tina.wait_synced("wo:1")
             fields(tina, "wo:1")["assignee"] = "tom"  # not a technician's to write
@@ -158,14 +168,8 @@ async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as
 async def test_rules_run_once_on_the_owner_whichever_node_the_device_is_on(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-        device(a, "tina") as tina_on_a,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam), device(a, "tina") as tina_on_a:
+        await create(sam, "wo:1")
         await tina_on_a.wait_synced("wo:1")
         async with device(b, "tina") as tina_on_b:
             await tina_on_b.wait_synced("wo:1")
@@ -201,8 +205,7 @@ async def test_a_stopped_owner_hands_its_documents_over_and_no_acknowledged_edit
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(node(tmp_path, issuer, url, "a"))
             sam = await stack.enter_async_context(device(a, "sam"))
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
             await tina.wait_synced("wo:1")
             text = tina.doc("wo:1").get("notes", type=Text)
             for n in range(5):
@@ -223,14 +226,8 @@ async def test_a_stopped_owner_hands_its_documents_over_and_no_acknowledged_edit
 async def test_a_stale_owner_is_fenced_and_its_devices_converge_through_the_new_owner(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-        device(b, "tina") as tina,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam), device(b, "tina") as tina:
+        await create(sam, "wo:1")
         await tina.wait_synced("wo:1")
         # Node b holds the lease now, as once a's expired unnoticed (a paused, or cut off from
         # the database): a is a stale owner, its room still loaded.
@@ -315,8 +312,7 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         sam = Client(a_url.replace("http", "ws", 1) + "/v1/sync", issuer.issue("sam"))
         await sam.start()
         try:
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
         finally:
             await sam.close()
         assert await owner_of(url, "wo:1") == "a"
@@ -343,8 +339,7 @@ async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
         node(tmp_path, issuer, url, "b") as b,
     ):
         async with device(a, "sam") as sam:
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
         assert await owner_of(url, "wo:1") == "a"
 
         async def released() -> bool:
@@ -368,13 +363,8 @@ async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
 async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_the_owner(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         async with yws(a, "wo:1", "sam") as on_a, yws(b, "wo:1", "tina") as on_b:
             await on_a.step1()
             await on_b.step1()
@@ -396,11 +386,7 @@ async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_own
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
     erp = Origin(OriginKind.ADAPTER, "erp")
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
+    async with two_nodes(tmp_path, issuer, url) as (_a, b, sam):
         # The supervisor's device asks for a work order that does not exist yet: its node
         # holds the document's lease from then on.
         sam.doc("wo:new")
