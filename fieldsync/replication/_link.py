@@ -354,7 +354,11 @@ class NodeLink:
                     timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("link to node %s (%s) failed: %r", self.node, self.url, exc)
+                # Its type and status only: a refused handshake's repr holds the request's
+                # headers, the secret among them.
+                status = getattr(exc, "status", "")
+                why = f"{type(exc).__name__} {status}".strip()
+                log.warning("link to node %s (%s) failed: %s", self.node, self.url, why)
                 self._gone()
                 raise OwnerUnavailable(doc_id) from None
             self._wire = _Wire(ws)

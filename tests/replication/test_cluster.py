@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import socket
@@ -26,7 +27,7 @@ from fieldsync.app import REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
-from fieldsync.replication import ServiceWriter
+from fieldsync.replication import CLUSTER_PATH, ServiceWriter
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.replication.test_yws import yws
 
@@ -50,13 +51,9 @@ def url(request: pytest.FixtureRequest) -> Iterator[str]:
 async def node(
     tmp_path: Path, issuer: DevIssuer, url: str, name: str, **settings: Any
 ) -> AsyncIterator[Server]:
+    settings = {"cluster_secret": SECRET, **settings}
     async with running_server(
-        tmp_path / name,
-        issuer,
-        database_url=url,
-        cluster_secret=SECRET,
-        node_id=name,
-        **settings,
+        tmp_path / name, issuer, database_url=url, node_id=name, **settings
     ) as server:
         yield server
 
@@ -412,3 +409,39 @@ async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_own
         assert document is not None
         assert document["fields"]["title"] == "Renamed by the ERP"
         assert b.app[REPLICATOR].loaded == 0
+
+
+async def handshake(url: str, secret: str) -> int:
+    """The HTTP status a WebSocket handshake with `secret` gets at `url`."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, headers=headers):
+                return 101
+        except aiohttp.WSServerHandshakeError as refused:
+            return refused.status
+
+
+async def test_the_cluster_listener_takes_only_the_nodes_secret_and_never_logs_it(
+    tmp_path: Path, issuer: DevIssuer, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-" + secrets.token_hex(16)
+    async with two_nodes(tmp_path, issuer, url) as (a, _b, sam):
+        leases = a.app[REPLICATOR].leases
+        assert leases is not None
+        link = leases.url + CLUSTER_PATH
+        assert [await handshake(link, secret) for secret in (wrong, "", SECRET)] == [401, 401, 101]
+        # A node holding another secret cannot serve its devices through this one.
+        async with (
+            node(tmp_path, issuer, url, "c", cluster_secret=wrong, lease_ttl=1.0) as c,
+            device(c, "tina") as tina,
+        ):
+            await create(sam, "wo:1")
+            tina.doc("wo:1")
+            await eventually(lambda: bool(tina.errors), timeout=30)
+            assert tina.errors[0]["code"] == "resync_required"
+            assert not tina.synced["wo:1"].is_set()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert SECRET not in logged
+    assert wrong not in logged
