@@ -133,11 +133,11 @@ async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_aft
             assert "from b" in notes(await stored_doc(a, "wo:1"))
             # The room is the owner's alone; the other node merged and judged nothing.
             assert b.app[REPLICATOR].loaded == 0
-            await eventually(lambda: "from b" in notes(sam.doc("wo:1")))
+            await eventually(lambda: "from b" in notes(sam.doc("wo:1")), timeout=30)
             # And the other way: the owner's device reaches the device on the other node.
             sam.doc("wo:1").get("notes", type=Text).insert(0, "from a. ")
             await sam.wait_acked("wo:1")
-            await eventually(lambda: "from a" in notes(tina.doc("wo:1")))
+            await eventually(lambda: "from a" in notes(tina.doc("wo:1")), timeout=30)
             assert notes(tina.doc("wo:1")) == notes(sam.doc("wo:1"))
 
 
@@ -149,15 +149,17 @@ async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as
         async with device(b, "tina") as tina:
             await tina.wait_synced("wo:1")
             fields(tina, "wo:1")["assignee"] = "tom"  # not a technician's to write
-            await eventually(lambda: any(e["code"] == "forbidden_field" for e in tina.errors))
+            await eventually(
+                lambda: any(e["code"] == "forbidden_field" for e in tina.errors), timeout=30
+            )
             error = next(e for e in tina.errors if e["code"] == "forbidden_field")
             assert (error["doc"], error["paths"]) == ("wo:1", ["fields.assignee"])
-            await eventually(lambda: bool(tina.rejected))
+            await eventually(lambda: bool(tina.rejected), timeout=30)
             assert [(doc, reason) for doc, reason, _ in tina.rejected] == [
                 ("wo:1", "forbidden_field")
             ]
             # Resynced from the owner: the device holds the owner's document again.
-            await eventually(lambda: fields(tina, "wo:1").get("assignee") == "tina")
+            await eventually(lambda: fields(tina, "wo:1").get("assignee") == "tina", timeout=30)
         stored = await stored_doc(a, "wo:1")
         assert stored.get("fields", type=Map)["assignee"] == "tina"
 
@@ -178,10 +180,16 @@ async def test_rules_run_once_on_the_owner_whichever_node_the_device_is_on(
             fields(sam, "wo:1")["priority"] = "high"
             await tina_on_b.wait_acked("wo:1")
             await sam.wait_acked("wo:1")
-            await eventually(lambda: any(e["code"] == "rule_violation" for e in tina_on_b.errors))
+            await eventually(
+                lambda: any(e["code"] == "rule_violation" for e in tina_on_b.errors), timeout=30
+            )
             for client in (tina_on_b, tina_on_a, sam):
-                await eventually(lambda c=client: fields(c, "wo:1")["status"] == "assigned")
-                await eventually(lambda c=client: fields(c, "wo:1").get("priority") == "high")
+                await eventually(
+                    lambda c=client: fields(c, "wo:1")["status"] == "assigned", timeout=30
+                )
+                await eventually(
+                    lambda c=client: fields(c, "wo:1").get("priority") == "high", timeout=30
+                )
         store = a.app[STORE]
 
         async def recorded() -> list[str]:
@@ -370,7 +378,7 @@ async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_th
             before = replica.get_state()
             replica.get("notes", type=Text).insert(0, "from yws on b. ")
             await on_b.send_update(replica.get_update(before))
-            await eventually(lambda: "from yws on b" in notes(sam.doc("wo:1")))
+            await eventually(lambda: "from yws on b" in notes(sam.doc("wo:1")), timeout=30)
             # Presence crosses the link both ways, never stored.
             await on_b.announce(4242, 1, '{"user":"tina"}')
             await on_a.wait("tina's presence", lambda: 4242 in on_a.presence())
@@ -396,7 +404,7 @@ async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_own
         ):
             assert created.status == 201, await created.text()
             assert (await created.json())["fields"]["title"] == "New"
-        await eventually(lambda: fields(sam, "wo:new").get("title") == "New")
+        await eventually(lambda: fields(sam, "wo:new").get("title") == "New", timeout=30)
         assert await owner_of(url, "wo:new") == "a"
 
         def retitle(doc: Doc[Any]) -> None:
@@ -404,7 +412,9 @@ async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_own
 
         writer = ServiceWriter(b.app[REPLICATOR])
         assert await writer.edit("wo:new", retitle, erp) is not None
-        await eventually(lambda: fields(sam, "wo:new").get("title") == "Renamed by the ERP")
+        await eventually(
+            lambda: fields(sam, "wo:new").get("title") == "Renamed by the ERP", timeout=30
+        )
         document = await writer.read("wo:new")
         assert document is not None
         assert document["fields"]["title"] == "Renamed by the ERP"
