@@ -752,6 +752,11 @@ class Replicator:
                 # before this ran reached no one.
                 peer.confirmed(room.doc_id, room.ydoc.get_update())
 
+    def _subscribed(self, doc_id: str) -> Room | None:
+        """The room peers of this node replicate `doc_id` through: its own, or a proxy of the
+        owner's (whose subscription there an unsubscribe ends too)."""
+        return self._rooms.get(doc_id) or self._proxies.get(doc_id)
+
     def _rescope(self, change: ScopeChange) -> None:
         docs = (change.doc, *change.forms)
         for peer in list(self.peers):
@@ -759,7 +764,7 @@ class Replicator:
             now = in_scope(peer.scope, change.after)
             if was and not now:
                 for doc_id in docs:
-                    room = self._rooms.get(doc_id)
+                    room = self._subscribed(doc_id)
                     if room is not None:
                         self.unsubscribe(peer, room)
                 peer.scope_removed(docs)
@@ -776,7 +781,7 @@ class Replicator:
         old, new = await self._scope_docs(before), await self._scope_docs(after)
         removed = [doc_id for doc_id in old if doc_id not in new]
         for doc_id in removed:
-            room = self._rooms.get(doc_id)
+            room = self._subscribed(doc_id)
             if room is not None:
                 self.unsubscribe(peer, room)
         if removed:

@@ -455,3 +455,24 @@ async def test_the_cluster_listener_takes_only_the_nodes_secret_and_never_logs_i
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert SECRET not in logged
     assert wrong not in logged
+
+
+async def test_a_reassignment_on_the_owner_takes_the_document_from_a_device_on_another_node(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with two_nodes(tmp_path, issuer, url) as (_a, b, sam), device(b, "tina") as tina:
+        await create(sam, "wo:1")
+        await tina.wait_synced("wo:1")
+        fields(sam, "wo:1")["assignee"] = "tom"
+        await sam.wait_acked("wo:1")
+        await eventually(
+            lambda: any("wo:1" in change["removed"] for change in tina.scope_changes), timeout=30
+        )
+        assert "wo:1" not in tina.docs
+        # Nothing more of it reaches the device: its subscription through the owner is gone.
+        sam.doc("wo:1").get("notes", type=Text).insert(0, "for tom only. ")
+        await sam.wait_acked("wo:1")
+        async with device(b, "tina") as again:
+            again.doc("wo:1")
+            await eventually(lambda: bool(again.resets) or bool(again.errors), timeout=30)
+            assert "for tom only" not in notes(again.doc("wo:1"))
