@@ -401,13 +401,26 @@ class NodeLink:
             "principal": _principal_out(peer.principal),
             "origin": str(peer.origin),
         }
+        request = asyncio.ensure_future(self._request(doc_id, header))
         try:
-            await self._request(doc_id, header)
+            # Shielded: a subscription the owner makes after its asker went away (a device
+            # that disconnected mid-sync) must be ended, or the owner's room is never idle.
+            await asyncio.shield(request)
+        except asyncio.CancelledError:
+            request.add_done_callback(lambda done: self._abandoned(peer, pid, doc_id, done))
+            raise
         except FieldsyncError:
             if not self._docs.get(pid):
                 self._forget(peer, pid)
             raise
         self._docs[pid].add(doc_id)
+
+    def _abandoned(self, peer: Peer, pid: int, doc_id: str, done: asyncio.Future[Message]) -> None:
+        if not done.cancelled() and done.exception() is None and pid in self._docs:
+            self._docs[pid].add(doc_id)
+            self.unsubscribe(peer, doc_id)
+        elif not self._docs.get(pid):
+            self._forget(peer, pid)
 
     async def read(self, peer: Peer, doc_id: str, state_vector: bytes) -> bytes:
         header = {"op": "read", "peer": self._pid(peer)}

@@ -60,11 +60,11 @@ async def node(
 
 @asynccontextmanager
 async def two_nodes(
-    tmp_path: Path, issuer: DevIssuer, url: str
+    tmp_path: Path, issuer: DevIssuer, url: str, **a_settings: Any
 ) -> AsyncIterator[tuple[Server, Server, Client]]:
     """Nodes a and b on one database, and the supervisor's device on a."""
     async with (
-        node(tmp_path, issuer, url, "a") as a,
+        node(tmp_path, issuer, url, "a", **a_settings) as a,
         node(tmp_path, issuer, url, "b") as b,
         device(a, "sam") as sam,
     ):
@@ -336,6 +336,16 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         assert notes(tina.doc("wo:1")) == stored
 
 
+async def released(url: str, doc_id: str) -> bool:
+    """Whether `doc_id`'s lease is free (released, or expired)."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cursor = await conn.execute(
+            "SELECT expires_at < clock_timestamp() FROM leases WHERE doc = %s", (doc_id,)
+        )
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+
 async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
@@ -346,17 +356,8 @@ async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
         async with device(a, "sam") as sam:
             await create(sam, "wo:1")
         assert await owner_of(url, "wo:1") == "a"
-
-        async def released() -> bool:
-            async with await psycopg.AsyncConnection.connect(url) as conn:
-                cursor = await conn.execute(
-                    "SELECT expires_at < clock_timestamp() FROM leases WHERE doc = 'wo:1'"
-                )
-                row = await cursor.fetchone()
-                return bool(row and row[0])
-
         # Nobody replicates it: node a unloads the room and gives its lease up.
-        await until(released)
+        await until(lambda: released(url, "wo:1"))
         assert a.app[REPLICATOR].loaded == 0
         async with device(b, "tina") as tina:
             tina.doc("wo:1").get("notes", type=Text).insert(0, "on b. ")
@@ -476,3 +477,18 @@ async def test_a_reassignment_on_the_owner_takes_the_document_from_a_device_on_a
             again.doc("wo:1")
             await eventually(lambda: bool(again.resets) or bool(again.errors), timeout=30)
             assert "for tom only" not in notes(again.doc("wo:1"))
+
+
+async def test_a_device_leaving_another_node_leaves_the_owners_room_too(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with two_nodes(tmp_path, issuer, url, idle_seconds=0.2) as (a, b, sam):
+        await create(sam, "wo:1")
+        async with device(b, "tina") as tina:
+            await tina.wait_synced("wo:1")
+        await sam.close()
+        # Neither device replicates it any more, on either node: the owner's room goes idle,
+        # is unloaded and its lease given up.
+        await until(lambda: released(url, "wo:1"))
+        assert a.app[REPLICATOR].loaded == 0
+        assert b.app[REPLICATOR].loaded == 0
