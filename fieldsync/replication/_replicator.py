@@ -561,7 +561,8 @@ class Replicator:
                     team=index.team if index else None,
                     region=index.region if index else None,
                     assignee=index.assignee if index else None,
-                )
+                ),
+                fence=room.fence,
             )
 
     async def _recheck_work_order(
