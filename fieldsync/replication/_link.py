@@ -5,7 +5,7 @@ One WebSocket per ordered pair of nodes, opened by the node that needs the other
 (`NodeLink`) to the owner's cluster listener (`Cluster.accept`), authenticated by the cluster's
 shared secret (a bearer token compared in constant time, never logged). It is multiplexed: each
 message names the requesting node's peer (a device's connection) and the document. The
-requesting side forwards what its replicator is asked for a proxy room (`Replicator.Owner`):
+requesting side forwards what its replicator is asked for a proxy room (the `Owner` protocol):
 subscribe (with the peer's principal and origin, which the owner authorises with its own
 policy), read, submit, durable state vector, awareness, unsubscribe, a REST creation and a work
 order's re-judging. The owner answers each request, reports each accepted update's commit (or
@@ -17,6 +17,12 @@ A link that breaks fails what waits on it (`OwnerUnavailable`, or a commit not k
 stored: the device resends, and a resent update that adds nothing is acknowledged) and resets
 every peer served through it; their next subscribe finds the document's owner again, or claims
 the lease once it expired.
+
+Why per ordered pair rather than one socket per pair: each side's requests, and the answers to
+them, travel on the link that side opened, so two nodes connecting to each other at once need
+no rule for which connection wins. Not done yet: the queues are not bounded (a device's own
+in-flight limit bounds what it can push through), and a principal the directory changed reaches
+the owner with the peer's next subscribe (scope removals are applied at once on both sides).
 
 A message is `len:u32 header parts`: the header a JSON object whose `parts` lists the lengths of
 the binary parts (updates, state vectors) that follow it.
