@@ -55,6 +55,7 @@ from fieldsync.records import (
     ScopeKind,
 )
 from fieldsync.storage import _outbox
+from fieldsync.storage._leases import LeaseLost
 from fieldsync.storage._postgres_migrations import migrate
 from fieldsync.storage._sqlite import StorageError, _merge, _new_index
 from fieldsync.storage._types import (
@@ -391,8 +392,11 @@ class PostgresStore:
 
         return await self.query(read)
 
-    def record_conflict(self, conflict: Conflict) -> None:
+    def record_conflict(self, conflict: Conflict, fence: int | None = None) -> None:
         async def work(txn: PgTransaction) -> None:
+            if fence is not None and not await _holds(txn.conn, conflict.doc, fence):
+                _log.info("%s: a stale owner's conflict record left out", conflict.doc)
+                return
             await _record_conflict(txn.conn, txn.seq, conflict)
 
         recorded = self.transact(work)
@@ -459,6 +463,7 @@ class PostgresStore:
                 txn = PgTransaction(conn, seq)
                 docs = {job.write.doc for job in batch if isinstance(job, _Append)}
                 indexes = await _indexes(conn, docs)
+                fences = await _current_fences(conn, batch)
                 staged: list[Any] = []
                 # Updates are pipelined: their statements go out without waiting for each
                 # reply, so the change sequence is held for a few round trips, not a few per
@@ -475,6 +480,11 @@ class PostgresStore:
                                 await _write_device(conn, job)
                                 continue
                             job = cast(_Append, job)
+                            fence = job.write.fence
+                            if fence is not None and fences.get(job.write.doc) != fence:
+                                # A stale owner's write: refused alone, the batch goes on.
+                                staged.append(_Failed(LeaseLost(job.write.doc)))
+                                continue
                             staged.append(await _stage_update(conn, job, txn.next_seq(), indexes))
                             if routes and await _write_outbox(conn, routes, job, txn.seq):
                                 outboxed = True
@@ -549,6 +559,26 @@ async def _indexes(conn: AsyncConnection, docs: Collection[str]) -> dict[str, Do
         (sorted(docs),),
     )
     return {row[0]: DocIndex(*row) for row in await cursor.fetchall()}
+
+
+async def _current_fences(
+    conn: AsyncConnection, batch: Iterable[_Append | _Touch | _Call]
+) -> dict[str, int]:
+    """The current, unexpired fencing token of each document the batch writes under a lease.
+    Their lease rows stay locked until the batch commits (in document order, as renewals lock
+    them: no deadlock), so a node taking one over waits, then loads what this batch stored."""
+    docs = sorted(
+        {job.write.doc for job in batch if isinstance(job, _Append) and job.write.fence is not None}
+    )
+    if not docs:
+        return {}
+    cursor = await conn.execute(
+        """SELECT doc, token FROM leases
+        WHERE doc = ANY(%s::text[]) AND expires_at > clock_timestamp()
+        ORDER BY doc FOR UPDATE""",
+        (docs,),
+    )
+    return {doc: int(token) for doc, token in await cursor.fetchall()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +728,17 @@ async def _write_outbox(
                 rows,
             )
     return bool(rows)
+
+
+async def _holds(conn: AsyncConnection, doc: str, fence: int) -> bool:
+    """Whether `fence` is `doc`'s current, unexpired lease token. Read without a lock: the
+    batch's appends lock the rows they check in document order, and a lock taken here, out of
+    that order, could deadlock with a renewal; an audit record needs no more."""
+    cursor = await conn.execute(
+        "SELECT 1 FROM leases WHERE doc = %s AND token = %s AND expires_at > clock_timestamp()",
+        (doc, fence),
+    )
+    return await cursor.fetchone() is not None
 
 
 async def _record_conflict(conn: AsyncConnection, seq: int, conflict: Conflict) -> None:

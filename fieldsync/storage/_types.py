@@ -30,6 +30,10 @@ class Write:
     actor: str  # principal subject
     index: DocIndex | None = None
     history: tuple[FieldChange, ...] = ()  # what changed, for `field_history`
+    # The fencing token of the writer's lease on `doc` (cluster mode, `storage.Leases`): the
+    # PostgreSQL append refuses the write unless it is the document's current, unexpired one.
+    # None: no lease (one node owns every document; SQLite never reads it).
+    fence: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +186,10 @@ class FieldHistory(Protocol):
 class ConflictLog(Protocol):
     """The corrections domain rules made, for supervisors to review."""
 
-    def record_conflict(self, conflict: Conflict) -> None:
-        """Keep a rule's correction; written with the next group commit, not awaited."""
+    def record_conflict(self, conflict: Conflict, fence: int | None = None) -> None:
+        """Keep a rule's correction; written with the next group commit, not awaited. `fence`:
+        the corrector's lease token on the document (`Write.fence`); a stale owner's record is
+        left out, as its correction is."""
         ...
 
     async def conflicts(
