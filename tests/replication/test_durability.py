@@ -342,7 +342,9 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path, issuer: DevIs
             assert used <= stored_head
 
 
-DRAIN_SECONDS = 5.0
+# Generous: the process exits as soon as it has drained; this bound only matters on a loaded
+# machine, where a tight one cut sockets before their close frame (1006 instead of 4503).
+DRAIN_SECONDS = 20.0
 
 
 async def test_sigterm_drains_without_losing_an_acknowledged_write(
@@ -355,7 +357,6 @@ async def test_sigterm_drains_without_losing_an_acknowledged_write(
     data_dir = tmp_path / "data"
     token = issuer.issue("ada")
     keys = itertools.count()
-    loop = asyncio.get_running_loop()
     async with serve(data_dir, issuer, drain_seconds=str(DRAIN_SECONDS)) as server:
         acked = await create_work_orders(server, token)
         async with contextlib.AsyncExitStack() as stack:
@@ -370,13 +371,11 @@ async def test_sigterm_drains_without_losing_an_acknowledged_write(
                 async with asyncio.timeout(10):
                     for writer in writers:
                         await writer.acking.wait()
-                signalled = loop.time()
                 server.process.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(DRAIN_SECONDS + 5):
+                async with asyncio.timeout(DRAIN_SECONDS + 10):
                     code = await server.process.wait()
-                took = loop.time() - signalled
+        # 0, not 3: the drain finished before `drain_seconds`, when the process exits anyway.
         assert code == 0, "".join(server.output)
-        assert took < DRAIN_SECONDS + 2, f"the drain took {took:.1f} s"
         for writer in writers:
             assert writer.wire.close_code == 4503
             (told,) = [c for c in writer.wire.controls if c["type"] == "error"]
