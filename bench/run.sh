@@ -22,6 +22,7 @@ SCENARIOS=${SCENARIOS:-"s1 s2 s3 s4"}
 V1=${V1:-1}                       # also run the fieldsync.v1 scenarios (S2-v1, S3-v1)
 PORT=${PORT:-12345}
 TIMEOUT=${TIMEOUT:-120}; [[ $SMOKE == 1 ]] && TIMEOUT=30
+S3_TIMEOUT=${S3_TIMEOUT:-300}; [[ $SMOKE == 1 ]] && S3_TIMEOUT=30  # S3's preload of 5,000 docs
 PEER_BENCH=${PEER_BENCH:-/tmp/peer-bench}   # a writable copy of shared/peer-bench
 DATA=${DATA:-/tmp/fieldsync-bench}          # server data dirs and logs (not in the repo)
 PY="$ROOT/.venv/bin/python"                 # fieldsync's venv: bench/serve.py, bench/v1_load.py
@@ -82,7 +83,8 @@ if [[ $SMOKE == 1 ]]; then
 else
   S1=${S1:-"--docs 100 --clients 4 --updates 50 --pace-ms 200"}
   S2=${S2:-"--n 10000"}; S2N=${S2N:-10000}
-  S3=${S3:-"--docs 200 --history 100 --cold-concurrency 10"}
+  # S3: a supervisor's device, 5,000 work orders (issue 13; was 200 docs x 100 updates)
+  S3=${S3:-"--docs 5000 --history 20 --cold-concurrency 10"}
   S4=${S4:-"--docs 200 --n 2000 --hold 5"}
 fi
 
@@ -161,13 +163,14 @@ for line in sys.stdin:
 
 ysync() {  # $1 = peer, $2 = scenario, rest = extra flags
   local peer=$1 sc=$2; shift 2
-  local sizes_var=${sc^^}
-  timeout 250 $LOAD --url "$(url "$peer")" --protocol "$(proto "$peer")" --scenario "$sc" ${!sizes_var} \
-    --server-pid "$SERVER_PID" --label "$peer" --timeout "$TIMEOUT" "$@"
+  local sizes_var=${sc^^} limit=$TIMEOUT
+  [[ $sc == s3 ]] && limit=$S3_TIMEOUT
+  timeout $((limit + 130)) $LOAD --url "$(url "$peer")" --protocol "$(proto "$peer")" --scenario "$sc" ${!sizes_var} \
+    --server-pid "$SERVER_PID" --label "$peer" --timeout "$limit" "$@"
 }
 v1() {  # $1 = label, rest = v1_load flags
   local label=$1; shift
-  timeout 250 "$PY" "$BENCH/v1_load.py" --url "ws://127.0.0.1:$PORT/v1/sync" --token "$TOKEN" \
+  timeout $((S3_TIMEOUT + 130)) "$PY" "$BENCH/v1_load.py" --url "ws://127.0.0.1:$PORT/v1/sync" --token "$TOKEN" \
     --server-pid "$SERVER_PID" --label "$label" --timeout "$TIMEOUT" "$@"
 }
 log_errors() { grep -iE "error|exception|traceback" "$DATA/$1/server.log" 2>/dev/null | grep -v CancelledError | sort | uniq -c | head -3 >&2; }

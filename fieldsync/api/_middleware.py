@@ -8,7 +8,8 @@
 - a path scheduled for removal answers with `Deprecation` and `Sunset` headers.
 
 Each check answers with an RFC 9457 problem before the handler runs, so a refused WebSocket is
-never upgraded.
+never upgraded. The checks run in one middleware: a WebSocket's handler runs for as long as its
+socket, and every middleware's frame stays in memory with it (S4, bench/README.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ __all__ = ["install"]
 log = logging.getLogger(__name__)
 
 _Prepare = Callable[[web.Request, StreamResponse], Awaitable[None]]
+# A check answers a request it refuses, and returns None to let it through.
+_Check = Callable[[web.Request], Awaitable[StreamResponse | None]]
 
 CLIENT_PLATFORM = "X-Client-Platform"
 CLIENT_VERSION = "X-Client-Version"
@@ -49,37 +52,46 @@ def install(app: web.Application, settings: Settings, verify: Verify) -> None:
     redact_aiohttp_logs()
     # The first runs first. The version gate comes before authentication: an old app whose token
     # has expired must hear "upgrade", since signing in again would not let it in.
-    app.middlewares.extend(
-        [
+    app.middlewares.append(
+        _checks(
             _request_context,
             _client_version_gate(settings.min_client_versions, settings.upgrade_urls),
             _origin_allow_list(settings.allowed_origins, settings.public_url),
             _authorise(verify),
-        ]
+        )
     )
     if settings.deprecations:
         app.on_response_prepare.append(_deprecation_headers(settings.deprecations))
 
 
-@web.middleware
-async def _request_context(request: web.Request, handler: Handler) -> StreamResponse:
+def _checks(*checks: _Check) -> Middleware:
+    @web.middleware
+    async def checked(request: web.Request, handler: Handler) -> StreamResponse:
+        for check in checks:
+            refused = await check(request)
+            if refused is not None:
+                return refused
+        return await handler(request)
+
+    return checked
+
+
+async def _request_context(request: web.Request) -> None:
     """Every log line of the request carries its id: the proxy's `X-Request-ID` when it sends
     a plausible one (so lines join up across the two), else one of our own."""
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
     logs.bind(request=request_id, subject=None, session=None, device=None, doc=None)
-    return await handler(request)
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-def _authorise(verify: Verify) -> Middleware:
-    @web.middleware
-    async def authorise(request: web.Request, handler: Handler) -> StreamResponse:
+def _authorise(verify: Verify) -> _Check:
+    async def authorise(request: web.Request) -> StreamResponse | None:
         # Unmatched paths (404, 405) go on to aiohttp's own answer.
         if request.match_info.http_exception is not None:
-            return await handler(request)
+            return None
         route = request.match_info.route
         permission = permission_of(route)
         if permission is None:
@@ -91,7 +103,7 @@ def _authorise(verify: Verify) -> Middleware:
                 ErrorCode.PROTOCOL_ERROR, "this is a WebSocket endpoint: send an upgrade (RFC 6455)"
             )
         if permission in (Permission.PUBLIC, Permission.IN_BAND, Permission.SCRAPER):
-            return await handler(request)
+            return None
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
         if token is None:
             return problem(ErrorCode.REAUTHENTICATE, "a bearer token is required")
@@ -104,31 +116,30 @@ def _authorise(verify: Verify) -> Middleware:
         if roles is not None and not principal.roles & roles:
             return problem(ErrorCode.FORBIDDEN, "not allowed for your role")
         request[PRINCIPAL] = principal
-        return await handler(request)
+        return None
 
     return authorise
 
 
-def _origin_allow_list(allowed: frozenset[str], public_url: str) -> Middleware:
+def _origin_allow_list(allowed: frozenset[str], public_url: str) -> _Check:
     """Any web page may open a WebSocket to any server: the same-origin policy and CORS do not
     apply to them. The `Origin` header browsers must send (RFC 6455 §4.1, §10.2) is the server's
     only way to tell its own pages from another site's. Native clients send none and pass."""
     public = _origin_of(public_url) if public_url else None
 
-    @web.middleware
-    async def origin_allow_list(request: web.Request, handler: Handler) -> StreamResponse:
+    async def origin_allow_list(request: web.Request) -> StreamResponse | None:
         origin = request.headers.get(hdrs.ORIGIN)
         # The same test aiohttp applies before it upgrades (`WebSocketResponse._handshake`).
         upgrading = request.headers.get(hdrs.UPGRADE, "").lower().strip() == "websocket"
         if origin is None or not upgrading:
-            return await handler(request)
+            return None
         # This server's own origin: the public URL's when one is set (behind a TLS-terminating
         # proxy the scheme seen here is not the page's), else the scheme and Host it was
         # reached by. A page cannot choose the Host its browser sends.
         own = public or _origin_of(f"{request.scheme}://{request.host}")
         seen = _origin_of(origin)
         if seen is not None and (seen in allowed or seen == own):
-            return await handler(request)
+            return None
         log.info("WebSocket from origin %r refused", origin[:200])
         return problem(ErrorCode.FORBIDDEN, "this origin may not open WebSockets here")
 
@@ -152,24 +163,21 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
-def _client_version_gate(
-    minimums: Mapping[str, str], upgrade_urls: Mapping[str, str]
-) -> Middleware:
+def _client_version_gate(minimums: Mapping[str, str], upgrade_urls: Mapping[str, str]) -> _Check:
     """Apps name themselves with `X-Client-Platform` and `X-Client-Version`; one below its
     platform's minimum gets 426 with where to upgrade (DESIGN.md §6), the HTTP twin of close
     4426 on `hello`. A request that names no platform passes: operators, probes, and browsers
     that are not the web app."""
 
-    @web.middleware
-    async def client_version_gate(request: web.Request, handler: Handler) -> StreamResponse:
+    async def client_version_gate(request: web.Request) -> StreamResponse | None:
         platform = request.headers.get(CLIENT_PLATFORM)
         if platform is None or not minimums:
-            return await handler(request)
+            return None
         # Capped as `hello` caps it: a version is a few short numbers.
         version = request.headers.get(CLIENT_VERSION, "")[:32]
         minimum = required_version(minimums, platform, version)
         if minimum is None:
-            return await handler(request)
+            return None
         # RFC 9110 §15.5.22 defines 426 for protocol upgrades and asks for an `Upgrade` header
         # naming one; here the app must upgrade, not the protocol, so none is named.
         return problem(

@@ -11,7 +11,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError
@@ -42,7 +42,17 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_CORK_MAX = 256  # queued bodies that end a cork early (bounds memory and first-byte latency)
+
+
+class Transport(Protocol):
+    """Where a connection's messages go: an aiohttp `WebSocketResponse`."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self, *, code: int, message: bytes) -> bool: ...
 
 
 class SessionClosed(Exception):
@@ -91,11 +101,13 @@ class Connection:
         # Until `hello` names the device (v1), whose id defaults to this one; yws sets its own.
         self.origin = Origin(OriginKind.DEVICE, self.id)
         self.rooms: dict[str, Room] = {}
-        # What an idle socket holds is kept small (S4): a list rather than a deque, a future
-        # only while the sender waits, the backpressure queue and the task set made on first
-        # use, one expiry timer at a time.
+        # What an idle socket holds is kept small (S4): a list rather than a deque, a sending
+        # task only while there is output, the backpressure queue and the task set made on
+        # first use, one expiry timer at a time.
         self._out: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None  # the sender, waiting for output
+        self._out_bytes = 0  # of `_out`
+        self._transport: Transport | None = None
+        self._sender: asyncio.Task[None] | None = None  # sends `_out`; exits once it is empty
         self._corked = False  # hold output until the incoming BATCH is handled
         self._closed: SessionClosed | None = None
         self._rate = TokenBucket(limits.rate, limits.burst)
@@ -132,30 +144,52 @@ class Connection:
 
     # --- transport side -----------------------------------------------------------------
 
-    async def outgoing(self) -> list[bytes]:
-        """The next WebSocket messages to send; [] once the connection is closed."""
-        bodies = await self._drain()
+    def attach(self, transport: Transport) -> None:
+        """Send through `transport` from now on: what is queued, then what comes, then the close."""
+        self._transport = transport
+        self._wake()
+
+    async def flushed(self) -> None:
+        """Return once what is queued is sent (and the close, once closed)."""
+        sender = self._sender
+        if sender is not None:
+            await asyncio.shield(sender)
+
+    def outgoing(self) -> list[bytes]:
+        """The WebSocket messages to send now ([] while the output is held for a BATCH)."""
+        if not self._ready():
+            return []
+        bodies, self._out, self._out_bytes = self._out, [], 0
         return bodies
 
-    async def _drain(self) -> list[bytes]:
-        while not self._out or (self._corked and len(self._out) < _CORK_MAX):
-            if self._closed is not None:
-                if not self._out:
-                    return []
-                break
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        bodies, self._out = self._out, []
-        return bodies
+    def _ready(self) -> bool:
+        if not self._out:
+            return False
+        # A cork ends early once a full frame is queued: that bounds memory and the first
+        # byte's wait, and few large frames compress better than many small ones.
+        full = self._out_bytes >= self.limits.max_frame // 2
+        return not self._corked or full or self._closed is not None
 
     def _wake(self) -> None:
-        """Let the sender run: there is output, the cork is off, or the connection closed."""
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """Start the sender when there is something to send or the connection closed: an
+        idle connection holds no task (S4)."""
+        if self._sender is not None or self._transport is None:
+            return
+        if self._ready() or self._closed is not None:
+            self._sender = asyncio.get_running_loop().create_task(self._send(self._transport))
+
+    async def _send(self, transport: Transport) -> None:
+        try:
+            while messages := self.outgoing():
+                for message in messages:
+                    await transport.send_bytes(message)
+            closed = self._closed
+            if closed is not None and not transport.closed:
+                await transport.close(code=closed.code, message=closed.reason.encode()[:120])
+        except (ConnectionError, RuntimeError):
+            self._transport = None  # the peer went away; the receive loop sees it too
+        finally:
+            self._sender = None
 
     @property
     def closed(self) -> SessionClosed | None:
@@ -206,12 +240,15 @@ class Connection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sender is not None:
+            self._sender.cancel()
         for task in self._tasks or ():
             task.cancel()
 
     def _queue(self, message: bytes) -> None:
         if self._closed is None:
             self._out.append(message)
+            self._out_bytes += len(message)
             self._wake()
 
     def spawn(self, coro: Any) -> None:

@@ -63,14 +63,11 @@ class Endpoints:
         if self.draining:
             await ws.close(code=CloseCode.DRAINING, message=ErrorCode.DRAINING.encode())
             return ws
-        principal = None
-        token = bearer_token(request.headers.get("Authorization"))
-        if token is not None:
-            try:
-                principal = await self.verify(token)
-            except AuthError as exc:
-                await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
-                return ws
+        try:
+            principal = await self._principal(request, query=False)
+        except AuthError as exc:
+            await ws.close(code=CloseCode.UNAUTHORIZED, message=exc.code.encode())
+            return ws
         session = V1Session(
             self.replicator,
             self.verify,
@@ -80,27 +77,39 @@ class Endpoints:
             sockets=self.sockets,
             views=self.views,
         )
-        session.spawn(self._hello_deadline(session))
-        await self._serve(ws, session)
+        # A timer, not a task: an idle socket holds as little as it can (S4).
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.limits.auth_timeout, self._hello_overdue, session)
+        try:
+            await self._serve(ws, session)
+        finally:
+            deadline.cancel()
         return ws
 
-    async def _hello_deadline(self, session: V1Session) -> None:
-        await asyncio.sleep(self.limits.auth_timeout)
+    @staticmethod
+    def _hello_overdue(session: V1Session) -> None:
         if not session.authenticated or session.device_id == "":
             session.close_soon(CloseCode.AUTH_TIMEOUT, ErrorCode.AUTH_TIMEOUT)
+
+    async def _principal(self, request: web.Request, *, query: bool) -> Principal | None:
+        """Who the request's bearer token names, None without one; raises `AuthError`. A method
+        of its own so that no handler frame holds the token for the socket's lifetime.
+        `query`: y-websocket's token query parameter is accepted too (browsers cannot set
+        headers on a WebSocket), which the access log never writes (see `fieldsync.app`)."""
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None and query:
+            token = request.query.get("token") or None
+        return None if token is None else await self.verify(token)
 
     async def yws(self, request: web.Request) -> web.WebSocketResponse:
         ws = self._socket()
         await ws.prepare(request)
         doc_id = request.match_info["doc_id"]
-        # Browsers cannot set headers on a WebSocket: y-websocket passes the token as a query
-        # parameter, which the access log never writes (see `fieldsync.app`).
-        token = bearer_token(request.headers.get("Authorization")) or request.query.get("token")
         try:
             doc_type(doc_id)
-            if not token:
+            principal = await self._principal(request, query=True)
+            if principal is None:
                 raise AuthError(ErrorCode.REAUTHENTICATE, "no token")
-            principal = await self.verify(token)
         except InvalidDocId:
             await ws.close(code=CloseCode.PROTOCOL_ERROR, message=b"invalid_doc_id")
             return ws
@@ -121,7 +130,7 @@ class Endpoints:
         logs.bind(session=conn.id, subject=conn.principal.subject or None)
         self.connections[conn] = ws
         self.opened[conn] = time.time()
-        sender = asyncio.create_task(self._send(ws, conn))
+        conn.attach(ws)
         try:
             async for message in ws:
                 if message.type is WSMsgType.BINARY:
@@ -137,22 +146,10 @@ class Endpoints:
             if conn.closed is None:
                 conn.close_soon(CloseCode.GOING_AWAY, "closed")
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sender, timeout=5)
+                await asyncio.wait_for(conn.flushed(), timeout=5)
             conn.shutdown()
             self.connections.pop(conn, None)
             self.opened.pop(conn, None)
-
-    @staticmethod
-    async def _send(ws: web.WebSocketResponse, conn: Connection) -> None:
-        try:
-            while frames := await conn.outgoing():
-                for frame in frames:
-                    await ws.send_bytes(frame)
-        except (ConnectionError, RuntimeError):
-            pass  # the peer went away; the receive loop sees it too
-        closed = conn.closed
-        if closed is not None and not ws.closed:
-            await ws.close(code=closed.code, message=closed.reason.encode()[:120])
 
     def sessions(self) -> list[dict[str, object]]:
         """Who is connected now: each socket's session, user, device, app and documents."""

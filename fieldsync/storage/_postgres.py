@@ -37,7 +37,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar, cast
 
@@ -337,6 +337,12 @@ class PostgresStore:
 
     async def load(self, doc: str) -> StoredDoc | None:
         return await self.query(lambda conn: _load(conn, doc))
+
+    async def load_many(self, docs: Sequence[str]) -> dict[str, StoredDoc | None]:
+        async def load_each(conn: AsyncConnection) -> dict[str, StoredDoc | None]:
+            return {doc: await _load(conn, doc) for doc in docs}
+
+        return await self.query(load_each)
 
     async def index(self, doc: str) -> DocIndex | None:
         return await self.query(lambda conn: _index(conn, doc))

@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,6 +279,9 @@ class SQLiteStore:
 
     async def load(self, doc: str) -> StoredDoc | None:
         return await self._read(lambda db: _load(db, doc))
+
+    async def load_many(self, docs: Sequence[str]) -> dict[str, StoredDoc | None]:
+        return await self._read(lambda db: {doc: _load(db, doc) for doc in docs})
 
     async def index(self, doc: str) -> DocIndex | None:
         return await self._read(lambda db: _index(db, doc))

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -146,6 +154,12 @@ class Documents(Protocol):
         ...
 
     async def load(self, doc: str) -> StoredDoc | None: ...
+
+    async def load_many(self, docs: Sequence[str]) -> dict[str, StoredDoc | None]:
+        """`load` of each of `docs` in one read (one snapshot): a device that syncs thousands of
+        documents after a restart pays one round trip to the database per batch, not per
+        document."""
+        ...
 
     async def index(self, doc: str) -> DocIndex | None:
         """The document's index row, None if the document does not exist."""

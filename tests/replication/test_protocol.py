@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Map, Text
 
-from fieldsync.app import STORE
+from fieldsync.app import ENDPOINTS, REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.errors import CloseCode
-from fieldsync.replication import Control, DocMessage, SyncStep, decode_state_vector
+from fieldsync.replication import Control, DocMessage, SyncStep, decode_state_vector, encode_sync
 from fieldsync.replication._codec import YMessage, write_varbytes
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import Wire, connect
@@ -174,6 +174,35 @@ async def test_forms_follow_their_work_order(server: Server) -> None:
         assert error["code"] == "forbidden"
         await wire.control("reset", doc="form:f2")
     assert await server.app[STORE].index("form:f2") is None
+
+
+async def test_a_batch_of_step_1s_is_answered_document_by_document(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """A device offering many documents in one BATCH (their rooms loaded from storage together)
+    gets each document it may see, and is refused each other one, as if it had asked alone."""
+    async with running_server(tmp_path, issuer, max_rooms=1) as server:
+        mine = [f"wo:b{n}" for n in range(5)]
+        for doc_id in mine:
+            await create(server, "sam", work_order(doc_id, assignee="tina"), doc_id)
+        south = work_order("wo:south", assignee="ulla", team="south", region="west")
+        await create(server, "ada", south, "wo:south")
+        await eventually(lambda: not server.app[ENDPOINTS].connections)
+        server.app[REPLICATOR].evict()  # served from storage, as after a restart
+        asked = ["wo:south", *mine, "wo:absent", "not a doc id"]
+        async with connect(server.sync_url, server.token("tina")) as wire:
+            await wire.hello()
+            await wire.send(*(DocMessage(d, encode_sync(SyncStep.STEP1, b"\x00")) for d in asked))
+            for doc_id in mine:
+                doc: Doc[Any] = Doc()
+                doc.apply_update(await wire.doc_message(doc_id, SyncStep.STEP2))
+                number = doc_id.split(":", 1)[1]
+                assert doc.get("fields", type=Map).to_py()["number"] == number
+                await wire.doc_message(doc_id, SyncStep.STEP1)
+            for doc_id in ("wo:south", "wo:absent"):
+                assert (await wire.control("error", doc=doc_id))["code"] == "forbidden"
+            assert (await wire.control("error", doc="not a doc id"))["code"] == "invalid_doc_id"
+            assert not [d for d, _ in wire.docs if d in ("wo:south", "wo:absent")]
 
 
 async def test_technicians_cannot_create_work_orders(server: Server) -> None:

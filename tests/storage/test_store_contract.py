@@ -221,6 +221,19 @@ async def test_load_returns_what_rebuilds_the_document(store: Store) -> None:
     assert same_state(rebuild(stored), editor.ydoc)
 
 
+async def test_load_many_loads_each_document_as_load_does(store: Store) -> None:
+    editors = [Editor(f"wo:{n}") for n in range(3)]
+    for n, editor in enumerate(editors):
+        await store.append(editor.type(f"text {n}", work_order(n, "u-tom")))
+    await store.append(editors[1].type(" and more"))
+    loaded = await store.load_many(["wo:2", "wo:0", "wo:missing", "wo:1"])
+    assert list(loaded) == ["wo:2", "wo:0", "wo:missing", "wo:1"]
+    assert loaded["wo:missing"] is None
+    for n, editor in enumerate(editors):
+        assert loaded[f"wo:{n}"] == await store.load(f"wo:{n}")
+        assert same_state(rebuild(loaded[f"wo:{n}"]), editor.ydoc)
+
+
 async def test_a_document_written_without_an_index_is_typed_by_its_id(store: Store) -> None:
     await store.append(Editor("wo:7").type("x"))
     await store.append(Editor("form:3").type("x"))
