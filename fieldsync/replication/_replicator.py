@@ -275,8 +275,8 @@ class Replicator:
         one read and built in one thread hop: a device syncing thousands of documents after a
         restart would otherwise wait for two hops per document. Loads only: access is still
         decided per document by `subscribe`."""
-        if getattr(self, "leases", None) is not None:
-            # Cluster mode (`leases`, on main since the cluster work): a room is loaded only
+        if self.leases is not None:
+            # Cluster mode: a room is loaded only
             # under its document's lease, one by one through `_owned`. Claiming leases in bulk
             # is what would share the loading there.
             return
