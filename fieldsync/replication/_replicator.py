@@ -276,9 +276,8 @@ class Replicator:
         restart would otherwise wait for two hops per document. Loads only: access is still
         decided per document by `subscribe`."""
         if self.leases is not None:
-            # Cluster mode: a room is loaded only
-            # under its document's lease, one by one through `_owned`. Claiming leases in bulk
-            # is what would share the loading there.
+            # Cluster mode: a room is loaded only under its document's lease, one by one
+            # through `_owned`. Claiming leases in bulk is what would share the loading there.
             return
         missing = [
             doc_id
