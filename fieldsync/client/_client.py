@@ -112,6 +112,7 @@ class Client:
     ) -> None:
         self.url = url
         self._token = token
+        self._held_token: str | None = None  # the token the open socket was last given
         self.local = LocalStore(path)
         self.device_id = device_id or self.local.get_meta("device_id") or uuid.uuid4().hex
         self.local.set_meta("device_id", self.device_id)
@@ -286,7 +287,8 @@ class Client:
             await asyncio.sleep(self.backoff.next())
 
     async def _session(self, http: aiohttp.ClientSession) -> None:
-        headers = {"Authorization": f"Bearer {await self._token_value()}"}
+        self._held_token = await self._token_value()
+        headers = {"Authorization": f"Bearer {self._held_token}"}
         async with http.ws_connect(self.url, headers=headers, max_msg_size=0) as ws:
             self._ws = ws
             self._resynced.clear()
@@ -389,7 +391,13 @@ class Client:
             if body.get("code") == "draining" and isinstance(retry_after, int | float):
                 self._retry_after = min(max(float(retry_after), 0.0), 60.0)
         elif kind == "auth_expiring" and not isinstance(self._token, str):
-            return [encode_body(Control({"type": "auth", "token": await self._token()}))]
+            token = await self._token()
+            if token == self._held_token:
+                # Not renewed yet: sent again, it would be answered with the same notice at
+                # once, in a loop. The socket closes at expiry and the reconnect asks again.
+                return []
+            self._held_token = token
+            return [encode_body(Control({"type": "auth", "token": token}))]
         return []
 
     def _changes(self, body: dict[str, Any]) -> list[bytes]:

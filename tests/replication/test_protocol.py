@@ -12,6 +12,7 @@ from pycrdt import Doc, Map, Text
 
 from fieldsync.app import ENDPOINTS, REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
+from fieldsync.client import Client
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control, DocMessage, SyncStep, decode_state_vector, encode_sync
 from fieldsync.replication._codec import YMessage, write_varbytes
@@ -478,3 +479,28 @@ async def test_peers_creating_one_document_at_once_all_converge(server: Server) 
 
         for wire, doc in zip(wires, replicas, strict=True):
             await eventually(lambda wire=wire, doc=doc: caught_up(wire, doc))
+
+
+async def test_a_client_whose_token_is_not_renewed_yet_does_not_answer_each_notice(
+    server: Server,
+) -> None:
+    """A token source that caches its token (renewed later, by its own schedule) gives the same
+    token back on `auth_expiring`: sent again, the server would answer with the same notice at
+    once, in a loop. The client sends it only once it changed."""
+    cached = server.token("sam", ttl=60)  # inside the notice period from the start
+    asked = 0
+
+    async def token() -> str:
+        nonlocal asked
+        asked += 1
+        return cached
+
+    device = Client(server.sync_url, token)
+    try:
+        await device.start()
+        doc_id = "wo:token-loop"
+        device.doc(doc_id).apply_update(work_order(doc_id).get_update())
+        await device.wait_acked(doc_id)  # round trips a loop would have filled
+        assert asked <= 2, f"the token source was asked {asked} times"
+    finally:
+        await device.close()
