@@ -16,6 +16,7 @@ from fieldsync.replication._codec import (
     encode_sync,
 )
 from fieldsync.replication._connection import Limits, SessionClosed
+from fieldsync.replication._follower import Follower, Hints
 from fieldsync.replication._replicator import (
     AlreadyExists,
     DocTooLarge,
@@ -44,7 +45,9 @@ __all__ = [
     "DocTooLarge",
     "Edited",
     "Endpoints",
+    "Follower",
     "Forbidden",
+    "Hints",
     "InvalidUpdate",
     "Limits",
     "Replicator",

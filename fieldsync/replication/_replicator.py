@@ -515,7 +515,7 @@ class Replicator:
         created = room.seq == 0
         room.seq = committed.seq
         if committed.scope_change is not None:
-            self._rescope(committed.scope_change)
+            self.rescope(committed.scope_change)
         if created and room.pending:
             self._spawn(self._settle_pending(room))
         message = encode_sync(SyncStep.UPDATE, effective)
@@ -548,7 +548,9 @@ class Replicator:
                 # before this ran reached no one.
                 peer.confirmed(room.doc_id, room.ydoc.get_update())
 
-    def _rescope(self, change: ScopeChange) -> None:
+    def rescope(self, change: ScopeChange) -> None:
+        """A work order was created or moved to another scope (here, or on another node: the
+        feed follower): the peers it leaves are unsubscribed and told, those it reaches told."""
         docs = (change.doc, *change.forms)
         for peer in list(self.peers):
             was = in_scope(peer.scope, change.before)

@@ -747,7 +747,8 @@ def _changes(db: Database, scope: ScopeFilter, since: int, limit: int) -> Change
 
 
 _FEED = tuple(
-    _feed.sqlite(sql) for sql in (_feed.CHANGED, _feed.MOVES, _feed.LATER, _feed.CURRENT, _feed.FORMS)
+    _feed.sqlite(sql)
+    for sql in (_feed.CHANGED, _feed.MOVES, _feed.LATER, _feed.CURRENT, _feed.FORMS)
 )
 
 
