@@ -27,7 +27,9 @@ async def test_a_device_moves_to_another_node_when_its_node_goes(tmp_path: Path,
         stacks = [contextlib.AsyncExitStack() for _ in range(2)]
         nodes = [
             await stack.enter_async_context(
-                running_server(tmp_path / str(n), issuer, database_url=url, feed_poll=0.2)
+                running_server(
+                    tmp_path / str(n), issuer, database_url=url, feed_poll=0.2, cluster_secret="s"
+                )
             )
             for n, stack in enumerate(stacks)
         ]

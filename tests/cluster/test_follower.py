@@ -39,6 +39,7 @@ async def two_nodes(
             database_url=url,
             redis_url=REDIS_URL,
             redis_channel=channel,
+            cluster_secret="s",
             **QUIET,
         ) as a,
         running_server(
@@ -47,6 +48,7 @@ async def two_nodes(
             database_url=url,
             redis_url=redis_b,
             redis_channel=channel,
+            cluster_secret="s",
             **QUIET,
         ) as b,
     ):
