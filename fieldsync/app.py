@@ -4,6 +4,7 @@ application."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -48,11 +49,12 @@ from fieldsync.auth import (
     enriched,
     verify_with_directory,
 )
-from fieldsync.config import Settings, listen_address
+from fieldsync.config import ConfigError, Settings, listen_address
 from fieldsync.documents import Templates
 from fieldsync.hints import RedisHints
 from fieldsync.records import UNOBSERVED, Observer, Person
 from fieldsync.replication import (
+    Cluster,
     Endpoints,
     Follower,
     Limits,
@@ -61,13 +63,15 @@ from fieldsync.replication import (
     V1Session,
     Views,
 )
-from fieldsync.storage import Backend, PostgresBackend, SQLiteBackend, Store
+from fieldsync.storage import Backend, Leases, PostgresBackend, SQLiteBackend, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
 # The backend's document store: what the write path commits to (documents, feed, history…).
 STORE = web.AppKey("store", Store)
 REPLICATOR = web.AppKey("replicator", Replicator)
+# Cluster mode only: the links to the other nodes and the handler of theirs.
+CLUSTER = web.AppKey("cluster", Cluster)
 ENDPOINTS = web.AppKey("endpoints", Endpoints)
 # The dashboards' live views over `/v1/sync` (`subscribe`), fed by the write path's commits.
 VIEWS = web.AppKey("views", Views)
@@ -135,7 +139,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resource(backend.open, backend.close))
     verifier = _token_verifier(settings)
     app.cleanup_ctx.append(_resource(verifier.start, verifier.close))
-    replicator = app[REPLICATOR] = _replicator(settings, backend.store, observer)
+    leases = _leases(settings, backend)
+    replicator = app[REPLICATOR] = _replicator(settings, backend.store, observer, leases)
+    if leases is not None:
+        _add_cluster(app, settings, replicator, leases)  # listening before the leases name it
     app.cleanup_ctx.append(_resource(replicator.start, replicator.stop))
     # Built now (started later, with the other resources): the directory adapter, if any,
     # takes part in making principals; inbound adapters write through the replicator.
@@ -208,9 +215,12 @@ def _token_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
-def _replicator(settings: Settings, store: Store, observer: Observer) -> Replicator:
+def _replicator(
+    settings: Settings, store: Store, observer: Observer, leases: Leases | None
+) -> Replicator:
     return Replicator(
         store,
+        leases=leases,
         observer=observer,
         policy=load_policy(settings),
         templates=load_templates(settings),
@@ -218,6 +228,46 @@ def _replicator(settings: Settings, store: Store, observer: Observer) -> Replica
         idle_seconds=settings.idle_seconds,
         max_rooms=settings.max_rooms,
     )
+
+
+def _leases(settings: Settings, backend: Backend) -> Leases | None:
+    """This node's leases in cluster mode (a PostgreSQL backend), None on SQLite."""
+    node = settings.node_id or f"node-{secrets.token_hex(4)}"
+    leases = backend.leases(node, settings.node_url, settings.lease_ttl)
+    if leases is not None and not settings.cluster_secret:
+        raise ConfigError("cluster_secret", "required in cluster mode (database_url is set)")
+    return leases
+
+
+def _add_cluster(
+    app: web.Application, settings: Settings, replicator: Replicator, leases: Leases
+) -> None:
+    """Cluster mode: the node-to-node listener (its own, so that it can stay off the public
+    network) serving the other nodes' links, and this node's links to them. Its address is
+    what the leases register for the others, unless `node_url` says otherwise."""
+    cluster = app[CLUSTER] = Cluster(replicator, leases.node, settings.cluster_secret)
+    listener = web.Application()
+    listener.router.add_routes(cluster.routes())
+    if settings.cluster_listen:
+        host, port = listen_address(settings.cluster_listen)
+    else:
+        host, port = settings.host, 0
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(listener, access_log_class=AccessLogger)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            bound_host, bound_port = runner.addresses[0][:2]
+            if not leases.url:
+                name = f"[{bound_host}]" if ":" in bound_host else bound_host
+                leases.url = f"http://{name}:{bound_port}"
+            yield
+        finally:
+            await cluster.close()
+            await runner.cleanup()
+
+    app.cleanup_ctx.append(lifecycle)
 
 
 def _add_views(

@@ -223,7 +223,10 @@ class Client:
         """Local edits the server has not yet acknowledged as durable."""
         if self._changed:
             self._flush_changes()  # edits of this loop turn are queued on the next otherwise
-        return self.local.pending(doc_id)
+        # Edits kept through a reset are applied again once the document has resynced: until
+        # then they are out of the local store, and still not acknowledged.
+        kept = sum(len(u) for d, u in self._reapply.items() if doc_id in (None, d))
+        return self.local.pending(doc_id) + kept
 
     async def wait_acked(self, doc_id: str | None = None, timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
@@ -485,7 +488,9 @@ class Client:
         app to show; after any other reset (the server lost its copy in memory, the device was
         offline too long) the unacknowledged edits are applied again on top of the server's
         state, so no field work is lost."""
-        kept = self.local.pending_updates(doc_id)
+        # With the edits of an earlier reset still waiting for their resync: a second reset
+        # before it (updates in flight when the first came) must not drop them.
+        kept = self._reapply.pop(doc_id, []) + self.local.pending_updates(doc_id)
         self._forget(doc_id)
         if reason in _REFUSED:
             self.rejected.extend((doc_id, reason, update) for update in kept)

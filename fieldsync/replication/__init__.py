@@ -1,5 +1,6 @@
 """Replication: the `fieldsync.v1` wire protocol, y-websocket compatibility, rooms and the one
-write path for documents."""
+write path for documents; in cluster mode, the node-to-node links (`Cluster`) through which a
+node serves the documents other nodes own."""
 
 from fieldsync.replication._codec import (
     Control,
@@ -17,11 +18,13 @@ from fieldsync.replication._codec import (
 )
 from fieldsync.replication._connection import Limits, SessionClosed
 from fieldsync.replication._follower import Follower, Hints
+from fieldsync.replication._link import CLUSTER_PATH, Cluster
 from fieldsync.replication._replicator import (
     AlreadyExists,
     DocTooLarge,
     Forbidden,
     InvalidUpdate,
+    OwnerUnavailable,
     Replicator,
 )
 from fieldsync.replication._room import Room
@@ -38,8 +41,10 @@ from fieldsync.replication._websocket import Endpoints
 from fieldsync.replication._yws import YwsSession
 
 __all__ = [
+    "CLUSTER_PATH",
     "SERVICE_ROLE",
     "AlreadyExists",
+    "Cluster",
     "Control",
     "DocMessage",
     "DocTooLarge",
@@ -50,6 +55,7 @@ __all__ = [
     "Hints",
     "InvalidUpdate",
     "Limits",
+    "OwnerUnavailable",
     "Replicator",
     "Room",
     "ServiceWriter",

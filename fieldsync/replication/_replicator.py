@@ -5,6 +5,15 @@ device over v1, a Yjs client over y-websocket) writes through `submit`; a docume
 builds for someone (REST's `POST /v1/work-orders`) comes into existence through `create`, held to
 the creation rights a device's first update is, and committed and fanned out the same way. Every
 write carries its `Origin`, and the rules never judge their own corrections.
+
+**Cluster mode** (`leases`, `owners`): a room is loaded only under the document's lease
+(`storage.Leases`), and every commit carries the lease's fencing token, so one node at a time
+merges, judges and stores a document. A document whose lease another node holds is served
+through that node (`Owners`, the node-to-node links): the replicator keeps a proxy room for it
+whose subscribers are this node's peers, and forwards their subscribe, read, submit, durable
+state vector, awareness and unsubscribe; the owner calls the peers back through the link.
+Sessions, REST and adapters call the same methods either way. Without leases (one node, SQLite)
+every document is this node's and none of this runs.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pycrdt import Doc
 
@@ -37,7 +46,17 @@ from fieldsync.records import (
 from fieldsync.replication._codec import SyncStep, encode_sync
 from fieldsync.replication._peer import Peer
 from fieldsync.replication._room import InvalidUpdate, Room, check_count, diff, preview
-from fieldsync.storage import Committed, Conflict, ScopeChange, Store, Write
+from fieldsync.storage import (
+    Committed,
+    Conflict,
+    Lease,
+    LeaseLost,
+    Leases,
+    ScopeChange,
+    StorageError,
+    Store,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +91,68 @@ class DocTooLarge(FieldsyncError):
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """An accepted update: `committed` resolves once it is durable (None: it added nothing and
-    nothing is in flight); `state_vector` is the room's right after it was applied."""
+    nothing is in flight); `state_vector` is the room's right after it was applied, `before`
+    right before."""
 
     committed: asyncio.Future[Committed] | None
     state_vector: bytes
+    before: bytes = _EMPTY_STATE
+
+
+class Elsewhere(Exception):
+    """The document's lease is another node's: its room lives there."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"{lease.doc} is owned by node {lease.node}")
+        self.lease = lease
+
+
+class OwnerUnavailable(FieldsyncError):
+    """The node that owns the document could not be reached, or no longer owns it. The device
+    resyncs the document (`resync_required`: a session resets it), which sends its edits not
+    yet acknowledged again, to wherever the document's owner then is."""
+
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(
+            ErrorCode.RESYNC_REQUIRED, f"{doc_id}: its owner node is unreachable; resync"
+        )
+
+
+class Owner(Protocol):
+    """Another node that owns documents, as this node reaches it (a node-to-node link). Each
+    call acts for `peer`, a peer of this node; the owner authorises it with its own policy and
+    calls it back (send_doc, confirmed, rule_violation, reset, scope changes) through the link.
+    Raises what the owner's replicator raised, or `OwnerUnavailable`."""
+
+    async def subscribe(self, peer: Peer, doc_id: str) -> None: ...
+
+    async def read(self, peer: Peer, doc_id: str, state_vector: bytes) -> bytes: ...
+
+    async def submit(self, peer: Peer, doc_id: str, update: bytes) -> tuple[Submitted, int]:
+        """The owner's answer, and the document's change seq as it stood."""
+        ...
+
+    async def durable_state_vector(self, peer: Peer, doc_id: str) -> bytes: ...
+
+    def relay_awareness(self, peer: Peer, doc_id: str, payload: bytes) -> None: ...
+
+    def unsubscribe(self, peer: Peer, doc_id: str) -> None: ...
+
+    async def create(
+        self, doc_id: str, update: bytes, principal: Principal, origin: Origin
+    ) -> Committed: ...
+
+    async def recheck(self, doc_id: str, author: Peer) -> None:
+        """Judge the work order `doc_id` again (one of its forms changed)."""
+        ...
+
+
+class Owners(Protocol):
+    """The other nodes of the cluster."""
+
+    def owner(self, lease: Lease) -> Owner:
+        """The node holding `lease` (another node's)."""
+        ...
 
 
 class Replicator:
@@ -90,8 +167,17 @@ class Replicator:
         idle_seconds: float = 30.0,
         max_rooms: int = 10_000,
         observer: Observer = UNOBSERVED,
+        leases: Leases | None = None,
     ) -> None:
         self.store = store
+        # Cluster mode: the leases rooms are loaded under, and the nodes that own the others
+        # (set by the wiring once the links exist). None: this node owns every document.
+        self.leases = leases
+        self.owners: Owners | None = None
+        self._proxies: dict[str, Room] = {}  # documents other nodes own, with our subscribers
+        self._renewer = (
+            Periodic("lease-renewer", leases.renew_every, self._renew) if leases else None
+        )
         self.observer = observer  # acks, refusals and corrections, for the metrics
         self.policy = policy or Policy.load()
         self.templates = templates or form_templates.Templates.load()
@@ -110,6 +196,9 @@ class Replicator:
         self.commit_hooks: list[Callable[[Room, Committed], None]] = []
 
     async def start(self) -> None:
+        if self.leases is not None and self._renewer is not None:
+            await self.leases.open()
+            self._renewer.start()
         self._evictor.start()
 
     async def stop(self) -> None:
@@ -122,6 +211,12 @@ class Replicator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.leases is not None and self._renewer is not None:
+            await self._renewer.stop()
+            # What this node owned is free at once for the others: their devices need not
+            # wait for the leases to expire.
+            with contextlib.suppress(StorageError):
+                await self.leases.close()
 
     @property
     def loaded(self) -> int:
@@ -130,6 +225,17 @@ class Replicator:
     # --- rooms --------------------------------------------------------------------------
 
     async def room(self, doc_id: str) -> Room:
+        """The document's room, for reading it (REST, adapters): this node's, or, when another
+        node owns the document, what storage holds of it (committed state; not kept)."""
+        try:
+            return await self._owned(doc_id)
+        except Elsewhere:
+            stored = await self.store.load(doc_id)
+            return await asyncio.to_thread(Room, doc_id, stored)
+
+    async def _owned(self, doc_id: str) -> Room:
+        """This node's room of the document, loaded under its lease. Raises `Elsewhere` when
+        another node holds the lease."""
         room = self._rooms.get(doc_id)
         if room is not None and not room.poisoned:
             room.last_used = time.monotonic()
@@ -140,9 +246,18 @@ class Replicator:
         loading = asyncio.get_running_loop().create_future()
         self._loading[doc_id] = loading
         try:
+            fence = None
+            if self.leases is not None:
+                lease = await self.leases.claim(doc_id)
+                if not lease.ours:
+                    raise Elsewhere(lease)
+                fence = lease.token
+            # Loaded after the claim: a previous owner's last commit has settled by then (the
+            # append holds the lease row it checks; `storage.Leases`).
             stored = await self.store.load(doc_id)
             # Replaying a long log is CPU work: keep it off the event loop.
             room = await asyncio.to_thread(Room, doc_id, stored)
+            room.fence = fence
             self._rooms[doc_id] = room
             loading.set_result(room)
             return room
@@ -162,8 +277,59 @@ class Replicator:
         """Authorise `peer` to replicate `doc_id` and add it to the room. Raises `Forbidden`. A
         document outside the scope and one that does not exist look alike: to a principal that
         may create such documents, both look absent (an empty document it may write into, which
-        creation or the scope then decides); to any other, both are forbidden."""
-        room = await self.room(doc_id)
+        creation or the scope then decides); to any other, both are forbidden. A document
+        another node owns is subscribed to there (the room returned is this node's proxy)."""
+        proxy = self._proxies.get(doc_id)
+        if proxy is not None and proxy.owner is not None:
+            try:
+                await proxy.owner.subscribe(peer, doc_id)
+            except OwnerUnavailable:
+                # The lease moved, or its node is gone: everyone served through it resyncs.
+                self._drop_proxy(proxy, "owner_unreachable")
+            else:
+                proxy.subscribers[peer] = None
+                return proxy
+        try:
+            room = await self._owned(doc_id)
+        except Elsewhere as held:
+            return await self._subscribe_elsewhere(peer, held.lease)
+        return await self.subscribe_owned(peer, room)
+
+    async def _subscribe_elsewhere(self, peer: Peer, lease: Lease) -> Room:
+        """Subscribe `peer` through the node holding `lease`. While that node is unreachable
+        (dead, or the lease moved under us), try again until the lease can be claimed here:
+        the device's sync waits at most about the lease's lifetime."""
+        doc_id = lease.doc
+        leases, owners = self.leases, self.owners
+        if leases is None or owners is None:
+            raise OwnerUnavailable(doc_id)
+        deadline = time.monotonic() + 4 * leases.renew_every + 1.0
+        while True:
+            owner = owners.owner(lease)
+            try:
+                await owner.subscribe(peer, doc_id)
+            except OwnerUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(leases.renew_every / 3)
+                try:
+                    return await self.subscribe_owned(peer, await self._owned(doc_id))
+                except Elsewhere as held:
+                    lease = held.lease
+                continue
+            proxy = self._proxies.get(doc_id)
+            if proxy is None or proxy.owner is not owner:
+                proxy = self._proxies[doc_id] = Room(doc_id, None)
+                proxy.owner = owner
+            proxy.subscribers[peer] = None
+            return proxy
+
+    async def subscribe_owned(self, peer: Peer, room: Room | str) -> Room:
+        """`subscribe` on this node's own room (a document id: loaded, under its lease, or
+        `Elsewhere`): what a peer of another node asks of the owner over the link."""
+        if isinstance(room, str):
+            room = await self._owned(room)
+        doc_id = room.doc_id
         if room.exists and in_scope(peer.scope, await self._scope_index(room)):
             self._admit(peer, room)
         elif self.policy.may_create_some(peer.principal, room.type.value):
@@ -175,6 +341,8 @@ class Replicator:
     async def read(self, peer: Peer, room: Room, state_vector: bytes) -> bytes:
         """What a replica at `state_vector` lacks of the document, for a peer that may read it;
         for a waiting peer, what it lacks of an empty document (nothing)."""
+        if room.owner is not None:
+            return await room.owner.read(peer, room.doc_id, state_vector)
         if await self._may_read(peer, room):
             return room.diff(state_vector)
         return diff(Doc(), state_vector)  # an empty document's, refusing garbage alike
@@ -222,6 +390,12 @@ class Replicator:
         self._relay(room, peer, room.awareness.release(peer))  # announced while it waited
 
     def unsubscribe(self, peer: Peer, room: Room) -> None:
+        if room.owner is not None:
+            room.subscribers.pop(peer, None)
+            room.owner.unsubscribe(peer, room.doc_id)
+            if not room.subscribers and self._proxies.get(room.doc_id) is room:
+                del self._proxies[room.doc_id]
+            return
         room.subscribers.pop(peer, None)
         room.pending.pop(peer, None)
         room.last_used = time.monotonic()
@@ -235,6 +409,9 @@ class Replicator:
     async def submit(self, peer: Peer, room: Room, update: bytes) -> Submitted:
         """Apply a peer's update and queue it for commit. Raises `Forbidden`, `ForbiddenField`,
         `InvalidUpdate` or `DocTooLarge`; nothing of a refused update is kept."""
+        if room.owner is not None:
+            submitted, room.seq = await room.owner.submit(peer, room.doc_id, update)
+            return submitted
         if not await self._may_write(peer, room) and room.exists:
             raise Forbidden(room.doc_id)
         if room.size + len(update) > self.max_doc_bytes:
@@ -250,6 +427,7 @@ class Replicator:
         else:
             read = self._check_write(peer.principal, room, update)
         created = not room.exists
+        before = room.state_vector()
         try:
             effective = room.apply(update, read=read)
         finally:
@@ -261,9 +439,9 @@ class Replicator:
         # nothing, the last one in flight) is done, all of this state vector is durable.
         state_vector = room.state_vector()
         if effective is None:
-            return Submitted(room.tail if room.in_flight else None, state_vector)
+            return Submitted(room.tail if room.in_flight else None, state_vector, before)
         touched = room.touched()
-        submitted = Submitted(self._commit(room, effective, peer), state_vector)
+        submitted = Submitted(self._commit(room, effective, peer), state_vector, before)
         if peer.origin.kind is OriginKind.RULES:
             return submitted  # a correction the rules made: they never judge their own
         if room.type is DocType.WORK_ORDER:
@@ -399,7 +577,17 @@ class Replicator:
         wo_id = form.index.wo if form.index is not None else None
         if not wo_id:
             return
-        room = await self.room(wo_id)
+        await self.recheck(wo_id, author)
+
+    async def recheck(self, wo_id: str, author: Peer) -> None:
+        """Judge the work order again after a change of one of its forms, on the node that
+        owns it (so its rules run once, there)."""
+        try:
+            room = await self._owned(wo_id)
+        except Elsewhere as held:
+            if self.owners is not None:
+                await self.owners.owner(held.lease).recheck(wo_id, author)
+            return
         if room.exists and not room.poisoned:
             await self._enforce_rules(room, author, frozenset({rules.FORMS}))
 
@@ -419,6 +607,8 @@ class Replicator:
         """The room's state vector, returned once all it covers is committed: a device may
         forget its queued edits that this state vector covers. A waiting peer gets an empty
         document's."""
+        if room.owner is not None:
+            return await room.owner.durable_state_vector(peer, room.doc_id)
         if peer not in room.subscribers:
             return _EMPTY_STATE
         state_vector = room.state_vector()
@@ -455,13 +645,18 @@ class Replicator:
         if len(update) > self.max_doc_bytes:
             raise DocTooLarge(doc_id, self.max_doc_bytes)
         check_count(update, "update")
-        room = await self.room(doc_id)
+        try:
+            room = await self._owned(doc_id)
+        except Elsewhere as held:
+            if self.owners is None:
+                raise OwnerUnavailable(doc_id) from None
+            return await self.owners.owner(held.lease).create(doc_id, update, principal, origin)
         if room.exists:
             raise AlreadyExists(doc_id)
         await self._authorise_creation(principal, room, update)
         # Looked up again: while the policy check waited, the room may have been evicted or a
         # device may have created the document. From here on nothing waits until the commit.
-        room = await self.room(doc_id)
+        room = await self._owned(doc_id)
         if room.exists:
             raise AlreadyExists(doc_id)
         try:
@@ -496,6 +691,7 @@ class Replicator:
             actor=actor or (author.principal.subject if author else "server"),
             index=room.reindex(),
             history=room.take_changes(),
+            fence=room.fence,
         )
         room.in_flight += 1
         committed = asyncio.ensure_future(self.store.append(write))
@@ -508,6 +704,14 @@ class Replicator:
     ) -> None:
         room.in_flight -= 1
         if done.cancelled() or done.exception() is not None:
+            if isinstance(done.exception(), LeaseLost):
+                # Another node owns the document now: nothing more of this room is stored,
+                # and its peers resync through the new owner.
+                log.warning("%s: lease lost, the room is dropped", room.doc_id)
+                if self.leases is not None:
+                    self._spawn(self.leases.release([room.doc_id]))
+                self._drop(room, "lease_lost")
+                return
             log.error("commit of %s failed: %r", room.doc_id, done.exception())
             self._drop(room, "storage failure: the last update was not stored")
             return
@@ -610,7 +814,9 @@ class Replicator:
         replica changes only the client ids it announced first (`Awareness`). A peer still
         waiting for the document (see `subscribe`) is held to be heard once it is admitted:
         every Yjs provider announces itself on connecting, before any document exists."""
-        if peer in room.pending:
+        if room.owner is not None:
+            room.owner.relay_awareness(peer, room.doc_id, payload)
+        elif peer in room.pending:
             room.awareness.hold(peer, payload)
         elif peer in room.subscribers:
             self._relay(room, peer, room.awareness.apply(peer, payload))
@@ -641,21 +847,62 @@ class Replicator:
             (room for room in self._rooms.values() if room.idle), key=lambda r: r.last_used
         )
         excess = len(self._rooms) - self.max_rooms
-        dropped = 0
+        dropped = []
         for room in idle:
             if excess > 0 or now - room.last_used >= self.idle_seconds:
                 del self._rooms[room.doc_id]
                 excess -= 1
-                dropped += 1
-        return dropped
+                dropped.append(room.doc_id)
+        if dropped and self.leases is not None:
+            # Given up now (the next load claims anew), stored as expired in the background.
+            self._spawn(self.leases.release(dropped))
+        return len(dropped)
+
+    # --- cluster ------------------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        if self.leases is None:
+            return
+        for doc_id in await self.leases.renew():
+            room = self._rooms.get(doc_id)
+            if room is not None:
+                log.warning("%s: lease lost, the room is dropped", doc_id)
+                self._drop(room, "lease_lost")
+
+    def owner_lost(self, owner: Owner, reason: str = "owner_unreachable") -> None:
+        """The link to `owner` broke: every peer served through it resyncs (the next
+        subscribe finds the document's owner anew, or claims it once its lease expired)."""
+        for proxy in list(self._proxies.values()):
+            if proxy.owner is owner:
+                self._drop_proxy(proxy, reason)
+
+    def _drop_proxy(self, proxy: Room, reason: str) -> None:
+        if self._proxies.get(proxy.doc_id) is proxy:
+            del self._proxies[proxy.doc_id]
+        for peer in list(proxy.subscribers):
+            peer.reset(proxy.doc_id, reason)
+        proxy.subscribers.clear()
+
+    def proxied_scope_removed(self, peer: Peer, doc_ids: Iterable[str]) -> None:
+        """The owner unsubscribed `peer` from these documents (they left its scope)."""
+        for doc_id in doc_ids:
+            proxy = self._proxies.get(doc_id)
+            if proxy is not None:
+                proxy.subscribers.pop(peer, None)
+                if not proxy.subscribers:
+                    del self._proxies[doc_id]
 
 
 __all__ = [
     "AlreadyExists",
     "DocTooLarge",
+    "Elsewhere",
     "Forbidden",
     "ForbiddenField",
     "InvalidUpdate",
+    "Owner",
+    "OwnerUnavailable",
+    "Owners",
     "Replicator",
     "Submitted",
 ]

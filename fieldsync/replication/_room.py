@@ -18,6 +18,7 @@ from fieldsync.storage import StoredDoc
 
 if TYPE_CHECKING:
     from fieldsync.replication._peer import Peer
+    from fieldsync.replication._replicator import Owner
 
 _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -90,6 +91,11 @@ class Room:
         self.ydoc.observe(self._on_transaction)
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
+        # Cluster mode: the fencing token of this node's lease, carried by every commit; or,
+        # for a document another node owns, that node (this room is then only a proxy: its
+        # subscribers are served there, its own content stays empty).
+        self.fence: int | None = None
+        self.owner: Owner | None = None
         self.index: DocIndex | None = None
         self._index_root = documents.index_root(self.type)
         self._index_keys = documents.index_keys(self.type)

@@ -25,6 +25,8 @@ __all__ = ["SERVICE_ROLE", "Edited", "ServiceWriter", "edit_as", "service_princi
 
 log = logging.getLogger(__name__)
 
+_EVERYTHING = b"\x00"  # the state vector of an empty document: read it all
+
 # The role an adapter's log entries (`status_log`, `meter_readings`) name beside its subject
 # `adapter:<name>`: the write path accepts entries in the writer's own name and role only.
 SERVICE_ROLE: str = Role.SERVICE.value
@@ -94,7 +96,8 @@ async def edit_as(
         # A fresh copy, with a client id of its own: the room's client id is the server's (its
         # rules' corrections), and two edits in flight must never share one.
         copy: Doc[Any] = Doc()
-        copy.apply_update(room.ydoc.get_update())
+        # Read through the write path, so a document another node owns is read there.
+        copy.apply_update(await replicator.read(peer, room, _EVERYTHING))
         made: list[bytes] = []
         copy.observe(lambda event: made.append(event.update))
         with copy.transaction(origin=peer.origin):

@@ -384,9 +384,8 @@ class V1Session(Connection):
 
     async def _update(self, doc_id: str, update: bytes) -> None:
         room = await self._subscribe(doc_id)
-        before = room.state_vector()
         submitted = await self._write(room, update)
-        after = submitted.state_vector
+        before, after = submitted.before, submitted.state_vector
         committed = submitted.committed
         if committed is None:
             self._ack(doc_id, room.seq, update, before, after)

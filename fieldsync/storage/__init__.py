@@ -5,6 +5,7 @@ cluster's). Nothing of a database driver crosses out of this package."""
 from fieldsync.storage._attachments import Attachment, AttachmentStore, Upload
 from fieldsync.storage._backend import Backend, PostgresBackend, SQLiteBackend
 from fieldsync.storage._directory import Directory, DirectoryChange
+from fieldsync.storage._leases import Lease, LeaseLost, Leases, PostgresLeases
 from fieldsync.storage._outbox import (
     DueDoc,
     Outbox,
@@ -75,6 +76,9 @@ __all__ = [
     "HistoryEntry",
     "ImportResult",
     "InvalidRow",
+    "Lease",
+    "LeaseLost",
+    "Leases",
     "MetricsPage",
     "Outbox",
     "OutboxEntry",
@@ -83,6 +87,7 @@ __all__ = [
     "OutboxStats",
     "Position",
     "PostgresBackend",
+    "PostgresLeases",
     "ReferencePage",
     "ReferenceStore",
     "ResyncRequired",

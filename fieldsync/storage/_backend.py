@@ -14,6 +14,7 @@ from typing import Protocol
 from fieldsync.records import UNOBSERVED, Observer
 from fieldsync.storage._attachments import AttachmentStore
 from fieldsync.storage._directory import Directory, SQLiteDirectory
+from fieldsync.storage._leases import Leases, PostgresLeases
 from fieldsync.storage._outbox import Outbox, SQLiteOutbox
 from fieldsync.storage._postgres import PostgresStore
 from fieldsync.storage._postgres_attachments import PostgresAttachments
@@ -64,6 +65,11 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
+    def leases(self, node: str, url: str, ttl: float) -> Leases | None:
+        """Node `node`'s leases on the documents (cluster mode), None where one node owns them
+        all (SQLite)."""
+        ...
+
 
 class SQLiteBackend:
     """The embedded default: every concern in one SQLite file, written by one writer thread in
@@ -101,6 +107,9 @@ class SQLiteBackend:
     async def close(self) -> None:
         await self.store.close()
 
+    def leases(self, node: str, url: str, ttl: float) -> Leases | None:
+        return None  # one process owns every document of its file
+
 
 class PostgresBackend:
     """Cluster mode: every concern in one PostgreSQL database that several nodes share (`url`:
@@ -136,3 +145,6 @@ class PostgresBackend:
 
     async def close(self) -> None:
         await self.store.close()
+
+    def leases(self, node: str, url: str, ttl: float) -> Leases | None:
+        return PostgresLeases(self.store, node, url, ttl)

@@ -27,6 +27,9 @@ class Migration:
     steps: tuple[str, ...] | Callable[[Database], None]
 
 
+# Described alike on both backends (PostgreSQL's migration 10 creates the tables).
+LEASES = "cluster: a lease per document with its fencing token, and the nodes' registry"
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -173,6 +176,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX devices_seen ON devices (last_seen)",
         ),
     ),
+    # One SQLite node owns every document: nothing to record (the number stays aligned with
+    # PostgreSQL's migration 10, which brings the same concern there).
+    Migration(10, LEASES, ()),
 )
 
 

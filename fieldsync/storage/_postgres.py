@@ -55,6 +55,7 @@ from fieldsync.records import (
     ScopeKind,
 )
 from fieldsync.storage import _feed, _outbox
+from fieldsync.storage._leases import LeaseLost
 from fieldsync.storage._postgres_migrations import migrate
 from fieldsync.storage._sqlite import StorageError, _merge, _new_index
 from fieldsync.storage._types import (
@@ -465,6 +466,7 @@ class PostgresStore:
                 txn = PgTransaction(conn, seq)
                 docs = {job.write.doc for job in batch if isinstance(job, _Append)}
                 indexes = await _indexes(conn, docs)
+                fences = await _current_fences(conn, batch)
                 staged: list[Any] = []
                 # Updates are pipelined: their statements go out without waiting for each
                 # reply, so the change sequence is held for a few round trips, not a few per
@@ -481,6 +483,11 @@ class PostgresStore:
                                 await _write_device(conn, job)
                                 continue
                             job = cast(_Append, job)
+                            fence = job.write.fence
+                            if fence is not None and fences.get(job.write.doc) != fence:
+                                # A stale owner's write: refused alone, the batch goes on.
+                                staged.append(_Failed(LeaseLost(job.write.doc)))
+                                continue
                             staged.append(await _stage_update(conn, job, txn.next_seq(), indexes))
                             if routes and await _write_outbox(conn, routes, job, txn.seq):
                                 outboxed = True
@@ -555,6 +562,26 @@ async def _indexes(conn: AsyncConnection, docs: Collection[str]) -> dict[str, Do
         (sorted(docs),),
     )
     return {row[0]: DocIndex(*row) for row in await cursor.fetchall()}
+
+
+async def _current_fences(
+    conn: AsyncConnection, batch: Iterable[_Append | _Touch | _Call]
+) -> dict[str, int]:
+    """The current, unexpired fencing token of each document the batch writes under a lease.
+    Their lease rows stay locked until the batch commits (in document order, as renewals lock
+    them: no deadlock), so a node taking one over waits, then loads what this batch stored."""
+    docs = sorted(
+        {job.write.doc for job in batch if isinstance(job, _Append) and job.write.fence is not None}
+    )
+    if not docs:
+        return {}
+    cursor = await conn.execute(
+        """SELECT doc, token FROM leases
+        WHERE doc = ANY(%s::text[]) AND expires_at > clock_timestamp()
+        ORDER BY doc FOR UPDATE""",
+        (docs,),
+    )
+    return {doc: int(token) for doc, token in await cursor.fetchall()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from psycopg import AsyncConnection
 
+from fieldsync.storage._migrations import LEASES
+
 __all__ = ["MIGRATIONS", "Migration", "migrate"]
 
 # Any constant both sides agree on: the key of the advisory lock migrations run under.
@@ -294,6 +296,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             f"ALTER TABLE devices ADD COLUMN team {_T}",
             f"ALTER TABLE devices ADD COLUMN region {_T}",
             "CREATE INDEX devices_seen ON devices (last_seen)",
+        ),
+    ),
+    Migration(
+        10,
+        LEASES,
+        (
+            # Times are the database's clock (`clock_timestamp()`), never a node's: the nodes'
+            # clocks may disagree, the one they share decides who holds what (`_leases`).
+            f"""CREATE TABLE nodes (
+                node {_T} PRIMARY KEY,
+                url TEXT NOT NULL,
+                heartbeat TIMESTAMPTZ NOT NULL
+            )""",
+            # A row per document ever owned: a released lease keeps its token (expired at once),
+            # so the next owner's is higher still.
+            f"""CREATE TABLE leases (
+                doc {_T} PRIMARY KEY,
+                node {_T} NOT NULL,
+                token BIGINT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            "CREATE INDEX leases_node ON leases (node, doc)",
         ),
     ),
 )

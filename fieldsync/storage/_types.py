@@ -30,6 +30,10 @@ class Write:
     actor: str  # principal subject
     index: DocIndex | None = None
     history: tuple[FieldChange, ...] = ()  # what changed, for `field_history`
+    # The fencing token of the writer's lease on `doc` (cluster mode, `storage.Leases`): the
+    # PostgreSQL append refuses the write unless it is the document's current, unexpired one.
+    # None: no lease (one node owns every document; SQLite never reads it).
+    fence: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

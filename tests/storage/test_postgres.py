@@ -165,8 +165,8 @@ async def test_a_work_order_written_through_one_node_is_served_by_another(
     a supervisor creates through the first reaches a technician connected to the second."""
     async with (
         running_issuer() as issuer,
-        running_server(tmp_path / "a", issuer, database_url=url) as node_a,
-        running_server(tmp_path / "b", issuer, database_url=url) as node_b,
+        running_server(tmp_path / "a", issuer, database_url=url, cluster_secret="s") as node_a,
+        running_server(tmp_path / "b", issuer, database_url=url, cluster_secret="s") as node_b,
     ):
         assert isinstance(node_a.app[BACKEND], PostgresBackend)
         sam = node_a.client("sam")
