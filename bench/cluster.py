@@ -266,26 +266,41 @@ async def load(
         pg_before = {pid: cpu_seconds(pid) for pid in backends}
         began = time.perf_counter()
         share = args.updates // len(devices)
-        await asyncio.gather(
-            *(d.write(doc_ids, share, args.window, n) for n, d in enumerate(devices))
-        )
+        stalled: list[str] = []
+
+        async def bounded(device: Device, seed: int) -> None:
+            try:
+                await asyncio.wait_for(
+                    device.write(doc_ids, share, args.window, seed), args.timeout
+                )
+            except TimeoutError:
+                # Reported, not hidden: an update never acknowledged is a bug to chase.
+                stalled.append(f"{device.name} on {device.url}: {device.acks} acks")
+
+        await asyncio.gather(*(bounded(d, n) for n, d in enumerate(devices)))
         wall = time.perf_counter() - began
         cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
         pg_cpu = sum(cpu_seconds(pid) - before for pid, before in pg_before.items())
         updates = share * len(devices)
         # Every device ends with every document's content (fan-out through the owner).
+        diverged = []
         for doc_id in doc_ids:
-            await until(
-                lambda doc_id=doc_id: len({_text(d.docs[doc_id]) for d in devices}) == 1,
-                120,
-                f"{doc_id} converged",
-            )
+            try:
+                await until(
+                    lambda doc_id=doc_id: len({_text(d.docs[doc_id]) for d in devices}) == 1,
+                    args.timeout,
+                    f"{doc_id} converged",
+                )
+            except TimeoutError:
+                diverged.append(doc_id)
         errors = [e for d in devices for e in d.errors]
         result: dict[str, Any] = {
             "config": config,
             "nodes": len(pids),
             "updates": updates,
             "errors": len(errors),
+            "stalled": stalled,
+            "diverged": diverged,
             "wall_s": round(wall, 2),
             "updates_per_s": round(updates / wall, 1),
             "server_cpu_us_per_update": round(cpu / updates * 1e6, 1),
@@ -367,6 +382,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=32, help="unacknowledged per device")
     parser.add_argument("--configs", default="sqlite,pg1,pg3")
     parser.add_argument("--port", type=int, default=27001)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per wait")
     parser.add_argument("--memory", type=int, default=2000, help="rooms to build (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.jsonl"))
     args = parser.parse_args()
