@@ -53,6 +53,7 @@ class Follower:
         *,
         poll: float = 2.0,
         page: int = 500,
+        spacing: float = 0.05,
     ) -> None:
         self._store = store
         self._replicator = replicator
@@ -60,6 +61,9 @@ class Follower:
         self._hints = hints
         self._poll = poll
         self._page = page
+        # Reads of the feed start at most this often: under load every other node's every
+        # batch hints, and one read covers all the batches committed since the last one.
+        self._spacing = spacing
         self.seq = 0  # every change up to here is processed
         self._mine: set[int] = set()  # seqs of this node's scope changes, already rescoped
         self._wake = asyncio.Event()
@@ -115,6 +119,7 @@ class Follower:
             if failures:
                 log.info("following the change feed again from seq %d", self.seq)
             failures = 0
+            await asyncio.sleep(self._spacing)
 
     async def catch_up(self) -> None:
         """Process every change committed after `seq`, page by page."""
