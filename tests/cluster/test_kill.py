@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,40 @@ async def write(device: Device, pace: float) -> None:
         device.rounds = k + 1
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+async def until(
+    condition: Callable[[], bool], timeout: float, what: str, state: Callable[[], str] = str
+) -> None:
+    """Wait for `condition`; past `timeout`, fail saying what was awaited and, from `state()`,
+    where everything stood (for a failure seen only on a loaded CI machine)."""
     try:
         async with asyncio.timeout(timeout):
             while not condition():  # noqa: ASYNC110 - state of other processes, polled
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
+        raise AssertionError(f"not within {timeout} s: {what}\n{state()}") from None
+
+
+def synced(device: Device) -> bool:
+    return all(device.client.synced[doc_id].is_set() for doc_id in WORK_ORDERS)
+
+
+def acked(device: Device) -> bool:
+    return device.client.pending() == 0
+
+
+def where(cluster: LocalCluster, devices: list[Device]) -> str:
+    """Each device's node, connection and pending edits, and each node's last log lines."""
+    lines = [
+        f"{d.name}: {d.client.url} connected={d.client.connected.is_set()} "
+        f"pending={d.client.pending()} rounds={d.rounds} last_close={d.client.last_close} "
+        f"errors={d.client.errors[-3:]} resets={d.client.resets[-3:]}"
+        for d in devices
+    ]
+    for node in cluster.members:
+        log = node.log.read_text(errors="replace").splitlines() if node.log.exists() else []
+        wanted = [line for line in log if "aiohttp.access" not in line][-15:]
+        lines += [f"--- {node.id} alive={node.alive}", *wanted]
+    return "\n".join(lines)
 
 
 def leases_of(url: str, node: str) -> set[str]:
@@ -165,19 +193,24 @@ async def run(
         for device in devices:
             await device.client.start()
         seeder = devices[0].client
+
+        def state() -> str:
+            return where(cluster, devices)
+
         for doc_id in WORK_ORDERS:
             seeder.doc(doc_id).apply_update(work_order(doc_id, assignee="tina").get_update())
-        await seeder.wait_acked(timeout=60)
+        await until(lambda: seeder.pending() == 0, 60, "the work orders created", state)
         for device in devices:
             for doc_id in WORK_ORDERS:
-                await device.client.wait_synced(doc_id, timeout=60)
+                device.client.doc(doc_id)
+            await until(partial(synced, device), 60, f"{device.name} synced", state)
 
         writers = [asyncio.create_task(write(d, pace=0.03)) for d in devices]
 
         def slowest() -> int:
             return min(d.rounds for d in devices)
 
-        await until(lambda: slowest() >= KILL_AT, 120, "the writers' first rounds")
+        await until(lambda: slowest() >= KILL_AT, 120, "the writers' first rounds", state)
         # The node whose loss hurts most: the one holding most leases (node-1 without leases).
         held = {
             node.id: await asyncio.to_thread(leases_of, cluster.database_url, node.id)
@@ -199,15 +232,17 @@ async def run(
                 await asyncio.sleep(0.05)
 
         moved = asyncio.create_task(leases_moved())
-        await until(lambda: slowest() >= REDIS_DOWN_AT, 240, "writing on after the kill")
+        await until(lambda: slowest() >= REDIS_DOWN_AT, 240, "writing on after the kill", state)
         await proxy.stop()  # Redis away for every node: hints lost
-        await until(lambda: slowest() >= REDIS_UP_AT, 240, "writing on without Redis")
+        await until(lambda: slowest() >= REDIS_UP_AT, 240, "writing on without Redis", state)
         await proxy.start()
-        async with asyncio.timeout(CONVERGE_SECONDS):
-            await asyncio.gather(*writers)
-            lease_seconds = await moved
+        await until(lambda: all(w.done() for w in writers), 240, "the writers' end", state)
+        await until(moved.done, CONVERGE_SECONDS, "the killed node's leases moved", state)
+        lease_seconds = moved.result()
         for device in devices:
-            await device.client.wait_acked(timeout=CONVERGE_SECONDS)
+            await until(
+                partial(acked, device), CONVERGE_SECONDS, f"{device.name}'s edits acked", state
+            )
             device.note_acks()
 
         # Every edit written is acknowledged by now (the devices kept what was in flight).
@@ -223,7 +258,7 @@ async def run(
             def converged(doc_id: str = doc_id, tokens: set[str] = tokens) -> bool:
                 return all(all(t in d.notes(doc_id) for t in tokens) for d in devices)
 
-            await until(converged, CONVERGE_SECONDS, f"every device holds all of {doc_id}")
+            await until(converged, CONVERGE_SECONDS, f"every device holds all of {doc_id}", state)
             # The same text everywhere, not only the same tokens.
             assert len({d.notes(doc_id) for d in devices}) == 1
         assert acked_before_kill <= set().union(*expected.values())
