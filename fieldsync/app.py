@@ -260,6 +260,11 @@ def _add_cluster(
             await web.TCPSite(runner, host, port).start()
             bound_host, bound_port = runner.addresses[0][:2]
             if not leases.url:
+                if bound_host in ("0.0.0.0", "::"):
+                    logging.getLogger(__name__).warning(
+                        "the cluster listener is bound to every address: set FIELDSYNC_NODE_URL"
+                        " to the one the other nodes reach this node at"
+                    )
                 name = f"[{bound_host}]" if ":" in bound_host else bound_host
                 leases.url = f"http://{name}:{bound_port}"
             yield

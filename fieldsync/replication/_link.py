@@ -5,7 +5,7 @@ One WebSocket per ordered pair of nodes, opened by the node that needs the other
 (`NodeLink`) to the owner's cluster listener (`Cluster.accept`), authenticated by the cluster's
 shared secret (a bearer token compared in constant time, never logged). It is multiplexed: each
 message names the requesting node's peer (a device's connection) and the document. The
-requesting side forwards what its replicator is asked for a proxy room (`Replicator.Owner`):
+requesting side forwards what its replicator is asked for a proxy room (the `Owner` protocol):
 subscribe (with the peer's principal and origin, which the owner authorises with its own
 policy), read, submit, durable state vector, awareness, unsubscribe, a REST creation and a work
 order's re-judging. The owner answers each request, reports each accepted update's commit (or
@@ -17,6 +17,12 @@ A link that breaks fails what waits on it (`OwnerUnavailable`, or a commit not k
 stored: the device resends, and a resent update that adds nothing is acknowledged) and resets
 every peer served through it; their next subscribe finds the document's owner again, or claims
 the lease once it expired.
+
+Why per ordered pair rather than one socket per pair: each side's requests, and the answers to
+them, travel on the link that side opened, so two nodes connecting to each other at once need
+no rule for which connection wins. Not done yet: the queues are not bounded (a device's own
+in-flight limit bounds what it can push through), and a principal the directory changed reaches
+the owner with the peer's next subscribe (scope removals are applied at once on both sides).
 
 A message is `len:u32 header parts`: the header a JSON object whose `parts` lists the lengths of
 the binary parts (updates, state vectors) that follow it.
@@ -120,6 +126,7 @@ class _Wire:
         self.ws = ws
         self._out: deque[bytes] = deque()
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
         self._sender = asyncio.create_task(self._send_all(), name="fieldsync-link-sender")
 
     def send(self, header: dict[str, Any], *parts: bytes) -> None:
@@ -134,8 +141,16 @@ class _Wire:
                 self._ready.clear()
                 while self._out:
                     await self.ws.send_bytes(self._out.popleft())
+                self._drained.set()
 
     async def close(self) -> None:
+        # What is queued goes out first (a commit's outcome, a reset), for a bounded time: the
+        # other side takes whatever does not arrive for not stored, and resyncs.
+        if self._out and not self.ws.closed:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._drained.wait()
         self._sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sender
@@ -329,10 +344,10 @@ class NodeLink:
 
     async def _connected(self, doc_id: str) -> _Wire:
         async with self._opening:
-            if self._wire is not None:
-                return self._wire
             if self.closed:
                 raise OwnerUnavailable(doc_id)
+            if self._wire is not None:
+                return self._wire
             try:
                 ws = await self._cluster.http.ws_connect(
                     self.url + CLUSTER_PATH,
@@ -345,7 +360,11 @@ class NodeLink:
                     timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("link to node %s (%s) failed: %r", self.node, self.url, exc)
+                # Its type and status only: a refused handshake's repr holds the request's
+                # headers, the secret among them.
+                status = getattr(exc, "status", "")
+                why = f"{type(exc).__name__} {status}".strip()
+                log.warning("link to node %s (%s) failed: %s", self.node, self.url, why)
                 self._gone()
                 raise OwnerUnavailable(doc_id) from None
             self._wire = _Wire(ws)
@@ -388,13 +407,26 @@ class NodeLink:
             "principal": _principal_out(peer.principal),
             "origin": str(peer.origin),
         }
+        request = asyncio.ensure_future(self._request(doc_id, header))
         try:
-            await self._request(doc_id, header)
+            # Shielded: a subscription the owner makes after its asker went away (a device
+            # that disconnected mid-sync) must be ended, or the owner's room is never idle.
+            await asyncio.shield(request)
+        except asyncio.CancelledError:
+            request.add_done_callback(lambda done: self._abandoned(peer, pid, doc_id, done))
+            raise
         except FieldsyncError:
             if not self._docs.get(pid):
                 self._forget(peer, pid)
             raise
         self._docs[pid].add(doc_id)
+
+    def _abandoned(self, peer: Peer, pid: int, doc_id: str, done: asyncio.Future[Message]) -> None:
+        if not done.cancelled() and done.exception() is None and pid in self._docs:
+            self._docs[pid].add(doc_id)
+            self.unsubscribe(peer, doc_id)
+        elif not self._docs.get(pid):
+            self._forget(peer, pid)
 
     async def read(self, peer: Peer, doc_id: str, state_vector: bytes) -> bytes:
         header = {"op": "read", "peer": self._pid(peer)}

@@ -561,7 +561,8 @@ class Replicator:
                     team=index.team if index else None,
                     region=index.region if index else None,
                     assignee=index.assignee if index else None,
-                )
+                ),
+                fence=room.fence,
             )
 
     async def _recheck_work_order(
@@ -752,6 +753,11 @@ class Replicator:
                 # before this ran reached no one.
                 peer.confirmed(room.doc_id, room.ydoc.get_update())
 
+    def _subscribed(self, doc_id: str) -> Room | None:
+        """The room peers of this node replicate `doc_id` through: its own, or a proxy of the
+        owner's (whose subscription there an unsubscribe ends too)."""
+        return self._rooms.get(doc_id) or self._proxies.get(doc_id)
+
     def rescope(self, change: ScopeChange) -> None:
         """A work order was created or moved to another scope (here, or on another node: the
         feed follower): the peers it leaves are unsubscribed and told, those it reaches told."""
@@ -761,7 +767,7 @@ class Replicator:
             now = in_scope(peer.scope, change.after)
             if was and not now:
                 for doc_id in docs:
-                    room = self._rooms.get(doc_id)
+                    room = self._subscribed(doc_id)
                     if room is not None:
                         self.unsubscribe(peer, room)
                 peer.scope_removed(docs)
@@ -778,7 +784,7 @@ class Replicator:
         old, new = await self._scope_docs(before), await self._scope_docs(after)
         removed = [doc_id for doc_id in old if doc_id not in new]
         for doc_id in removed:
-            room = self._rooms.get(doc_id)
+            room = self._subscribed(doc_id)
             if room is not None:
                 self.unsubscribe(peer, room)
         if removed:

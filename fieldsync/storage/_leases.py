@@ -23,9 +23,9 @@ SQLite's write path).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from psycopg import AsyncConnection
 
@@ -87,7 +87,10 @@ class Leases(Protocol):
         lease it turned out to have lost."""
         ...
 
-    async def release(self, docs: Collection[str]) -> None: ...
+    def release(self, docs: Collection[str]) -> Coroutine[Any, Any, None]:
+        """Give these leases up at once (a claim from now on asks the database again); the
+        coroutine returned records them as expired there, for the other nodes."""
+        ...
 
     def token(self, doc: str) -> int | None:
         """The fencing token of this node's lease on `doc`, None when it holds none."""
@@ -110,15 +113,19 @@ _HOLDER = """
     LEFT JOIN nodes n ON n.node = l.node WHERE l.doc = %s
 """
 
-# Locks the rows in document order, as the group commit does (`_postgres._current_fences`).
-_RENEW = """
+# The leases this node holds with the tokens it holds them by, their rows locked in document order
+# as the group commit locks them (`_postgres._current_fences`): no deadlock between the two.
+_HELD = """
+    SELECT l.doc FROM leases l
+    JOIN unnest(%(docs)s::text[], %(tokens)s::bigint[]) AS h(doc, token)
+        ON l.doc = h.doc AND l.token = h.token
+    WHERE l.node = %(node)s
+    ORDER BY l.doc FOR UPDATE OF l
+"""
+
+_RENEW = f"""
     UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
-    WHERE doc IN (
-        SELECT l.doc FROM leases l
-        JOIN unnest(%(docs)s::text[], %(tokens)s::bigint[]) AS h(doc, token)
-            ON l.doc = h.doc AND l.token = h.token
-        WHERE l.node = %(node)s
-        ORDER BY l.doc FOR UPDATE OF l)
+    WHERE doc IN ({_HELD})
     RETURNING doc
 """
 
@@ -127,15 +134,7 @@ _HEARTBEAT = """
     ON CONFLICT (node) DO UPDATE SET url = excluded.url, heartbeat = excluded.heartbeat
 """
 
-_RELEASE = """
-    UPDATE leases SET expires_at = '-infinity'
-    WHERE doc IN (
-        SELECT l.doc FROM leases l
-        JOIN unnest(%(docs)s::text[], %(tokens)s::bigint[]) AS h(doc, token)
-            ON l.doc = h.doc AND l.token = h.token
-        WHERE l.node = %(node)s
-        ORDER BY l.doc FOR UPDATE OF l)
-"""
+_RELEASE = f"UPDATE leases SET expires_at = '-infinity' WHERE doc IN ({_HELD})"
 
 
 class PostgresLeases:
@@ -225,9 +224,12 @@ class PostgresLeases:
                 lost.append(doc)
         return lost
 
-    async def release(self, docs: Collection[str]) -> None:
+    def release(self, docs: Collection[str]) -> Coroutine[Any, Any, None]:
         mine = {doc: self._held.pop(doc) for doc in docs if doc in self._held}
-        if not mine:
+        return self._expire(mine)
+
+    async def _expire(self, released: dict[str, int]) -> None:
+        if not released:
             return
-        params = {"node": self._node, "docs": list(mine), "tokens": list(mine.values())}
+        params = {"node": self._node, "docs": list(released), "tokens": list(released.values())}
         await self._store.run(lambda conn: conn.execute(_RELEASE, params))

@@ -398,8 +398,11 @@ class PostgresStore:
 
         return await self.query(read)
 
-    def record_conflict(self, conflict: Conflict) -> None:
+    def record_conflict(self, conflict: Conflict, fence: int | None = None) -> None:
         async def work(txn: PgTransaction) -> None:
+            if fence is not None and not await _holds(txn.conn, conflict.doc, fence):
+                _log.info("%s: a stale owner's conflict record left out", conflict.doc)
+                return
             await _record_conflict(txn.conn, txn.seq, conflict)
 
         recorded = self.transact(work)
@@ -731,6 +734,17 @@ async def _write_outbox(
                 rows,
             )
     return bool(rows)
+
+
+async def _holds(conn: AsyncConnection, doc: str, fence: int) -> bool:
+    """Whether `fence` is `doc`'s current, unexpired lease token. Read without a lock: the
+    batch's appends lock the rows they check in document order, and a lock taken here, out of
+    that order, could deadlock with a renewal; an audit record needs no more."""
+    cursor = await conn.execute(
+        "SELECT 1 FROM leases WHERE doc = %s AND token = %s AND expires_at > clock_timestamp()",
+        (doc, fence),
+    )
+    return await cursor.fetchone() is not None
 
 
 async def _record_conflict(conn: AsyncConnection, seq: int, conflict: Conflict) -> None:

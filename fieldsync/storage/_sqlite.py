@@ -332,7 +332,7 @@ class SQLiteStore:
         query = "SELECT doc FROM doc_index WHERE wo = ? AND type = 'form' ORDER BY doc"
         return await self._read(lambda db: [row[0] for row in db.execute(query, (wo,))])
 
-    def record_conflict(self, conflict: Conflict) -> None:
+    def record_conflict(self, conflict: Conflict, fence: int | None = None) -> None:
         def work(txn: Transaction) -> None:
             _conflicts.record(txn.db, txn.seq, conflict)
 

@@ -206,8 +206,10 @@ class FieldHistory(Protocol):
 class ConflictLog(Protocol):
     """The corrections domain rules made, for supervisors to review."""
 
-    def record_conflict(self, conflict: Conflict) -> None:
-        """Keep a rule's correction; written with the next group commit, not awaited."""
+    def record_conflict(self, conflict: Conflict, fence: int | None = None) -> None:
+        """Keep a rule's correction; written with the next group commit, not awaited. `fence`:
+        the corrector's lease token on the document (`Write.fence`); a stale owner's record is
+        left out, as its correction is."""
         ...
 
     async def conflicts(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import socket
@@ -25,7 +26,8 @@ from fieldsync import documents
 from fieldsync.app import REPLICATOR, STORE
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
-from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.replication import CLUSTER_PATH, ServiceWriter
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.replication.test_yws import yws
 
@@ -49,15 +51,31 @@ def url(request: pytest.FixtureRequest) -> Iterator[str]:
 async def node(
     tmp_path: Path, issuer: DevIssuer, url: str, name: str, **settings: Any
 ) -> AsyncIterator[Server]:
+    settings = {"cluster_secret": SECRET, **settings}
     async with running_server(
-        tmp_path / name,
-        issuer,
-        database_url=url,
-        cluster_secret=SECRET,
-        node_id=name,
-        **settings,
+        tmp_path / name, issuer, database_url=url, node_id=name, **settings
     ) as server:
         yield server
+
+
+@asynccontextmanager
+async def two_nodes(
+    tmp_path: Path, issuer: DevIssuer, url: str, **a_settings: Any
+) -> AsyncIterator[tuple[Server, Server, Client]]:
+    """Nodes a and b on one database, and the supervisor's device on a."""
+    async with (
+        node(tmp_path, issuer, url, "a", **a_settings) as a,
+        node(tmp_path, issuer, url, "b") as b,
+        device(a, "sam") as sam,
+    ):
+        yield a, b, sam
+
+
+async def create(supervisor: Client, doc_id: str) -> None:
+    """`doc_id`, assigned to tina, created by the supervisor's device (whose node then holds
+    the document's lease)."""
+    supervisor.doc(doc_id).apply_update(work_order(doc_id, assignee="tina").get_update())
+    await supervisor.wait_acked(doc_id)
 
 
 @asynccontextmanager
@@ -86,24 +104,25 @@ async def until(check: Callable[[], Awaitable[object]], timeout: float = 20.0) -
             await asyncio.sleep(0.02)
 
 
-async def owner_of(url: str, doc_id: str) -> str:
+async def holder(url: str, doc_id: str) -> str | None:
+    """The node holding `doc_id`'s lease, as PostgreSQL records it."""
     async with await psycopg.AsyncConnection.connect(url) as conn:
         cursor = await conn.execute("SELECT node FROM leases WHERE doc = %s", (doc_id,))
         row = await cursor.fetchone()
-        assert row is not None, f"{doc_id} has no lease"
-        return str(row[0])
+        return None if row is None else str(row[0])
+
+
+async def owner_of(url: str, doc_id: str) -> str:
+    node = await holder(url, doc_id)
+    assert node is not None, f"{doc_id} has no lease"
+    return node
 
 
 async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_after_commit(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         assert await owner_of(url, "wo:1") == "a"
         async with device(b, "tina") as tina:
             await tina.wait_synced("wo:1")
@@ -114,36 +133,33 @@ async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_aft
             assert "from b" in notes(await stored_doc(a, "wo:1"))
             # The room is the owner's alone; the other node merged and judged nothing.
             assert b.app[REPLICATOR].loaded == 0
-            await eventually(lambda: "from b" in notes(sam.doc("wo:1")))
+            await eventually(lambda: "from b" in notes(sam.doc("wo:1")), timeout=30)
             # And the other way: the owner's device reaches the device on the other node.
             sam.doc("wo:1").get("notes", type=Text).insert(0, "from a. ")
             await sam.wait_acked("wo:1")
-            await eventually(lambda: "from a" in notes(tina.doc("wo:1")))
+            await eventually(lambda: "from a" in notes(tina.doc("wo:1")), timeout=30)
             assert notes(tina.doc("wo:1")) == notes(sam.doc("wo:1"))
 
 
 async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as_such(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         async with device(b, "tina") as tina:
             await tina.wait_synced("wo:1")
             fields(tina, "wo:1")["assignee"] = "tom"  # not a technician's to write
-            await eventually(lambda: any(e["code"] == "forbidden_field" for e in tina.errors))
+            await eventually(
+                lambda: any(e["code"] == "forbidden_field" for e in tina.errors), timeout=30
+            )
             error = next(e for e in tina.errors if e["code"] == "forbidden_field")
             assert (error["doc"], error["paths"]) == ("wo:1", ["fields.assignee"])
-            await eventually(lambda: bool(tina.rejected))
+            await eventually(lambda: bool(tina.rejected), timeout=30)
             assert [(doc, reason) for doc, reason, _ in tina.rejected] == [
                 ("wo:1", "forbidden_field")
             ]
             # Resynced from the owner: the device holds the owner's document again.
-            await eventually(lambda: fields(tina, "wo:1").get("assignee") == "tina")
+            await eventually(lambda: fields(tina, "wo:1").get("assignee") == "tina", timeout=30)
         stored = await stored_doc(a, "wo:1")
         assert stored.get("fields", type=Map)["assignee"] == "tina"
 
@@ -151,14 +167,8 @@ async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as
 async def test_rules_run_once_on_the_owner_whichever_node_the_device_is_on(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-        device(a, "tina") as tina_on_a,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam), device(a, "tina") as tina_on_a:
+        await create(sam, "wo:1")
         await tina_on_a.wait_synced("wo:1")
         async with device(b, "tina") as tina_on_b:
             await tina_on_b.wait_synced("wo:1")
@@ -170,10 +180,16 @@ async def test_rules_run_once_on_the_owner_whichever_node_the_device_is_on(
             fields(sam, "wo:1")["priority"] = "high"
             await tina_on_b.wait_acked("wo:1")
             await sam.wait_acked("wo:1")
-            await eventually(lambda: any(e["code"] == "rule_violation" for e in tina_on_b.errors))
+            await eventually(
+                lambda: any(e["code"] == "rule_violation" for e in tina_on_b.errors), timeout=30
+            )
             for client in (tina_on_b, tina_on_a, sam):
-                await eventually(lambda c=client: fields(c, "wo:1")["status"] == "assigned")
-                await eventually(lambda c=client: fields(c, "wo:1").get("priority") == "high")
+                await eventually(
+                    lambda c=client: fields(c, "wo:1")["status"] == "assigned", timeout=30
+                )
+                await eventually(
+                    lambda c=client: fields(c, "wo:1").get("priority") == "high", timeout=30
+                )
         store = a.app[STORE]
 
         async def recorded() -> list[str]:
@@ -194,8 +210,7 @@ async def test_a_stopped_owner_hands_its_documents_over_and_no_acknowledged_edit
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(node(tmp_path, issuer, url, "a"))
             sam = await stack.enter_async_context(device(a, "sam"))
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
             await tina.wait_synced("wo:1")
             text = tina.doc("wo:1").get("notes", type=Text)
             for n in range(5):
@@ -216,14 +231,8 @@ async def test_a_stopped_owner_hands_its_documents_over_and_no_acknowledged_edit
 async def test_a_stale_owner_is_fenced_and_its_devices_converge_through_the_new_owner(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-        device(b, "tina") as tina,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam), device(b, "tina") as tina:
+        await create(sam, "wo:1")
         await tina.wait_synced("wo:1")
         # Node b holds the lease now, as once a's expired unnoticed (a paused, or cut off from
         # the database): a is a stale owner, its room still loaded.
@@ -308,8 +317,7 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         sam = Client(a_url.replace("http", "ws", 1) + "/v1/sync", issuer.issue("sam"))
         await sam.start()
         try:
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
         finally:
             await sam.close()
         assert await owner_of(url, "wo:1") == "a"
@@ -328,6 +336,16 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         assert notes(tina.doc("wo:1")) == stored
 
 
+async def released(url: str, doc_id: str) -> bool:
+    """Whether `doc_id`'s lease is free (released, or expired)."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cursor = await conn.execute(
+            "SELECT expires_at < clock_timestamp() FROM leases WHERE doc = %s", (doc_id,)
+        )
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+
 async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
@@ -336,20 +354,10 @@ async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
         node(tmp_path, issuer, url, "b") as b,
     ):
         async with device(a, "sam") as sam:
-            sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-            await sam.wait_acked("wo:1")
+            await create(sam, "wo:1")
         assert await owner_of(url, "wo:1") == "a"
-
-        async def released() -> bool:
-            async with await psycopg.AsyncConnection.connect(url) as conn:
-                cursor = await conn.execute(
-                    "SELECT expires_at < clock_timestamp() FROM leases WHERE doc = 'wo:1'"
-                )
-                row = await cursor.fetchone()
-                return bool(row and row[0])
-
         # Nobody replicates it: node a unloads the room and gives its lease up.
-        await until(released)
+        await until(lambda: released(url, "wo:1"))
         assert a.app[REPLICATOR].loaded == 0
         async with device(b, "tina") as tina:
             tina.doc("wo:1").get("notes", type=Text).insert(0, "on b. ")
@@ -361,13 +369,8 @@ async def test_an_idle_document_is_released_and_another_node_takes_it_at_once(
 async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_the_owner(
     tmp_path: Path, issuer: DevIssuer, url: str
 ) -> None:
-    async with (
-        node(tmp_path, issuer, url, "a") as a,
-        node(tmp_path, issuer, url, "b") as b,
-        device(a, "sam") as sam,
-    ):
-        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="tina").get_update())
-        await sam.wait_acked("wo:1")
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        await create(sam, "wo:1")
         async with yws(a, "wo:1", "sam") as on_a, yws(b, "wo:1", "tina") as on_b:
             await on_a.step1()
             await on_b.step1()
@@ -376,10 +379,116 @@ async def test_a_y_websocket_client_on_another_node_syncs_and_is_seen_through_th
             before = replica.get_state()
             replica.get("notes", type=Text).insert(0, "from yws on b. ")
             await on_b.send_update(replica.get_update(before))
-            await eventually(lambda: "from yws on b" in notes(sam.doc("wo:1")))
+            await eventually(lambda: "from yws on b" in notes(sam.doc("wo:1")), timeout=30)
             # Presence crosses the link both ways, never stored.
             await on_b.announce(4242, 1, '{"user":"tina"}')
             await on_a.wait("tina's presence", lambda: 4242 in on_a.presence())
             await on_a.announce(4343, 1, '{"user":"sam"}')
             await on_b.wait("sam's presence", lambda: 4343 in on_b.presence())
+        assert b.app[REPLICATOR].loaded == 0
+
+
+async def test_rest_and_adapters_on_another_node_create_and_edit_through_the_owner(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    erp = Origin(OriginKind.ADAPTER, "erp")
+    async with two_nodes(tmp_path, issuer, url) as (_a, b, sam):
+        # The supervisor's device asks for a work order that does not exist yet: its node
+        # holds the document's lease from then on.
+        sam.doc("wo:new")
+        await until(lambda: holder(url, "wo:new"))
+        body = {"id": "wo:new", "fields": {"number": "N-1", "title": "New", "assignee": "tina"}}
+        headers = {"Authorization": f"Bearer {b.token('sam')}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as http,
+            http.post(b.url + "/v1/work-orders", json=body) as created,
+        ):
+            assert created.status == 201, await created.text()
+            assert (await created.json())["fields"]["title"] == "New"
+        await eventually(lambda: fields(sam, "wo:new").get("title") == "New", timeout=30)
+        assert await owner_of(url, "wo:new") == "a"
+
+        def retitle(doc: Doc[Any]) -> None:
+            doc.get("fields", type=Map)["title"] = "Renamed by the ERP"
+
+        writer = ServiceWriter(b.app[REPLICATOR])
+        assert await writer.edit("wo:new", retitle, erp) is not None
+        await eventually(
+            lambda: fields(sam, "wo:new").get("title") == "Renamed by the ERP", timeout=30
+        )
+        document = await writer.read("wo:new")
+        assert document is not None
+        assert document["fields"]["title"] == "Renamed by the ERP"
+        assert b.app[REPLICATOR].loaded == 0
+
+
+async def handshake(url: str, secret: str) -> int:
+    """The HTTP status a WebSocket handshake with `secret` gets at `url`."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, headers=headers):
+                return 101
+        except aiohttp.WSServerHandshakeError as refused:
+            return refused.status
+
+
+async def test_the_cluster_listener_takes_only_the_nodes_secret_and_never_logs_it(
+    tmp_path: Path, issuer: DevIssuer, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-" + secrets.token_hex(16)
+    async with two_nodes(tmp_path, issuer, url) as (a, _b, sam):
+        leases = a.app[REPLICATOR].leases
+        assert leases is not None
+        link = leases.url + CLUSTER_PATH
+        assert [await handshake(link, secret) for secret in (wrong, "", SECRET)] == [401, 401, 101]
+        # A node holding another secret cannot serve its devices through this one.
+        async with (
+            node(tmp_path, issuer, url, "c", cluster_secret=wrong, lease_ttl=1.0) as c,
+            device(c, "tina") as tina,
+        ):
+            await create(sam, "wo:1")
+            tina.doc("wo:1")
+            await eventually(lambda: bool(tina.errors), timeout=30)
+            assert tina.errors[0]["code"] == "resync_required"
+            assert not tina.synced["wo:1"].is_set()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert SECRET not in logged
+    assert wrong not in logged
+
+
+async def test_a_reassignment_on_the_owner_takes_the_document_from_a_device_on_another_node(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with two_nodes(tmp_path, issuer, url) as (_a, b, sam), device(b, "tina") as tina:
+        await create(sam, "wo:1")
+        await tina.wait_synced("wo:1")
+        fields(sam, "wo:1")["assignee"] = "tom"
+        await sam.wait_acked("wo:1")
+        await eventually(
+            lambda: any("wo:1" in change["removed"] for change in tina.scope_changes), timeout=30
+        )
+        assert "wo:1" not in tina.docs
+        # Nothing more of it reaches the device: its subscription through the owner is gone.
+        sam.doc("wo:1").get("notes", type=Text).insert(0, "for tom only. ")
+        await sam.wait_acked("wo:1")
+        async with device(b, "tina") as again:
+            again.doc("wo:1")
+            await eventually(lambda: bool(again.resets) or bool(again.errors), timeout=30)
+            assert "for tom only" not in notes(again.doc("wo:1"))
+
+
+async def test_a_device_leaving_another_node_leaves_the_owners_room_too(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    async with two_nodes(tmp_path, issuer, url, idle_seconds=0.2) as (a, b, sam):
+        await create(sam, "wo:1")
+        async with device(b, "tina") as tina:
+            await tina.wait_synced("wo:1")
+        await sam.close()
+        # Neither device replicates it any more, on either node: the owner's room goes idle,
+        # is unloaded and its lease given up.
+        await until(lambda: released(url, "wo:1"))
+        assert a.app[REPLICATOR].loaded == 0
         assert b.app[REPLICATOR].loaded == 0

@@ -11,8 +11,15 @@ from typing import Any
 import pycrdt
 import pytest
 
-from fieldsync.records import DocIndex, Origin, OriginKind
-from fieldsync.storage import Lease, LeaseLost, PostgresBackend, PostgresLeases, Write
+from fieldsync.records import DocIndex, Origin, OriginKind, ScopeFilter, ScopeKind
+from fieldsync.storage import (
+    Conflict,
+    Lease,
+    LeaseLost,
+    PostgresBackend,
+    PostgresLeases,
+    Write,
+)
 from tests.storage.conftest import PostgresSchemas
 
 
@@ -135,3 +142,22 @@ async def test_a_stale_owners_late_write_is_refused_and_the_rest_of_its_batch_co
     assert "new owner" in text
     assert "after expiry" not in text
     assert loaded.seq > stored.seq
+
+
+async def test_a_stale_owners_conflict_record_is_left_out(nodes: list[PostgresBackend]) -> None:
+    a, b = leases(nodes[0], "a"), leases(nodes[1], "b")
+    old = await a.claim("wo:1")
+    await a.release(["wo:1"])
+    new = await b.claim("wo:1")
+
+    def conflict(actor: str) -> Conflict:
+        return Conflict("wo:1", "status_transition", "no", actor, Origin(OriginKind.DEVICE, actor))
+
+    nodes[0].store.record_conflict(conflict("stale"), fence=old.token)
+    nodes[1].store.record_conflict(conflict("owner"), fence=new.token)
+    # Appends queued after the records commit in the same or a later batch: once they are
+    # stored, so are the records.
+    await nodes[0].store.append(edit("wo:2", "after", None))
+    await nodes[1].store.append(edit("wo:3", "after", None))
+    records = await nodes[1].store.conflicts(ScopeFilter(ScopeKind.ALL), None, 10)
+    assert [record.conflict.actor for record in records] == ["owner"]
