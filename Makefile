@@ -7,10 +7,18 @@ DASHBOARD := fieldsync/api/dashboard/app.js
 # More options for `fieldsync demo`, e.g. make run DEMO="--ldap ldap://host ...".
 DEMO ?=
 
-.PHONY: run test lint bench clean dashboard
+# More options for `fieldsync cluster`, e.g. make cluster CLUSTER="--nodes 5 --port 9001".
+CLUSTER ?=
+
+.PHONY: run cluster test lint bench clean dashboard
 
 run: $(VENV)/.installed $(DASHBOARD)
 	$(BIN)/fieldsync demo $(DEMO)
+
+# Three nodes on this machine's PostgreSQL and Redis (database fieldsync_cluster, created when
+# missing), with the demo's development issuer; Ctrl-C stops them.
+cluster: $(VENV)/.installed
+	$(BIN)/fieldsync cluster $(CLUSTER)
 
 test: $(VENV)/.installed tests/interop/node_modules/.installed clients/ts/dist/.built $(DASHBOARD)
 	$(BIN)/pytest -q

@@ -51,10 +51,12 @@ from fieldsync.auth import (
 )
 from fieldsync.config import ConfigError, Settings, listen_address
 from fieldsync.documents import Templates
+from fieldsync.hints import RedisHints
 from fieldsync.records import UNOBSERVED, Observer, Person
 from fieldsync.replication import (
     Cluster,
     Endpoints,
+    Follower,
     Limits,
     Replicator,
     ServiceWriter,
@@ -73,6 +75,8 @@ CLUSTER = web.AppKey("cluster", Cluster)
 ENDPOINTS = web.AppKey("endpoints", Endpoints)
 # The dashboards' live views over `/v1/sync` (`subscribe`), fed by the write path's commits.
 VIEWS = web.AppKey("views", Views)
+# Cluster mode: follows the other nodes' commits through the change feed (None on SQLite).
+FOLLOWER = web.AppKey("follower", Follower)
 # Uploads, downloads, and `describe(doc)` / `unresolved_attachments(doc)` for screens.
 ATTACHMENTS = web.AppKey("attachments", Attachments)
 # Reference data: its routes, `store` (imports, changes, snapshots) and `compact_expired()`.
@@ -147,6 +151,7 @@ def create_app(settings: Settings) -> web.Application:
     install_middleware(app, settings, verify)
     views = _add_views(app, settings, backend, replicator)
     endpoints = _add_sync(app, settings, replicator, verify, views)
+    _add_follower(app, settings, backend, replicator, views)
     _add_operations(app, backend.store, replicator, endpoints)
     _add_prometheus(app, settings, backend, endpoints, verifier)
     _add_auth_helpers(app, settings, verifier)
@@ -283,10 +288,29 @@ def _add_views(
         lambda: replicator.policy,  # read per change: SIGHUP may replace it
         min_versions=settings.min_client_versions,
         online=online,
+        refresh=settings.views_refresh,
     )
     replicator.commit_hooks.append(views.committed)
     app.cleanup_ctx.append(_resource(views.start, views.stop))
     return views
+
+
+def _add_follower(
+    app: web.Application,
+    settings: Settings,
+    backend: Backend,
+    replicator: Replicator,
+    views: Views,
+) -> None:
+    """On PostgreSQL, other nodes may commit to the same database: their commits reach this
+    node's sessions and views through the change feed, woken by Redis hints when configured."""
+    if not settings.database_url:
+        return
+    hints = RedisHints(settings.redis_url, settings.redis_channel) if settings.redis_url else None
+    follower = app[FOLLOWER] = Follower(
+        backend.store, replicator, views, hints, poll=settings.feed_poll
+    )
+    app.cleanup_ctx.append(_resource(follower.start, follower.stop))
 
 
 def _add_sync(

@@ -71,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--ldap-bind-dn", default="", help="the DN the demo binds to --ldap as")
     demo.add_argument("--ldap-base-dn", default="", help="the DN the directory is read under")
+    cluster = commands.add_parser(
+        "cluster", help="run a local cluster: N nodes on this machine's PostgreSQL and Redis"
+    )
+    cluster.add_argument("--nodes", type=int, default=3)
+    cluster.add_argument("--port", type=int, default=8081, help="the first node's; the issuer's -1")
+    cluster.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    cluster.add_argument("--database", default="fieldsync_cluster", help="created when missing")
+    cluster.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    cluster.add_argument("--data-dir", type=Path, default=Path(".data/cluster"))
+    cluster.add_argument("--exit", action="store_true", help="stop once every node is ready")
     commands.add_parser("settings", help="list every setting with its variable and default")
     _add_reference_commands(commands)
     _outbox_parser(commands)
@@ -90,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         return _backup_or_restore(args)
     if args.command in ("doc", "devices", "sessions"):
         return admin.run(args)
+    if args.command == "cluster":
+        from fieldsync.demo import run_cluster
+
+        return asyncio.run(
+            run_cluster(
+                data_dir=args.data_dir,
+                nodes=args.nodes,
+                port=args.port,
+                postgres=args.postgres,
+                database=args.database,
+                redis=args.redis,
+                stay=not args.exit,
+            )
+        )
     if args.command == "demo":
         from fieldsync.demo import LdapOption, run_demo
 

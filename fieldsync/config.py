@@ -71,6 +71,12 @@ def _database_url(text: str) -> str:
     return text
 
 
+def _redis_url(text: str) -> str:
+    if text and urlparse(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be empty or a redis:// URL")
+    return text
+
+
 def _name(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -215,6 +221,31 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _database_url,
         "PostgreSQL URL for cluster mode, postgresql://user:password@host/db (empty: SQLite)",
+    ),
+    Setting(
+        "redis_url",
+        "",
+        _redis_url,
+        "Redis URL for cluster mode's commit hints between nodes, redis://host:6379/0 (empty: "
+        "nodes poll the feed)",
+    ),
+    Setting(
+        "redis_channel",
+        "fieldsync:hints",
+        _name,
+        "Redis pub/sub channel of the commit hints (one per cluster sharing a Redis)",
+    ),
+    Setting(
+        "feed_poll",
+        2.0,
+        _positive_float,
+        "cluster mode: seconds between reads of the change feed when no hint arrives",
+    ),
+    Setting(
+        "views_refresh",
+        5.0,
+        _positive_float,
+        "seconds between recomputations of the dashboards' live views without a commit",
     ),
     Setting("node_id", "", str, "this node's id in a cluster (empty: a random one at each start)"),
     Setting(

@@ -21,7 +21,7 @@ PACKAGE = Path(fieldsync.__file__).parent
 # `periodic` and `config` (the settings) are helpers that import nothing above that vocabulary.
 EVERYTHING = frozenset({"*"})  # the modules that wire it all together
 VOCABULARY = {"records", "errors"}
-HELPERS = {"rates", "periodic", "config", "logs"}
+HELPERS = {"rates", "periodic", "config", "logs", "hints"}
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "fieldsync": frozenset(),
     "records": frozenset(),
@@ -29,6 +29,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "rates": frozenset(),
     "periodic": frozenset(),
     "logs": frozenset(),
+    "hints": frozenset(),  # commit hints between nodes (Redis), below everything
     "config": frozenset(VOCABULARY),
     "storage": frozenset({"records"}),
     "documents": frozenset(VOCABULARY),

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,15 @@ class Backoff:
 
 class Client:
     """Documents by id (`doc(id)`); edits are queued locally until the server acknowledges
-    them durably, and sync whenever the device is online."""
+    them durably, and sync whenever the device is online.
+
+    `url` is one server's `/v1/sync` URL, or several: the nodes of a cluster. The client then
+    connects to one, and whenever its connection fails or ends it moves on to the next (after
+    the jittered backoff): the load balancer a fleet of such clients needs no other."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: TokenSource,
         *,
         path: Path | None = None,
@@ -110,7 +114,12 @@ class Client:
         compress: bool = True,
         backoff: Backoff | None = None,
     ) -> None:
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("give at least one server URL")
+        # Devices of a fleet start on different nodes; each then goes round the list.
+        self._node = random.randrange(len(self.urls))
+        self.connections = 0  # sessions opened (welcomed), on any node
         self._token = token
         self._held_token: str | None = None  # the token the open socket was last given
         self.local = LocalStore(path)
@@ -233,6 +242,11 @@ class Client:
 
     # --- connection ---------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The server URL this client connects to now (next time, when offline)."""
+        return self.urls[self._node]
+
     async def start(self) -> None:
         """Go online: connect, and reconnect with jittered backoff whenever the link drops."""
         self._online = True
@@ -276,6 +290,9 @@ class Client:
                 self._online = False
                 break
             self.connected.clear()
+            # Whatever ended the session (a node that died, drains, or refused the connection),
+            # the next attempt goes to the next node.
+            self._node = (self._node + 1) % len(self.urls)
             code = self.last_close[0] if self.last_close else None
             if code == CloseCode.DRAINING:
                 self.backoff.reset()
@@ -368,6 +385,7 @@ class Client:
             self.subject = principal.get("subject", self.subject)
             self.roles = list(principal.get("roles", self.roles))
             self.local.set_meta("principal", orjson.dumps(principal).decode())
+            self.connections += 1
             self.connected.set()
             self.backoff.reset()
         elif kind == "changes":

@@ -36,12 +36,13 @@ from fieldsync.demo import (
     _report,
     _seed,
 )
+from fieldsync.demo._cluster import LocalCluster, run_cluster
 from fieldsync.demo._devices import Device, Fleet, Stalled
 from fieldsync.demo._directory import LdapOption
 from fieldsync.demo._server import QuietLog, Running, quiet_access_log, running
 from fieldsync.demo._signals import interrupts
 
-__all__ = ["LdapOption", "run_demo"]
+__all__ = ["LdapOption", "LocalCluster", "run_cluster", "run_demo"]
 
 EXIT_CONVERGED, EXIT_DIVERGED, EXIT_NOT_STARTED = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -17,6 +17,7 @@ from fieldsync.replication._codec import (
     encode_sync,
 )
 from fieldsync.replication._connection import Limits, SessionClosed
+from fieldsync.replication._follower import Follower, Hints
 from fieldsync.replication._link import CLUSTER_PATH, Cluster
 from fieldsync.replication._replicator import (
     AlreadyExists,
@@ -49,7 +50,9 @@ __all__ = [
     "DocTooLarge",
     "Edited",
     "Endpoints",
+    "Follower",
     "Forbidden",
+    "Hints",
     "InvalidUpdate",
     "Limits",
     "OwnerUnavailable",

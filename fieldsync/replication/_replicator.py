@@ -796,7 +796,7 @@ class Replicator:
         created = room.seq == 0
         room.seq = committed.seq
         if committed.scope_change is not None:
-            self._rescope(committed.scope_change)
+            self.rescope(committed.scope_change)
         if created and room.pending:
             self._spawn(self._settle_pending(room))
         if not relayed:
@@ -839,7 +839,9 @@ class Replicator:
         owner's (whose subscription there an unsubscribe ends too)."""
         return self._rooms.get(doc_id) or self._proxies.get(doc_id)
 
-    def _rescope(self, change: ScopeChange) -> None:
+    def rescope(self, change: ScopeChange) -> None:
+        """A work order was created or moved to another scope (here, or on another node: the
+        feed follower): the peers it leaves are unsubscribed and told, those it reaches told."""
         docs = (change.doc, *change.forms)
         for peer in list(self.peers):
             was = in_scope(peer.scope, change.before)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -29,7 +29,7 @@ from fieldsync.auth import Policy, Principal, Role, in_scope, required_version
 from fieldsync.documents import DocType
 from fieldsync.errors import ErrorCode, FieldsyncError
 from fieldsync.periodic import Periodic
-from fieldsync.records import ScopeFilter, ScopeKind
+from fieldsync.records import DocIndex, ScopeFilter, ScopeKind
 from fieldsync.replication._room import Room
 from fieldsync.storage import Card, Committed, ConflictRecord, DeviceRecord, Screens, Store
 
@@ -256,16 +256,22 @@ class Views:
     def committed(self, room: Room, committed: Committed) -> None:
         """A commit of `room`: mark the feeds it may change. A work order is in a feed's scope
         after the commit, or was before it (a reassignment out of the scope removes its row)."""
+        if room.type is not DocType.WORK_ORDER:
+            self.changed([])
+            return
+        before = committed.scope_change.before if committed.scope_change else None
+        self.changed([room.index, before])
+
+    def changed(self, work_orders: Iterable[DocIndex | None]) -> None:
+        """Commits (this node's, or others' read from the feed) changed work orders whose rows,
+        before or after, are `work_orders`: mark the feeds they may change."""
         if not self._feeds:
             return
-        after = room.index if room.type is DocType.WORK_ORDER else None
-        before = committed.scope_change.before if committed.scope_change else None
+        rows = [row for row in work_orders if row is not None]
         for feed in list(self._feeds.values()):
             if feed.query.view is View.DEVICES:
                 self._mark(feed)  # every commit moves the server's seq, and so the lag
-            elif after is not None and (
-                in_scope(feed.query.scope, after) or in_scope(feed.query.scope, before)
-            ):
+            elif any(in_scope(feed.query.scope, row) for row in rows):
                 self._mark(feed)
 
     async def _refresh(self) -> None:

@@ -54,7 +54,7 @@ from fieldsync.records import (
     ScopeFilter,
     ScopeKind,
 )
-from fieldsync.storage import _outbox
+from fieldsync.storage import _feed, _outbox
 from fieldsync.storage._leases import LeaseLost
 from fieldsync.storage._postgres_migrations import migrate
 from fieldsync.storage._sqlite import StorageError, _merge, _new_index
@@ -66,6 +66,7 @@ from fieldsync.storage._types import (
     ConflictRecord,
     DeviceRecord,
     DeviceSeen,
+    FeedPage,
     HistoryEntry,
     ScopeChange,
     StoredDoc,
@@ -357,6 +358,11 @@ class PostgresStore:
 
     async def head(self) -> int:
         return await self.query(head)
+
+    async def follow(self, since: int, limit: int) -> FeedPage:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self.query(lambda conn: _follow(conn, since, limit))
 
     async def history(
         self, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
@@ -876,6 +882,16 @@ async def _changes(
             more = bool(await changed(cut, top, 1))
     upto = docs[-1].seq if more else top
     return ChangesPage(since, upto, docs, await _removed(conn, scope, since, upto), more)
+
+
+async def _follow(conn: AsyncConnection, since: int, limit: int) -> FeedPage:
+    page = await _changes(conn, ScopeFilter(ScopeKind.ALL), since, limit)
+    params = {"since": since, "upto": page.upto}
+    rows = []
+    for sql in (_feed.CHANGED, _feed.MOVES, _feed.LATER, _feed.CURRENT, _feed.FORMS):
+        cursor = await conn.execute(sql, params)
+        rows.append(await cursor.fetchall())
+    return _feed.build(page, *rows)
 
 
 async def _removed(conn: AsyncConnection, scope: ScopeFilter, since: int, upto: int) -> list[str]:

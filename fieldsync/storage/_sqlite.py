@@ -32,7 +32,7 @@ from fieldsync.records import (
     ScopeFilter,
     ScopeKind,
 )
-from fieldsync.storage import _conflicts, _outbox, _screens
+from fieldsync.storage import _conflicts, _feed, _outbox, _screens
 from fieldsync.storage._migrations import migrate
 from fieldsync.storage._types import (
     ChangedDoc,
@@ -42,6 +42,7 @@ from fieldsync.storage._types import (
     ConflictRecord,
     DeviceRecord,
     DeviceSeen,
+    FeedPage,
     HistoryEntry,
     ScopeChange,
     StoredDoc,
@@ -296,6 +297,11 @@ class SQLiteStore:
 
     async def head(self) -> int:
         return await self._read(_head)
+
+    async def follow(self, since: int, limit: int) -> FeedPage:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._read(lambda db: _follow(db, since, limit))
 
     async def history(
         self, doc: str, path: str | None, before: tuple[int, int] | None, limit: int
@@ -741,6 +747,19 @@ def _changes(db: Database, scope: ScopeFilter, since: int, limit: int) -> Change
             more = bool(changed(cut, head, 1))
     upto = docs[-1].seq if more else head
     return ChangesPage(since, upto, docs, _removed(db, scope, since, upto), more)
+
+
+_FEED = tuple(
+    _feed.sqlite(sql)
+    for sql in (_feed.CHANGED, _feed.MOVES, _feed.LATER, _feed.CURRENT, _feed.FORMS)
+)
+
+
+def _follow(db: Database, since: int, limit: int) -> FeedPage:
+    page = _changes(db, ScopeFilter(ScopeKind.ALL), since, limit)
+    params = {"since": since, "upto": page.upto}
+    changed, moves, later, current, forms = (db.execute(sql, params).fetchall() for sql in _FEED)
+    return _feed.build(page, changed, moves, later, current, forms)
 
 
 def _removed(db: Database, scope: ScopeFilter, since: int, upto: int) -> list[str]:

@@ -92,6 +92,21 @@ class ChangesPage:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedPage:
+    """What committed after `since`, up to `upto`, as a node that did not make those commits
+    needs it (`Documents.follow`): the scope index of every changed document's work order, and
+    each work order created or moved to another scope, with the seq of that change, in seq
+    order (its `before` and `after` hold the scope columns, the rest None). `more`: another
+    page follows from `upto`."""
+
+    since: int
+    upto: int
+    changed: list[DocIndex]
+    scope_changes: list[tuple[int, ScopeChange]]
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSeen:
     device_id: str
     subject: str
@@ -174,6 +189,11 @@ class Documents(Protocol):
 
     async def head(self) -> int:
         """The highest committed change sequence number (0 when empty)."""
+        ...
+
+    async def follow(self, since: int, limit: int) -> FeedPage:
+        """Every change after `since`, at most `limit` documents' worth, for a node following
+        the commits of the others (cluster mode); never skips, as `changes` never does."""
         ...
 
     async def forms(self, wo: str) -> list[str]:

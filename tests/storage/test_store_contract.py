@@ -368,6 +368,49 @@ async def test_reassignment_moves_the_forms_to_the_new_scope(store: Store) -> No
     assert seen["form:1"] == back.seq
 
 
+def scope_of(index: DocIndex) -> DocIndex:
+    """The scope columns of `index` (what the followed feed tells of a move)."""
+    return DocIndex(index.doc, index.type, index.wo, index.assignee, index.team, index.region)
+
+
+async def test_the_followed_feed_tells_each_commits_scope_change(store: Store) -> None:
+    """What another node learns from the feed is what the committing node learned from each
+    commit: every creation and move in seq order, with the scope before and after it (a work
+    order moved twice in one range included), and every changed document's work order row."""
+    start = await store.head()
+    commits: list[Committed] = [await store.append(put(work_order(1, "u-tom")))]
+    await store.append(put(form(1, wo=1)))
+    await store.append(put(form(2, wo=1)))
+    commits.append(await store.append(put(work_order(2, "u-sue"))))
+    commits.append(await store.append(put(work_order(1, "u-sue"))))
+    await store.append(Editor("wo:2").type("note", work_order(2, "u-sue")))
+    commits.append(await store.append(put(work_order(1, "u-ann"))))
+    await store.append(put(form(3, wo=2)))
+    expected = []
+    for committed in commits:
+        assert committed.scope_change is not None
+        change = committed.scope_change
+        # A creation's forms are the ones that exist when it is read: wo:1's came after it.
+        forms = ("form:1", "form:2") if change.doc == "wo:1" else ("form:3",)
+        before = scope_of(change.before) if change.before else None
+        after = scope_of(change.after)
+        expected.append((committed.seq, ScopeChange(change.doc, before, after, forms)))
+
+    since, moves, changed = start, [], set()
+    for _ in range(20):
+        page = await store.follow(since, 2)
+        moves += page.scope_changes
+        changed |= {index.doc for index in page.changed}
+        assert all(index.type == "wo" for index in page.changed)
+        since = page.upto
+        if not page.more:
+            break
+    assert moves == expected
+    assert changed == {"wo:1", "wo:2"}
+    assert since == await store.head()
+    assert (await store.follow(since, 10)).scope_changes == []
+
+
 async def test_a_work_order_arriving_after_its_forms_takes_them_in(store: Store) -> None:
     await store.append(put(form(1, wo=1)))
     created = await store.append(put(work_order(1, "u-tom")))
