@@ -152,6 +152,11 @@ async def test_hints_lost_while_redis_is_away_lose_no_change(
                     await tina.control("scope", removed=["wo:1"])
                     changes = await dashboard.control("view_changes", view="team-queue")
                     assert [row["id"] for row in changes["changed"]] == ["wo:1"]
+                    # The link may carry the scope change first; the resubscription follows.
+                    await eventually(lambda: follower.reads > reads)
+                    await eventually(
+                        lambda: any("is back" in r.getMessage() for r in caplog.records)
+                    )
                 lost = [r for r in caplog.records if "subscription lost" in r.getMessage()]
                 back = [r for r in caplog.records if "subscription is back" in r.getMessage()]
                 assert (len(lost), len(back)) == (1, 1)
