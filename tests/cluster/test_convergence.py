@@ -190,12 +190,22 @@ async def play(
         clients = [device.client for device in devices]
         # A delete-only edit moves no clock, so "acked" may come before the owner's commit of
         # it reaches every node's devices: compare with PostgreSQL until all agree (or time out).
-        async with asyncio.timeout(QUIET_SECONDS):
-            while True:
-                stored = {doc_id: await stored_doc(nodes[0], doc_id) for doc_id in docs.values()}
-                if all(same(doc_id, doc, clients) for doc_id, doc in stored.items()):
-                    break
-                await asyncio.sleep(0.02)
+        stored: dict[str, Doc[Any]] = {}
+        try:
+            async with asyncio.timeout(QUIET_SECONDS):
+                while True:
+                    stored = {d: await stored_doc(nodes[0], d) for d in docs.values()}
+                    if all(same(doc_id, doc, clients) for doc_id, doc in stored.items()):
+                        break
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            differ = [
+                (doc_id, i)
+                for doc_id, doc in stored.items()
+                for i, client in enumerate(clients)
+                if not same(doc_id, doc, [client])
+            ]
+            raise AssertionError(f"(document, device) unlike PostgreSQL's: {differ}") from None
         for doc_id, doc in stored.items():
             for client in clients:
                 assert content(doc_id, client.docs[doc_id]) == content(doc_id, doc)
