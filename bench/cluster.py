@@ -15,6 +15,15 @@ checkpointer, which are shared), each node's RSS, and, on PostgreSQL, rows and b
 update (`pg_total_relation_size` of every table, and `pg_database_size`, before and after).
 `--memory` adds the memory of loaded documents (rooms built in this process from a stored log).
 
+`--scenario s1` runs an S1-like fleet instead (bench/README.md's S1, smaller by default:
+`--s1-docs` 20 work orders x `--s1-clients` 4 devices x `--s1-updates` 50 updates, paced
+`--s1-interval` 0.2 s apart on average): each update is timed from its write on one device to
+its arrival at each of the work order's other devices (fan-out p50 and p99; the devices of a
+work order sit on different nodes, so on three nodes most arrivals cross the link from the
+owner), with the server CPU of the run.
+
+    python bench/cluster.py --scenario s1
+
 On two cores the load generator and every node share the machine: three nodes cannot go faster
 than one; what they show is the CPU per update the cluster machinery adds. Prints a table and
 one JSON line (appended to `--out`).
@@ -30,6 +39,7 @@ import json
 import os
 import random
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +136,10 @@ class Device:
                     self.docs.setdefault(item.doc, Doc()).apply_update(y.payload)
                     if y.step is SyncStep.STEP2:
                         self.synced.add(item.doc)
+                    self.received(item.doc)
+
+    def received(self, doc_id: str) -> None:
+        """Called once an update or a step 2 of `doc_id` is applied (S1 times arrivals)."""
 
     async def write(self, doc_ids: list[str], count: int, window: int, seed: int) -> None:
         rng = random.Random(seed)
@@ -157,6 +171,46 @@ class Device:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+
+
+class PacedDevice(Device):
+    """S1's device: one work order, shared with others; it writes `count` updates paced
+    `interval` apart on average (exponential gaps), each stamping `fields["t-<name>"]` with its
+    number, and times the arrival of the others' stamps against `sent` (the one clock of this
+    process: every device lives here)."""
+
+    def __init__(
+        self, url: str, token: str, name: str, doc_id: str, sent: dict[tuple[str, int], float]
+    ) -> None:
+        super().__init__(url, token, name)
+        self.doc_id, self.sent = doc_id, sent
+        self.heard: dict[str, int] = {}  # writer -> highest stamp arrived
+        self.latencies: list[float] = []
+
+    def received(self, doc_id: str) -> None:
+        now = time.perf_counter()
+        fields = self.docs[doc_id].get("fields", type=Map)
+        for key, value in fields.items():
+            writer = key[2:]
+            if not key.startswith("t-") or writer == self.name:
+                continue
+            # Stamps overwrite each other: one arrival may carry several (coalesced on the way).
+            for n in range(self.heard.get(writer, 0) + 1, int(value) + 1):
+                sent = self.sent.get((writer, n))
+                if sent is not None:
+                    self.latencies.append(now - sent)
+            self.heard[writer] = max(self.heard.get(writer, 0), int(value))
+
+    async def pace(self, count: int, interval: float, seed: int) -> None:
+        rng = random.Random(seed)
+        ydoc = self.docs[self.doc_id]
+        for n in range(1, count + 1):
+            await asyncio.sleep(rng.expovariate(1 / interval))
+            before = ydoc.get_state()
+            ydoc.get("fields", type=Map)[f"t-{self.name}"] = n
+            update = ydoc.get_update(before)
+            self.sent[(self.name, n)] = time.perf_counter()
+            await self.send([DocMessage(self.doc_id, encode_sync(SyncStep.UPDATE, update))])
 
 
 def new_work_order(doc_id: str) -> bytes:
@@ -228,6 +282,8 @@ async def measure(config: str, args: argparse.Namespace, issuer: DevIssuer) -> d
         )
         try:
             await cluster.start()
+            if args.scenario == "s1":
+                return await fleet(cluster, config, args, issuer)
             return await load(cluster, config, args, issuer)
         finally:
             await cluster.stop()
@@ -325,6 +381,85 @@ async def load(
     return result
 
 
+async def fleet(
+    cluster: LocalCluster, config: str, args: argparse.Namespace, issuer: DevIssuer
+) -> dict[str, Any]:
+    """S1-like: `--s1-docs` work orders, `--s1-clients` devices on each (spread over the nodes
+    round-robin, so a work order's devices sit on different nodes), each writing
+    `--s1-updates` paced updates; fan-out latency from a write to its arrival at each other
+    device of the work order, and the server CPU of the run."""
+    token = issuer.issue(ADMIN.subject)
+    urls = cluster.sync_urls
+    sent: dict[tuple[str, int], float] = {}
+    doc_ids = [f"wo:s1-{n}" for n in range(args.s1_docs)]
+    devices = [
+        PacedDevice(urls[n % len(urls)], token, f"d{n}", doc_ids[n // args.s1_clients], sent)
+        for n in range(args.s1_docs * args.s1_clients)
+    ]
+    async with aiohttp.ClientSession() as http:
+        for device in devices:
+            await device.connect(http)
+        creators = devices[:: args.s1_clients]
+        for creator in creators:
+            creator.docs[creator.doc_id] = Doc()
+            creator.docs[creator.doc_id].apply_update(new_work_order(creator.doc_id))
+            update = creator.docs[creator.doc_id].get_update()
+            await creator.send([DocMessage(creator.doc_id, encode_sync(SyncStep.UPDATE, update))])
+        for creator in creators:
+            await until(lambda c=creator: c.acks >= 1, args.timeout, "the work orders' creation")
+        for device in devices:
+            if device not in creators:
+                await device.subscribe(device.doc_id)
+        for device in devices:
+            await until(lambda d=device: d.doc_id in d.synced or d in creators, 60, "subscribe")
+
+        pids = [node.process.pid for node in cluster.members if node.process is not None]
+        cpu_before = [cpu_seconds(pid) for pid in pids]
+        backends = await asyncio.to_thread(pg_backend_pids, cluster.database_url)
+        pg_before = {pid: cpu_seconds(pid) for pid in backends}
+        began = time.perf_counter()
+        await asyncio.gather(
+            *(d.pace(args.s1_updates, args.s1_interval, n) for n, d in enumerate(devices))
+        )
+        writers_per_doc = args.s1_clients - 1
+        expected = args.s1_updates * writers_per_doc
+        missing: list[str] = []
+        for device in devices:
+            try:
+                await until(lambda d=device: len(d.latencies) >= expected, args.timeout, "fan-out")
+            except TimeoutError:
+                # Reported, not hidden: an update that never arrived is a bug to chase.
+                missing.append(f"{device.name} on {device.url}: {len(device.latencies)}")
+        wall = time.perf_counter() - began
+        cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
+        pg_cpu = sum(cpu_seconds(pid) - before for pid, before in pg_before.items())
+        updates = args.s1_updates * len(devices)
+        latencies = sorted(lat for d in devices for lat in d.latencies)
+        cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+        result: dict[str, Any] = {
+            "config": config,
+            "scenario": "s1",
+            "nodes": len(pids),
+            "sizes": f"{args.s1_docs} docs x {args.s1_clients} clients x {args.s1_updates} "
+            f"updates, {args.s1_interval * 1000:.0f} ms apart",
+            "updates": updates,
+            "deliveries": len(latencies),
+            "errors": len([e for d in devices for e in d.errors]),
+            "missing": missing,
+            "wall_s": round(wall, 2),
+            "fanout_p50_ms": round(cuts[49] * 1000, 1),
+            "fanout_p99_ms": round(cuts[98] * 1000, 1),
+            "server_cpu_s": round(cpu, 2),
+            "server_cpu_us_per_update": round(cpu / updates * 1e6, 1),
+            "rss_mb": [round(rss_bytes(pid) / 2**20, 1) for pid in pids],
+        }
+        if config != "sqlite":
+            result["pg_backend_cpu_s"] = round(pg_cpu, 2)
+        for device in devices:
+            await device.close()
+    return result
+
+
 def _text(doc: Doc[Any]) -> str:
     fields = doc.get("fields", type=Map)
     return str(doc.get("notes", type=Text)) + json.dumps(dict(fields), sort_keys=True, default=str)
@@ -369,7 +504,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result = await measure(config, args, issuer)
             print(json.dumps(result), file=sys.stderr, flush=True)
             report[config] = result
-    if args.memory:
+    report["scenario"] = args.scenario
+    if args.memory and args.scenario == "s2":
         report["memory"] = room_memory(args.memory, 50)
     return report
 
@@ -381,6 +517,11 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=8)
     parser.add_argument("--window", type=int, default=32, help="unacknowledged per device")
     parser.add_argument("--configs", default="sqlite,pg1,pg3")
+    parser.add_argument("--scenario", choices=["s2", "s1"], default="s2")
+    parser.add_argument("--s1-docs", type=int, default=20)
+    parser.add_argument("--s1-clients", type=int, default=4, help="devices per work order")
+    parser.add_argument("--s1-updates", type=int, default=50, help="per device")
+    parser.add_argument("--s1-interval", type=float, default=0.2, help="mean seconds apart")
     parser.add_argument("--port", type=int, default=27001)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per wait")
     parser.add_argument("--memory", type=int, default=2000, help="rooms to build (0: skip)")
@@ -394,6 +535,14 @@ def main() -> int:
     base = report.get("sqlite", {}).get("server_cpu_us_per_update")
     for config in args.configs.split(","):
         r = report[config]
+        if args.scenario == "s1":
+            print(
+                f"{config:7} {r['nodes']} node(s): fan-out p50 {r['fanout_p50_ms']} ms, "
+                f"p99 {r['fanout_p99_ms']} ms, server CPU {r['server_cpu_s']} s "
+                f"({r['server_cpu_us_per_update']} µs/update)",
+                file=sys.stderr,
+            )
+            continue
         ratio = f" ({r['server_cpu_us_per_update'] / base:.2f} x sqlite)" if base else ""
         print(
             f"{config:7} {r['nodes']} node(s): {r['updates_per_s']:8.1f} updates/s, "
