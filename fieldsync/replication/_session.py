@@ -471,10 +471,14 @@ class V1Session(Connection):
         `get_state(update)` names only the clients whose structs in the update start at clock 0
         (as Yjs' `encodeStateVectorFromUpdate` does): every incremental edit would get an empty
         clock. So the clients the update advanced in the room (`before` -> `after`) are named
-        too."""
+        too; and when it advanced none (a resend of what the room holds: the device reconnected
+        while its first send was on the way, and that send's ack went to the closed socket),
+        every client, or the device would never forget the edit. `after` is durable by now."""
         ours = decode_state_vector(after)
         had = decode_state_vector(before)
         theirs = set(decode_state_vector(get_state(update)))
         theirs.update(client for client, clock in ours.items() if clock > had.get(client, 0))
+        if after == before:
+            theirs.update(ours)
         clock = {str(client): ours.get(client, 0) for client in sorted(theirs)}
         self.send_control({"type": "ack", "doc": doc_id, "seq": seq, "clock": clock})

@@ -183,14 +183,13 @@ async def play(
             if not device.online:
                 await device.start(device.node)
         clients = [device.client for device in devices]
-        # Quiet once every replica holds what PostgreSQL holds: every edit of every device is
-        # then stored (its state vector and content equal the store's), acknowledged or not.
-        # Not `wait_acked`: about one run in eight (CI's examples), a device on a node that is
-        # not the owner, back online after sending an edit just before going offline, kept
-        # that edit pending for 30 s though connected, unreset and without errors. Likely: the
-        # first send reached the owner after the resync read the durable state vector, and the
-        # resync's step 2 repeats it, whose ack names no client it advanced. Left to the
-        # replication's owners (branch cluster-conv's report); stored is what this test checks.
+        # Every edit of every device acknowledged (a device that resent an edit on reconnecting
+        # is acked for it too), then every replica holds what PostgreSQL holds.
+        try:
+            for client in clients:
+                await client.wait_acked(timeout=QUIET_SECONDS)
+        except TimeoutError:
+            raise AssertionError(f"edits left unacknowledged: {where(devices, nodes)}") from None
         stored: dict[str, Doc[Any]] = {}
         try:
             async with asyncio.timeout(QUIET_SECONDS):

@@ -60,6 +60,32 @@ async def test_a_resent_update_is_acked_and_not_stored_twice(server: Server) -> 
     assert (await store.stats())["updates"] == before["updates"]
 
 
+async def test_a_resent_edit_is_acked_with_the_clock_that_covers_it(server: Server) -> None:
+    """A device that reconnected while its edit was still on the way sends it again; the room
+    has it already, so the resend adds nothing. Its ack must still cover the edit (an
+    incremental edit, whose structs do not start at clock 0), or the device never forgets it."""
+    doc = work_order("wo:resent")
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:resent", doc.get_update())
+        await wire.control("ack", doc="wo:resent")
+        before = doc.get_state()
+        doc.get("fields", type=Map)["priority"] = "high"
+        edit = doc.get_update(before)
+        await wire.update("wo:resent", edit)
+        first = await wire.control("ack", doc="wo:resent")
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:resent", edit)
+        again = await wire.control("ack", doc="wo:resent")
+    mine = str(doc.client_id)
+    assert (
+        again["clock"][mine]
+        == first["clock"][mine]
+        == decode_state_vector(doc.get_state())[doc.client_id]
+    )
+
+
 async def test_each_pipelined_update_is_acked_in_order_with_its_own_clock(
     server: Server,
 ) -> None:
