@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -152,19 +153,7 @@ class ScreenRoutes:
             after=after[0] if after else None,
             limit=page_size(request),
         )
-        items = [
-            {
-                "team": team.team,
-                "total": team.total,
-                "by_status": team.by_status,
-                "overdue": team.overdue,
-                "completed": team.completed,
-                "mean_seconds_to_complete": team.mean_seconds_to_complete,
-                "first_time_fix_rate": team.first_time_fix_rate,
-                "conflicts_24h": team.conflicts_24h,
-            }
-            for team in page.teams
-        ]
+        items = [asdict(team) for team in page.teams]
         next_cursor = None
         if page.next is not None:
             next_cursor = await self._cursors.make(binding, (page.next,))

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -389,20 +389,7 @@ class Views:
         page = await self._screens.region_metrics(
             query.scope, now=time.time(), after=None, limit=query.param("limit")
         )
-        rows = {
-            team.team or "": {
-                "id": team.team or "",
-                "team": team.team,
-                "total": team.total,
-                "by_status": team.by_status,
-                "overdue": team.overdue,
-                "completed": team.completed,
-                "mean_seconds_to_complete": team.mean_seconds_to_complete,
-                "first_time_fix_rate": team.first_time_fix_rate,
-                "conflicts_24h": team.conflicts_24h,
-            }
-            for team in page.teams
-        }
+        rows = {team.team or "": {"id": team.team or "", **asdict(team)} for team in page.teams}
         return rows, {"truncated": page.next is not None}
 
     async def _conflicts(self, query: Query) -> tuple[dict[str, Row], dict[str, Any]]:

@@ -32,23 +32,30 @@ SCHEMA = (
 _COLUMN = {ScopeKind.ASSIGNEE: "assignee", ScopeKind.TEAM: "team", ScopeKind.REGION: "region"}
 
 
-def record(db: Database, seq: int, conflict: Conflict) -> None:
-    db.execute(
-        "INSERT INTO conflicts (seq, at, doc, rule, detail, actor, origin, team, region, assignee)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            seq,
-            time.time(),
-            conflict.doc,
-            conflict.rule,
-            conflict.detail,
-            conflict.actor,
-            str(conflict.origin),
-            conflict.team,
-            conflict.region,
-            conflict.assignee,
-        ),
+INSERT = (
+    "INSERT INTO conflicts (seq, at, doc, rule, detail, actor, origin, team, region, assignee)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def row(seq: int, conflict: Conflict) -> tuple[object, ...]:
+    """The values of `INSERT` for `conflict`, recorded now (both backends)."""
+    return (
+        seq,
+        time.time(),
+        conflict.doc,
+        conflict.rule,
+        conflict.detail,
+        conflict.actor,
+        str(conflict.origin),
+        conflict.team,
+        conflict.region,
+        conflict.assignee,
     )
+
+
+def record(db: Database, seq: int, conflict: Conflict) -> None:
+    db.execute(INSERT, row(seq, conflict))
 
 
 def page(

@@ -55,6 +55,8 @@ from fieldsync.records import (
     ScopeKind,
 )
 from fieldsync.storage import _feed, _outbox
+from fieldsync.storage._conflicts import INSERT
+from fieldsync.storage._conflicts import row as conflict_row
 from fieldsync.storage._leases import LeaseLost
 from fieldsync.storage._postgres_migrations import migrate
 from fieldsync.storage._sqlite import StorageError, _merge, _new_index
@@ -81,6 +83,7 @@ _T = TypeVar("_T")
 
 _READERS = 4
 _CONNECT_TIMEOUT = 10.0
+_INSERT_CONFLICT = INSERT.replace("?", "%s")  # the SQLite statement, in psycopg's style
 
 _DONE = "('completed', 'closed')"
 _ENDED = "('completed', 'closed', 'cancelled')"
@@ -754,22 +757,7 @@ async def _holds(conn: AsyncConnection, doc: str, fence: int) -> bool:
 
 
 async def _record_conflict(conn: AsyncConnection, seq: int, conflict: Conflict) -> None:
-    await conn.execute(
-        "INSERT INTO conflicts (seq, at, doc, rule, detail, actor, origin, team, region, assignee)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            seq,
-            time.time(),
-            conflict.doc,
-            conflict.rule,
-            conflict.detail,
-            conflict.actor,
-            str(conflict.origin),
-            conflict.team,
-            conflict.region,
-            conflict.assignee,
-        ),
-    )
+    await conn.execute(_INSERT_CONFLICT, conflict_row(seq, conflict))
 
 
 class _Failed:
