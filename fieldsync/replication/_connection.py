@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import struct
 import time
 import uuid
 from collections import Counter, deque
@@ -53,6 +54,23 @@ class Transport(Protocol):
     async def send_bytes(self, data: bytes) -> None: ...
 
     async def close(self, *, code: int, message: bytes) -> bool: ...
+
+
+# Past this many bytes waiting in the socket's buffer, messages queue for the sender task,
+# which waits for the buffer to drain (aiohttp's flow control) instead of writing at once.
+_WRITE_NOW_BELOW = 16 << 10
+
+
+def _websocket_frame(payload: bytes) -> bytes:
+    """`payload` as one unmasked binary WebSocket frame, as a server sends it (RFC 6455 §5.2)."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x82, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x82, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x82, 127, size)
+    return header + payload
 
 
 class SessionClosed(Exception):
@@ -107,6 +125,7 @@ class Connection:
         self._out: list[bytes] = []
         self._out_bytes = 0  # of `_out`
         self._transport: Transport | None = None
+        self._socket: asyncio.WriteTransport | None = None  # under `_transport`
         self._sender: asyncio.Task[None] | None = None  # sends `_out`; exits once it is empty
         self._corked = False  # hold output until the incoming BATCH is handled
         self._closed: SessionClosed | None = None
@@ -144,10 +163,34 @@ class Connection:
 
     # --- transport side -----------------------------------------------------------------
 
-    def attach(self, transport: Transport) -> None:
-        """Send through `transport` from now on: what is queued, then what comes, then the close."""
+    def attach(self, transport: Transport, socket: asyncio.WriteTransport | None = None) -> None:
+        """Send through `transport` from now on: what is queued, then what comes, then the
+        close. Given the `socket` under it, a message that finds nothing queued before it is
+        written there at once, in the loop turn that produced it, without waking the sender
+        task: a live update reaches the room's other devices a loop turn sooner, for less."""
         self._transport = transport
+        self._socket = socket
         self._wake()
+
+    def _write_at_once(self, message: bytes) -> bool:
+        """Write `message` to the socket now, if that is safe: aiohttp writes each of its
+        frames (pings, pongs, the close) whole and at once too, so none interleave."""
+        socket, transport = self._socket, self._transport
+        if (
+            socket is None
+            or transport is None
+            or transport.closed
+            or socket.is_closing()
+            or socket.get_write_buffer_size() > _WRITE_NOW_BELOW
+        ):
+            return False
+        for frame in self.frames([message]):
+            socket.write(_websocket_frame(frame))
+        return True
+
+    def frames(self, messages: list[bytes]) -> list[bytes]:
+        """The WebSocket messages that carry `messages` (queued as they come, by default)."""
+        return messages
 
     async def flushed(self) -> None:
         """Return once what is queued is sent (and the close, once closed)."""
@@ -160,7 +203,7 @@ class Connection:
         if not self._ready():
             return []
         bodies, self._out, self._out_bytes = self._out, [], 0
-        return bodies
+        return self.frames(bodies)
 
     def _ready(self) -> bool:
         if not self._out:
@@ -246,10 +289,14 @@ class Connection:
             task.cancel()
 
     def _queue(self, message: bytes) -> None:
-        if self._closed is None:
-            self._out.append(message)
-            self._out_bytes += len(message)
-            self._wake()
+        if self._closed is not None:
+            return
+        idle = self._sender is None and not self._out and not self._corked
+        if idle and self._write_at_once(message):
+            return
+        self._out.append(message)
+        self._out_bytes += len(message)
+        self._wake()
 
     def spawn(self, coro: Any) -> None:
         """Run `coro` for as long as the connection lives (cancelled at shutdown)."""

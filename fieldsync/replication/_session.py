@@ -127,12 +127,9 @@ class V1Session(Connection):
         self._stale = False  # away longer than the offline contract allows
         self._renewed: set[str] = set()  # documents reset for that already
 
-    def outgoing(self) -> list[bytes]:
-        """Everything queued, as BATCH frames of at most half the frame limit, zstd when it
-        pays: a device coming back from days offline gets its catch-up in few, small frames."""
-        bodies = super().outgoing()
-        if not bodies:
-            return []
+    def frames(self, bodies: list[bytes]) -> list[bytes]:
+        """`bodies` as BATCH frames of at most half the frame limit, zstd when it pays: a
+        device coming back from days offline gets its catch-up in few, small frames."""
         frames = []
         chunk: list[bytes] = []
         size = 0

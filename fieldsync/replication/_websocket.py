@@ -81,7 +81,7 @@ class Endpoints:
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.limits.auth_timeout, self._hello_overdue, session)
         try:
-            await self._serve(ws, session)
+            await self._serve(request, ws, session)
         finally:
             deadline.cancel()
         return ws
@@ -123,14 +123,17 @@ class Endpoints:
             session.shutdown()
             await ws.close(code=closed.code, message=closed.reason.encode())
             return ws
-        await self._serve(ws, session)
+        await self._serve(request, ws, session)
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+    async def _serve(
+        self, request: web.Request, ws: web.WebSocketResponse, conn: Connection
+    ) -> None:
         logs.bind(session=conn.id, subject=conn.principal.subject or None)
         self.connections[conn] = ws
         self.opened[conn] = time.time()
-        conn.attach(ws)
+        socket = request.transport
+        conn.attach(ws, socket if isinstance(socket, asyncio.WriteTransport) else None)
         try:
             async for message in ws:
                 if message.type is WSMsgType.BINARY:

@@ -54,6 +54,10 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _READERS = 3
+# Group commit under load: how long a commit waits for more writes, and how soon after the
+# last commit a write must come for the writer to count as busy.
+_COMMIT_DELAY = 0.002
+_BUSY_AFTER = 0.005
 _BUSY_TIMEOUT_MS = 5000
 
 # The index columns follow `DocIndex`, so a field added there fails loudly here until a migration
@@ -65,15 +69,23 @@ _UPSERT_INDEX = f"""
     INSERT INTO doc_index ({", ".join(_INDEX_COLUMNS)},
                            seq, last_seq, created_seq, log_count, log_bytes,
                            {", ".join(_screens.INSERT_TIMES)})
-    VALUES ({", ".join(f":{c}" for c in _INDEX_COLUMNS)}, :seq, :seq, :seq, 1, :bytes,
-            {", ".join(_screens.INSERT_TIMES.values())})
+    VALUES ({", ".join(f":{c}" for c in _INDEX_COLUMNS)}, :seq, :seq, :created_seq, :count,
+            :bytes, {", ".join(_screens.INSERT_TIMES.values())})
     ON CONFLICT (doc) DO UPDATE SET
         {", ".join(f"{c} = excluded.{c}" for c in _INDEX_COLUMNS[1:])},
         seq = excluded.seq,
         last_seq = excluded.last_seq,
-        log_count = log_count + 1,
+        log_count = log_count + excluded.log_count,
         log_bytes = log_bytes + excluded.log_bytes,
         {", ".join(f"{c} = {sql}" for c, sql in _screens.UPDATE_TIMES.items())}
+    RETURNING log_count, log_bytes
+"""
+
+# The same for a row whose status stays (`_IndexRows`): only the columns that changed are set.
+_UPDATE_INDEX = """
+    UPDATE doc_index SET {columns}seq = :seq, last_seq = :seq,
+        log_count = log_count + :count, log_bytes = log_bytes + :bytes
+    WHERE doc = :doc
     RETURNING log_count, log_bytes
 """
 
@@ -183,6 +195,7 @@ class SQLiteStore:
         self._compact_after_updates = compact_after_updates
         self._compact_after_bytes = compact_after_bytes
         self._batch_max = batch_max
+        self._last_commit = 0.0  # perf_counter when the writer last committed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -411,8 +424,16 @@ class SQLiteStore:
         return db
 
     def _take_batch(self) -> tuple[list[_Append | _Touch | _Call], bool]:
-        """Block for one job, then take whatever else is already queued, up to `batch_max`."""
+        """Block for one job, then take whatever else is already queued, up to `batch_max`.
+        Under a steady stream of writes (the last commit ended moments before this job came)
+        it waits up to `_COMMIT_DELAY` for more: most of a commit's CPU is its own (WAL pages,
+        fsync), and fan-out does not wait for it, only the acks do."""
         job = self._queue.get()
+        gather_until = (
+            time.perf_counter() + _COMMIT_DELAY
+            if time.perf_counter() - self._last_commit < _BUSY_AFTER
+            else 0.0
+        )
         batch: list[_Append | _Touch | _Call] = []
         while not isinstance(job, _Stop):
             batch.append(job)
@@ -421,13 +442,18 @@ class SQLiteStore:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                return batch, False
+                wait = gather_until - time.perf_counter()
+                if wait <= 0:
+                    return batch, False
+                try:
+                    job = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    return batch, False
         return batch, True
 
     def _commit_batch(self, db: Database, batch: list[_Append | _Touch | _Call]) -> None:
         settled = [job for job in batch if not isinstance(job, _Touch)]
         results: list[Any] = []
-        to_compact: set[str] = set()
         routes, outboxed = self._outbox_routes, False
         began = time.perf_counter()
         try:
@@ -436,29 +462,32 @@ class SQLiteStore:
             ((seq,),) = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchall()
             txn = Transaction(db, seq)
             # Each document's index as this batch left it: a burst of updates to one document
-            # reads its row once per batch, not once per update.
+            # reads its row once per batch, and writes it once per run of updates that leave
+            # its projection as it was (`_IndexRows`).
             indexes: dict[str, DocIndex | None] = {}
+            rows = _IndexRows(db)
             for job in batch:
                 if isinstance(job, _Touch):
                     _write_device(db, job)
                 elif isinstance(job, _Call):
+                    rows.flush()
                     indexes.clear()  # a job of another concern may write any row
                     results.append(_run_isolated(txn, job))
                 else:
-                    committed, log_count, log_bytes = _write_update(
-                        db, job, txn.next_seq(), indexes
-                    )
+                    committed = _write_update(db, job, txn.next_seq(), indexes, rows)
                     results.append(committed)
                     # Outbox: in the update's transaction, so an ack implies its entries.
                     if routes and _outbox.write_entries(
                         db, routes, job.write.doc, committed.seq, str(job.write.origin), job.at
                     ):
                         outboxed = True
-                    if (
-                        log_count >= self._compact_after_updates
-                        or log_bytes >= self._compact_after_bytes
-                    ):
-                        to_compact.add(job.write.doc)
+            rows.flush()
+            to_compact = {
+                doc
+                for doc, (log_count, log_bytes) in rows.logs.items()
+                if log_count >= self._compact_after_updates
+                or log_bytes >= self._compact_after_bytes
+            }
             db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (txn.seq,))
             db.execute("COMMIT")
         except Exception as exc:
@@ -467,7 +496,8 @@ class SQLiteStore:
             self._to_loop(_fail, [job.future for job in settled], exc)
             return
         self._commits += 1
-        self._observer.committed(len(batch), time.perf_counter() - began)
+        self._last_commit = time.perf_counter()
+        self._observer.committed(len(batch), self._last_commit - began)
         self._to_loop(_resolve, [job.future for job in settled], results)
         if outboxed and self._outbox_notify is not None:
             self._to_loop(self._outbox_notify)
@@ -517,9 +547,13 @@ def _merge_log(db: Database, doc: str) -> int:
 
 
 def _write_update(
-    db: Database, job: _Append, seq: int, indexes: dict[str, DocIndex | None]
-) -> tuple[Committed, int, int]:
-    """Log the update and project it into `doc_index`; return the commit and the log's size.
+    db: Database,
+    job: _Append,
+    seq: int,
+    indexes: dict[str, DocIndex | None],
+    rows: _IndexRows,
+) -> Committed:
+    """Log the update and project it into `doc_index` (through `rows`).
     `indexes`: the rows this batch wrote so far, by document (read from the table otherwise)."""
     write = job.write
     before = indexes[write.doc] if write.doc in indexes else _index(db, write.doc)
@@ -550,16 +584,74 @@ def _write_update(
                 for c in write.history
             ],
         )
-    ((log_count, log_bytes),) = db.execute(
-        _UPSERT_INDEX,
-        {
-            **{c: getattr(after, c) for c in _INDEX_COLUMNS},
-            "seq": seq,
-            "bytes": len(write.data),
-            "at": job.at,
-        },
-    ).fetchall()
-    return Committed(seq, _move_scope(db, seq, before, after)), log_count, log_bytes
+    rows.add(before, after, seq, len(write.data), job.at)
+    moved = after.type == "wo" and (before is None or _scope(before) != _scope(after))
+    if moved:
+        rows.flush()  # `_move_scope` writes the forms' rows after their own writes
+    return Committed(seq, _move_scope(db, seq, before, after) if moved else None)
+
+
+class _IndexRows:
+    """The `doc_index` rows a group commit writes: one write per run of updates to a document
+    that leave its projection unchanged (a burst of notes and field edits), and only the
+    columns that changed, so that SQLite rewrites the entries of the row's indexes that hold
+    them and not all nine. A run ends when the projection changes, and a status change goes
+    through the upsert, so the screens' times (completed, reopened) see every transition."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._runs: dict[str, _Run] = {}
+        # doc -> (log_count, log_bytes) after this batch's writes, for compaction
+        self.logs: dict[str, tuple[int, int]] = {}
+
+    def add(self, before: DocIndex | None, after: DocIndex, seq: int, size: int, at: float) -> None:
+        run = self._runs.get(after.doc)
+        if run is not None and run.index != after:
+            self._write(run)
+            run = None
+        if run is None:
+            self._runs[after.doc] = _Run(before, after, seq, at, seq, 1, size)
+        else:
+            run.seq, run.count, run.size = seq, run.count + 1, run.size + size
+
+    def flush(self) -> None:
+        for run in list(self._runs.values()):
+            self._write(run)
+
+    def _write(self, run: _Run) -> None:
+        del self._runs[run.index.doc]
+        before, index = run.before, run.index
+        if before is None or before.status != index.status:
+            query, params = (
+                _UPSERT_INDEX,
+                {
+                    **{c: getattr(index, c) for c in _INDEX_COLUMNS},
+                    "created_seq": run.first,
+                    # A run's projection came in with its first update: so did a completion.
+                    "at": run.at,
+                },
+            )
+        else:
+            changed = [c for c in _INDEX_COLUMNS[1:] if getattr(before, c) != getattr(index, c)]
+            query = _UPDATE_INDEX.format(columns="".join(f"{c} = :{c}, " for c in changed))
+            params = {c: getattr(index, c) for c in changed}
+            params["doc"] = index.doc
+        params.update(seq=run.seq, count=run.count, bytes=run.size)
+        ((log_count, log_bytes),) = self._db.execute(query, params).fetchall()
+        self.logs[index.doc] = (log_count, log_bytes)
+
+
+@dataclass(slots=True)
+class _Run:
+    """Updates to one document in a group commit that leave its projection `index`."""
+
+    before: DocIndex | None  # the row as stored before the run
+    index: DocIndex
+    first: int  # seq
+    at: float  # of the first update
+    seq: int  # the last
+    count: int
+    size: int  # bytes
 
 
 def _history(
