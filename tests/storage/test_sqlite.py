@@ -12,6 +12,8 @@ from typing import Any
 
 import pycrdt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlite_utils import Database
 
 from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind, ScopeFilter, ScopeKind
@@ -354,3 +356,71 @@ async def test_origins_are_stored_as_text_and_read_back_typed(path: Path) -> Non
         Origin(OriginKind.YWS, "c7-ff00"),
     ]
     assert conflict.conflict.origin == Origin(OriginKind.REST)
+
+
+# A document's edits as a group commit meets them: runs that leave its projection as it was, a
+# status change (the screens' times), a move to another technician (a scope change, which also
+# moves its form's feed position), and edits of the form itself.
+_EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["wo:1", "wo:2", "form:1"]),
+        st.sampled_from(["assigned", "in_progress", "completed", "closed", "cancelled"]),
+        st.sampled_from(["tina", "tom"]),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(edits=_EDITS)
+async def test_a_group_commit_leaves_the_rows_one_commit_per_update_would(
+    tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[str, str, str]]
+) -> None:
+    """The writer folds a run of a document's updates into one `doc_index` write; every row,
+    commit and scope change is what writing them one transaction at a time gives."""
+
+    def write(ydocs: dict[str, pycrdt.Doc[Any]], doc: str, status: str, assignee: str) -> Write:
+        # The same client ids in both runs: the same update bytes, for the log's size.
+        ydoc = ydocs.setdefault(doc, pycrdt.Doc(client_id=len(ydocs) + 1))
+        before = ydoc.get_state()
+        ydoc.get("body", type=pycrdt.Text).insert(0, "x" * len(status))
+        if doc.startswith("form"):
+            index = DocIndex(doc, "form", "wo:1")
+        else:
+            index = DocIndex(doc, "wo", doc, assignee=assignee, team="north", status=status)
+        return Write(doc, ydoc.get_update(before), RULES, "server", index)
+
+    async def rows(store: SQLiteStore) -> list[tuple[Any, ...]]:
+        # Everything but the clock times, which differ between the two runs: whether a
+        # completion is recorded stands for them.
+        found: list[tuple[Any, ...]] = await store.query(
+            lambda db: db.execute(
+                "SELECT doc, type, wo, assignee, status, seq, last_seq, created_seq, log_count,"
+                " log_bytes, reopened, completed_at IS NULL, created_at IS NULL"
+                " FROM doc_index ORDER BY doc"
+            ).fetchall()
+        )
+        return found
+
+    results = []
+    for together in (False, True):
+        store = SQLiteStore(tmp_path_factory.mktemp("db") / "fieldsync.db")
+        await store.open()
+        try:
+            ydocs: dict[str, pycrdt.Doc[Any]] = {}
+            writes = [write(ydocs, *edit) for edit in edits]
+            if together:
+                committed = await asyncio.gather(*(store.append(w) for w in writes))
+                # In one batch, or two when the writer took the first before the rest came.
+                assert (await store.stats())["commits"] <= 2
+            else:
+                committed = [await store.append(w) for w in writes]
+            results.append((committed, await rows(store)))
+        finally:
+            await store.close()
+    assert results[1] == results[0]
