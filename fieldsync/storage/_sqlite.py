@@ -426,14 +426,12 @@ class SQLiteStore:
     def _take_batch(self) -> tuple[list[_Append | _Touch | _Call], bool]:
         """Block for one job, then take whatever else is already queued, up to `batch_max`.
         Under a steady stream of writes (the last commit ended moments before this job came)
-        it waits up to `_COMMIT_DELAY` for more: most of a commit's CPU is its own (WAL pages,
-        fsync), and fan-out does not wait for it, only the acks do."""
+        it first lets more come for `_COMMIT_DELAY`: most of a commit's CPU is its own (WAL
+        pages, fsync), and fan-out does not wait for it, only the acks do. A sleep rather
+        than waits on the queue: a wait would wake this thread, and take the GIL, per write."""
         job = self._queue.get()
-        gather_until = (
-            time.perf_counter() + _COMMIT_DELAY
-            if time.perf_counter() - self._last_commit < _BUSY_AFTER
-            else 0.0
-        )
+        if time.perf_counter() - self._last_commit < _BUSY_AFTER:
+            time.sleep(_COMMIT_DELAY)
         batch: list[_Append | _Touch | _Call] = []
         while not isinstance(job, _Stop):
             batch.append(job)
@@ -442,13 +440,7 @@ class SQLiteStore:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                wait = gather_until - time.perf_counter()
-                if wait <= 0:
-                    return batch, False
-                try:
-                    job = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    return batch, False
+                return batch, False
         return batch, True
 
     def _commit_batch(self, db: Database, batch: list[_Append | _Touch | _Call]) -> None:
