@@ -20,9 +20,9 @@ the lease once it expired.
 
 Why per ordered pair rather than one socket per pair: each side's requests, and the answers to
 them, travel on the link that side opened, so two nodes connecting to each other at once need
-no rule for which connection wins. Not done yet: the queues are not bounded (a device's own
-in-flight limit bounds what it can push through), and a principal the directory changed reaches
-the owner with the peer's next subscribe (scope removals are applied at once on both sides).
+no rule for which connection wins. Each subscribe, read and write carries the peer's principal
+as it is now, so a role the directory took away is taken away on the owner too. Not done yet:
+the queues are not bounded (a device's own in-flight limit bounds what it can push through).
 
 A message is `len:u32 header parts`: the header a JSON object whose `parts` lists the lengths of
 the binary parts (updates, state vectors) that follow it.
@@ -94,6 +94,12 @@ def _principal_out(principal: Principal) -> dict[str, Any]:
         "expires_at": principal.expires_at,
         "from_directory": sorted(principal.from_directory),
     }
+
+
+def _acting(peer: Peer) -> dict[str, Any]:
+    """Who a request acts as, sent with each read and write: the owner judges it by the
+    principal the directory gives the peer now, not by the one it subscribed with."""
+    return {"principal": _principal_out(peer.principal), "origin": str(peer.origin)}
 
 
 def _principal_in(data: dict[str, Any]) -> Principal:
@@ -401,12 +407,7 @@ class NodeLink:
 
     async def subscribe(self, peer: Peer, doc_id: str) -> None:
         pid = self._pid(peer)
-        header = {
-            "op": "subscribe",
-            "peer": pid,
-            "principal": _principal_out(peer.principal),
-            "origin": str(peer.origin),
-        }
+        header = {"op": "subscribe", "peer": pid, **_acting(peer)}
         request = asyncio.ensure_future(self._request(doc_id, header))
         try:
             # Shielded: a subscription the owner makes after its asker went away (a device
@@ -429,12 +430,12 @@ class NodeLink:
             self._forget(peer, pid)
 
     async def read(self, peer: Peer, doc_id: str, state_vector: bytes) -> bytes:
-        header = {"op": "read", "peer": self._pid(peer)}
+        header = {"op": "read", "peer": self._pid(peer), **_acting(peer)}
         _, parts = await self._request(doc_id, header, state_vector)
         return parts[0]
 
     async def submit(self, peer: Peer, doc_id: str, update: bytes) -> tuple[Submitted, int]:
-        header = {"op": "submit", "peer": self._pid(peer)}
+        header = {"op": "submit", "peer": self._pid(peer), **_acting(peer)}
         reply, parts = await self._request(doc_id, header, update)
         commit = reply.get("commit")
         committed: asyncio.Future[Committed] | None = None

@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ import pytest
 from pycrdt import Doc, Map, Text
 
 from fieldsync import documents
-from fieldsync.app import REPLICATOR, STORE
-from fieldsync.auth import DevIssuer
+from fieldsync.app import ENDPOINTS, REPLICATOR, STORE
+from fieldsync.auth import DevIssuer, Role
 from fieldsync.client import Client
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import CLUSTER_PATH, ServiceWriter
@@ -139,6 +140,32 @@ async def test_a_device_on_another_node_edits_through_the_owner_and_is_acked_aft
             await sam.wait_acked("wo:1")
             await eventually(lambda: "from a" in notes(tina.doc("wo:1")), timeout=30)
             assert notes(tina.doc("wo:1")) == notes(sam.doc("wo:1"))
+
+
+async def test_the_owner_judges_a_write_by_whom_the_directory_says_its_writer_is_now(
+    tmp_path: Path, issuer: DevIssuer, url: str
+) -> None:
+    """A supervisor the directory turns into a technician while their device is connected to
+    another node than the document's owner: their next write is judged as a technician's by
+    the owner, not by the role it had when it subscribed."""
+    async with two_nodes(tmp_path, issuer, url) as (a, b, sam):
+        sam.doc("wo:1").apply_update(work_order("wo:1", assignee="sam").get_update())
+        await sam.wait_acked("wo:1")
+        assert await owner_of(url, "wo:1") == "a"
+        async with device(b, "sam") as on_b:
+            await on_b.wait_synced("wo:1")
+            fields(on_b, "wo:1")["title"] = "As a supervisor"
+            await on_b.wait_acked("wo:1")
+            demoted = await b.app[ENDPOINTS].reauthorise(
+                {"sam": lambda p: replace(p, roles=frozenset({Role.TECHNICIAN}))}
+            )
+            assert demoted == 0  # still connected: the work order is assigned to them
+            fields(on_b, "wo:1")["title"] = "As a technician"  # not a technician's to write
+            await eventually(
+                lambda: any(e["code"] == "forbidden_field" for e in on_b.errors), timeout=30
+            )
+            stored = await stored_doc(a, "wo:1")
+            assert stored.get("fields", type=Map)["title"] == "As a supervisor"
 
 
 async def test_a_write_the_owner_refuses_reaches_the_device_on_the_other_node_as_such(
