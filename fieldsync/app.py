@@ -116,6 +116,7 @@ def limits_from(settings: Settings) -> Limits:
         changes_page=settings.changes_page,
         max_offline=settings.max_offline_days * 86_400,
         max_sockets_per_subject=settings.max_sockets_per_subject,
+        max_queued=settings.max_queued,
     )
 
 

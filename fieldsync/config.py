@@ -309,6 +309,12 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "seconds a connection may take to send a complete request head (and may stay idle)",
     ),
+    Setting(
+        "max_queued",
+        32 << 20,
+        _positive_int,
+        "bytes of live updates waiting for a socket that reads slower (dropped beyond; resyncs)",
+    ),
     Setting("changes_page", 500, _positive_int, "documents per `changes` page"),
     Setting("max_offline_days", 30.0, _positive_float, "offline contract: days before a reset"),
     Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import struct
 import time
 import uuid
@@ -23,6 +24,7 @@ from fieldsync.replication._room import Room
 from fieldsync.storage import Committed
 
 _ids = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,11 @@ class Limits:
     max_docs: int = 10_000  # documents one connection replicates at once
     max_offline: float = 30 * 86_400.0  # seconds a device may stay away before its copies reset
     max_sockets_per_subject: int = 20  # WebSockets one token subject holds open at once
+    # Bytes waiting for a socket that reads slower than its live updates come; past it the
+    # connection is dropped, and the device resyncs when it reconnects. Twice the largest
+    # document: an answer to one step 1 always fits. (A BATCH's answers are not counted: the
+    # device asked for them, and takes them as fast as its link goes.)
+    max_queued: int = 32 << 20
 
 
 DEFAULT_LIMITS = Limits()
@@ -296,6 +303,24 @@ class Connection:
             return
         self._out.append(message)
         self._out_bytes += len(message)
+        if self._out_bytes > self.limits.max_queued and not self._corked:
+            self._too_slow()
+            return
+        self._wake()
+
+    def _too_slow(self) -> None:
+        """The device reads slower than its updates come: drop what waits and the socket (no
+        close frame could get past what it has not read). Nothing is lost: its next sync
+        sends what its state vector lacks."""
+        log.warning(
+            "connection %s: %d bytes wait for a socket that does not read them; dropped",
+            self.id,
+            self._out_bytes,
+        )
+        self._out, self._out_bytes = [], 0
+        self._closed = SessionClosed(CloseCode.GOING_AWAY, "too_slow")
+        if self._socket is not None:
+            self._socket.abort()
         self._wake()
 
     def spawn(self, coro: Any) -> None:

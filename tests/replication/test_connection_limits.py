@@ -4,6 +4,9 @@ connection may take to send a complete request head."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, suppress
@@ -11,12 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from pycrdt import Text
 
 from fieldsync.app import ENDPOINTS
 from fieldsync.auth import DevIssuer
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control
-from tests.harness import Server, eventually, running_server
+from tests.harness import Server, eventually, running_server, stored_doc, work_order
 from tests.wire import Wire, connect
 
 LIMIT = 3
@@ -103,3 +107,63 @@ async def test_a_client_trickling_its_request_head_is_closed_in_time(
         # A client that sends its request in time is answered.
         async with aiohttp.ClientSession() as http, http.get(server.url + "/v1/health") as r:
             assert r.status == 200
+
+
+async def test_a_socket_that_stops_reading_is_dropped_and_holds_no_more_than_the_limit(
+    tmp_path: Path, issuer: DevIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device whose socket stops taking what it is sent (a zero receive window) is not
+    buffered for without end: past `max_queued` bytes of updates it is dropped, once, and the
+    other devices' writes go on, every one stored."""
+    limit = 256 << 10
+    async with (
+        running_server(tmp_path, issuer, max_queued=limit) as server,
+        connect(server.sync_url, server.token("sam")) as sam,
+    ):
+        endpoints = server.app[ENDPOINTS]
+        await sam.hello()
+        doc = work_order("wo:1", assignee="tina")
+        await sam.update("wo:1", doc.get_update())
+        await sam.control("ack")
+        # tina's y-websocket, opened by hand with a tiny receive buffer, then never read.
+        host, port = server.url.removeprefix("http://").split(":")
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(stalled, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=stalled)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/yws/wo:1 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {server.token('tina')}\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        await eventually(lambda: len(endpoints.connections) == 2)
+        text = doc.get("notes", type=Text)
+        chunk, sent = 16_000, 0
+        while len(endpoints.connections) == 2:
+            # The kernel's socket buffers (up to tcp_wmem's 4 MiB) fill first.
+            assert sent * chunk < 12 << 20, "the stalled socket was never dropped"
+            for _ in range(10):
+                before = doc.get_state()
+                text.insert(len(text), f"{sent:05d}".ljust(chunk, "x"))
+                await sam.update("wo:1", doc.get_update(before))
+                sent += 1
+            for _ in range(10):
+                await sam.control("ack")
+        assert sent * chunk < (4 << 20) + 8 * limit
+        dropped = [r for r in caplog.records if "does not read them; dropped" in r.getMessage()]
+        assert len(dropped) == 1
+        # sam goes on; everything sam sent is stored.
+        before = doc.get_state()
+        text.insert(len(text), "after")
+        await sam.update("wo:1", doc.get_update(before))
+        await sam.control("ack")
+        assert str((await stored_doc(server, "wo:1")).get("notes", type=Text)) == str(text)
+        # What tina's socket gets is what it had buffered, then the end.
+        with suppress(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while await reader.read(1 << 16):
+                    pass
+        writer.close()
