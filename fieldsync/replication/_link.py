@@ -21,8 +21,8 @@ the lease once it expired.
 Why per ordered pair rather than one socket per pair: each side's requests, and the answers to
 them, travel on the link that side opened, so two nodes connecting to each other at once need
 no rule for which connection wins. Each subscribe, read and write carries the peer's principal
-as it is now, so a role the directory took away is taken away on the owner too. Not done yet:
-the queues are not bounded (a device's own in-flight limit bounds what it can push through).
+as it is now, so a role the directory took away is taken away on the owner too. A link whose
+node reads slower than its messages come is dropped past `_MAX_QUEUED` bytes, as a lost node.
 
 A message is `len:u32 header parts`: the header a JSON object whose `parts` lists the lengths of
 the binary parts (updates, state vectors) that follow it.
@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 CLUSTER_PATH = "/v1/cluster"
 _HEARTBEAT = 5.0  # seconds between WebSocket pings: a silent peer node is given up after two
 _NODE_HEADER = "X-Fieldsync-Node"
+# Bytes a link may queue for a node that reads slower than they come (a slow node, or a slow
+# network between the two); past it the link is dropped, as if the node had gone: what waits
+# on it fails, its devices resync. Pings do not catch this: they pass the queue.
+_MAX_QUEUED = 64 << 20
 
 Message = tuple[dict[str, Any], list[bytes]]
 
@@ -131,14 +135,35 @@ class _Wire:
     def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self._out: deque[bytes] = deque()
+        self._queued = 0  # bytes in `_out`
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._sender = asyncio.create_task(self._send_all(), name="fieldsync-link-sender")
+        self._dropping: asyncio.Task[None] | None = None
 
     def send(self, header: dict[str, Any], *parts: bytes) -> None:
-        if not self.ws.closed:
-            self._out.append(pack(header, *parts))
-            self._ready.set()
+        if self.ws.closed or self._dropping is not None:
+            return
+        message = pack(header, *parts)
+        self._out.append(message)
+        self._queued += len(message)
+        if self._queued > _MAX_QUEUED:
+            log.warning(
+                "link: %d bytes wait for a node that does not read them; the link is dropped",
+                self._queued,
+            )
+            self._out.clear()
+            self._queued = 0
+            self._dropping = asyncio.create_task(self._drop(), name="fieldsync-link-drop")
+            return
+        self._ready.set()
+
+    async def _drop(self) -> None:
+        """Close the socket; a close stuck behind what the node does not read is cut short,
+        which aborts the connection: both sides' receive loops then end, as for a lost node."""
+        self._sender.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), timeout=1.0)
 
     async def _send_all(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -146,7 +171,9 @@ class _Wire:
                 await self._ready.wait()
                 self._ready.clear()
                 while self._out:
-                    await self.ws.send_bytes(self._out.popleft())
+                    message = self._out.popleft()
+                    self._queued -= len(message)
+                    await self.ws.send_bytes(message)
                 self._drained.set()
 
     async def close(self) -> None:
@@ -160,6 +187,8 @@ class _Wire:
         self._sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sender
+        if self._dropping is not None:
+            await self._dropping
         await self.ws.close()
 
 
