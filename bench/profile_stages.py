@@ -36,7 +36,8 @@ session glue), "other threads" the process's CPU outside the loop thread and the
   ack               the v1 `ack` control (clocks, JSON)
   fan-out encode    `_fan_out` (and `_on_commit`): the y message encoded once, queued to
                     every other peer
-  fan-out send      aiohttp framing and the socket write of every outgoing message
+  fan-out send      framing and the socket write of every outgoing message (aiohttp's, or
+                    `Connection._flush`: a loop turn's output in one write)
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def install(timers: Timers) -> None:
 
     from fieldsync.documents import _paths, _rule_set
     from fieldsync.replication import _replicator, _room, _session, _yws
+    from fieldsync.replication._connection import Connection
     from fieldsync.replication._replicator import Replicator
     from fieldsync.replication._room import Room
     from fieldsync.replication._session import V1Session
@@ -195,6 +197,8 @@ def install(timers: Timers) -> None:
         wrap(Replicator, "_fan_out", "fan-out encode")
     wrap(_replicator, "encode_sync", "fan-out encode")
     wrap(web.WebSocketResponse, "send_bytes", "fan-out send", "coro")
+    if hasattr(Connection, "_flush"):  # since a turn's output is written at its end
+        wrap(Connection, "_flush", "fan-out send")
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -63,8 +63,8 @@ class Transport(Protocol):
     async def close(self, *, code: int, message: bytes) -> bool: ...
 
 
-# Past this many bytes waiting in the socket's buffer, messages queue for the sender task,
-# which waits for the buffer to drain (aiohttp's flow control) instead of writing at once.
+# Past this many bytes waiting in the socket's buffer, messages go through the sender task,
+# which waits for the buffer to drain (aiohttp's flow control), instead of `_flush`.
 _WRITE_NOW_BELOW = 16 << 10
 
 
@@ -133,6 +133,7 @@ class Connection:
         self._out_bytes = 0  # of `_out`
         self._transport: Transport | None = None
         self._socket: asyncio.WriteTransport | None = None  # under `_transport`
+        self._flushing = False  # a `_flush` is scheduled for the end of this loop turn
         self._sender: asyncio.Task[None] | None = None  # sends `_out`; exits once it is empty
         self._corked = False  # hold output until the incoming BATCH is handled
         self._closed: SessionClosed | None = None
@@ -172,28 +173,11 @@ class Connection:
 
     def attach(self, transport: Transport, socket: asyncio.WriteTransport | None = None) -> None:
         """Send through `transport` from now on: what is queued, then what comes, then the
-        close. Given the `socket` under it, a message that finds nothing queued before it is
-        written there at once, in the loop turn that produced it, without waking the sender
-        task: a live update reaches the room's other devices a loop turn sooner, for less."""
+        close. Given the `socket` under it, what a loop turn queued is written there at the
+        turn's end, in one write (`_flush`), rather than by a sender task woken per burst."""
         self._transport = transport
         self._socket = socket
         self._wake()
-
-    def _write_at_once(self, message: bytes) -> bool:
-        """Write `message` to the socket now, if that is safe: aiohttp writes each of its
-        frames (pings, pongs, the close) whole and at once too, so none interleave."""
-        socket, transport = self._socket, self._transport
-        if (
-            socket is None
-            or transport is None
-            or transport.closed
-            or socket.is_closing()
-            or socket.get_write_buffer_size() > _WRITE_NOW_BELOW
-        ):
-            return False
-        for frame in self.frames([message]):
-            socket.write(_websocket_frame(frame))
-        return True
 
     def frames(self, messages: list[bytes]) -> list[bytes]:
         """The WebSocket messages that carry `messages` (queued as they come, by default)."""
@@ -201,6 +185,8 @@ class Connection:
 
     async def flushed(self) -> None:
         """Return once what is queued is sent (and the close, once closed)."""
+        if self._flushing:
+            await asyncio.sleep(0)  # this turn's `_flush` first: it may hand over to the task
         sender = self._sender
         if sender is not None:
             await asyncio.shield(sender)
@@ -221,12 +207,44 @@ class Connection:
         return not self._corked or full or self._closed is not None
 
     def _wake(self) -> None:
-        """Start the sender when there is something to send or the connection closed: an
-        idle connection holds no task (S4)."""
-        if self._sender is not None or self._transport is None:
+        """Send when there is something to send or the connection closed: while the socket
+        takes it, at the end of this loop turn (a live update reaches the other devices
+        without waiting for a task, and the acks of one commit leave in one frame); else by
+        the sender task, which waits for the socket to drain, and sends the close. An idle
+        connection holds no task (S4)."""
+        if self._sender is not None or self._transport is None or self._flushing:
             return
-        if self._ready() or self._closed is not None:
+        if self._closed is None and self._writable():
+            if self._ready():
+                self._flushing = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif self._ready() or self._closed is not None:
             self._sender = asyncio.get_running_loop().create_task(self._send(self._transport))
+
+    def _writable(self) -> bool:
+        """Whether the socket takes a write now: open, and its buffer not filling up."""
+        socket, transport = self._socket, self._transport
+        return (
+            socket is not None
+            and transport is not None
+            and not transport.closed
+            and not socket.is_closing()
+            and socket.get_write_buffer_size() <= _WRITE_NOW_BELOW
+        )
+
+    def _flush(self) -> None:
+        """Write what this turn queued, as whole WebSocket frames in one write: aiohttp writes
+        each of its own frames (pings, pongs, the close) whole and at once too, so none
+        interleave."""
+        self._flushing = False
+        if self._sender is not None:
+            return  # the task took over (a close): it sends what is queued, in order
+        if self._closed is not None or not self._writable():
+            self._wake()
+            return
+        frames = self.outgoing()
+        if frames and self._socket is not None:
+            self._socket.write(b"".join(_websocket_frame(frame) for frame in frames))
 
     async def _send(self, transport: Transport) -> None:
         try:
@@ -297,9 +315,6 @@ class Connection:
 
     def _queue(self, message: bytes) -> None:
         if self._closed is not None:
-            return
-        idle = self._sender is None and not self._out and not self._corked
-        if idle and self._write_at_once(message):
             return
         self._out.append(message)
         self._out_bytes += len(message)
