@@ -1,25 +1,29 @@
-"""What the domain rules cost on the write path (issue 4).
+"""What the domain rules and the field history cost on the write path (issues 4 and 13).
 
     .venv/bin/python bench/write_path.py [--updates 4000] [--docs 40] [--reps 3]
 
 Durable updates per second through the replicator's one write path (authorise, apply, rules,
 field history, group commit with fsync, ack) on SQLite, with the rules on, as a ratio to the
-same run without them (`Replicator(rules=documents.NO_RULES)`). Runs alternate on/off so both
-see the same machine; the WebSocket layer, the same in both, is left out, so the ratio is the
-harsher one. Writers are technicians (their updates also pass the field-level check) moving
-statuses, ticking checklists, logging time and appending notes, 8 documents at a time.
+same run without them (`Replicator(rules=documents.NO_RULES)`); and each with the field history
+stored and not (its rows left out of every `Write`: what complete history costs beyond the
+reading of each update's changes, which authorising a technician's write needs anyway). Runs
+alternate so all four see the same machine; the WebSocket layer, the same in all, is left out,
+so the ratios are the harsher ones. Writers are technicians (their updates also pass the
+field-level check) moving statuses, ticking checklists, logging time and appending notes, 8
+documents at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pycrdt import Array, Doc, Map, Text
 
@@ -27,7 +31,7 @@ from fieldsync import documents
 from fieldsync.auth import Principal, Role
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import Replicator
-from fieldsync.storage import SQLiteBackend
+from fieldsync.storage import Committed, SQLiteBackend, Store, Write
 
 STEPS = ("en_route", "in_progress", "on_hold", "in_progress")
 
@@ -107,8 +111,21 @@ def workload(docs: int, updates: int) -> tuple[list[tuple[str, bytes]], list[tup
     return seeds, edits
 
 
+class WithoutHistory:
+    """The store, given every write without its field history rows."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def append(self, write: Write) -> Awaitable[Committed]:
+        return self._store.append(dataclasses.replace(write, history=()))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 async def run(
-    rules: bool, seeds: list[tuple[str, bytes]], edits: list[tuple[str, bytes]]
+    rules: bool, history: bool, seeds: list[tuple[str, bytes]], edits: list[tuple[str, bytes]]
 ) -> tuple[float, float]:
     """Durable updates per second of the technician's edits, and the process's CPU time per
     update in µs (every thread: the event loop and the storage writer), which fsync's speed on
@@ -116,7 +133,8 @@ async def run(
     with tempfile.TemporaryDirectory() as tmp:
         backend = SQLiteBackend(Path(tmp) / "bench.db")
         await backend.open()
-        replicator = Replicator(backend.store, rules=None if rules else documents.NO_RULES)
+        store = backend.store if history else cast(Store, WithoutHistory(backend.store))
+        replicator = Replicator(store, rules=None if rules else documents.NO_RULES)
         boss = Device(Principal("sam", frozenset({Role.SUPERVISOR}), team="north", region="east"))
         boss.scope = ScopeFilter(ScopeKind.TEAM, "north")
         tina = Device(Principal("tina", frozenset({Role.TECHNICIAN}), team="north", region="east"))
@@ -148,19 +166,31 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     seeds, edits = workload(args.docs, args.updates)
-    on, off = [], []
+    variants = [(rules, history) for rules in (False, True) for history in (False, True)]
+    runs: dict[tuple[bool, bool], list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(args.reps):
-        off.append(await run(False, seeds, edits))
-        on.append(await run(True, seeds, edits))
-    rate_on, rate_off = (statistics.median(r for r, _ in runs) for runs in (on, off))
-    cpu_on, cpu_off = (statistics.median(c for _, c in runs) for runs in (on, off))
+        for rules, history in variants:
+            runs[rules, history].append(await run(rules, history, seeds, edits))
+    rate = {v: statistics.median(r for r, _ in runs[v]) for v in variants}
+    cpu = {v: statistics.median(c for _, c in runs[v]) for v in variants}
     print(f"updates: {args.updates} on {args.docs} work orders, {args.reps} reps alternating")
-    for name, runs in (("off", off), ("on", on)):
-        rates = ", ".join(f"{r:,.0f}" for r, _ in runs)
-        cpus = ", ".join(f"{c:,.0f}" for _, c in runs)
-        print(f"rules {name:>3}: durable updates/s [{rates}], CPU µs/update [{cpus}]")
-    print(f"ratio on/off, durable updates/s: {rate_on / rate_off:.2f} (target at least 0.70)")
-    print(f"CPU per update on/off: {cpu_on:,.0f} / {cpu_off:,.0f} µs = {cpu_on / cpu_off:.2f}")
+    print("| rules | history | durable updates/s (reps) | CPU µs/update (reps) |")
+    print("|---|---|---|---|")
+    for rules, history in variants:
+        rates = ", ".join(f"{r:,.0f}" for r, _ in runs[rules, history])
+        cpus = ", ".join(f"{c:,.0f}" for _, c in runs[rules, history])
+        print(f"| {'on' if rules else 'off'} | {'on' if history else 'off'} | {rates} | {cpus} |")
+    full, bare = (True, True), (False, True)
+    print(f"rules on/off, durable updates/s: {rate[full] / rate[bare]:.2f} (target at least 0.70)")
+    print(f"rules on/off, CPU per update: {cpu[full]:,.0f} / {cpu[bare]:,.0f} µs", end="")
+    print(f" = {cpu[full] / cpu[bare]:.2f}")
+    for rules in (True, False):
+        on, off = cpu[rules, True], cpu[rules, False]
+        name = "on" if rules else "off"
+        print(
+            f"history stored/not (rules {name}), CPU per update: {on:,.0f} / {off:,.0f} µs", end=""
+        )
+        print(f" = {on / off:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _READERS = 3
-# Group commit under load: how long a commit waits for more writes, and how soon after the
-# last commit a write must come for the writer to count as busy.
+# Group commit under load: how long a commit waits for more writes at most, in steps of how
+# long, and how soon after the last commit a write must come for the writer to count as busy.
 _COMMIT_DELAY = 0.002
+_COMMIT_STEP = 0.0005
 _BUSY_AFTER = 0.005
 _BUSY_TIMEOUT_MS = 5000
 
@@ -426,12 +427,21 @@ class SQLiteStore:
     def _take_batch(self) -> tuple[list[_Append | _Touch | _Call], bool]:
         """Block for one job, then take whatever else is already queued, up to `batch_max`.
         Under a steady stream of writes (the last commit ended moments before this job came)
-        it first lets more come for `_COMMIT_DELAY`: most of a commit's CPU is its own (WAL
-        pages, fsync), and fan-out does not wait for it, only the acks do. A sleep rather
-        than waits on the queue: a wait would wake this thread, and take the GIL, per write."""
+        it first lets more come, up to `_COMMIT_DELAY`: most of a commit's CPU is its own (the
+        fsync, the statements around it), and fan-out does not wait for it, only the acks do.
+        Sleeps rather than waits on the queue: a wait would wake this thread, and take the
+        GIL, per write."""
         job = self._queue.get()
         if time.perf_counter() - self._last_commit < _BUSY_AFTER:
-            time.sleep(_COMMIT_DELAY)
+            # In steps, for as long as writes keep coming: devices that each wait for their
+            # ack (a closed loop) have all sent theirs after one step, and stop waiting there.
+            waited, queued = 0.0, self._queue.qsize()
+            while waited < _COMMIT_DELAY:
+                time.sleep(_COMMIT_STEP)
+                waited += _COMMIT_STEP
+                grown, queued = self._queue.qsize() > queued, self._queue.qsize()
+                if not grown:
+                    break
         batch: list[_Append | _Touch | _Call] = []
         while not isinstance(job, _Stop):
             batch.append(job)
