@@ -415,9 +415,9 @@ async def test_a_group_commit_leaves_the_rows_one_commit_per_update_would(
             ydocs: dict[str, pycrdt.Doc[Any]] = {}
             writes = [write(ydocs, *edit) for edit in edits]
             if together:
+                # Queued at once: the writer takes them in one or a few group commits (how
+                # many depends on when its thread runs; the rows must not).
                 committed = await asyncio.gather(*(store.append(w) for w in writes))
-                # In one batch, or two when the writer took the first before the rest came.
-                assert (await store.stats())["commits"] <= 2
             else:
                 committed = [await store.append(w) for w in writes]
             results.append((committed, await rows(store)))
