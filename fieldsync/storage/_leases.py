@@ -19,10 +19,17 @@ expiry bounds how long a dead owner's documents stay unavailable.
 `Leases` is the seam; `PostgresLeases` its implementation. One node on SQLite has no leases: the
 replicator, given none, owns every document and its writes carry no token (nothing is added to
 SQLite's write path).
+
+Two processes given one node id (a configuration copied to two hosts) would take each other's
+documents over and over, each claim fencing the other: safe, but every device of both resyncs
+again and again. Each renewal's heartbeat reads the address the registry held before it; another
+address there means another process renewed as this node since, which is logged as an error.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -136,6 +143,17 @@ _HEARTBEAT = """
 
 _RELEASE = f"UPDATE leases SET expires_at = '-infinity' WHERE doc IN ({_HELD})"
 
+# The heartbeat of a renewal, which also says where the registry had this node before it.
+_RENEW_HEARTBEAT = """
+    WITH before AS (SELECT url FROM nodes WHERE node = %(node)s)
+    INSERT INTO nodes (node, url, heartbeat) VALUES (%(node)s, %(url)s, clock_timestamp())
+    ON CONFLICT (node) DO UPDATE SET url = excluded.url, heartbeat = excluded.heartbeat
+    RETURNING (SELECT url FROM before)
+"""
+_TWIN_LOG_EVERY = 60.0  # seconds between two errors about another process with this node id
+
+log = logging.getLogger(__name__)
+
 
 class PostgresLeases:
     """`Leases` in the cluster's PostgreSQL database (`store`'s), for node `node` reached at
@@ -149,6 +167,7 @@ class PostgresLeases:
         self.url = url
         self.ttl = ttl
         self._held: dict[str, int] = {}  # doc -> fencing token
+        self._twin_logged = -_TWIN_LOG_EVERY  # monotonic time of the last error about a twin
 
     @property
     def node(self) -> str:
@@ -202,7 +221,9 @@ class PostgresLeases:
         sent = dict(self._held)
 
         async def work(conn: AsyncConnection) -> set[str]:
-            await conn.execute(_HEARTBEAT, (self._node, self.url))
+            cursor = await conn.execute(_RENEW_HEARTBEAT, {"node": self._node, "url": self.url})
+            row = await cursor.fetchone()
+            self._heard(row[0] if row else None)
             if not sent:
                 return set()
             cursor = await conn.execute(
@@ -223,6 +244,20 @@ class PostgresLeases:
                 del self._held[doc]
                 lost.append(doc)
         return lost
+
+    def _heard(self, before: str | None) -> None:
+        """`before`: the address the registry held for this node until this heartbeat."""
+        now = time.monotonic()
+        if before in (None, self.url) or now - self._twin_logged < _TWIN_LOG_EVERY:
+            return
+        self._twin_logged = now
+        log.error(
+            "another process runs as node %r, reached at %s (this one: %s): the two take each "
+            "other's documents over; give every node its own FIELDSYNC_NODE_ID",
+            self._node,
+            before,
+            self.url,
+        )
 
     def release(self, docs: Collection[str]) -> Coroutine[Any, Any, None]:
         mine = {doc: self._held.pop(doc) for doc in docs if doc in self._held}

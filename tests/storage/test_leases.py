@@ -41,8 +41,10 @@ async def nodes(url: str) -> AsyncIterator[list[PostgresBackend]]:
         await backend.close()
 
 
-def leases(backend: PostgresBackend, node: str, ttl: float = 30.0) -> PostgresLeases:
-    made = backend.leases(node, f"http://{node}.invalid", ttl)
+def leases(
+    backend: PostgresBackend, node: str, ttl: float = 30.0, url: str | None = None
+) -> PostgresLeases:
+    made = backend.leases(node, url or f"http://{node}.invalid", ttl)
     assert isinstance(made, PostgresLeases)
     return made
 
@@ -161,3 +163,27 @@ async def test_a_stale_owners_conflict_record_is_left_out(nodes: list[PostgresBa
     await nodes[1].store.append(edit("wo:3", "after", None))
     records = await nodes[1].store.conflicts(ScopeFilter(ScopeKind.ALL), None, 10)
     assert [record.conflict.actor for record in records] == ["owner"]
+
+
+async def test_two_live_processes_with_one_node_id_are_reported(
+    nodes: list[PostgresBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart with the same id is normal (above), and says nothing; two processes that both
+    keep renewing as one node (a configuration copied to two hosts) are an error, logged."""
+    first = leases(nodes[0], "a", url="http://host-1.invalid")
+    await first.open()
+    await first.renew()
+    # The same process again, at a new address: one process at a time, nothing to report.
+    restarted = leases(nodes[1], "a", url="http://host-1b.invalid")
+    await restarted.open()
+    await restarted.renew()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    # The first process is still alive and renews: two processes are node a.
+    await first.renew()
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "another process runs as node 'a'" in error.getMessage()
+    assert "http://host-1b.invalid" in error.getMessage()
+    # Logged once a minute, not at every renewal.
+    await restarted.renew()
+    await first.renew()
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2  # one from each
