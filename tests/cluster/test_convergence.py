@@ -26,7 +26,14 @@ from pycrdt import Array, Doc, Map
 from fieldsync.auth import DevIssuer
 from tests.cluster.conftest import REDIS_URL
 from tests.harness import Server, running_issuer, running_server, stored_doc, work_order
-from tests.replication.test_convergence import DEVICES, Edit, apply_edit, content, same
+from tests.replication.test_convergence import (
+    DEVICES,
+    Edit,
+    apply_edit,
+    content,
+    edits_of,
+    same,
+)
 
 NODES = 3
 DOCS = ("c1", "c2")  # each example's own work orders: `wo:<example>-c1`…
@@ -49,14 +56,7 @@ class Together:
 
 Step = Edit | Toggle | Together
 
-edits = st.builds(
-    Edit,
-    device=st.integers(0, len(DEVICES) - 1),
-    doc=st.sampled_from(DOCS),
-    kind=st.sampled_from(["field", "text", "delete", "check", "part"]),
-    key=st.sampled_from(["status", "priority", "due_at", "site"]),
-    value=st.integers(0, 1000),
-)
+edits = edits_of(DOCS)
 toggles = st.builds(Toggle, device=st.integers(0, len(DEVICES) - 1), node=st.integers(0, NODES - 1))
 scenarios = st.lists(
     st.one_of(edits, edits, toggles, st.builds(Together, edits, edits)), min_size=5, max_size=30

@@ -38,14 +38,19 @@ class Toggle:
     device: int  # goes offline if online, online if offline
 
 
-edits = st.builds(
-    Edit,
-    device=st.integers(0, len(DEVICES) - 1),
-    doc=st.sampled_from(DOCS),
-    kind=st.sampled_from(["field", "text", "delete", "check", "part"]),
-    key=st.sampled_from(["status", "priority", "due_at", "site"]),
-    value=st.integers(0, 1000),
-)
+def edits_of(docs: tuple[str, ...]) -> st.SearchStrategy[Edit]:
+    """Edits by any of `DEVICES` to one of `docs`, of every kind `apply_edit` makes."""
+    return st.builds(
+        Edit,
+        device=st.integers(0, len(DEVICES) - 1),
+        doc=st.sampled_from(docs),
+        kind=st.sampled_from(["field", "text", "delete", "check", "part"]),
+        key=st.sampled_from(["status", "priority", "due_at", "site"]),
+        value=st.integers(0, 1000),
+    )
+
+
+edits = edits_of(DOCS)
 toggles = st.builds(Toggle, device=st.integers(0, len(DEVICES) - 1))
 scenarios = st.lists(st.one_of(edits, edits, toggles), min_size=5, max_size=40)
 
