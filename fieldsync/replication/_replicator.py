@@ -729,14 +729,19 @@ class Replicator:
         origin: Origin | None = None,
     ) -> asyncio.Future[Committed]:
         before = room.index
+        index = room.reindex()
+        moves = _moves_scope(before, index)
+        relayed = author is not None and not (moves or self._moving or room.held)
         write = Write(
             doc=room.doc_id,
             data=effective,
             origin=origin or (author.origin if author else RULES_ORIGIN),
             actor=actor or (author.principal.subject if author else "server"),
-            index=room.reindex(),
+            index=index,
             history=room.take_changes(),
             fence=room.fence,
+            # Nothing waits for a relayed y-websocket write: its author is never acked.
+            awaited=not relayed or author is None or author.origin.kind is not OriginKind.YWS,
         )
         room.in_flight += 1
         committed = asyncio.ensure_future(self.store.append(write))
@@ -755,8 +760,6 @@ class Replicator:
         # - a write that creates the document or moves it between scopes, with every room's
         #   writes while it is in flight: a peer it moves out is unsubscribed (`_rescope`, on
         #   the commit) before it could be sent the move, a later update, or a form of it.
-        moves = _moves_scope(before, write.index)
-        relayed = author is not None and not (moves or self._moving or room.held)
         if relayed:
             self._fan_out(room, effective, author)
         else:

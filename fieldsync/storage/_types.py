@@ -42,6 +42,10 @@ class Write:
     # PostgreSQL append refuses the write unless it is the document's current, unexpired one.
     # None: no lease (one node owns every document; SQLite never reads it).
     fence: int | None = None
+    # Whether anything waits for this commit: an ack, an HTTP answer, a fan-out held for it.
+    # A write nothing waits for (a y-websocket author's, already relayed) lets the writer
+    # gather a fuller group commit around it (SQLite: up to `_sqlite._RELAXED_DELAY`).
+    awaited: bool = True
 
 
 @dataclass(frozen=True, slots=True)
