@@ -11,6 +11,7 @@ Pure functions from bytes to typed messages and back; every malformed input rais
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -287,6 +288,24 @@ def encode_sync(step: SyncStep, payload: bytes) -> bytes:
 
 def encode_awareness(payload: bytes) -> bytes:
     return bytes((YMessage.AWARENESS,)) + write_varbytes(payload)
+
+
+# One lib0 varuint: its continuation bytes (high bit set), then its last byte.
+_VARUINT = re.compile(rb"[\x80-\xff]*[\x00-\x7f]")
+
+
+def state_entries(sv: bytes) -> dict[bytes, bytes]:
+    """The entries of a state vector yrs encoded, client id -> clock, both left lib0-encoded:
+    two state vectors compare in C however many client ids a document has collected (every
+    start of an app brings a new one; decoding a hundred in Python takes ~130 µs). For yrs's
+    own output only: nothing here is checked."""
+    tokens = _VARUINT.findall(sv)
+    return dict(zip(tokens[1::2], tokens[2::2], strict=True))
+
+
+def varuint_value(encoded: bytes) -> int:
+    """The value of one lib0-encoded varuint (an entry of `state_entries`)."""
+    return Reader(encoded).varuint()
 
 
 def decode_state_vector(sv: bytes) -> dict[int, int]:

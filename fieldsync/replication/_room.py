@@ -13,7 +13,7 @@ from fieldsync import documents
 from fieldsync.errors import ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.records import DocIndex, FieldChange, Origin, OriginKind
 from fieldsync.replication._awareness import Awareness
-from fieldsync.replication._codec import Reader, decode_state_vector
+from fieldsync.replication._codec import Reader, state_entries, varuint_value
 from fieldsync.storage import StoredDoc
 
 if TYPE_CHECKING:
@@ -46,13 +46,16 @@ def integrated(update: bytes, state: bytes) -> bool:
     rest = get_update(update, state)  # the update's structs the replica lacks, then deletions
     if rest[0]:  # a v1 update starts with its count of clients with structs
         return False
-    clocks = decode_state_vector(state)
+    clocks = state_entries(state)
     reader = Reader(rest, 1)
     for _ in range(reader.varuint()):
-        client = reader.varuint()
+        start = reader.pos
+        reader.varuint()  # the client id, looked up as encoded
+        known = clocks.get(rest[start : reader.pos])
+        held = 0 if known is None else varuint_value(known)
         for _ in range(reader.varuint()):
             clock, length = reader.varuint(), reader.varuint()
-            if clock + length > clocks.get(client, 0):
+            if clock + length > held:
                 return False
     return True
 

@@ -29,11 +29,12 @@ from fieldsync.replication._codec import (
     YAwareness,
     YSync,
     decode_frame,
-    decode_state_vector,
     decode_y,
     encode_body,
     encode_frame,
     encode_sync,
+    state_entries,
+    varuint_value,
 )
 from fieldsync.replication._connection import (
     DEFAULT_LIMITS,
@@ -471,11 +472,13 @@ class V1Session(Connection):
         too; and when it advanced none (a resend of what the room holds: the device reconnected
         while its first send was on the way, and that send's ack went to the closed socket),
         every client, or the device would never forget the edit. `after` is durable by now."""
-        ours = decode_state_vector(after)
-        had = decode_state_vector(before)
-        theirs = set(decode_state_vector(get_state(update)))
-        theirs.update(client for client, clock in ours.items() if clock > had.get(client, 0))
-        if after == before:
-            theirs.update(ours)
-        clock = {str(client): ours.get(client, 0) for client in sorted(theirs)}
+        ours = state_entries(after)
+        resent = after == before
+        advanced = dict(ours) if resent else dict(ours.items() - state_entries(before).items())
+        for client in state_entries(get_state(update)):
+            advanced.setdefault(client, ours.get(client, b"\x00"))
+        clocks = sorted(
+            (varuint_value(client), varuint_value(clock)) for client, clock in advanced.items()
+        )
+        clock = {str(client): value for client, value in clocks}
         self.send_control({"type": "ack", "doc": doc_id, "seq": seq, "clock": clock})

@@ -36,6 +36,8 @@ from fieldsync.replication._codec import (
     encode_body,
     encode_frame,
     encode_sync,
+    state_entries,
+    varuint_value,
     write_varbytes,
     write_varstring,
     write_varuint,
@@ -108,6 +110,31 @@ def test_varuint_is_lib0(value: int) -> None:
     assert all(byte & 0x80 for byte in encoded[:-1])
     assert encoded[-1] < 0x80
     assert len(encoded) == max(1, -(-value.bit_length() // 7))
+
+
+@given(st.dictionaries(st.integers(0, MAX_SAFE), st.integers(0, 1 << 32), max_size=300))
+def test_state_entries_are_the_state_vector_left_encoded(clocks: dict[int, int]) -> None:
+    encoded = write_varuint(len(clocks)) + b"".join(
+        write_varuint(client) + write_varuint(clock) for client, clock in clocks.items()
+    )
+    entries = state_entries(encoded)
+    assert entries == {write_varuint(c): write_varuint(k) for c, k in clocks.items()}
+    assert {varuint_value(c): varuint_value(k) for c, k in entries.items()} == clocks
+    assert decode_state_vector(encoded) == clocks
+
+
+def test_state_entries_read_what_yrs_writes() -> None:
+    doc: Doc[Any] = Doc()
+    for n in range(200):
+        writer: Doc[Any] = Doc(client_id=(n + 1) * 2_654_435_761)
+        writer.get("notes", type=Text).insert(0, "x" * (n + 1))
+        doc.apply_update(writer.get_update())
+    state = doc.get_state()
+    entries = state_entries(state)
+    assert {varuint_value(c): varuint_value(k) for c, k in entries.items()} == (
+        decode_state_vector(state)
+    )
+    assert len(entries) == 200
 
 
 @given(st.integers(0, MAX_SAFE), st.data())

@@ -112,6 +112,35 @@ async def test_each_pipelined_update_is_acked_in_order_with_its_own_clock(
         assert ack["clock"] == {str(client): value for client, value in clock.items()}
 
 
+async def test_an_edit_to_a_document_many_devices_wrote_is_acked_with_its_own_clock_only(
+    server: Server,
+) -> None:
+    """Every start of an app writes with a new Yjs client id, so a work order collects hundreds
+    over its life; the ack still names exactly the client the edit advanced."""
+    doc = work_order("wo:many")
+    for n in range(300):
+        device = Doc(client_id=1_000_003 * (n + 1))
+        device.apply_update(doc.get_update())
+        state = device.get_state()
+        device.get("fields", type=Map)[f"device{n}"] = n
+        doc.apply_update(device.get_update(state))
+    every = decode_state_vector(doc.get_state())
+    async with connect(server.sync_url, server.token("sam")) as wire:
+        await wire.hello()
+        await wire.update("wo:many", doc.get_update())
+        created = await wire.control("ack", doc="wo:many")
+        state = doc.get_state()
+        doc.get("fields", type=Map)["priority"] = "high"
+        await wire.update("wo:many", doc.get_update(state))
+        edited = await wire.control("ack", doc="wo:many")
+    assert len(created["clock"]) == len(every) == 301
+    assert created["clock"] == {str(client): clock for client, clock in every.items()}
+    mine = decode_state_vector(doc.get_state())[doc.client_id]
+    assert (
+        edited["clock"] == {str(doc.client_id): mine} != {str(doc.client_id): every[doc.client_id]}
+    )
+
+
 # --- the changes feed --------------------------------------------------------------------
 
 
