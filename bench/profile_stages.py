@@ -23,10 +23,12 @@ session glue), "other threads" the process's CPU outside the loop thread and the
 
   decode            y-protocols / fieldsync.v1 decoding of the incoming message
   authorise         the policy's path, scope and log checks on what the update writes
-  scratch apply     the update applied on the scratch replica beside the room (pycrdt)
-  scratch check     `integrated`: nothing of the update waits in the replica
+  apply + read      the update applied to the room's document, its roots watched (pycrdt);
+                    before 2026-12-07 applied on a scratch replica, then by the room again
+  scratch check     `integrated`: nothing of the update waits in the document
   history read      pycrdt's deep events turned into field changes (FieldChange)
-  apply             the room's own apply and the merge of what it emitted
+  accept            `Room.apply`: the merge of what the document emitted (before 2026-12-07
+                    also the room's second apply)
   history record    the room's bookkeeping of those changes (`_record`, `take_changes`, ...)
   rules             the domain rules (`work_order`, `form`, their reads and corrections)
   index             the document's index recomputed (`reindex`, `scratch_index`)
@@ -67,10 +69,10 @@ BENCH = Path(__file__).resolve().parent
 STAGES = (
     "decode",
     "authorise",
-    "scratch apply",
+    "apply + read",
     "scratch check",
     "history read",
-    "apply",
+    "accept",
     "history record",
     "rules",
     "index",
@@ -167,8 +169,8 @@ def install(timers: Timers) -> None:
     wrap(_session, "decode_frame", "decode")
     wrap(Replicator, "_check_write", "authorise")
     wrap(_room, "check_count", "authorise")
-    wrap(_paths.Scratch, "written", "scratch apply")
-    wrap(_paths, "root_names", "scratch apply")
+    wrap(_paths.Watched, "written", "apply + read")
+    wrap(_paths, "root_names", "apply + read")
     wrap(_room, "integrated", "scratch check")
     original_collector = _paths._collector
 
@@ -176,8 +178,8 @@ def install(timers: Timers) -> None:
         return timers.sync("history read", original_collector(*args, **kwargs))
 
     _paths._collector = collector
-    wrap(Room, "apply", "apply")
-    wrap(_room, "merge_updates", "apply")
+    wrap(Room, "apply", "accept")
+    wrap(_room, "merge_updates", "accept")
     for attr in ("_record", "take_changes", "touched"):
         wrap(Room, attr, "history record")
     for attr in ("work_order", "form", "forms_needed", "form_blocks"):
@@ -185,7 +187,7 @@ def install(timers: Timers) -> None:
     wrap(Room, "read", "rules")
     wrap(Room, "write", "rules")
     wrap(Room, "reindex", "index")
-    wrap(Room, "scratch_index", "index")
+    wrap(Room, "tentative_index", "index")
     wrap(Replicator, "_commit", "commit queue")
     wrap(_sqlite.SQLiteStore, "append", "commit queue")
     wrap(_sqlite.SQLiteStore, "_commit_batch", "SQL (writer)")

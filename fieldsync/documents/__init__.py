@@ -11,7 +11,7 @@ from fieldsync.documents import _templates as form_templates
 from fieldsync.documents import _workorder as work_order
 from fieldsync.documents import _workorder_rules as work_order_rules
 from fieldsync.documents._ids import MAX_DOC_ID, DocType, InvalidDocId, doc_type
-from fieldsync.documents._paths import Scratch, data, follow, watch
+from fieldsync.documents._paths import Watched, data, follow, watch
 from fieldsync.documents._rule_set import NO_RULES, DomainRules, RuleSet
 from fieldsync.documents._templates import TemplateError, Templates
 from fieldsync.records import DocIndex
@@ -77,9 +77,9 @@ __all__ = [
     "DomainRules",
     "InvalidDocId",
     "RuleSet",
-    "Scratch",
     "TemplateError",
     "Templates",
+    "Watched",
     "creation_problems",
     "data",
     "doc_type",

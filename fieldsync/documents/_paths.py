@@ -68,18 +68,31 @@ def _observe_deep(
     return drop
 
 
-class Scratch:
-    """A replica kept beside a document, to read what an update writes before the document
-    takes it. It watches its roots for its whole life: subscribing per check would cost more
-    than the check."""
+class Watched:
+    """A document watched for what each update writes to it, as paths. It watches its roots for
+    its whole life: subscribing per update would cost more than the reading."""
 
-    def __init__(self, state: bytes, roots: dict[str, Any]) -> None:
-        self.doc: Doc[Any] = Doc()
-        self.doc.apply_update(state)
+    def __init__(self, doc: Doc[Any], roots: dict[str, Any]) -> None:
+        self.doc = doc
         self._roots = roots
         self._changes: list[FieldChange] = []
-        self._unwatch = watch(self.doc, roots, self._changes)
-        self._known = root_names(self.doc)  # the roots the document holds, kept current
+        self._unwatch = watch(doc, roots, self._changes)
+        self._known = root_names(doc)  # the roots the document holds, kept current
+
+    @classmethod
+    def replica(cls, state: bytes, roots: dict[str, Any]) -> Watched:
+        """A new document at `state`, watched."""
+        doc: Doc[Any] = Doc()
+        doc.apply_update(state)
+        return cls(doc, roots)
+
+    def changed(self) -> list[FieldChange]:
+        """What the document's own transactions changed since the last call (a rule's
+        correction made on the document directly)."""
+        changes = self._changes[:]
+        self._changes.clear()
+        self._known = root_names(self.doc)
+        return changes
 
     def written(self, update: bytes) -> list[FieldChange]:
         """Apply `update` and return what it changed. A root outside the document's schema

@@ -456,22 +456,23 @@ class Replicator:
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
         check_count(update, "update")  # before any replica, scratch or real, decodes it
-        read = None
         if not room.exists:
             try:
                 await self._authorise_creation(peer.principal, room, update)
             except Forbidden:
                 room.pending.pop(peer, None)
                 raise
-        else:
-            read = self._check_write(peer.principal, room, update)
         created = not room.exists
         before = room.state_vector()
         try:
+            read = None if created else self._check_write(peer.principal, room, update)
             effective = room.apply(update, read=read)
+        except BaseException:
+            room.refuse()  # whatever was refused or failed leaves the document as it was
+            raise
         finally:
-            # `apply` raises when it poisons the room: drop it here, or its subscribers would
-            # go on with a document in memory that storage does not hold (or that panics).
+            # The room raises when it is poisoned: drop it here, or its subscribers would go
+            # on with a document in memory that storage does not hold (or that panics).
             if room.poisoned:
                 self._drop(room, "the document failed to apply an update")
         # Commits happen in apply order, so once this update's commit (or, when it added
@@ -517,12 +518,12 @@ class Replicator:
         # The index is read only when the write touches a key the writer is held to: the
         # others cannot move the document out of its scope.
         moved = (
-            self.policy.outside(principal, room.scratch_index(), keys)
+            self.policy.outside(principal, room.tentative_index(), keys)
             if not keys.isdisjoint(held)
             else []
         )
         if refused or fixed or forged or moved:
-            room.forget_scratch()
+            room.refuse()
             if refused:
                 raise ForbiddenField(room.doc_id, refused)
             if fixed:

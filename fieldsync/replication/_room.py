@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from fieldsync.replication._replicator import Owner
 
 _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+# Updates accepted after the document's encoded state was last taken for `Room.refuse`: past
+# this many it is taken again (a copy of the document per this many updates, not per update).
+_REBASE_AFTER = 256
 
 
 class InvalidUpdate(FieldsyncError):
@@ -91,7 +94,6 @@ class Room:
         self.poisoned = False  # pycrdt panicked mid-apply: the state can no longer be trusted
         self.last_used = time.monotonic()
         self._emitted: list[bytes] = []
-        self._scratch: documents.Scratch | None = None
         self.ydoc.observe(self._on_transaction)
         self.seq = 0
         self.size = 0  # stored bytes: what `max_doc_bytes` limits
@@ -110,10 +112,18 @@ class Room:
             self.seq = stored.seq
             self.index = stored.index
         self._emitted.clear()
-        # From here on, every change is recorded for the field history (not the replay above),
-        # read on the scratch replica: a checked writer has it read there already.
+        # From the first write on, every change is recorded for the field history (watched
+        # from then: a room only read, as most are, holds no subscriptions).
+        self._watched: documents.Watched | None = None
         self._changes: list[FieldChange] = []
         self._parsed: dict[str, Any] = {}  # root -> its content as plain data, until it changes
+        # An update is applied to the document before it is judged; one that is refused, or
+        # that breaks the document, is undone by rebuilding it from `_base` (its encoded state,
+        # taken when first needed) and the updates accepted since. One apply per update, where
+        # a scratch replica beside the document cost two and a second copy in memory.
+        self._base: bytes | None = None
+        self._since: list[bytes] = []
+        self._tentative = False  # an update is applied and not yet accepted or refused
 
     @property
     def exists(self) -> bool:
@@ -127,67 +137,91 @@ class Room:
         self._emitted.append(event.update)
 
     def written(self, update: bytes) -> list[FieldChange]:
-        """What `update` changes, read on a scratch replica kept beside the document (a check
-        costs one more apply, not a copy of the document), before the document takes it. Raises
-        `Incomplete` for an update that builds on changes the room does not have."""
-        changes = self._read(update)
-        if not integrated(update, self._mirror().doc.get_state()):
-            self._scratch = None
+        """Apply `update` to the document, tentatively, and return what it changed, for the
+        checks to judge: `apply` then accepts it, `refuse` undoes it. Nothing awaits between
+        the two, so no one else ever sees a tentative state. Raises `InvalidUpdate`, and
+        `Incomplete` for an update that builds on changes the room does not have (its waiting
+        structs would take effect later, unchecked); both leave the document as it was."""
+        changes = self._take(update)
+        if not integrated(update, self.ydoc.get_state()):
+            self.refuse()
             raise Incomplete(self.doc_id)
         return changes
 
-    def _mirror(self) -> documents.Scratch:
-        if self._scratch is None:
-            self._scratch = documents.Scratch(self.ydoc.get_update(), documents.roots(self.type))
-        return self._scratch
-
-    def _read(self, update: bytes) -> list[FieldChange]:
+    def _take(self, update: bytes) -> list[FieldChange]:
+        """Apply `update` and read what it changed; undone if it raises."""
+        if self._base is None:
+            self._base = self.ydoc.get_update()
+        self._tentative = True
         try:
-            return self._mirror().written(update)
-        except BaseException as exc:
-            if isinstance(exc, _FATAL):
-                raise
-            self._scratch = None
-            raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
-
-    def scratch_index(self) -> DocIndex:
-        """The index of the document as the scratch replica holds it: after the update that
-        `written` just read, before the room takes it."""
-        return documents.index(self.doc_id, self._mirror().doc)
-
-    def forget_scratch(self) -> None:
-        """The scratch replica took an update the room refused: it no longer mirrors the room."""
-        self._scratch = None
-
-    def apply(self, update: bytes, *, read: list[FieldChange] | None = None) -> bytes | None:
-        """Merge `update`; return what it added (the effective update to store and broadcast), or
-        None when it added nothing (already known, or waiting on updates not received yet).
-        `read`: what `written` read of it (the scratch replica has taken it already). Raises
-        `InvalidUpdate`; an update the scratch replica cannot take never reaches the room."""
-        self.last_used = time.monotonic()
-        changes = read if read is not None else self._read(update)
-        try:
-            self.ydoc.apply_update(update)
+            return self._watcher().written(update)
         except BaseException as exc:
             # pyo3 panics derive from BaseException (DESIGN.md §9); only true exits pass through.
             if isinstance(exc, _FATAL):
                 raise
-            # Decoding fails with ValueError before anything is integrated. A panic, or an error
-            # raised after yrs integrated part of the update (pycrdt 0.14: RuntimeError "block
-            # parent must be deleted or shared ref type"), leaves memory changed in a way the
-            # emitted update does not always reproduce: it can no longer be trusted.
-            if not isinstance(exc, ValueError) or self._emitted:
-                self.poisoned = True
-            self._emitted.clear()
-            self._scratch = None
+            # Decoding fails with ValueError before anything is integrated; a panic, or an
+            # error raised after yrs integrated part of the update (pycrdt 0.14: RuntimeError
+            # "block parent must be deleted or shared ref type"), leaves the document changed
+            # in a way the emitted update does not always reproduce: it is rebuilt.
+            if isinstance(exc, ValueError) and not self._emitted:
+                self._tentative = False
+            self.refuse()
             raise InvalidUpdate(f"the update could not be decoded: {type(exc).__name__}") from None
+
+    def tentative_index(self) -> DocIndex:
+        """The index of the document with the update `written` just applied."""
+        return documents.index(self.doc_id, self.ydoc)
+
+    def refuse(self) -> None:
+        """Undo the update `written` applied (if any): the document is rebuilt as it was."""
+        self._emitted.clear()
+        if not self._tentative:
+            return
+        self._tentative = False
+        self._parsed.clear()
+        rebuilt: Doc[Any] = Doc(client_id=self.ydoc.client_id)
+        try:
+            for data in [self._base or b"\x00\x00", *self._since]:
+                rebuilt.apply_update(data)
+        except BaseException as exc:
+            if isinstance(exc, _FATAL):
+                raise
+            self.poisoned = True  # what it held once no longer applies: it cannot be trusted
+            raise InvalidUpdate(
+                f"the document could not be rebuilt: {type(exc).__name__}"
+            ) from None
+        rebuilt.observe(self._on_transaction)
+        self.ydoc = rebuilt
+        self._watched = None
+        self._emitted.clear()
+
+    def _watcher(self) -> documents.Watched:
+        if self._watched is None:
+            self._watched = documents.Watched(self.ydoc, documents.roots(self.type))
+        return self._watched
+
+    def _accepted(self, effective: bytes) -> None:
+        self._tentative = False
+        self._since.append(effective)
+        if len(self._since) >= _REBASE_AFTER:
+            self._base, self._since = None, []  # taken again before the next update
+
+    def apply(self, update: bytes, *, read: list[FieldChange] | None = None) -> bytes | None:
+        """Accept `update`; return what it added (the effective update to store and broadcast),
+        or None when it added nothing (already known, or waiting on updates not received yet).
+        `read`: what `written` read of it, having applied it already; else it is applied now.
+        Raises `InvalidUpdate`, leaving the document as it was."""
+        self.last_used = time.monotonic()
+        changes = read if read is not None and self._tentative else self._take(update)
         if not self._emitted:
+            self._accepted(update)  # what waits in the document for what it builds on, if any
             return None
         self._record(changes)
         emitted = self._emitted
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted.clear()
         self.size += len(effective)
+        self._accepted(effective)
         return effective
 
     def _record(self, changes: list[FieldChange]) -> None:
@@ -214,16 +248,20 @@ class Room:
     def write(self, change: Callable[[Doc[Any]], Any]) -> bytes | None:
         """Make a server-side change (a rule's correction) in one transaction; returns the
         update it made, None if it changed nothing."""
-        self._mirror()  # as the document is before the change, to read the change on
+        if self._base is None:
+            self._base = self.ydoc.get_update()
+        watched = self._watcher()
         with self.ydoc.transaction(origin=Origin(OriginKind.RULES)):
             change(self.ydoc)
+        changes = watched.changed()
         if not self._emitted:
             return None
         emitted = self._emitted
         effective = emitted[0] if len(emitted) == 1 else merge_updates(*emitted)
         self._emitted = []
         self.size += len(effective)
-        self._record(self._read(effective))
+        self._record(changes)
+        self._accepted(effective)
         return effective
 
     def touched(self) -> frozenset[str]:

@@ -1006,7 +1006,7 @@ def test_every_route_about_a_document_is_in_the_matrix(tmp_path: Path) -> None:
 
 
 def test_mutate_writes_exactly_the_path_it_names() -> None:
-    """The matrix's premise, checked with the write path's own reading (`Scratch.written`)."""
+    """The matrix's premise, checked with the write path's own reading (`Watched.written`)."""
     for kind in DocType:
         for path in write_paths(kind):
             base = build(kind, "tina", "assigned")
@@ -1014,7 +1014,7 @@ def test_mutate_writes_exactly_the_path_it_names() -> None:
             replica.apply_update(base.get_update())
             before = replica.get_state()
             mutate(replica, kind, path, 0, "tina")
-            scratch = documents.Scratch(base.get_update(), documents.roots(kind))
+            scratch = documents.Watched.replica(base.get_update(), documents.roots(kind))
             written = scratch.written(replica.get_update(before))
             assert {change.path for change in written} == {path}, (kind, path)
 

@@ -27,7 +27,7 @@ def test_root_names_are_the_roots_keys_lists() -> None:
 def test_a_root_outside_the_schema_is_named_new_or_old() -> None:
     seed: Doc[Any] = Doc()
     seed.get("fields", type=Map)["status"] = "new"
-    scratch = documents.Scratch(seed.get_update(), documents.work_order.ROOTS)
+    scratch = documents.Watched.replica(seed.get_update(), documents.work_order.ROOTS)
 
     def written(change: object) -> set[str]:
         replica: Doc[Any] = Doc()

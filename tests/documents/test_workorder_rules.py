@@ -223,7 +223,7 @@ def test_only_entries_in_the_writers_own_name_are_appended() -> None:
         replica.apply_update(seed)
         before = replica.get_state()
         change(replica)
-        scratch = documents.Scratch(seed, documents.work_order.ROOTS)
+        scratch = documents.Watched.replica(seed, documents.work_order.ROOTS)
         written = scratch.written(replica.get_update(before))
         return [problem for _, problem in rules.log_problems(written, "tina", {"technician"})]
 

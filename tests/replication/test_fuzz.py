@@ -1062,9 +1062,9 @@ BREAKS_MID_APPLY = {
 async def test_an_update_that_breaks_pycrdt_mid_apply_leaves_no_split_room(
     server: Server, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    """An update that breaks pycrdt part way through (or panics it) breaks the scratch replica
-    that reads every update before the room takes it: it is refused there, the room never sees
-    it, so memory, storage and every replica agree, and the other replica needs no resync."""
+    """An update that breaks pycrdt part way through (or panics it) is refused and undone: the
+    room's document is rebuilt as it was before it, so memory, storage and every replica agree,
+    and the other replica needs no resync."""
     caplog.set_level(logging.WARNING)
     async with connect(server.sync_url, server.token("sam")) as sam:
         await sam.hello()

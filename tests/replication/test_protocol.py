@@ -119,7 +119,7 @@ async def test_an_edit_to_a_document_many_devices_wrote_is_acked_with_its_own_cl
     over its life; the ack still names exactly the client the edit advanced."""
     doc = work_order("wo:many")
     for n in range(300):
-        device = Doc(client_id=1_000_003 * (n + 1))
+        device: Doc[Any] = Doc(client_id=1_000_003 * (n + 1))
         device.apply_update(doc.get_update())
         state = device.get_state()
         device.get("fields", type=Map)[f"device{n}"] = n
