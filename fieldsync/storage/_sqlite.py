@@ -59,9 +59,9 @@ _READERS = 3
 _COMMIT_DELAY = 0.002
 _COMMIT_STEP = 0.0005
 _BUSY_AFTER = 0.005
-# The same for a commit that begins with a write nothing waits for (`Write.awaited`): a y-websocket
-# fleet's commits grow from ~3 updates to ~20 at 2,000 updates/s, about a fifth of the server's
-# CPU per update (bench/README.md). A write that is awaited ends the wait at once.
+# The same for a commit that begins with a write nothing waits for (`Write.awaited`): fuller
+# commits took a fifth off a y-websocket fleet's server CPU per update (S1 profile, 382-390 ->
+# 312-319 µs; bench/README.md). A write that is awaited ends the wait at once.
 _RELAXED_DELAY = 0.010
 _RELAXED_STEP = 0.002
 _BUSY_TIMEOUT_MS = 5000
