@@ -92,12 +92,13 @@ def reads(touched: Collection[str] | None, paths: Iterable[str]) -> bool:
     """Whether changes at the `touched` paths (None: any) reach what `paths` name."""
     if touched is None:
         return True
-    return any(
-        t == p or t.startswith(p + ".") or p.startswith(t + ".")
-        for p in paths
-        for t in touched
-        if t[:1] == p[:1]  # most pairs differ at once: no strings built for them
-    )
+    # Loops, not a generator: this runs several times per update (S1 profile: ~10 µs in all).
+    for p in paths:
+        for t in touched:
+            # Most pairs differ at once: no strings built for them.
+            if t[:1] == p[:1] and (t == p or t.startswith(p + ".") or p.startswith(t + ".")):
+                return True
+    return False
 
 
 # Reads a root array as plain data (the room keeps what it parsed until the root changes).

@@ -463,7 +463,9 @@ class Replicator:
                 room.pending.pop(peer, None)
                 raise
         created = not room.exists
-        before = room.state_vector()
+        # The state vectors around the update are for the author's ack (v1, or over a link).
+        acked = _acked(peer)
+        before = room.state_vector() if acked else _EMPTY_STATE
         try:
             read = None if created else self._check_write(peer.principal, room, update)
             effective = room.apply(update, read=read)
@@ -477,7 +479,7 @@ class Replicator:
                 self._drop(room, "the document failed to apply an update")
         # Commits happen in apply order, so once this update's commit (or, when it added
         # nothing, the last one in flight) is done, all of this state vector is durable.
-        state_vector = room.state_vector()
+        state_vector = room.state_vector() if acked else _EMPTY_STATE
         if effective is None:
             return Submitted(room.tail if room.in_flight else None, state_vector, before)
         touched = room.touched()
@@ -741,8 +743,7 @@ class Replicator:
             index=index,
             history=room.take_changes(),
             fence=room.fence,
-            # Nothing waits for a relayed y-websocket write: its author is never acked.
-            awaited=not relayed or author is None or author.origin.kind is not OriginKind.YWS,
+            awaited=not relayed or author is None or _acked(author),
         )
         room.in_flight += 1
         committed = asyncio.ensure_future(self.store.append(write))
@@ -982,6 +983,12 @@ class Replicator:
                 proxy.subscribers.pop(peer, None)
                 if not proxy.subscribers:
                     del self._proxies[doc_id]
+
+
+def _acked(peer: Peer) -> bool:
+    """Whether `peer` is told when its writes are durable: a plain y-websocket client never is
+    (nothing waits for its commits; no state vectors are kept for its acks)."""
+    return peer.origin.kind is not OriginKind.YWS
 
 
 def _moves_scope(before: DocIndex | None, after: DocIndex | None) -> bool:
