@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import struct
@@ -368,15 +369,14 @@ class Connection:
             if self._in_flight is None:
                 self._in_flight = deque()
             self._in_flight.append(committed)
-            committed.add_done_callback(self._settled)
-            seen = self.replicator.observer.acknowledged
-            committed.add_done_callback(lambda _: seen(time.perf_counter() - received))
+            committed.add_done_callback(functools.partial(self._settled, received))
             # Backpressure: a device that outruns the disk waits here instead of filling memory.
             if len(self._in_flight) > self.limits.max_in_flight:
                 await asyncio.wait([self._in_flight[0]])
         return submitted
 
-    def _settled(self, done: asyncio.Future[Committed]) -> None:
+    def _settled(self, received: float, done: asyncio.Future[Committed]) -> None:
+        self.replicator.observer.acknowledged(time.perf_counter() - received)
         in_flight = self._in_flight
         if not in_flight:
             return
