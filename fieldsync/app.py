@@ -117,6 +117,7 @@ def limits_from(settings: Settings) -> Limits:
         max_offline=settings.max_offline_days * 86_400,
         max_sockets_per_subject=settings.max_sockets_per_subject,
         max_queued=settings.max_queued,
+        refusal_rate=settings.refusal_rate,
     )
 
 

@@ -315,6 +315,12 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "bytes of live updates waiting for a socket that reads slower (dropped beyond; resyncs)",
     ),
+    Setting(
+        "refusal_rate",
+        20.0,
+        _positive_float,
+        "refused writes per second a connection may cost, past 5 s worth (its next message waits)",
+    ),
     Setting("changes_page", 500, _positive_int, "documents per `changes` page"),
     Setting("max_offline_days", 30.0, _positive_float, "offline contract: days before a reset"),
     Setting("idle_seconds", 30.0, _positive_float, "unload a document idle this long"),

@@ -48,6 +48,10 @@ class Limits:
     # document: an answer to one step 1 always fits. (A BATCH's answers are not counted: the
     # device asked for them, and takes them as fast as its link goes.)
     max_queued: int = 32 << 20
+    # Refused writes per second a connection may cost, sustained, after five seconds' worth: a
+    # refusal is paid for (the document undone, rebuilt as it was), so past it the connection's
+    # next message waits. A device back with a backlog of refused edits is slowed, not dropped.
+    refusal_rate: float = 20.0
 
 
 DEFAULT_LIMITS = Limits()
@@ -140,6 +144,7 @@ class Connection:
         self._closed: SessionClosed | None = None
         self._rate = TokenBucket(limits.rate, limits.burst)
         self._in_flight: deque[asyncio.Future[Committed]] | None = None
+        self._refusals: TokenBucket | None = None  # made at the first refusal
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] | None = None
         self._sockets = sockets
@@ -363,7 +368,11 @@ class Connection:
 
     async def _write(self, room: Room, update: bytes) -> Submitted:
         received = time.perf_counter()
-        submitted = await self.replicator.submit(self, room, update)
+        try:
+            submitted = await self.replicator.submit(self, room, update)
+        except FieldsyncError:
+            await self._refused()
+            raise
         committed = submitted.committed
         if committed is not None and not committed.done():
             if self._in_flight is None:
@@ -374,6 +383,15 @@ class Connection:
             if len(self._in_flight) > self.limits.max_in_flight:
                 await asyncio.wait([self._in_flight[0]])
         return submitted
+
+    async def _refused(self) -> None:
+        """Charge a refused write; past `Limits.refusal_rate`, wait as long as one costs."""
+        rate = self.limits.refusal_rate
+        if self._refusals is None:
+            self._refusals = TokenBucket(rate, rate * 5)
+        if not self._refusals.take():
+            await asyncio.sleep((1 - self._refusals.tokens) / rate)
+            self._refusals.take()  # the token the wait was for
 
     def _settled(self, received: float, done: asyncio.Future[Committed]) -> None:
         self.replicator.observer.acknowledged(time.perf_counter() - received)

@@ -11,17 +11,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from pycrdt import Text
+from pycrdt import Doc, Map, Text
 
 from fieldsync.app import ENDPOINTS
 from fieldsync.auth import DevIssuer
 from fieldsync.errors import CloseCode
 from fieldsync.replication import Control
 from tests.harness import Server, eventually, running_server, stored_doc, work_order
-from tests.wire import Wire, connect
+from tests.wire import Wire, connect, sam_and_tina
 
 LIMIT = 3
 
@@ -173,3 +174,37 @@ async def test_a_socket_that_stops_reading_is_dropped_and_holds_no_more_than_the
                 while await reader.read(1 << 16):
                     pass
         writer.close()
+
+
+async def test_refused_writes_past_the_refusal_rate_slow_the_connection_down(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """A refused write is paid for (the document is rebuilt as it was before it): past
+    `refusal_rate` a second, after five seconds' worth, a connection's next message waits, so a
+    device that sends refused writes in a loop costs the server a bounded share. It is slowed,
+    not dropped: every refusal is reported, and its next allowed edit is stored."""
+    rate = 10.0
+    async with (
+        running_server(tmp_path, issuer, refusal_rate=rate) as server,
+        sam_and_tina(server, "wo:r", assignee="tina") as (_, tina),
+    ):
+        base = (await tina.replica("wo:r")).get_update()
+        refused = int(rate * 5) + 10  # the burst, then ten that wait 1 / rate each
+        started = time.monotonic()
+        for n in range(refused):
+            theirs: Doc[Any] = Doc()
+            theirs.apply_update(base)
+            before = theirs.get_state()
+            theirs.get("fields", type=Map)["assignee"] = f"tom{n}"
+            await tina.update("wo:r", theirs.get_update(before))
+        for _ in range(refused):
+            assert (await tina.control("error", doc="wo:r"))["code"] == "forbidden_field"
+        fresh = await tina.replica("wo:r")
+        before = fresh.get_state()
+        fresh.get("notes", type=Text).insert(0, "on site")
+        await tina.update("wo:r", fresh.get_update(before))
+        await tina.control("ack", doc="wo:r")
+        assert time.monotonic() - started >= 10 / rate * 0.9  # a lower bound: never flaky
+        stored = await stored_doc(server, "wo:r")
+        assert str(stored.get("notes", type=Text)) == "on site"
+        assert stored.get("fields", type=Map)["assignee"] == "tina"
