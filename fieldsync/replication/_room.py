@@ -179,9 +179,11 @@ class Room:
             return
         self._tentative = False
         self._parsed.clear()
+        base = self._base
+        assert base is not None, "`_take` takes the base before it applies"
         rebuilt: Doc[Any] = Doc(client_id=self.ydoc.client_id)
         try:
-            for data in [self._base or b"\x00\x00", *self._since]:
+            for data in [base, *self._since]:
                 rebuilt.apply_update(data)
         except BaseException as exc:
             if isinstance(exc, _FATAL):
