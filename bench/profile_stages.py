@@ -25,13 +25,14 @@ session glue), "other threads" the process's CPU outside the loop thread and the
   authorise         the policy's path, scope and log checks on what the update writes
   apply + read      the update applied to the room's document, its roots watched (pycrdt);
                     before 2026-12-07 applied on a scratch replica, then by the room again
-  scratch check     `integrated`: nothing of the update waits in the document
+  pending check     `integrated`: nothing of the update waits in the document (the
+                    "scratch check" of the tables before 2026-12-07)
   history read      pycrdt's deep events turned into field changes (FieldChange)
   accept            `Room.apply`: the merge of what the document emitted (before 2026-12-07
                     also the room's second apply)
   history record    the room's bookkeeping of those changes (`_record`, `take_changes`, ...)
   rules             the domain rules (`work_order`, `form`, their reads and corrections)
-  index             the document's index recomputed (`reindex`, `scratch_index`)
+  index             the document's index recomputed (`reindex`, `tentative_index`)
   commit queue      the `Write` built and queued for the writer (`_commit`, `append`)
   SQL (writer)      the writer thread's batch: statements, history rows, COMMIT (its CPU)
   commit callbacks  the futures the writer settles, on the loop
@@ -70,7 +71,7 @@ STAGES = (
     "decode",
     "authorise",
     "apply + read",
-    "scratch check",
+    "pending check",
     "history read",
     "accept",
     "history record",
@@ -171,7 +172,7 @@ def install(timers: Timers) -> None:
     wrap(_room, "check_count", "authorise")
     wrap(_paths.Watched, "written", "apply + read")
     wrap(_paths, "root_names", "apply + read")
-    wrap(_room, "integrated", "scratch check")
+    wrap(_room, "integrated", "pending check")
     original_collector = _paths._collector
 
     def collector(*args: Any, **kwargs: Any) -> Any:

@@ -455,7 +455,7 @@ class Replicator:
             raise Forbidden(room.doc_id)
         if room.size + len(update) > self.max_doc_bytes:
             raise DocTooLarge(room.doc_id, self.max_doc_bytes)
-        check_count(update, "update")  # before any replica, scratch or real, decodes it
+        check_count(update, "update")  # before any document, previewed or real, decodes it
         if not room.exists:
             try:
                 await self._authorise_creation(peer.principal, room, update)
@@ -496,7 +496,7 @@ class Replicator:
     def _check_write(
         self, principal: Principal, room: Room, update: bytes
     ) -> list[FieldChange] | None:
-        """Read what `update` writes on the room's scratch replica before the room takes it,
+        """Read what `update` writes as the room's document takes it, tentatively (`Room.written`),
         for a writer held to paths or to a scope, and for a document with roots fixed at
         creation; raise `ForbiddenField` for what may not be written, and for a write that
         would leave the document outside the writer's scope (the check of creation, after
