@@ -61,6 +61,9 @@ class Policy:
         self.grants = dict(grants)
         self.source = source
         self._by_name = {role.value: grant for role, grant in self.grants.items()}
+        # Per set of roles (few: the policy's roles combined), asked on every write.
+        self._of_roles: dict[frozenset[Role], tuple[Grant, ...]] = {}
+        self._everything: dict[tuple[frozenset[Role], str], bool] = {}
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
@@ -80,8 +83,12 @@ class Policy:
             raise PolicyError(source, str(exc)) from None
         return cls(_grants(data, source), source)
 
-    def _grants(self, principal: Principal) -> list[Grant]:
-        return [self.grants[role] for role in principal.roles if role in self.grants]
+    def _grants(self, principal: Principal) -> tuple[Grant, ...]:
+        grants = self._of_roles.get(principal.roles)
+        if grants is None:
+            grants = tuple(self.grants[role] for role in principal.roles if role in self.grants)
+            self._of_roles[principal.roles] = grants
+        return grants
 
     def scope(self, principal: Principal) -> ScopeFilter:
         kinds = {grant.scope for grant in self._grants(principal)}
@@ -139,7 +146,13 @@ class Policy:
         return any(doc_type in grant.create for grant in self._grants(principal))
 
     def writes_everything(self, principal: Principal, doc_type: str) -> bool:
-        return any("*" in grant.write.get(doc_type, ()) for grant in self._grants(principal))
+        key = (principal.roles, doc_type)
+        everything = self._everything.get(key)
+        if everything is None:
+            grants = self._grants(principal)
+            everything = any("*" in grant.write.get(doc_type, ()) for grant in grants)
+            self._everything[key] = everything
+        return everything
 
     def forbidden_paths(
         self, principal: Principal, doc_type: str, paths: Iterable[str]
