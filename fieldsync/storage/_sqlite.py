@@ -61,7 +61,7 @@ _COMMIT_STEP = 0.0005
 _BUSY_AFTER = 0.005
 # The same for a commit that begins with a write nothing waits for (`Write.awaited`): fuller
 # commits took a fifth off a y-websocket fleet's server CPU per update (S1 profile, 382-390 ->
-# 312-319 µs; bench/README.md). A write that is awaited ends the wait at once.
+# 312-319 µs; bench/README.md). A write that is awaited ends the wait after the step it came in.
 _RELAXED_DELAY = 0.010
 _RELAXED_STEP = 0.002
 _BUSY_TIMEOUT_MS = 5000
