@@ -224,6 +224,15 @@ def report(soak: Soak, log: list[str], pending: int, minutes: float) -> dict[str
         "sample_errors": len(soak.sample_errors),
         "sample_errors_first": soak.sample_errors[:3],
         "slopes_after_warmup": {k: None if v is None else round(v, 3) for k, v in slopes.items()},
+        # A leak climbs in every fifth; caches warming climb early and level off.
+        "rss_kib_by_fifth": [
+            round(statistics.fmean(s["rss_kib"] for s in fifth))
+            for fifth in (
+                soak.samples[i * len(soak.samples) // 5 : (i + 1) * len(soak.samples) // 5]
+                for i in range(5)
+            )
+            if fifth
+        ],
         "first": {k: first[k] for k in series},
         "last": {k: last[k] for k in series},
         "log_errors": sum(1 for line in log if " ERROR " in line or "Traceback" in line),
