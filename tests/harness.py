@@ -9,9 +9,11 @@ import gzip
 import io
 import json
 import os
+import random
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NoReturn, Protocol
@@ -53,6 +55,23 @@ def unavailable(message: str) -> NoReturn:
     if os.environ.get("FIELDSYNC_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message} (FIELDSYNC_REQUIRE_SERVICES=1)")
     pytest.skip(message)
+
+
+def free_port(*offsets: int) -> int:
+    """A loopback port p free for a server of the test's own, with p + each of `offsets` free too
+    (several servers on consecutive ports). Below Linux's ephemeral range (32768 up), from which
+    port-0 servers and outgoing connections draw: one of those could take a port between this
+    check and the binding, or while a server killed by the test is down before its restart."""
+    for _ in range(200):
+        port = random.randrange(20_000, 32_000 - max(offsets, default=0))
+        try:
+            with ExitStack() as stack:
+                for offset in {0, *offsets}:
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free loopback port")
 
 
 class Issuer(Protocol):

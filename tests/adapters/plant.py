@@ -24,7 +24,7 @@ from asyncua.common.node import Node
 from asyncua.server.server import Server
 
 from fieldsync.storage import ReferenceStore
-from tests.harness import unavailable
+from tests.harness import free_port, unavailable
 
 BROKER = ("127.0.0.1", 1883)
 ASSETS = [
@@ -166,12 +166,6 @@ async def own_broker(folder: Path) -> AsyncIterator[Mosquitto]:
 
 COUNTER = "ns=2;s=P-100.counter"  # a Double
 LABEL = "ns=2;s=P-200.label"  # a String: no counter at all
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @asynccontextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,7 +22,7 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import escape_rdn
 
 from fieldsync.adapters._ldap import close
-from tests.harness import unavailable
+from tests.harness import free_port, unavailable
 
 SUFFIX = "dc=example,dc=org"
 ROOT_DN = f"cn=admin,{SUFFIX}"
@@ -41,12 +40,6 @@ def slapd_binary() -> str:
     if found is not None:
         return found
     unavailable("the directory tests need OpenLDAP's slapd (apt-get install slapd ldap-utils)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _config(root: Path) -> str:
@@ -73,7 +66,7 @@ class Slapd:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
         (root / "data").mkdir(parents=True, exist_ok=True)

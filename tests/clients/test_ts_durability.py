@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,17 +18,11 @@ from pycrdt import Map, Text
 from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from tests.clients.conftest import TsDeviceFactory
-from tests.harness import Server, work_order
+from tests.harness import Server, free_port, work_order
 
 pytestmark = pytest.mark.slow
 
 COUNT = 100
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ServerProcess:
@@ -39,7 +32,7 @@ class ServerProcess:
     def __init__(self, issuer: DevIssuer, data_dir: Path) -> None:
         self.issuer = issuer
         self.data_dir = data_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: asyncio.subprocess.Process | None = None
 

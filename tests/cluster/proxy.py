@@ -1,6 +1,7 @@
-"""A TCP proxy in front of the shared Redis that a test can take down and bring back: what a
-Redis restart does to a node (its connections drop, nothing answers for a while, then the same
-address answers again), without restarting the Redis that other engineers' tests use."""
+"""A TCP proxy in front of the shared Redis that a test can take down and bring back: one node
+cut off from Redis (its connections drop, nothing answers for a while, then the same address
+answers again) while the other nodes keep theirs. A Redis restart for every node is
+`tests.cluster.redis_server`."""
 
 from __future__ import annotations
 

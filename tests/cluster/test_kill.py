@@ -1,7 +1,7 @@
 """The three-node kill test: real `fieldsync serve` processes on PostgreSQL and Redis, devices
 (the Python client given every node's URL) writing concurrently into shared work orders; one
-node is killed with SIGKILL mid-run, and later Redis goes away and comes back (a proxy in front
-of the shared Redis is taken down: the shared server itself cannot be restarted here). Every
+node is killed with SIGKILL mid-run, and later the nodes' Redis (a redis-server of the test's
+own) is killed with SIGKILL and started again, empty. Every
 acknowledged edit must be in the database and on every device afterwards, the killed node's
 devices go on through the others, and how long its leases took to move is reported."""
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,9 +25,8 @@ from fieldsync.auth import DevIssuer
 from fieldsync.client import Client
 from fieldsync.demo import LocalCluster
 from fieldsync.storage import PostgresBackend
-from tests.cluster.conftest import REDIS
-from tests.cluster.proxy import TcpProxy
-from tests.harness import running_issuer, work_order
+from tests.cluster.redis_server import RedisServer
+from tests.harness import free_port, running_issuer, work_order
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -38,23 +35,6 @@ DEVICES = ["sam", "sam", "tina", "tina", "tina", "sam"]
 ROUNDS = 30
 KILL_AT, REDIS_DOWN_AT, REDIS_UP_AT = 10, 18, 24  # rounds of the slowest device
 CONVERGE_SECONDS = 180.0
-
-
-def free_base_port() -> int:
-    """A port p with p, p+1, p+2 and p+100… free: the nodes' and their cluster listeners'.
-    Below Linux's ephemeral range (32768 up), which the other tests' port-0 servers and every
-    outgoing connection draw from between this check and the nodes' binding."""
-    for _ in range(200):
-        base = random.randrange(20_000, 32_000)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in (*range(base - 1, base + 3), *range(base + 100, base + 103)):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 @dataclass
@@ -154,7 +134,7 @@ async def cluster_of_three(
         issuer,
         tmp_path / "cluster",
         nodes=3,
-        port=free_base_port(),
+        port=free_port(-1, 1, 2, 100, 101, 102),  # the nodes' and their listeners'
         database=f"fs_kill_{secrets.token_hex(5)}",
         redis=redis_url,
         env={"FIELDSYNC_LEASE_TTL": "3", "FIELDSYNC_FEED_POLL": "1"},
@@ -168,21 +148,21 @@ async def cluster_of_three(
 
 
 async def test_a_killed_node_and_a_redis_outage_lose_no_acknowledged_edit(
-    tmp_path: Path, channel: str, record_property: Callable[[str, object], None]
+    tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
-    proxy = TcpProxy(REDIS)  # `channel` checked that Redis answers
-    await proxy.start()
+    redis = RedisServer(tmp_path / "redis")
+    await redis.start()
     try:
-        async with running_issuer() as issuer, cluster_of_three(tmp_path, issuer, proxy.url) as c:
-            await run(c, issuer, proxy, tmp_path, record_property)
+        async with running_issuer() as issuer, cluster_of_three(tmp_path, issuer, redis.url) as c:
+            await run(c, issuer, redis, tmp_path, record_property)
     finally:
-        await proxy.stop()
+        await redis.kill()
 
 
 async def run(
     cluster: LocalCluster,
     issuer: DevIssuer,
-    proxy: TcpProxy,
+    redis: RedisServer,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
@@ -235,9 +215,13 @@ async def run(
 
         moved = asyncio.create_task(leases_moved())
         await until(lambda: slowest() >= REDIS_DOWN_AT, 240, "writing on after the kill", state)
-        await proxy.stop()  # Redis away for every node: hints lost
+        await redis.kill()  # every node's hints and subscriptions lost with it
         await until(lambda: slowest() >= REDIS_UP_AT, 240, "writing on without Redis", state)
-        await proxy.start()
+        await redis.start()
+        channel = f"fieldsync:{cluster.database}"
+        async with asyncio.timeout(60):  # both living nodes listen to the new Redis again
+            while await redis.subscribers(channel) < len(cluster.members) - 1:  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.05)
         await until(lambda: all(w.done() for w in writers), 240, "the writers' end", state)
         await until(moved.done, CONVERGE_SECONDS, "the killed node's leases moved", state)
         lease_seconds = moved.result()

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,7 +28,14 @@ from fieldsync.auth import DevIssuer, Role
 from fieldsync.client import Client
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
 from fieldsync.replication import CLUSTER_PATH, ServiceWriter
-from tests.harness import Server, eventually, running_server, stored_doc, work_order
+from tests.harness import (
+    Server,
+    eventually,
+    free_port,
+    running_server,
+    stored_doc,
+    work_order,
+)
 from tests.replication.test_yws import yws
 
 # The session's PostgreSQL database, as the storage tests get it.
@@ -283,13 +289,6 @@ async def test_a_stale_owner_is_fenced_and_its_devices_converge_through_the_new_
         assert notes(sam.doc("wo:1")) == notes(tina.doc("wo:1"))
         assert a.app[REPLICATOR].loaded == 0  # a serves its device through b now
         assert b.app[REPLICATOR].loaded == 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @asynccontextmanager
