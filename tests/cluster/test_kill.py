@@ -35,6 +35,10 @@ DEVICES = ["sam", "sam", "tina", "tina", "tina", "sam"]
 ROUNDS = 30
 KILL_AT, REDIS_DOWN_AT, REDIS_UP_AT = 10, 18, 24  # rounds of the slowest device
 CONVERGE_SECONDS = 180.0
+LEASE_TTL = 3.0
+# README: a dead node's leases are free within FIELDSYNC_LEASE_TTL; a device waiting on one
+# of its documents asks again on its backoff, so the lease has moved within a few more seconds.
+LEASE_MOVE_BOUND = 3 * LEASE_TTL
 
 
 @dataclass
@@ -137,7 +141,7 @@ async def cluster_of_three(
         port=free_port(-1, 1, 2, 100, 101, 102),  # the nodes' and their listeners'
         database=f"fs_kill_{secrets.token_hex(5)}",
         redis=redis_url,
-        env={"FIELDSYNC_LEASE_TTL": "3", "FIELDSYNC_FEED_POLL": "1"},
+        env={"FIELDSYNC_LEASE_TTL": str(LEASE_TTL), "FIELDSYNC_FEED_POLL": "1"},
     )
     try:
         await cluster.start()
@@ -225,6 +229,7 @@ async def run(
         await until(lambda: all(w.done() for w in writers), 240, "the writers' end", state)
         await until(moved.done, CONVERGE_SECONDS, "the killed node's leases moved", state)
         lease_seconds = moved.result()
+        assert lease_seconds is None or lease_seconds <= LEASE_MOVE_BOUND, state()
         for device in devices:
             await until(
                 partial(acked, device), CONVERGE_SECONDS, f"{device.name}'s edits acked", state
