@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -37,6 +37,7 @@ from fieldsync.replication import (
 log = logging.getLogger(__name__)
 
 TokenSource = str | Callable[[], Awaitable[str]]
+Event = Literal["scope", "reset", "error"]
 
 # Close codes after which reconnecting cannot help: the user or the app must act.
 _FATAL = {
@@ -135,8 +136,10 @@ class Client:
         self.errors: list[dict[str, Any]] = []
         self.resets: list[dict[str, Any]] = []
         self.rejected: list[tuple[str, str, bytes]] = []  # (doc, reason, update) refused edits
-        self._reapply: dict[str, list[bytes]] = {}  # edits to apply again once resynced
+        # Edits held through a reset, to apply again once resynced (kept in the local store too).
+        self._reapply: dict[str, list[bytes]] = self.local.held()
         self.scope_changes: list[dict[str, Any]] = []
+        self._handlers: dict[Event, list[Callable[[dict[str, Any]], object]]] = {}
         self.fatal: Fatal | None = None
         self.last_close: tuple[int, str] | None = None
         self._retry_after: float | None = None  # from a draining server
@@ -165,6 +168,8 @@ class Client:
         self._more_changes = False
         for doc_id, state in self.local.docs().items():
             self._open(doc_id, state)
+        for doc_id in self._reapply.keys() - self.docs.keys():
+            self._open(doc_id, None)  # reset before a crash or a restart: it resyncs now
 
     # --- documents ----------------------------------------------------------------------
 
@@ -224,8 +229,8 @@ class Client:
         """Local edits the server has not yet acknowledged as durable."""
         if self._changed:
             self._flush_changes()  # edits of this loop turn are queued on the next otherwise
-        # Edits kept through a reset are applied again once the document has resynced: until
-        # then they are out of the local store, and still not acknowledged.
+        # Edits held through a reset are applied again once the document has resynced: until
+        # then they are held apart from the pending ones, and still not acknowledged.
         kept = sum(len(u) for d, u in self._reapply.items() if doc_id in (None, d))
         return self.local.pending(doc_id) + kept
 
@@ -399,15 +404,19 @@ class Client:
             added = [d for d in body.get("added", []) if d not in self.docs]
             for doc_id in added:
                 self._open(doc_id, None)
+            self._emit("scope", body)
             return [self._step1(doc_id) for doc_id in added]
         elif kind == "reset":
             self.resets.append(body)
-            return self._reset(body["doc"], str(body.get("reason", "")))
+            replies = self._reset(body["doc"], str(body.get("reason", "")))
+            self._emit("reset", body)
+            return replies
         elif kind == "error":
             self.errors.append(body)
             retry_after = body.get("retry_after")
             if body.get("code") == "draining" and isinstance(retry_after, int | float):
                 self._retry_after = min(max(float(retry_after), 0.0), 60.0)
+            self._emit("error", body)
         elif kind == "auth_expiring" and not isinstance(self._token, str):
             token = await self._token()
             if token == self._held_token:
@@ -417,6 +426,15 @@ class Client:
             self._held_token = token
             return [encode_body(Control({"type": "auth", "token": token}))]
         return []
+
+    def on(self, event: Event, handler: Callable[[dict[str, Any]], object]) -> None:
+        """Call `handler` with each `scope`, `reset` or `error` message once the client has
+        acted on it (the document dropped or resyncing, its edits held)."""
+        self._handlers.setdefault(event, []).append(handler)
+
+    def _emit(self, event: Event, body: dict[str, Any]) -> None:
+        for handler in self._handlers.get(event, ()):
+            handler(body)
 
     def _changes(self, body: dict[str, Any]) -> list[bytes]:
         """Sync every listed document; `since` moves to `upto` only once all of them are
@@ -471,8 +489,12 @@ class Client:
             self._remote = False
         self._flush_changes()
         if y.step is SyncStep.STEP2:
-            for update in self._reapply.pop(doc_id, ()):
+            held = self._reapply.pop(doc_id, ())
+            for update in held:
                 doc.apply_update(update)  # as local edits: queued and sent again
+            if held:
+                self._flush_changes()  # pending in the local store before they stop being held
+                self.local.release(doc_id)
             self.synced[doc_id].set()
             if self._catching_up is not None and doc_id in self._catching_up:
                 del self._catching_up[doc_id]
@@ -499,21 +521,23 @@ class Client:
         # With the edits of an earlier reset still waiting for their resync: a second reset
         # before it (updates in flight when the first came) must not drop them.
         kept = self._reapply.pop(doc_id, []) + self.local.pending_updates(doc_id)
-        self._forget(doc_id)
-        if reason in _REFUSED:
+        refused = reason in _REFUSED
+        # Held in the local store, not only here: a crash before the resync keeps them.
+        self._forget(doc_id, hold=() if refused else kept)
+        if refused:
             self.rejected.extend((doc_id, reason, update) for update in kept)
             return []
         self._open(doc_id, None)
         self._reapply[doc_id] = kept
         return [self._step1(doc_id)]
 
-    def _forget(self, doc_id: str) -> None:
+    def _forget(self, doc_id: str, hold: Sequence[bytes] = ()) -> None:
         self.docs.pop(doc_id, None)
         self.synced.pop(doc_id, None)
         self._resynced.discard(doc_id)
         self._seen.pop(doc_id, None)
         self._durable.pop(doc_id, None)
-        self.local.forget(doc_id)
+        self.local.forget(doc_id, hold)
         if self._catching_up is not None and doc_id in self._catching_up:
             del self._catching_up[doc_id]
             self._advance()

@@ -1,10 +1,12 @@
-"""A device's offline state: the documents, the updates the server has not acknowledged, and
-the change sequence it has caught up to. One SQLite file (or memory, for simulations)."""
+"""A device's offline state: the documents, the updates the server has not acknowledged (and
+those held through a reset, to apply again once resynced), and the change sequence it has caught
+up to. One SQLite file (or memory, for simulations)."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -15,6 +17,7 @@ CREATE TABLE IF NOT EXISTS pending (
     n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL, sv TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_doc ON pending (doc, n);
+CREATE TABLE IF NOT EXISTS held (n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -55,12 +58,32 @@ class LocalStore:
                 )
             self._db.execute("COMMIT")
 
-    def forget(self, doc: str) -> None:
+    def forget(self, doc: str, hold: Sequence[bytes] = ()) -> None:
+        """Drop the document, its pending edits and any held ones; `hold` (in the same
+        transaction, so that a crash keeps either the old rows or these) are edits to apply
+        again once the document has resynced."""
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM docs WHERE id = ?", (doc,))
-            self._db.execute("DELETE FROM pending WHERE doc = ?", (doc,))
+            for table, column in (("docs", "id"), ("pending", "doc"), ("held", "doc")):
+                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (doc,))
+            self._db.executemany(
+                "INSERT INTO held (doc, data) VALUES (?, ?)", [(doc, data) for data in hold]
+            )
             self._db.execute("COMMIT")
+
+    def held(self) -> dict[str, list[bytes]]:
+        """The edits held through a reset, by document, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT doc, data FROM held ORDER BY n").fetchall()
+        held: dict[str, list[bytes]] = {}
+        for doc, data in rows:
+            held.setdefault(doc, []).append(data)
+        return held
+
+    def release(self, doc: str) -> None:
+        """The held edits of `doc` were applied again (and are pending now)."""
+        with self._lock:
+            self._db.execute("DELETE FROM held WHERE doc = ?", (doc,))
 
     def acknowledge(self, doc: str, clock: dict[int, int]) -> int:
         """Drop the pending edits of `doc` that the server's durable clock covers; returns how
