@@ -25,6 +25,12 @@ FLAG_ZSTD = 0x01
 # lib0 integers stop at 53 bits (JavaScript's safe integers); eight 7-bit groups hold them.
 _MAX_VARUINT_BYTES = 8
 MAX_BATCH = 10_000
+# What a replica answers a SyncStep1 with while it holds nothing the other lacks (no structs, no
+# deletions): no write. Before the document exists (or enters the scope) it must not be judged
+# as an attempt to create it, or every device of a role that may create only in its own scope
+# would be refused on opening an id it is about to create, and an id outside the scope would not
+# look like an absent one.
+EMPTY_UPDATE = b"\x00\x00"
 
 
 class Kind(IntEnum):

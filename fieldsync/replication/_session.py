@@ -23,6 +23,7 @@ from fieldsync.documents import MAX_DOC_ID, InvalidDocId, doc_type
 from fieldsync.errors import AuthError, CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.records import Origin, OriginKind
 from fieldsync.replication._codec import (
+    EMPTY_UPDATE,
     Control,
     DocMessage,
     SyncStep,
@@ -415,7 +416,7 @@ class V1Session(Connection):
                 self.send_doc(doc_id, encode_sync(SyncStep.STEP2, update))
                 state_vector = await self.replicator.durable_state_vector(self, room)
                 self.send_doc(doc_id, encode_sync(SyncStep.STEP1, state_vector))
-            elif isinstance(y, YSync):
+            elif isinstance(y, YSync) and y.payload != EMPTY_UPDATE:
                 await self._update(doc_id, y.payload)
             elif isinstance(y, YAwareness):
                 subscribed = self.rooms.get(doc_id)

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from fieldsync.auth import Principal
 from fieldsync.errors import CloseCode, ErrorCode, FieldsyncError, ProtocolError
 from fieldsync.records import Origin, OriginKind
-from fieldsync.replication._codec import SyncStep, YAwareness, YSync, decode_y, encode_sync
+from fieldsync.replication._codec import (
+    EMPTY_UPDATE,
+    SyncStep,
+    YAwareness,
+    YSync,
+    decode_y,
+    encode_sync,
+)
 from fieldsync.replication._connection import (
     DEFAULT_LIMITS,
     Connection,
@@ -20,13 +27,6 @@ from fieldsync.replication._connection import (
 )
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._room import Room
-
-# What a provider answers the server's SyncStep1 with while it holds nothing (no structs, no
-# deletions): no write. Before the document exists (or enters the scope) it must not be judged
-# as an attempt to create it, or every stock Yjs client of a role that may create only in its
-# own scope would be closed 4403 on connecting, and an id outside the scope would not look
-# like an absent one.
-_NOTHING = b"\x00\x00"
 
 
 class YwsSession(Connection):
@@ -71,7 +71,7 @@ class YwsSession(Connection):
             if isinstance(y, YSync) and y.step is SyncStep.STEP1:
                 update = await self.replicator.read(self, room, y.payload)
                 self.send_doc(self.doc_id, encode_sync(SyncStep.STEP2, update))
-            elif isinstance(y, YSync) and y.payload != _NOTHING:
+            elif isinstance(y, YSync) and y.payload != EMPTY_UPDATE:
                 await self._write(room, y.payload)
             elif isinstance(y, YAwareness):
                 self.replicator.relay_awareness(self, room, y.payload)

@@ -501,6 +501,33 @@ async def test_presence_on_a_document_that_does_not_exist_yet_waits_for_it(
             )
 
 
+async def test_a_device_opening_a_work_order_before_it_exists_waits_for_it(
+    server: Server,
+) -> None:
+    """A supervisor's device opens an id its colleague is about to create (the device answers the
+    server's SyncStep1 with an empty SyncStep2): it is not taken for a creation outside the
+    scope, no error, no reset; the work order reaches it once created."""
+    early, creator = server.client("sam"), server.client("sam")
+    try:
+        await early.start()
+        await early.connected.wait()
+        early.doc("wo:later")
+        await creator.start()
+        creator.doc("wo:later").apply_update(
+            work_order("wo:later", title="Pump 4 seal").get_update()
+        )
+        await creator.wait_acked("wo:later")
+
+        def title() -> object:
+            return early.doc("wo:later").get("fields", type=Map).to_py().get("title")
+
+        await eventually(lambda: title() == "Pump 4 seal")
+        assert (early.errors, early.resets, early.rejected) == ([], [], [])
+    finally:
+        await early.close()
+        await creator.close()
+
+
 async def test_peers_creating_one_document_at_once_all_converge(server: Server) -> None:
     """Several replicas wait for a document that does not exist yet, then all write its first
     updates at once: each ends with every update (the creator's included)."""
