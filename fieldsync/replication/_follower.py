@@ -15,13 +15,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from fieldsync.hints import Hint
 from fieldsync.replication._replicator import Replicator
 from fieldsync.replication._room import Room
 from fieldsync.replication._views import Views
-from fieldsync.storage import Committed, Store
+from fieldsync.storage import Committed, ScopeChange, Store
 
 __all__ = ["Follower", "Hints"]
 
@@ -121,14 +122,30 @@ class Follower:
             failures = 0
             await asyncio.sleep(self._spacing)
 
+    def _net(self, changes: list[tuple[int, ScopeChange]]) -> list[ScopeChange]:
+        """Other nodes' moves of a document in a row, as one, from the first `before` to the
+        last `after`: a work order created and moved again before this read was never in
+        between for this node's sessions (telling them both would add it, then take it away).
+        This node's own moves were rescoped as they committed; one ends a row."""
+        net: list[ScopeChange] = []
+        rows: dict[str, int] = {}  # document -> its open row in `net`
+        for seq, change in changes:
+            if seq in self._mine:
+                rows.pop(change.doc, None)
+            elif (row := rows.get(change.doc)) is not None:
+                net[row] = replace(change, before=net[row].before)
+            else:
+                rows[change.doc] = len(net)
+                net.append(change)
+        return net
+
     async def catch_up(self) -> None:
         """Process every change committed after `seq`, page by page."""
         while True:
             page = await self._store.follow(self.seq, self._page)
             self.reads += 1
-            for seq, change in page.scope_changes:
-                if seq not in self._mine:
-                    self._replicator.rescope(change)
+            for change in self._net(page.scope_changes):
+                self._replicator.rescope(change)
             if self._views is not None:
                 befores = [change.before for _, change in page.scope_changes]
                 self._views.changed([*page.changed, *befores])

@@ -128,6 +128,7 @@ class V1Session(Connection):
         self._zstd = False  # the device takes zstd frames
         self._stale = False  # away longer than the offline contract allows
         self._renewed: set[str] = set()  # documents reset for that already
+        self._told: dict[str, bool] | None = None  # document -> last told in scope, once moved
 
     def frames(self, bodies: list[bytes]) -> list[bytes]:
         """`bodies` as BATCH frames of at most half the frame limit, zstd when it pays: a
@@ -223,12 +224,24 @@ class V1Session(Connection):
             self.send_doc(doc_id, encode_sync(SyncStep.UPDATE, update))
 
     def scope_added(self, doc_ids: Sequence[str]) -> None:
-        self.send_control({"type": "scope", "added": list(doc_ids), "removed": []})
+        if added := self._news(doc_ids, True):
+            self.send_control({"type": "scope", "added": added, "removed": []})
 
     def scope_removed(self, doc_ids: Sequence[str]) -> None:
         for doc_id in doc_ids:
             self.rooms.pop(doc_id, None)
-        self.send_control({"type": "scope", "added": [], "removed": list(doc_ids)})
+        if removed := self._news(doc_ids, False):
+            self.send_control({"type": "scope", "added": [], "removed": removed})
+
+    def _news(self, doc_ids: Sequence[str], in_scope: bool) -> list[str]:
+        """The documents whose move this device has not been told yet. In a cluster a move
+        reaches a session served through the owner twice: over the node-to-node link and
+        through this node's change feed follower."""
+        told = self._told if self._told is not None else {}
+        self._told = told
+        news = [doc_id for doc_id in doc_ids if told.get(doc_id) is not in_scope]
+        told.update((doc_id, in_scope) for doc_id in news)
+        return news
 
     def reset(self, doc_id: str, reason: str) -> None:
         room = self.rooms.pop(doc_id, None)

@@ -23,7 +23,7 @@ import pytest
 from pycrdt import Doc, Map, Text
 
 from fieldsync import documents
-from fieldsync.app import ENDPOINTS, REPLICATOR, STORE
+from fieldsync.app import ENDPOINTS, FOLLOWER, REPLICATOR, STORE
 from fieldsync.auth import DevIssuer, Role
 from fieldsync.client import Client
 from fieldsync.records import Origin, OriginKind, ScopeFilter, ScopeKind
@@ -503,6 +503,37 @@ async def test_a_reassignment_on_the_owner_takes_the_document_from_a_device_on_a
             again.doc("wo:1")
             await eventually(lambda: bool(again.resets) or bool(again.errors), timeout=30)
             assert "for tom only" not in notes(again.doc("wo:1"))
+
+
+@pytest.mark.parametrize("read_between", [False, True], ids=["one-read", "a-read-between"])
+async def test_a_device_on_another_node_is_told_of_each_move_once(
+    tmp_path: Path, issuer: DevIssuer, url: str, read_between: bool
+) -> None:
+    """A move reaches a session served through the owner twice: over the node-to-node link at
+    once, and through its own node's change feed follower (driven by hand here: no Redis, no
+    polling). Read in one page, a creation and the move after it are one change to tina's node,
+    which never showed her the work order (`one-read`); the follower's read between them tells
+    her of the creation, and the move the link told her already is not told again."""
+    async with (
+        node(tmp_path, issuer, url, "a") as a,
+        node(tmp_path, issuer, url, "b", feed_poll=3600.0) as b,
+        device(a, "sam") as sam,
+        device(b, "tina") as tina,
+    ):
+        follower = b.app[FOLLOWER]
+        await create(sam, "wo:1")
+        await tina.wait_synced("wo:1")
+        if read_between:
+            await follower.catch_up()
+        fields(sam, "wo:1")["assignee"] = "tom"
+        await sam.wait_acked("wo:1")
+        await eventually(lambda: bool(tina.scope_changes) and "wo:1" not in tina.docs)
+        await follower.catch_up()
+        # An answer on the same socket after the follower's read comes after any telling of it.
+        tina.doc("wo:absent")
+        await eventually(lambda: any(e.get("doc") == "wo:absent" for e in tina.errors))
+        told = [(change["added"], change["removed"]) for change in tina.scope_changes]
+        assert told == ([(["wo:1"], []), ([], ["wo:1"])] if read_between else [([], ["wo:1"])])
 
 
 async def test_a_device_leaving_another_node_leaves_the_owners_room_too(
