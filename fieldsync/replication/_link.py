@@ -399,9 +399,20 @@ class NodeLink:
                 # headers, the secret among them.
                 status = getattr(exc, "status", "")
                 why = f"{type(exc).__name__} {status}".strip()
-                log.warning("link to node %s (%s) failed: %s", self.node, self.url, why)
+                # Once per outage: a dead node is asked for by every device of its documents
+                # until their leases move.
+                first = self.node not in self._cluster.unreachable
+                self._cluster.unreachable.add(self.node)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "link to node %s (%s) failed: %s",
+                    *(self.node, self.url, why),
+                )
                 self._gone()
                 raise OwnerUnavailable(doc_id) from None
+            if self.node in self._cluster.unreachable:
+                self._cluster.unreachable.discard(self.node)
+                log.info("link to node %s (%s) is back", self.node, self.url)
             self._wire = _Wire(ws)
             self._receiver = asyncio.create_task(self._receive(ws), name="fieldsync-link")
             return self._wire
@@ -619,6 +630,7 @@ class Cluster:
         self.secret = secret
         self.timeout = timeout
         self._links: dict[str, NodeLink] = {}
+        self.unreachable: set[str] = set()  # nodes whose last link attempt failed
         self._accepted: set[_Accepted] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None

@@ -333,8 +333,9 @@ async def node_process(
 
 
 async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
-    tmp_path: Path, issuer: DevIssuer, url: str
+    tmp_path: Path, issuer: DevIssuer, url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="fieldsync.replication")
     async with (
         node_process(tmp_path, issuer, url, "a") as (a_url, a_process),
         node(tmp_path, issuer, url, "b", lease_ttl=2.0) as b,
@@ -360,6 +361,11 @@ async def test_an_owner_killed_mid_edit_loses_nothing_acknowledged(
         stored = notes(await stored_doc(b, "wo:1"))
         assert [n for n in range(10) if f"edit {n}. " not in stored] == []
         assert notes(tina.doc("wo:1")) == stored
+    # Node b asked for the dead node on each of tina's attempts until the lease moved: one
+    # warning for the outage, the other attempts at debug level.
+    failed = [r for r in caplog.records if r.getMessage().startswith("link to node a")]
+    assert [r.levelno for r in failed][:1] == [logging.WARNING]
+    assert [r for r in failed[1:] if r.levelno >= logging.WARNING] == []
 
 
 async def released(url: str, doc_id: str) -> bool:
