@@ -30,11 +30,10 @@ from tests.adapters.plant import (
     alarm,
     broker_or_skip,
     flood,
-    free_port,
     plc,
     publish,
 )
-from tests.harness import Server, eventually, running_server
+from tests.harness import Server, eventually, free_port, running_server
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from fieldsync.records import Origin, OriginKind
 from fieldsync.replication import Replicator, ServiceWriter
 from fieldsync.storage import SQLiteBackend
 from tests.adapters.contract import AdapterContract
-from tests.adapters.plant import COUNTER, LABEL, add_assets, free_port, plc
+from tests.adapters.plant import COUNTER, LABEL, add_assets, plc
 from tests.harness import Server as FieldsyncServer
-from tests.harness import eventually
+from tests.harness import eventually, free_port
 
 ERP = Origin(OriginKind.ADAPTER, "erp")
 
