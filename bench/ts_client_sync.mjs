@@ -82,10 +82,17 @@ if (mode === 'fieldsync') {
   const { WebsocketProvider } = await from('tests/interop/node_modules/y-websocket/src/y-websocket.js')
   const docs = new Map(ids.map((id) => [id, new Y.Doc()]))
   const providers = []
-  const allSynced = () => Promise.all(providers.map((provider) => new Promise((resolve) => {
-    if (provider.synced) resolve()
-    else provider.once('sync', resolve)
-  })))
+  const allSynced = (ms = 120_000) => Promise.race([
+    Promise.all(providers.map((provider) => new Promise((resolve) => {
+      if (provider.synced) resolve()
+      else provider.once('sync', resolve)
+    }))),
+    // A provider the server closes (a limit, say) reconnects for ever: fail, saying how many.
+    new Promise((_, reject) => setTimeout(() => {
+      const waiting = providers.filter((provider) => !provider.synced).length
+      reject(new Error(`${waiting} of ${providers.length} providers not synced within ${ms} ms`))
+    }, ms).unref()),
+  ])
   let started = performance.now()
   for (const [id, doc] of docs) {
     providers.push(new WebsocketProvider(url, id, doc, {

@@ -114,7 +114,14 @@ async def main(count: int) -> None:
     issuer = DevIssuer(USERS)
     await issuer.start()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.load(environ={}, data_dir=tmp, oidc_issuer=issuer.issuer, port=0)
+        settings = Settings.load(
+            environ={},
+            data_dir=tmp,
+            oidc_issuer=issuer.issuer,
+            port=0,
+            # The y-websocket device holds one socket per work order, all with one token.
+            max_sockets_per_subject=100_000,
+        )
         runner = web.AppRunner(create_app(settings), access_log_class=AccessLogger)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
