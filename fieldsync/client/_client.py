@@ -19,7 +19,7 @@ import zstandard
 from pycrdt import Doc, TransactionEvent
 
 from fieldsync import __version__
-from fieldsync.client._local import LocalStore
+from fieldsync.client._local import Held, LocalStore
 from fieldsync.errors import CloseCode
 from fieldsync.replication import (
     Control,
@@ -137,7 +137,7 @@ class Client:
         self.resets: list[dict[str, Any]] = []
         self.rejected: list[tuple[str, str, bytes]] = []  # (doc, reason, update) refused edits
         # Edits held through a reset, to apply again once resynced (kept in the local store too).
-        self._reapply: dict[str, list[bytes]] = self.local.held()
+        self._reapply: dict[str, list[Held]] = self.local.held()
         self.scope_changes: list[dict[str, Any]] = []
         self._handlers: dict[Event, list[Callable[[dict[str, Any]], object]]] = {}
         self.fatal: Fatal | None = None
@@ -489,17 +489,40 @@ class Client:
             self._remote = False
         self._flush_changes()
         if y.step is SyncStep.STEP2:
-            held = self._reapply.pop(doc_id, ())
-            for update in held:
+            held = self._reapply.pop(doc_id, [])
+            for update, _ in held:
                 doc.apply_update(update)  # as local edits: queued and sent again
             if held:
                 self._flush_changes()  # pending in the local store before they stop being held
-                self.local.release(doc_id)
+                self._hold(doc_id, _waiting(doc, held))
             self.synced[doc_id].set()
             if self._catching_up is not None and doc_id in self._catching_up:
                 del self._catching_up[doc_id]
                 self._advance()
-        return []
+            return []
+        return self._taken_in(doc_id, doc)
+
+    def _taken_in(self, doc_id: str, doc: Doc[Any]) -> list[bytes]:
+        """Held edits that the server's last update let the document take in (they build on a
+        replica's edit that reached this device before it was stored, and was not stored when
+        the reset came): the server lacks them, so they are pending again and sent."""
+        held = self._reapply.get(doc_id)
+        if not held or not self.synced[doc_id].is_set():
+            return []  # nothing held, or the resync that applies them again is still to come
+        waiting = _waiting(doc, held)
+        taken = [entry for entry in held if entry not in waiting]
+        for update, sv in taken:
+            self.local.save(doc_id, doc.get_update(), update, sv)
+        del self._reapply[doc_id]
+        self._hold(doc_id, waiting)
+        if doc_id not in self._resynced:
+            return []  # the resync's diff carries them
+        return [encode_body(DocMessage(doc_id, encode_sync(SyncStep.UPDATE, u))) for u, _ in taken]
+
+    def _hold(self, doc_id: str, held: list[Held]) -> None:
+        if held:
+            self._reapply[doc_id] = held
+        self.local.hold(doc_id, held)
 
     async def _ack(self, doc_id: str, clock: dict[str, int]) -> None:
         self._notify_acked(doc_id, clock)
@@ -525,13 +548,13 @@ class Client:
         # Held in the local store, not only here: a crash before the resync keeps them.
         self._forget(doc_id, hold=() if refused else kept)
         if refused:
-            self.rejected.extend((doc_id, reason, update) for update in kept)
+            self.rejected.extend((doc_id, reason, update) for update, _ in kept)
             return []
         self._open(doc_id, None)
         self._reapply[doc_id] = kept
         return [self._step1(doc_id)]
 
-    def _forget(self, doc_id: str, hold: Sequence[bytes] = ()) -> None:
+    def _forget(self, doc_id: str, hold: Sequence[Held] = ()) -> None:
         self.docs.pop(doc_id, None)
         self.synced.pop(doc_id, None)
         self._resynced.discard(doc_id)
@@ -541,3 +564,10 @@ class Client:
         if self._catching_up is not None and doc_id in self._catching_up:
             del self._catching_up[doc_id]
             self._advance()
+
+
+def _waiting(doc: Doc[Any], held: list[Held]) -> list[Held]:
+    """The held edits `doc` has not taken in: their clocks are beyond its state vector (Yjs
+    keeps an edit whose predecessor it lacks aside, unapplied)."""
+    state = decode_state_vector(doc.get_state())
+    return [(u, sv) for u, sv in held if any(state.get(c, 0) < end for c, end in sv.items())]

@@ -17,9 +17,23 @@ CREATE TABLE IF NOT EXISTS pending (
     n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL, sv TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_doc ON pending (doc, n);
-CREATE TABLE IF NOT EXISTS held (n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS held (
+    n INTEGER PRIMARY KEY, doc TEXT NOT NULL, data BLOB NOT NULL, sv TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+# An edit held through a reset, with the clocks it adds by client id (as its pending row had).
+Held = tuple[bytes, dict[int, int]]
+
+
+def _sv(text: str) -> dict[int, int]:
+    return {int(client): clock for client, clock in orjson.loads(text).items()}
+
+
+def _sv_text(sv: dict[int, int]) -> str:
+    return orjson.dumps({str(k): v for k, v in sv.items()}).decode()
 
 
 class LocalStore:
@@ -54,11 +68,11 @@ class LocalStore:
             if pending is not None:
                 self._db.execute(
                     "INSERT INTO pending (doc, data, sv) VALUES (?, ?, ?)",
-                    (doc, pending, orjson.dumps({str(k): v for k, v in sv.items()}).decode()),
+                    (doc, pending, _sv_text(sv)),
                 )
             self._db.execute("COMMIT")
 
-    def forget(self, doc: str, hold: Sequence[bytes] = ()) -> None:
+    def forget(self, doc: str, hold: Sequence[Held] = ()) -> None:
         """Drop the document, its pending edits and any held ones; `hold` (in the same
         transaction, so that a crash keeps either the old rows or these) are edits to apply
         again once the document has resynced."""
@@ -66,24 +80,31 @@ class LocalStore:
             self._db.execute("BEGIN")
             for table, column in (("docs", "id"), ("pending", "doc"), ("held", "doc")):
                 self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (doc,))
-            self._db.executemany(
-                "INSERT INTO held (doc, data) VALUES (?, ?)", [(doc, data) for data in hold]
-            )
+            self._insert_held(doc, hold)
             self._db.execute("COMMIT")
 
-    def held(self) -> dict[str, list[bytes]]:
+    def hold(self, doc: str, held: Sequence[Held]) -> None:
+        """The held edits of `doc` are these now (the others were applied again)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM held WHERE doc = ?", (doc,))
+            self._insert_held(doc, held)
+            self._db.execute("COMMIT")
+
+    def _insert_held(self, doc: str, held: Sequence[Held]) -> None:
+        self._db.executemany(
+            "INSERT INTO held (doc, data, sv) VALUES (?, ?, ?)",
+            [(doc, data, _sv_text(sv)) for data, sv in held],
+        )
+
+    def held(self) -> dict[str, list[Held]]:
         """The edits held through a reset, by document, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT doc, data FROM held ORDER BY n").fetchall()
-        held: dict[str, list[bytes]] = {}
-        for doc, data in rows:
-            held.setdefault(doc, []).append(data)
+            rows = self._db.execute("SELECT doc, data, sv FROM held ORDER BY n").fetchall()
+        held: dict[str, list[Held]] = {}
+        for doc, data, sv in rows:
+            held.setdefault(doc, []).append((data, _sv(sv)))
         return held
-
-    def release(self, doc: str) -> None:
-        """The held edits of `doc` were applied again (and are pending now)."""
-        with self._lock:
-            self._db.execute("DELETE FROM held WHERE doc = ?", (doc,))
 
     def acknowledge(self, doc: str, clock: dict[int, int]) -> int:
         """Drop the pending edits of `doc` that the server's durable clock covers; returns how
@@ -95,7 +116,7 @@ class LocalStore:
             done = [
                 n
                 for n, sv in rows
-                if all(clock.get(int(client), 0) >= end for client, end in orjson.loads(sv).items())
+                if all(clock.get(client, 0) >= end for client, end in _sv(sv).items())
             ]
             if done:
                 self._db.execute("BEGIN")
@@ -103,11 +124,11 @@ class LocalStore:
                 self._db.execute("COMMIT")
             return len(rows) - len(done)
 
-    def pending_updates(self, doc: str) -> list[bytes]:
-        """The unacknowledged edits of `doc`, oldest first."""
+    def pending_updates(self, doc: str) -> list[Held]:
+        """The unacknowledged edits of `doc`, oldest first, with the clocks each adds."""
         with self._lock:
-            query = "SELECT data FROM pending WHERE doc = ? ORDER BY n"
-            return [row[0] for row in self._db.execute(query, (doc,)).fetchall()]
+            query = "SELECT data, sv FROM pending WHERE doc = ? ORDER BY n"
+            return [(data, _sv(sv)) for data, sv in self._db.execute(query, (doc,)).fetchall()]
 
     def pending(self, doc: str | None = None) -> int:
         with self._lock:

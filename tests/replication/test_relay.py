@@ -138,3 +138,40 @@ async def test_a_reassignment_and_what_follows_it_never_reach_the_device_it_move
         assert notes(mine) == ""
         stored = await stored_doc(server, doc_id)
         assert stored.get("fields", type=Map)["assignee"] == "tom"
+
+
+async def test_an_edit_built_on_a_relayed_update_that_was_never_stored_waits_for_it(
+    server: Server,
+) -> None:
+    """tina's edit reaches sam before its commit, sam writes right after it, and both commits
+    fail. tina is offline by then: sam alone is reset, and its edit, applied again on the
+    server's state, cannot take effect there (it builds on tina's, which the server lacks). It
+    stays pending, not forgotten as if acknowledged; once tina is back and her edit is stored,
+    sam's follows, and both are in the stored document."""
+    doc_id = "wo:relay-chain"
+    async with sam_and_tina(server, doc_id):
+        pass  # created durably
+    sam, tina = server.client("sam"), server.client("tina")
+    try:
+        await sam.start()
+        await tina.start()
+        await sam.wait_synced(doc_id)
+        await tina.wait_synced(doc_id)
+        with write_lock_held(server):
+            tina.doc(doc_id).get("notes", type=Text).insert(0, "[tina]")
+            await eventually(lambda: "[tina]" in notes(sam.doc(doc_id)))
+            text = sam.doc(doc_id).get("notes", type=Text)
+            text.insert(len("[tina]"), "[sam]")  # right after tina's: it builds on it
+            assert sam.pending(doc_id) == 1
+            await tina.go_offline()
+            await eventually(lambda: bool(sam.resets), timeout=60)
+        await sam.wait_synced(doc_id)
+        assert "[tina]" not in notes(await stored_doc(server, doc_id))
+        assert sam.pending(doc_id) == 1  # held, not taken for acknowledged
+        await tina.start()
+        await tina.wait_acked(doc_id)
+        await sam.wait_acked(doc_id)
+        assert notes(await stored_doc(server, doc_id)) == "[tina][sam]"
+    finally:
+        await sam.close()
+        await tina.close()
