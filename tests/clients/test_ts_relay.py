@@ -68,3 +68,48 @@ async def test_ts_device_drops_a_relayed_update_whose_commit_failed(
                 await asyncio.sleep(0.02)
     finally:
         await sam.close()
+
+
+async def test_ts_device_sends_an_edit_built_on_a_relayed_update_once_that_update_is_stored(
+    server: Server[DevIssuer], ts_device: TsDeviceFactory, tmp_path: Path
+) -> None:
+    """sam's edit reaches tina's device before its commit; tina writes right after it; both
+    commits fail, and sam is offline by then, so only tina is reset. Her edit, applied again on
+    the server's state, cannot take effect (it builds on sam's): Yjs keeps it aside, and still
+    encodes it in the sync it answers the server with, whose room keeps it aside too. Once sam
+    is back and his edit is stored, hers takes effect there and is stored, and acknowledged to
+    tina's device without a reconnect."""
+    doc_id = "wo:ts-relay-2"
+    sam = server.client("sam")
+    ts = await ts_device(server, "tina", tmp_path / "tina.json")
+    try:
+        await sam.start()
+        sam.doc(doc_id).apply_update(work_order(doc_id, assignee="tina").get_update())
+        await sam.wait_acked(doc_id)
+        await ts.start()
+        await ts.wait_synced(doc_id)
+
+        async def ts_notes() -> str:
+            return str((await ts.dump_doc(doc_id))["json"]["notes"])
+
+        with write_lock_held(server):
+            sam.doc(doc_id).get("notes", type=Text).insert(0, "[sam]")
+            async with asyncio.timeout(30):
+                while True:
+                    if "[sam]" in await ts_notes():
+                        break
+                    await asyncio.sleep(0.02)
+            await ts.edit_doc(doc_id, [{"insert": [1.0, "[tina]"]}])  # after sam's
+            await sam.go_offline()
+
+            def reset() -> bool:
+                return any(e["event"] == "reset" and e["value"]["doc"] == doc_id for e in ts.events)
+
+            await eventually(reset, timeout=60)
+        assert (await ts.state())["pending"] == 1
+        await sam.start()
+        await sam.wait_acked(doc_id)
+        await ts.wait_acked(timeout=30)
+        assert notes(await stored_doc(server, doc_id)) == "[sam][tina]"
+    finally:
+        await sam.close()
