@@ -9,13 +9,16 @@ SQLite's write lock past the server writer's busy timeout."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from pycrdt import Doc, Text
 
 from fieldsync.auth import DevIssuer
-from tests.clients.conftest import TsDeviceFactory
+from fieldsync.client import Client
+from tests.clients.conftest import TsDevice, TsDeviceFactory
 from tests.harness import Server, eventually, stored_doc, work_order, write_lock_held
 
 DOC = "wo:ts-relay-1"
@@ -28,32 +31,13 @@ def notes(doc: Doc[Any]) -> str:
 async def test_ts_device_drops_a_relayed_update_whose_commit_failed(
     server: Server[DevIssuer], ts_device: TsDeviceFactory, tmp_path: Path
 ) -> None:
-    sam = server.client("sam")
-    ts = await ts_device(server, "tina", tmp_path / "tina.json")
-    try:
-        await sam.start()
-        sam.doc(DOC).apply_update(work_order(DOC, assignee="tina").get_update())
-        await sam.wait_acked(DOC)
-        await ts.start()
-        await ts.wait_synced(DOC)
-
-        async def ts_notes() -> str:
-            return str((await ts.dump_doc(DOC))["json"]["notes"])
-
+    async with sam_and_ts_tina(server, ts_device, tmp_path, DOC) as (sam, ts):
         with write_lock_held(server):
             sam.doc(DOC).get("notes", type=Text).insert(0, "new seal ordered ")
-            async with asyncio.timeout(30):
-                while True:
-                    if "new seal ordered" in await ts_notes():
-                        break
-                    await asyncio.sleep(0.02)
+            await ts_notes_until(ts, DOC, lambda text: "new seal ordered" in text)
             assert sam.pending(DOC) == 1  # relayed to tina's device, not acknowledged
             await eventually(lambda: bool(sam.resets), timeout=60)
-
-            def reset() -> bool:
-                return any(e["event"] == "reset" and e["value"]["doc"] == DOC for e in ts.events)
-
-            await eventually(reset, timeout=30)
+            await eventually(lambda: reset(ts, DOC), timeout=30)
         [event] = [e["value"] for e in ts.events if e["event"] == "reset"]
         assert event["reason"].startswith("storage failure")
         assert event["rejected"] == 0
@@ -61,13 +45,7 @@ async def test_ts_device_drops_a_relayed_update_whose_commit_failed(
         await sam.wait_acked(DOC)
         stored = notes(await stored_doc(server, DOC))
         assert stored.count("new seal ordered") == 1
-        async with asyncio.timeout(30):
-            while True:
-                if await ts_notes() == stored:
-                    break
-                await asyncio.sleep(0.02)
-    finally:
-        await sam.close()
+        await ts_notes_until(ts, DOC, lambda text: text == stored)
 
 
 async def test_ts_device_sends_an_edit_built_on_a_relayed_update_once_that_update_is_stored(
@@ -80,6 +58,25 @@ async def test_ts_device_sends_an_edit_built_on_a_relayed_update_once_that_updat
     is back and his edit is stored, hers takes effect there and is stored, and acknowledged to
     tina's device without a reconnect."""
     doc_id = "wo:ts-relay-2"
+    async with sam_and_ts_tina(server, ts_device, tmp_path, doc_id) as (sam, ts):
+        with write_lock_held(server):
+            sam.doc(doc_id).get("notes", type=Text).insert(0, "[sam]")
+            await ts_notes_until(ts, doc_id, lambda text: "[sam]" in text)
+            await sam.go_offline()  # before his commit fails (the writer's busy timeout)
+            await ts.edit_doc(doc_id, [{"insert": [1.0, "[tina]"]}])  # after sam's
+            await eventually(lambda: reset(ts, doc_id), timeout=60)
+        assert (await ts.state())["pending"] == 1
+        await sam.start()
+        await sam.wait_acked(doc_id)
+        await ts.wait_acked(timeout=30)
+        assert notes(await stored_doc(server, doc_id)) == "[sam][tina]"
+
+
+@asynccontextmanager
+async def sam_and_ts_tina(
+    server: Server[DevIssuer], ts_device: TsDeviceFactory, tmp_path: Path, doc_id: str
+) -> AsyncIterator[tuple[Client, TsDevice]]:
+    """sam's Python device, which creates `doc_id` for tina, and tina's TypeScript one, synced."""
     sam = server.client("sam")
     ts = await ts_device(server, "tina", tmp_path / "tina.json")
     try:
@@ -88,28 +85,18 @@ async def test_ts_device_sends_an_edit_built_on_a_relayed_update_once_that_updat
         await sam.wait_acked(doc_id)
         await ts.start()
         await ts.wait_synced(doc_id)
-
-        async def ts_notes() -> str:
-            return str((await ts.dump_doc(doc_id))["json"]["notes"])
-
-        with write_lock_held(server):
-            sam.doc(doc_id).get("notes", type=Text).insert(0, "[sam]")
-            async with asyncio.timeout(30):
-                while True:
-                    if "[sam]" in await ts_notes():
-                        break
-                    await asyncio.sleep(0.02)
-            await ts.edit_doc(doc_id, [{"insert": [1.0, "[tina]"]}])  # after sam's
-            await sam.go_offline()
-
-            def reset() -> bool:
-                return any(e["event"] == "reset" and e["value"]["doc"] == doc_id for e in ts.events)
-
-            await eventually(reset, timeout=60)
-        assert (await ts.state())["pending"] == 1
-        await sam.start()
-        await sam.wait_acked(doc_id)
-        await ts.wait_acked(timeout=30)
-        assert notes(await stored_doc(server, doc_id)) == "[sam][tina]"
+        yield sam, ts
     finally:
         await sam.close()
+
+
+async def ts_notes_until(ts: TsDevice, doc_id: str, wanted: Callable[[str], bool]) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            if wanted(str((await ts.dump_doc(doc_id))["json"]["notes"])):
+                return
+            await asyncio.sleep(0.02)
+
+
+def reset(ts: TsDevice, doc_id: str) -> bool:
+    return any(e["event"] == "reset" and e["value"]["doc"] == doc_id for e in ts.events)

@@ -9,11 +9,14 @@ writer's busy timeout (`write_lock_held`).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from pycrdt import Doc, Map, Text
 
 from fieldsync.app import STORE
+from fieldsync.client import Client
 from fieldsync.records import ScopeFilter, ScopeKind
 from fieldsync.replication import SyncStep, YSync, decode_state_vector
 from tests.harness import Server, eventually, stored_doc, write_lock_held
@@ -79,14 +82,7 @@ async def test_a_relayed_update_whose_commit_fails_is_dropped_then_sent_again_by
     was never stored; the author, whose edit no ack covered, applies it again on the server's
     state and sends it; both end with the server's document, the edit stored once."""
     doc_id = "wo:relay-failed"
-    async with sam_and_tina(server, doc_id):
-        pass  # created durably
-    sam, tina = server.client("sam"), server.client("tina")
-    try:
-        await sam.start()
-        await tina.start()
-        await sam.wait_synced(doc_id)
-        await tina.wait_synced(doc_id)
+    async with synced_devices(server, doc_id) as (sam, tina):
         with write_lock_held(server):
             tina.doc(doc_id).get("notes", type=Text).insert(0, "replaced the seal ")
             await eventually(lambda: "replaced the seal" in notes(sam.doc(doc_id)))
@@ -103,9 +99,6 @@ async def test_a_relayed_update_whose_commit_fails_is_dropped_then_sent_again_by
             return all(notes(client.doc(doc_id)) == notes(stored) for client in (sam, tina))
 
         await eventually(agree)
-    finally:
-        await sam.close()
-        await tina.close()
 
 
 async def test_a_reassignment_and_what_follows_it_never_reach_the_device_it_moves_out(
@@ -149,21 +142,15 @@ async def test_an_edit_built_on_a_relayed_update_that_was_never_stored_waits_for
     stays pending, not forgotten as if acknowledged; once tina is back and her edit is stored,
     sam's follows, and both are in the stored document."""
     doc_id = "wo:relay-chain"
-    async with sam_and_tina(server, doc_id):
-        pass  # created durably
-    sam, tina = server.client("sam"), server.client("tina")
-    try:
-        await sam.start()
-        await tina.start()
-        await sam.wait_synced(doc_id)
-        await tina.wait_synced(doc_id)
+    async with synced_devices(server, doc_id) as (sam, tina):
         with write_lock_held(server):
             tina.doc(doc_id).get("notes", type=Text).insert(0, "[tina]")
             await eventually(lambda: "[tina]" in notes(sam.doc(doc_id)))
+            # Offline before her commit fails (the writer's busy timeout): she is not reset.
+            await tina.go_offline()
             text = sam.doc(doc_id).get("notes", type=Text)
             text.insert(len("[tina]"), "[sam]")  # right after tina's: it builds on it
             assert sam.pending(doc_id) == 1
-            await tina.go_offline()
             await eventually(lambda: bool(sam.resets), timeout=60)
         await sam.wait_synced(doc_id)
         assert "[tina]" not in notes(await stored_doc(server, doc_id))
@@ -172,6 +159,20 @@ async def test_an_edit_built_on_a_relayed_update_that_was_never_stored_waits_for
         await tina.wait_acked(doc_id)
         await sam.wait_acked(doc_id)
         assert notes(await stored_doc(server, doc_id)) == "[tina][sam]"
+
+
+@asynccontextmanager
+async def synced_devices(server: Server, doc_id: str) -> AsyncIterator[tuple[Client, Client]]:
+    """sam's and tina's device clients, both synced on `doc_id` (created durably first)."""
+    async with sam_and_tina(server, doc_id):
+        pass
+    sam, tina = server.client("sam"), server.client("tina")
+    try:
+        await sam.start()
+        await tina.start()
+        await sam.wait_synced(doc_id)
+        await tina.wait_synced(doc_id)
+        yield sam, tina
     finally:
         await sam.close()
         await tina.close()
