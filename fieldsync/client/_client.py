@@ -241,9 +241,13 @@ class Client:
                 await self._ack_arrived.wait()
 
     async def wait_synced(self, doc_id: str, timeout: float = 30.0) -> None:
+        """Until `doc_id` has synced, through any reset meanwhile (which syncs a new copy)."""
         self.doc(doc_id)
         async with asyncio.timeout(timeout):
-            await self.synced[doc_id].wait()
+            while not (synced := self.synced.get(doc_id)) or not synced.is_set():
+                if synced is None:
+                    raise LookupError(f"{doc_id} was dropped: out of the scope, or refused")
+                await synced.wait()
 
     # --- connection ---------------------------------------------------------------------
 
@@ -556,7 +560,9 @@ class Client:
 
     def _forget(self, doc_id: str, hold: Sequence[Held] = ()) -> None:
         self.docs.pop(doc_id, None)
-        self.synced.pop(doc_id, None)
+        dropped = self.synced.pop(doc_id, None)
+        if dropped is not None:
+            dropped.set()  # wakes `wait_synced`, which waits on the next copy's, if any
         self._resynced.discard(doc_id)
         self._seen.pop(doc_id, None)
         self._durable.pop(doc_id, None)
