@@ -403,11 +403,8 @@ class NodeLink:
                 # until their leases move.
                 first = self.node not in self._cluster.unreachable
                 self._cluster.unreachable.add(self.node)
-                log.log(
-                    logging.WARNING if first else logging.DEBUG,
-                    "link to node %s (%s) failed: %s",
-                    *(self.node, self.url, why),
-                )
+                level = logging.WARNING if first else logging.DEBUG
+                log.log(level, "link to node %s (%s) failed: %s", self.node, self.url, why)
                 self._gone()
                 raise OwnerUnavailable(doc_id) from None
             if self.node in self._cluster.unreachable:

@@ -237,8 +237,9 @@ class V1Session(Connection):
         """The documents whose move this device has not been told yet. In a cluster a move
         reaches a session served through the owner twice: over the node-to-node link and
         through this node's change feed follower."""
-        told = self._told if self._told is not None else {}
-        self._told = told
+        if self._told is None:
+            self._told = {}  # created lazily: most sessions never see a move
+        told = self._told
         news = [doc_id for doc_id in doc_ids if told.get(doc_id) is not in_scope]
         told.update((doc_id, in_scope) for doc_id in news)
         return news
